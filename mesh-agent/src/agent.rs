@@ -1,0 +1,125 @@
+//! Runs the agent: attaches the datapath, enrols the configured workloads, serves the capture
+//! listeners, and stops gracefully on SIGINT or SIGTERM (leaving capture attached, so the
+//! workloads stay inside the mesh across a restart).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{AgentConfig, ConfigError},
+    datapath::{Datapath, DatapathError, DatapathSettings},
+    proxy::OutboundProxy,
+};
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("cannot listen on {address}: {source}. Is another agent running, or the port taken?")]
+    Listen { address: SocketAddr, source: std::io::Error },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// The datapath settings an agent configuration asks for.
+pub fn datapath_settings(config: &AgentConfig) -> Result<DatapathSettings, ConfigError> {
+    let datapath = &config.spec.datapath;
+    Ok(DatapathSettings {
+        pin_dir: datapath.pin_dir.clone(),
+        attach_cgroup: datapath.attach_cgroup.clone(),
+        outbound_v4: config.spec.listeners.outbound,
+        outbound_v6: config.spec.listeners.outbound_v6,
+        accelerate: datapath.accelerate,
+        max_workloads: datapath.max_workloads,
+        max_connections: datapath.max_connections,
+        exclude_cidrs: config.excluded_cidrs()?,
+        exclude_ports: datapath.exclude.ports.clone(),
+    })
+}
+
+/// Runs until SIGINT/SIGTERM.
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    config.validate()?;
+    let settings = datapath_settings(&config)?;
+    let datapath = Arc::new(Datapath::start(&settings)?);
+
+    let listeners = &config.spec.listeners;
+    let mut addresses = vec![listeners.outbound];
+    if let Some(v6) = listeners.outbound_v6 {
+        addresses.push(SocketAddr::new(IpAddr::V6(v6), listeners.outbound.port()));
+    }
+    let proxy = Arc::new(OutboundProxy::new(
+        Arc::clone(&datapath),
+        config.spec.proxy.connect_timeout,
+        addresses.clone(),
+    ));
+
+    // A workload that cannot be enrolled is reported and skipped; the others are served.
+    for workload in &config.spec.workloads {
+        match datapath.enrol_cgroup(&workload.cgroup) {
+            Ok(cgroup) => proxy.name_workload(cgroup.id, &workload.name),
+            Err(error) => error!(workload = %workload.name, %error, "cannot enrol workload"),
+        }
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut servers = Vec::new();
+    for address in addresses {
+        let listener = bind(address)?;
+        info!(%address, "outbound capture listener ready");
+        servers.push(tokio::spawn(Arc::clone(&proxy).serve(
+            listener,
+            shutdown_rx.clone(),
+            config.spec.proxy.drain_timeout,
+        )));
+    }
+    info!(node = %config.metadata.name, accelerated = datapath.accelerated(), "agent running");
+
+    wait_for_signal().await?;
+    info!("stopping: no new connections; draining open ones (capture stays attached)");
+    let _ = shutdown_tx.send(true);
+    for server in servers {
+        if let Err(error) = server.await {
+            warn!(%error, "listener task failed");
+        }
+    }
+    info!(stats = ?proxy.stats(), "agent stopped");
+    Ok(())
+}
+
+fn bind(address: SocketAddr) -> Result<TcpListener, AgentError> {
+    let listen_error = |source| AgentError::Listen { address, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(listen_error)?;
+    socket.set_reuse_address(true).map_err(listen_error)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true).map_err(listen_error)?;
+    }
+    socket.set_nonblocking(true).map_err(listen_error)?;
+    socket.bind(&address.into()).map_err(listen_error)?;
+    socket.listen(4096).map_err(listen_error)?;
+    TcpListener::from_std(std::net::TcpListener::from(socket)).map_err(listen_error)
+}
+
+async fn wait_for_signal() -> Result<(), AgentError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM received"),
+        _ = interrupt.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,343 @@
+//! The agent's own configuration: a Kubernetes-style `AgentConfig` resource read from a YAML
+//! file in standalone mode. It says where the datapath pins its state, which cgroup subtree the
+//! kernel programs watch, which workloads are enrolled, where the listeners are and which
+//! destinations are never captured. Validation names the field and the problem.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// `apiVersion` of the agent's resources.
+pub const API_VERSION: &str = "mesh.agentmesh.dev/v1alpha1";
+/// `kind` of the agent configuration.
+pub const KIND: &str = "AgentConfig";
+
+/// Errors reading or validating a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid YAML for an AgentConfig: {source}")]
+    Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("invalid config: {field}: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.to_owned(), problem: problem.into() }
+}
+
+/// The whole resource.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: Metadata,
+    #[serde(default)]
+    pub spec: AgentSpec,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentSpec {
+    #[serde(default)]
+    pub datapath: DatapathSpec,
+    #[serde(default)]
+    pub listeners: ListenerSpec,
+    #[serde(default)]
+    pub proxy: ProxySpec,
+    /// Workloads enrolled at start-up.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+}
+
+/// Kernel-side settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct DatapathSpec {
+    /// bpffs folder where maps and links are pinned; mounted if bpffs is missing.
+    pub pin_dir: PathBuf,
+    /// cgroup (relative to the cgroup2 mount) the programs attach to: every enrolled workload,
+    /// and the agent itself for in-kernel acceleration, must live below it.
+    pub attach_cgroup: PathBuf,
+    /// Splice bytes between workloads and the agent inside the kernel (`sk_msg`).
+    pub accelerate: bool,
+    /// Size of the enrolled-workload and counter maps.
+    pub max_workloads: u32,
+    /// Size of the per-connection maps (LRU: the oldest entries are evicted when full).
+    pub max_connections: u32,
+    /// Destinations never captured.
+    pub exclude: ExcludeSpec,
+}
+
+impl Default for DatapathSpec {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from("/sys/fs/bpf/agent-mesh"),
+            attach_cgroup: PathBuf::from("/"),
+            accelerate: true,
+            max_workloads: 4096,
+            max_connections: 65536,
+            exclude: ExcludeSpec::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExcludeSpec {
+    /// Address ranges (`10.0.0.0/8`, `fd00::/8`, or a single address) never captured.
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    /// Destination ports never captured (e.g. etcd's 2379).
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerSpec {
+    /// IPv4 outbound capture listener; captured IPv4 connects are redirected here.
+    pub outbound: SocketAddr,
+    /// IPv6 address of the outbound capture listener (same port as `outbound`).
+    pub outbound_v6: Option<Ipv6Addr>,
+}
+
+impl Default for ListenerSpec {
+    fn default() -> Self {
+        Self {
+            outbound: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), mesh_common::OUTBOUND_PORT),
+            outbound_v6: Some(Ipv6Addr::LOCALHOST),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxySpec {
+    /// Time allowed to connect to a captured connection's original destination.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a stopping agent waits for open connections to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self { connect_timeout: Duration::from_secs(5), drain_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// A workload enrolled for capture.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub name: String,
+    /// cgroup path relative to the cgroup2 mount.
+    pub cgroup: PathBuf,
+}
+
+impl AgentConfig {
+    /// The configuration used when no file is given: standalone, defaults everywhere.
+    pub fn standalone_default() -> Self {
+        Self {
+            api_version: API_VERSION.to_owned(),
+            kind: KIND.to_owned(),
+            metadata: Metadata { name: "standalone".to_owned() },
+            spec: AgentSpec::default(),
+        }
+    }
+
+    /// Reads and validates a YAML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let config: Self = serde_yaml::from_str(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything serde cannot: versions, ranges, address families, duplicates.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api_version != API_VERSION {
+            return Err(invalid(
+                "apiVersion",
+                format!("{:?} is not supported; use {API_VERSION:?}", self.api_version),
+            ));
+        }
+        if self.kind != KIND {
+            return Err(invalid("kind", format!("{:?} is not {KIND:?}", self.kind)));
+        }
+        let datapath = &self.spec.datapath;
+        if !datapath.pin_dir.is_absolute() {
+            return Err(invalid("spec.datapath.pinDir", "must be an absolute path on bpffs"));
+        }
+        if datapath.max_workloads == 0 || datapath.max_workloads > 1 << 20 {
+            return Err(invalid("spec.datapath.maxWorkloads", "must be between 1 and 1048576"));
+        }
+        if datapath.max_connections < 16 || datapath.max_connections > 1 << 24 {
+            return Err(invalid("spec.datapath.maxConnections", "must be between 16 and 16777216"));
+        }
+        for (index, cidr) in datapath.exclude.cidrs.iter().enumerate() {
+            parse_cidr(cidr).map_err(|problem| {
+                invalid(&format!("spec.datapath.exclude.cidrs[{index}]"), problem)
+            })?;
+        }
+        if datapath.exclude.ports.contains(&0) {
+            return Err(invalid("spec.datapath.exclude.ports", "port 0 is not a destination"));
+        }
+        let listeners = &self.spec.listeners;
+        if !listeners.outbound.is_ipv4() || listeners.outbound.port() == 0 {
+            return Err(invalid(
+                "spec.listeners.outbound",
+                "must be an IPv4 address with a port, e.g. 127.0.0.1:15001",
+            ));
+        }
+        if self.spec.proxy.connect_timeout.is_zero() {
+            return Err(invalid("spec.proxy.connectTimeout", "must be greater than zero"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (index, workload) in self.spec.workloads.iter().enumerate() {
+            let field = format!("spec.workloads[{index}]");
+            if workload.name.is_empty() {
+                return Err(invalid(&format!("{field}.name"), "must not be empty"));
+            }
+            if !names.insert(workload.name.as_str()) {
+                return Err(invalid(
+                    &format!("{field}.name"),
+                    format!("{:?} is listed twice", workload.name),
+                ));
+            }
+            if workload.cgroup.as_os_str().is_empty() {
+                return Err(invalid(&format!("{field}.cgroup"), "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The excluded ranges, parsed (validated already by [`AgentConfig::validate`]).
+    pub fn excluded_cidrs(&self) -> Result<Vec<IpNet>, ConfigError> {
+        self.spec
+            .datapath
+            .exclude
+            .cidrs
+            .iter()
+            .enumerate()
+            .map(|(index, cidr)| {
+                parse_cidr(cidr).map_err(|problem| {
+                    invalid(&format!("spec.datapath.exclude.cidrs[{index}]"), problem)
+                })
+            })
+            .collect()
+    }
+}
+
+/// Parses `a.b.c.d/len`, `x::y/len` or a bare address (a host route).
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{text:?} is neither an address nor a CIDR range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<AgentConfig, ConfigError> {
+        let config: AgentConfig = serde_yaml::from_str(yaml).map_err(|source| {
+            ConfigError::Parse { path: PathBuf::from("test.yaml"), source }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn full_config_round_trips() {
+        let yaml = format!(
+            r#"
+apiVersion: {API_VERSION}
+kind: AgentConfig
+metadata: {{ name: node-a }}
+spec:
+  datapath:
+    pinDir: /sys/fs/bpf/test
+    attachCgroup: /mesh
+    accelerate: false
+    maxWorkloads: 10
+    maxConnections: 1000
+    exclude: {{ cidrs: ["10.0.0.0/8", "::1", "192.168.1.7/24"], ports: [2379] }}
+  listeners: {{ outbound: "127.0.0.1:16001", outboundV6: "::1" }}
+  proxy: {{ connectTimeout: 2s, drainTimeout: 500ms }}
+  workloads:
+    - {{ name: planner, cgroup: /mesh/planner }}
+"#
+        );
+        let config = parse(&yaml).expect("valid config");
+        assert_eq!(config.spec.datapath.attach_cgroup, PathBuf::from("/mesh"));
+        assert_eq!(config.spec.proxy.drain_timeout, Duration::from_millis(500));
+        let cidrs = config.excluded_cidrs().expect("cidrs");
+        assert_eq!(cidrs[2].to_string(), "192.168.1.0/24");
+        assert_eq!(cidrs[1].to_string(), "::1/128");
+        let back: AgentConfig =
+            serde_yaml::from_str(&serde_yaml::to_string(&config).expect("serialise")).expect("parse");
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_file() {
+        let config = parse(&format!("apiVersion: {API_VERSION}\nkind: AgentConfig\n")).expect("ok");
+        assert_eq!(config.spec, AgentConfig::standalone_default().spec);
+        assert_eq!(config.spec.listeners.outbound.port(), 15001);
+    }
+
+    fn error_of(yaml: &str) -> String {
+        match parse(yaml) {
+            Ok(_) => panic!("expected an error for {yaml}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_problem() {
+        let head = format!("apiVersion: {API_VERSION}\nkind: AgentConfig\n");
+        let message = error_of("apiVersion: v0\nkind: AgentConfig\n");
+        assert!(message.contains("apiVersion"), "{message}");
+        let message = error_of(&format!(
+            "{head}spec:\n  datapath:\n    exclude: {{ cidrs: [\"10.0.0.0/33\"] }}\n"
+        ));
+        assert!(message.contains("spec.datapath.exclude.cidrs[0]"), "{message}");
+        let message = error_of(&format!("{head}spec:\n  listeners: {{ outbound: \"[::1]:1\" }}\n"));
+        assert!(message.contains("spec.listeners.outbound"), "{message}");
+        let message = error_of(&format!(
+            "{head}spec:\n  workloads: [{{name: a, cgroup: /a}}, {{name: a, cgroup: /b}}]\n"
+        ));
+        assert!(message.contains("spec.workloads[1].name") && message.contains("twice"), "{message}");
+        let message = error_of(&format!("{head}spec:\n  datapath:\n    pinDir: relative\n"));
+        assert!(message.contains("spec.datapath.pinDir"), "{message}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let message = error_of(&format!("apiVersion: {API_VERSION}\nkind: AgentConfig\nspec:\n  typo: 1\n"));
+        assert!(message.contains("typo"), "{message}");
+    }
+}

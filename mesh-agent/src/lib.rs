@@ -1,0 +1,10 @@
+//! Agent Mesh node agent: the library behind the `mesh-agent` binary.
+//!
+//! Data flows one way: configuration -> datapath (kernel capture) -> proxy (per connection).
+//! See DESIGN.md for the whole picture.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod datapath;
+pub mod proxy;

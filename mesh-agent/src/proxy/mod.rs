@@ -1,0 +1,6 @@
+//! Listeners and the forwarding of captured connections. This stage carries opaque TCP;
+//! protocol detection and L7 handling plug in at [`outbound::OutboundProxy::handle`].
+
+pub mod outbound;
+
+pub use outbound::{OutboundProxy, ProxyStats, ProxyStatsSnapshot};
