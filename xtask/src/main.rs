@@ -1,1 +1,63 @@
-fn main() {}
+//! `cargo xtask`: the only entry points a newcomer needs. `setup` installs prerequisites,
+//! `build` builds the agent (and its embedded eBPF object), `lint` runs fmt and clippy (the
+//! eBPF crate on its own target), `test` runs lint plus every test, `demo` shows capture on
+//! this machine, `bench` measures the datapath.
+
+mod bench;
+mod demo;
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Agent Mesh project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install every prerequisite (Debian packages, nightly rust-src, bpf-linker, Python venv).
+    Setup,
+    /// Build the agent, the test binaries and the eBPF object (release with --release).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// cargo fmt --check, clippy -D warnings on the workspace and on the eBPF crate.
+    Lint,
+    /// Setup, lint, build, then every unit and end-to-end test (nextest).
+    Test {
+        /// Extra arguments for `cargo nextest run` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        nextest_args: Vec<String>,
+    },
+    /// Run the mesh on this machine: agent, a demo workload in a fresh cgroup, its captured
+    /// traffic and counters; then clean up.
+    Demo,
+    /// Benchmarks (mesh path as a ratio to the direct path and to a reference proxy).
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => setup::run().and_then(|()| util::build(release)),
+        Task::Lint => setup::run().and_then(|()| util::lint()),
+        Task::Test { nextest_args } => setup::run().and_then(|()| util::test(&nextest_args)),
+        Task::Demo => setup::run().and_then(|()| demo::run()),
+        Task::Bench(args) => setup::run().and_then(|()| bench::run(&args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
