@@ -45,6 +45,9 @@ pub mod map_names {
     pub const CONNS: &str = "MESH_CONNS";
     /// `SockHash<SockTuple>`: sockets of local hops eligible for in-kernel redirection.
     pub const SOCKS: &str = "MESH_SOCKS";
+    /// `LruHashMap<SockTuple, u32>`: highest TCP sequence seen per flow and direction, so
+    /// retransmitted payload is counted once.
+    pub const FLOW_SEQ: &str = "MESH_FLOW_SEQ";
     /// `PerCpuHashMap<u64 cgroup id, TrafficCounters>`: per-workload accounting.
     pub const COUNTERS: &str = "MESH_COUNTERS";
     /// `PerCpuArray<u64>` indexed by [`super::DatapathEvent`].
@@ -197,9 +200,11 @@ pub struct TrafficCounters {
     pub tx_packets: u64,
     /// IP packets received.
     pub rx_packets: u64,
-    /// TCP/UDP payload bytes sent, including bytes handed over by in-kernel redirection.
+    /// TCP/UDP payload bytes sent (TCP retransmissions counted once), including bytes handed
+    /// over by in-kernel redirection.
     pub tx_payload_bytes: u64,
-    /// TCP/UDP payload bytes received, including bytes handed over by in-kernel redirection.
+    /// TCP/UDP payload bytes received (TCP retransmissions counted once), including bytes
+    /// handed over by in-kernel redirection.
     pub rx_payload_bytes: u64,
     /// TCP connections the workload opened (SYN sent).
     pub connections_out: u64,

@@ -70,6 +70,9 @@ static CONNS: LruHashMap<Endpoint, ConnInfo> = LruHashMap::pinned(65536, 0);
 #[map(name = "MESH_SOCKS")]
 static SOCKS: SockHash<SockTuple> = SockHash::pinned(65536, 0);
 
+#[map(name = "MESH_FLOW_SEQ")]
+static FLOW_SEQ: LruHashMap<SockTuple, u32> = LruHashMap::pinned(65536, 0);
+
 #[map(name = "MESH_COUNTERS")]
 static COUNTERS: PerCpuHashMap<u64, TrafficCounters> = PerCpuHashMap::pinned(4096, 0);
 
@@ -507,87 +510,162 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     sk_action::SK_PASS
 }
 
-/// What accounting needs from a packet: L4 payload length, and whether it opens a TCP connection.
+/// Direction of a packet relative to the workload's socket (kept in `SockTuple::pad`).
+const DIRECTION_TX: u32 = 0;
+const DIRECTION_RX: u32 = 1;
+
+/// What accounting needs from a packet.
 struct PacketFacts {
+    /// L4 payload length.
     payload: u64,
+    /// SYN without ACK: the first packet of a connection.
     syn_only: bool,
+    /// TCP only: the flow (as seen from the workload's socket, direction in `pad`) and the
+    /// sequence number just past the payload.
+    tcp: Option<(SockTuple, u32)>,
+    rst: bool,
 }
 
 #[inline(always)]
-fn packet_facts(ctx: &SkBuffContext) -> PacketFacts {
+fn load_addr16(ctx: &SkBuffContext, offset: usize) -> Option<[u32; 4]> {
+    Some([
+        ctx.load::<u32>(offset).ok()?,
+        ctx.load::<u32>(offset + 4).ok()?,
+        ctx.load::<u32>(offset + 8).ok()?,
+        ctx.load::<u32>(offset + 12).ok()?,
+    ])
+}
+
+#[inline(always)]
+fn packet_facts(ctx: &SkBuffContext, direction: u32) -> Option<PacketFacts> {
     let len = u64::from(ctx.len());
-    let mut facts = PacketFacts { payload: 0, syn_only: false };
-    let Ok(first) = ctx.load::<u8>(0) else {
-        return facts;
-    };
-    let (l4_offset, protocol) = match first >> 4 {
+    let first = ctx.load::<u8>(0).ok()?;
+    let (family, l4_offset, protocol, source, destination) = match first >> 4 {
         4 => {
-            let header_len = usize::from(first & 0x0f) * 4;
-            let Ok(protocol) = ctx.load::<u8>(9) else {
-                return facts;
-            };
-            (header_len, protocol)
+            let source = ctx.load::<u32>(12).ok()?;
+            let destination = ctx.load::<u32>(16).ok()?;
+            (
+                FAMILY_INET,
+                usize::from(first & 0x0f) * 4,
+                ctx.load::<u8>(9).ok()?,
+                [source, 0, 0, 0],
+                [destination, 0, 0, 0],
+            )
         }
-        6 => {
-            let Ok(next_header) = ctx.load::<u8>(6) else {
-                return facts;
-            };
-            (40, next_header)
-        }
-        _ => return facts,
+        6 => (FAMILY_INET6, 40, ctx.load::<u8>(6).ok()?, load_addr16(ctx, 8)?, load_addr16(ctx, 24)?),
+        _ => return None,
     };
-    let header_total = match protocol {
+    match protocol {
         IPPROTO_TCP => {
-            let Ok(data_offset) = ctx.load::<u8>(l4_offset + 12) else {
-                return facts;
+            let source_port = u16::from_be(ctx.load::<u16>(l4_offset).ok()?);
+            let destination_port = u16::from_be(ctx.load::<u16>(l4_offset + 2).ok()?);
+            let seq = u32::from_be(ctx.load::<u32>(l4_offset + 4).ok()?);
+            let data_offset = ctx.load::<u8>(l4_offset + 12).ok()?;
+            let flags = ctx.load::<u8>(l4_offset + 13).ok()?;
+            let payload = len.saturating_sub(l4_offset as u64 + u64::from(data_offset >> 4) * 4);
+            let syn = flags & 0x02 != 0;
+            let (local_port, remote_port, local_addr, remote_addr) = if direction == DIRECTION_TX {
+                (source_port, destination_port, source, destination)
+            } else {
+                (destination_port, source_port, destination, source)
             };
-            let Ok(flags) = ctx.load::<u8>(l4_offset + 13) else {
-                return facts;
+            let flow = SockTuple {
+                family,
+                local_port: u32::from(local_port),
+                remote_port: u32::from(remote_port),
+                pad: direction,
+                local_addr,
+                remote_addr,
             };
-            // SYN set, ACK clear: the first packet of a connection.
-            facts.syn_only = flags & 0x12 == 0x02;
-            l4_offset as u64 + u64::from(data_offset >> 4) * 4
+            // SYN occupies one sequence number before the first payload byte.
+            let start = if syn { seq.wrapping_add(1) } else { seq };
+            Some(PacketFacts {
+                payload,
+                syn_only: flags & 0x12 == 0x02,
+                tcp: Some((flow, start.wrapping_add(payload as u32))),
+                rst: flags & 0x04 != 0,
+            })
         }
-        IPPROTO_UDP => l4_offset as u64 + 8,
-        _ => return facts,
+        IPPROTO_UDP => Some(PacketFacts {
+            payload: len.saturating_sub(l4_offset as u64 + 8),
+            syn_only: false,
+            tcp: None,
+            rst: false,
+        }),
+        _ => Some(PacketFacts { payload: 0, syn_only: false, tcp: None, rst: false }),
+    }
+}
+
+/// Payload bytes of a packet that the flow has not carried before: retransmissions (and
+/// segments the receiver dropped and got again) count once, so payload counters equal what
+/// the application sent or received.
+#[inline(always)]
+fn new_payload(facts: &PacketFacts) -> u64 {
+    let Some((flow, end)) = facts.tcp else {
+        return facts.payload;
     };
-    facts.payload = len.saturating_sub(header_total);
-    facts
+    if facts.rst {
+        let _ = FLOW_SEQ.remove(&flow);
+        return 0;
+    }
+    let fresh = match unsafe { FLOW_SEQ.get(&flow) } {
+        None => facts.payload,
+        Some(high) => {
+            let ahead = end.wrapping_sub(*high) as i32;
+            if ahead <= 0 {
+                return 0;
+            }
+            // Bytes of this segment past the highest sequence seen so far.
+            let ahead = ahead as u64;
+            if ahead < facts.payload { ahead } else { facts.payload }
+        }
+    };
+    if facts.payload > 0 || facts.syn_only {
+        let _ = FLOW_SEQ.insert(&flow, &end, BPF_ANY as u64);
+    }
+    fresh
+}
+
+#[inline(always)]
+fn account_packet(ctx: &SkBuffContext, direction: u32) {
+    let Some(workload) = skb_workload(ctx) else {
+        return;
+    };
+    let Some(facts) = packet_facts(ctx, direction) else {
+        return;
+    };
+    let payload = new_payload(&facts);
+    let Some(counters) = counters_of(workload) else {
+        return;
+    };
+    unsafe {
+        if direction == DIRECTION_TX {
+            (*counters).tx_bytes += u64::from(ctx.len());
+            (*counters).tx_packets += 1;
+            (*counters).tx_payload_bytes += payload;
+            if facts.syn_only {
+                (*counters).connections_out += 1;
+            }
+        } else {
+            (*counters).rx_bytes += u64::from(ctx.len());
+            (*counters).rx_packets += 1;
+            (*counters).rx_payload_bytes += payload;
+            if facts.syn_only {
+                (*counters).connections_in += 1;
+            }
+        }
+    }
 }
 
 #[cgroup_skb(egress)]
 pub fn mesh_skb_egress(ctx: SkBuffContext) -> i32 {
-    if let Some(workload) = skb_workload(&ctx) {
-        let facts = packet_facts(&ctx);
-        if let Some(counters) = counters_of(workload) {
-            unsafe {
-                (*counters).tx_bytes += u64::from(ctx.len());
-                (*counters).tx_packets += 1;
-                (*counters).tx_payload_bytes += facts.payload;
-                if facts.syn_only {
-                    (*counters).connections_out += 1;
-                }
-            }
-        }
-    }
+    account_packet(&ctx, DIRECTION_TX);
     SKB_PASS
 }
 
 #[cgroup_skb(ingress)]
 pub fn mesh_skb_ingress(ctx: SkBuffContext) -> i32 {
-    if let Some(workload) = skb_workload(&ctx) {
-        let facts = packet_facts(&ctx);
-        if let Some(counters) = counters_of(workload) {
-            unsafe {
-                (*counters).rx_bytes += u64::from(ctx.len());
-                (*counters).rx_packets += 1;
-                (*counters).rx_payload_bytes += facts.payload;
-                if facts.syn_only {
-                    (*counters).connections_in += 1;
-                }
-            }
-        }
-    }
+    account_packet(&ctx, DIRECTION_RX);
     SKB_PASS
 }
 

@@ -69,6 +69,7 @@ fn optional<T>(result: Result<T, MapError>, name: &'static str) -> Result<Option
     match result {
         Ok(value) => Ok(Some(value)),
         Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(error)) if error.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(source) => Err(map_error(name)(source)),
     }
 }

@@ -77,6 +77,9 @@ pub struct Datapath {
     cgroup_mount: PathBuf,
     attach: Cgroup,
     accelerated: bool,
+    /// Process id of the agent that owns the datapath (this process, or the running agent when
+    /// opened from pins).
+    agent_pid: u32,
 }
 
 impl Datapath {
@@ -96,6 +99,7 @@ impl Datapath {
             .map_max_entries(map_names::ORIG_BY_COOKIE, settings.max_connections)
             .map_max_entries(map_names::CONNS, settings.max_connections)
             .map_max_entries(map_names::SOCKS, settings.max_connections)
+            .map_max_entries(map_names::FLOW_SEQ, settings.max_connections)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load { source: Box::new(source) })?;
         let maps = DatapathMaps::from_ebpf(&mut ebpf)?;
@@ -140,7 +144,7 @@ impl Datapath {
             accelerated,
             "datapath attached"
         );
-        Ok(Self { _ebpf: Some(ebpf), maps, cgroup_mount, attach, accelerated })
+        Ok(Self { _ebpf: Some(ebpf), maps, cgroup_mount, attach, accelerated, agent_pid: std::process::id() })
     }
 
     /// Opens the state a running (or earlier) agent pinned under `pin_dir`, without loading
@@ -159,8 +163,9 @@ impl Datapath {
         let path = cgroup::path_of_id(&cgroup_mount, link_info.cgroup_id, 1_000_000)
             .ok_or(DatapathError::AttachCgroupGone { cgroup_id: link_info.cgroup_id })?;
         let attach = cgroup::resolve(&cgroup_mount, &path)?;
-        let accelerated = maps.config()?.flags & config_flags::ACCELERATE != 0;
-        Ok(Self { _ebpf: None, maps, cgroup_mount, attach, accelerated })
+        let config = maps.config()?;
+        let accelerated = config.flags & config_flags::ACCELERATE != 0;
+        Ok(Self { _ebpf: None, maps, cgroup_mount, attach, accelerated, agent_pid: config.agent_tgid })
     }
 
     /// The datapath's maps.
@@ -213,9 +218,11 @@ impl Datapath {
                 attach: self.attach.path.clone(),
             });
         }
-        let own = cgroup::cgroup_of_pid(std::process::id())?;
-        if cgroup::is_within(&own, &cgroup.path) {
-            return Err(DatapathError::SelfEnrolment { cgroup: cgroup.path.clone() });
+        // An agent that is not running has no cgroup to protect.
+        if let Ok(agent_cgroup) = cgroup::cgroup_of_pid(self.agent_pid) {
+            if cgroup::is_within(&agent_cgroup, &cgroup.path) {
+                return Err(DatapathError::SelfEnrolment { cgroup: cgroup.path.clone() });
+            }
         }
         Ok(())
     }

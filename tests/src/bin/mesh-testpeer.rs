@@ -1,10 +1,14 @@
 //! `mesh-testpeer`: the workload side of the end-to-end tests, run inside a test cgroup. It
 //! dials an address, reports what `getpeername`/`getsockname` say, sends a deterministic byte
 //! stream, half-closes, reads until EOF, and prints one JSON line with sizes and SHA-256 sums.
+//!
+//! After connecting it does its I/O the way event-loop clients (tokio, Go, Node, asyncio,
+//! curl) do: non-blocking socket, poll(2) for readiness, retry on EAGAIN.
 
 use std::{
-    io::{Read, Write},
+    io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
+    os::fd::AsRawFd,
     process::ExitCode,
     time::Duration,
 };
@@ -44,6 +48,36 @@ impl Pattern {
     }
 }
 
+/// Waits until the socket is ready for `events` (POLLIN or POLLOUT).
+fn wait_ready(stream: &TcpStream, events: libc::c_short) -> std::io::Result<()> {
+    let mut poll_fd = libc::pollfd { fd: stream.as_raw_fd(), events, revents: 0 };
+    loop {
+        // SAFETY: `poll_fd` is a valid, exclusively borrowed pollfd array of length 1.
+        let ready = unsafe { libc::poll(&mut poll_fd, 1, -1) };
+        if ready >= 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
+/// `write_all` for a non-blocking socket.
+fn write_all_polled(stream: &mut TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match stream.write(data) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(count) => data = &data[count..],
+            Err(error) if error.kind() == ErrorKind::WouldBlock => wait_ready(stream, libc::POLLOUT)?,
+            Err(error) if error.kind() == ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
 fn hex(digest: &[u8]) -> String {
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
@@ -62,6 +96,9 @@ fn main() -> ExitCode {
         Ok(stream) => stream,
         Err(error) => return report_error("connect", &error),
     };
+    if let Err(error) = stream.set_nonblocking(true) {
+        return report_error("nonblocking", &error);
+    }
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
 
@@ -78,7 +115,7 @@ fn main() -> ExitCode {
         while remaining > 0 {
             let take = remaining.min(buffer.len() as u64) as usize;
             pattern.fill(&mut buffer[..take]);
-            writer.write_all(&buffer[..take])?;
+            write_all_polled(&mut writer, &buffer[..take])?;
             hasher.update(&buffer[..take]);
             remaining -= take as u64;
         }
@@ -97,6 +134,12 @@ fn main() -> ExitCode {
                 hasher.update(&buffer[..count]);
                 received += count as u64;
             }
+            Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                if let Err(error) = wait_ready(&reader, libc::POLLIN) {
+                    break Some(error);
+                }
+            }
+            Err(error) if error.kind() == ErrorKind::Interrupted => {}
             Err(error) => break Some(error),
         }
     };

@@ -1,0 +1,451 @@
+//! End-to-end tests of the capture datapath on the real kernel: each test creates its own
+//! cgroup tree (never the root cgroup), starts a real `mesh-agent` attached to it, runs real
+//! client processes inside child cgroups and checks what the server, the client, the agent and
+//! the kernel counters saw. Everything is removed on drop, also when an assertion fails.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    AgentOptions, AgentProcess, CgroupTree, attached_programs, mesh_agent_binary, testpeer_binary,
+};
+use serde_json::Value;
+
+/// An echo server in the test process (not in any enrolled cgroup) that records the peer
+/// address of every connection it accepts.
+struct EchoServer {
+    address: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl EchoServer {
+    fn start(bind: &str) -> Self {
+        let listener = TcpListener::bind(bind).expect("bind echo server");
+        let address = listener.local_addr().expect("echo server address");
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&peers);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                if let Ok(peer) = stream.peer_addr() {
+                    recorded.lock().expect("peers lock").push(peer);
+                }
+                thread::spawn(move || echo(stream));
+            }
+        });
+        Self { address, peers }
+    }
+
+    fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().expect("peers lock").clone()
+    }
+}
+
+fn echo(mut stream: TcpStream) {
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(count) => {
+                if stream.write_all(&buffer[..count]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// A test's world: a cgroup tree with an agent cgroup, an enrolled workload cgroup and an
+/// unenrolled bystander cgroup, and a running agent.
+struct World {
+    agent: AgentProcess,
+    workload: PathBuf,
+    bystander: PathBuf,
+    tree: CgroupTree,
+}
+
+impl World {
+    fn start(label: &str, accelerate: bool) -> Self {
+        let tree = CgroupTree::create(label).expect("create cgroup tree");
+        let agent_cgroup = tree.child("agent").expect("agent cgroup");
+        let workload = tree.child("workload").expect("workload cgroup");
+        let bystander = tree.child("bystander").expect("bystander cgroup");
+        let agent = AgentProcess::start(
+            &tree,
+            AgentOptions {
+                accelerate,
+                workloads: vec![("client".into(), workload.clone())],
+                exclude_ports: vec![],
+                exclude_cidrs: vec![],
+                agent_cgroup,
+                log_filter: "info,mesh_agent=debug".into(),
+            },
+        )
+        .expect("start agent");
+        Self { agent, workload, bystander, tree }
+    }
+
+    /// Runs mesh-testpeer in a cgroup of the tree and returns its JSON report.
+    fn peer(&self, cgroup: &Path, to: SocketAddr, send: u64) -> Value {
+        let output = self
+            .tree
+            .run_in(
+                cgroup,
+                Command::new(testpeer_binary().expect("mesh-testpeer binary"))
+                    .args(["--to", &to.to_string(), "--send", &send.to_string()]),
+            )
+            .expect("run mesh-testpeer");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
+            panic!("mesh-testpeer printed no JSON ({error}): {stdout} {}", String::from_utf8_lossy(&output.stderr))
+        })
+    }
+
+    fn counters(&self) -> Value {
+        self.agent.workload_counters(&self.workload).expect("read counters")
+    }
+
+    fn events(&self) -> Value {
+        self.agent.counters().expect("read counters")["events"].clone()
+    }
+}
+
+fn field(value: &Value, name: &str) -> u64 {
+    value[name].as_u64().unwrap_or_else(|| panic!("no {name} in {value}"))
+}
+
+fn addr(value: &Value, name: &str) -> SocketAddr {
+    value[name].as_str().and_then(|text| text.parse().ok()).unwrap_or_else(|| panic!("no {name} in {value}"))
+}
+
+/// Asserts a transfer arrived complete and byte-identical (echoed back).
+fn assert_intact(report: &Value, bytes: u64) {
+    assert!(report.get("error").is_none(), "transfer failed: {report}");
+    assert_eq!(field(report, "sent"), bytes, "{report}");
+    assert_eq!(field(report, "received"), bytes, "{report}");
+    assert_eq!(report["sent_sha256"], report["received_sha256"], "bytes differ: {report}");
+}
+
+/// Polls until `check` holds or a generous deadline passes (kernel counters are updated by
+/// the time the peer exits, but TCP teardown packets may trail).
+fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
+#[test]
+fn enrolled_client_reaches_its_server_only_through_the_agent() {
+    let mut world = World::start("through", false);
+    let server = EchoServer::start("127.0.0.1:0");
+
+    let report = world.peer(&world.workload, server.address, 4096);
+    assert_intact(&report, 4096);
+    // getpeername: the application sees the address it dialled, not the agent's listener.
+    assert_eq!(addr(&report, "peer"), server.address);
+    // The server was reached from the agent's upstream socket, not from the client's socket.
+    let client = addr(&report, "local");
+    let peers = server.peers();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_ne!(peers[0], client, "the server saw the client directly");
+    let log = world.agent.log();
+    assert!(
+        log.contains(&format!("peer={client}")) && log.contains(&format!("dst={}", server.address)),
+        "the agent did not log the forwarded connection:\n{log}"
+    );
+    assert_eq!(field(&world.counters(), "connections_captured"), 1);
+
+    // With the agent gone, capture stays in force: the client fails instead of bypassing it.
+    world.agent.kill();
+    let report = world.peer(&world.workload, server.address, 16);
+    assert_eq!(report["stage"], "connect", "{report}");
+    assert_eq!(server.peers().len(), 1, "a request reached the server without the agent");
+}
+
+#[test]
+fn unenrolled_process_is_untouched() {
+    let world = World::start("bystander", false);
+    let server = EchoServer::start("127.0.0.1:0");
+
+    let report = world.peer(&world.bystander, server.address, 1024);
+    assert_intact(&report, 1024);
+    assert_eq!(addr(&report, "peer"), server.address);
+    // Direct connection: the server saw the client's own socket.
+    assert_eq!(server.peers(), vec![addr(&report, "local")]);
+    assert_eq!(field(&world.events(), "captured"), 0);
+    assert!(!world.agent.log().contains("forwarding captured connection"));
+    let rows = world.agent.counters().expect("counters")["workloads"].clone();
+    let bystander = world.bystander.to_string_lossy().into_owned();
+    assert!(
+        rows.as_array().is_some_and(|rows| rows.iter().all(|row| row["cgroup"] != bystander.as_str())),
+        "the bystander was accounted: {rows}"
+    );
+}
+
+#[test]
+fn agent_connections_are_not_looped() {
+    let world = World::start("noloop", false);
+    let server = EchoServer::start("127.0.0.1:0");
+
+    let report = world.peer(&world.workload, server.address, 512);
+    assert_intact(&report, 512);
+    // One client connect was captured; the agent's own upstream connect was not.
+    let events = world.events();
+    assert_eq!(field(&events, "captured"), 1, "{events}");
+    assert_eq!(server.peers().len(), 1);
+
+    // A workload dialling the agent's listener directly is not redirected onto itself; the
+    // agent closes the unexplained connection and keeps serving.
+    let report = world.peer(&world.workload, world.agent.listener(), 0);
+    assert_eq!(field(&report, "received"), 0, "{report}");
+    assert_eq!(field(&world.events(), "captured"), 1);
+    assert!(world.agent.log().contains("not redirected by the kernel"));
+    let report = world.peer(&world.workload, server.address, 512);
+    assert_intact(&report, 512);
+
+    // The agent refuses to enrol the cgroup it runs in.
+    let agent_cgroup = world.tree.relative().join("agent");
+    let error = world
+        .agent
+        .command(&["enrol", "--cgroup", &agent_cgroup.to_string_lossy()])
+        .expect_err("enrolling the agent's own cgroup must fail");
+    assert!(error.to_string().contains("the agent itself runs in it"), "{error}");
+}
+
+fn counters_match_bytes(accelerate: bool) {
+    const BYTES: u64 = 3_000_000;
+    let world = World::start(if accelerate { "count-fast" } else { "count" }, accelerate);
+    let server = EchoServer::start("127.0.0.1:0");
+
+    let report = world.peer(&world.workload, server.address, BYTES);
+    assert_intact(&report, BYTES);
+    let mut counters = Value::Null;
+    let settled = eventually(|| {
+        counters = world.counters();
+        counters["tx_payload_bytes"].as_u64() == Some(BYTES) && counters["rx_payload_bytes"].as_u64() == Some(BYTES)
+    });
+    assert!(settled, "payload counters differ from the bytes sent and received: {counters}");
+    assert_eq!(field(&counters, "connections_out"), 1, "{counters}");
+    assert_eq!(field(&counters, "connections_captured"), 1, "{counters}");
+    assert!(field(&counters, "tx_packets") > 0 && field(&counters, "rx_packets") > 0, "{counters}");
+    if accelerate {
+        assert_eq!(field(&counters, "redirected_bytes"), 2 * BYTES, "{counters}");
+    } else {
+        assert_eq!(field(&counters, "redirected_bytes"), 0, "{counters}");
+        // Without acceleration every payload byte crossed the IP stack, headers on top.
+        assert!(field(&counters, "tx_bytes") > BYTES, "{counters}");
+    }
+}
+
+#[test]
+fn counters_equal_the_bytes_sent() {
+    counters_match_bytes(false);
+}
+
+#[test]
+fn counters_equal_the_bytes_sent_with_acceleration() {
+    counters_match_bytes(true);
+}
+
+fn large_transfer(accelerate: bool) {
+    const BYTES: u64 = 100 * 1024 * 1024;
+    let world = World::start(if accelerate { "bulk-fast" } else { "bulk" }, accelerate);
+    let server = EchoServer::start("127.0.0.1:0");
+
+    let report = world.peer(&world.workload, server.address, BYTES);
+    assert_intact(&report, BYTES);
+    let events = world.events();
+    if accelerate {
+        assert!(field(&events, "redirected") > 0, "sk_msg did not carry the transfer: {events}");
+    } else {
+        assert_eq!(field(&events, "redirected"), 0, "{events}");
+    }
+}
+
+#[test]
+fn hundred_mib_arrive_byte_identical_without_acceleration() {
+    large_transfer(false);
+}
+
+#[test]
+fn hundred_mib_arrive_byte_identical_with_acceleration() {
+    large_transfer(true);
+}
+
+#[test]
+fn agent_restart_keeps_capture_and_counters() {
+    let mut world = World::start("restart", true);
+    let server = EchoServer::start("127.0.0.1:0");
+    let attachments_before = attached_programs(&world.tree.dir()).expect("bpftool");
+    assert_eq!(attachments_before.len(), 7, "{attachments_before:?}");
+
+    assert_intact(&world.peer(&world.workload, server.address, 1000), 1000);
+    world.agent.kill();
+
+    // While the agent is down the programs stay attached and the counters stay readable.
+    assert_eq!(attached_programs(&world.tree.dir()).expect("bpftool"), attachments_before);
+    let counters = world.counters();
+    assert_eq!(field(&counters, "connections_captured"), 1, "{counters}");
+    let report = world.peer(&world.workload, server.address, 10);
+    assert_eq!(report["stage"], "connect", "capture was dropped while the agent was down: {report}");
+
+    world.agent.restart(&world.tree).expect("restart agent");
+    assert_intact(&world.peer(&world.workload, server.address, 1000), 1000);
+    // Same links (programs swapped in place), no duplicate attachments, counters carried on.
+    let attachments_after = attached_programs(&world.tree.dir()).expect("bpftool");
+    assert_eq!(attachments_after.len(), 7, "{attachments_after:?}");
+    let counters = world.counters();
+    assert_eq!(field(&counters, "connections_captured"), 3, "{counters}");
+    assert!(field(&counters, "tx_payload_bytes") >= 2000, "{counters}");
+    assert_eq!(server.peers().len(), 2);
+}
+
+#[test]
+fn ipv6_is_captured_and_getpeername_shows_the_dialled_address() {
+    let world = World::start("ipv6", true);
+    let server = EchoServer::start("[::1]:0");
+
+    let report = world.peer(&world.workload, server.address, 200_000);
+    assert_intact(&report, 200_000);
+    assert_eq!(addr(&report, "peer"), server.address);
+    assert_ne!(server.peers(), vec![addr(&report, "local")]);
+    assert!(world.agent.log().contains(&format!("dst={}", server.address)));
+    assert_eq!(field(&world.counters(), "connections_captured"), 1);
+}
+
+#[test]
+fn cleanup_leaves_nothing_behind_even_when_a_test_fails() {
+    let outcome = std::panic::catch_unwind(|| {
+        let world = World::start("cleanup", true);
+        let server = EchoServer::start("127.0.0.1:0");
+        assert_intact(&world.peer(&world.workload, server.address, 100), 100);
+        let pins = world.agent.pin_dir.clone();
+        let tree = world.tree.dir();
+        // Hand the paths out through the panic payload, then fail on purpose.
+        std::panic::panic_any((pins, tree));
+    });
+    let payload = outcome.expect_err("the closure panics on purpose");
+    let (pins, tree) = payload.downcast_ref::<(PathBuf, PathBuf)>().cloned().expect("paths in the payload");
+    assert!(!pins.exists(), "pins left behind in {}", pins.display());
+    assert!(!tree.exists(), "cgroup left behind: {}", tree.display());
+}
+
+#[test]
+fn refusing_destination_resets_the_client_and_the_agent_keeps_serving() {
+    let world = World::start("refused", false);
+    let server = EchoServer::start("127.0.0.1:0");
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address")
+    };
+
+    let report = world.peer(&world.workload, closed, 100);
+    assert!(report.get("error").is_some(), "a refused destination looked like success: {report}");
+    assert!(
+        world.agent.log().contains("original destination unreachable"),
+        "no clear log line:\n{}",
+        world.agent.log()
+    );
+    assert_intact(&world.peer(&world.workload, server.address, 100), 100);
+}
+
+#[test]
+fn bad_cgroups_get_clear_errors_and_do_not_stop_the_agent() {
+    let tree = CgroupTree::create("badcg").expect("tree");
+    let agent_cgroup = tree.child("agent").expect("agent cgroup");
+    let workload = tree.child("workload").expect("workload cgroup");
+    let missing = tree.relative().join("does-not-exist");
+    let agent = AgentProcess::start(
+        &tree,
+        AgentOptions {
+            accelerate: false,
+            workloads: vec![("ghost".into(), missing.clone()), ("client".into(), workload.clone())],
+            exclude_ports: vec![],
+            exclude_cidrs: vec![],
+            agent_cgroup,
+            log_filter: "info".into(),
+        },
+    )
+    .expect("the agent starts despite one bad workload");
+    let log = agent.log();
+    assert!(log.contains("cannot enrol workload") && log.contains("does not exist"), "{log}");
+
+    // The good workload is served.
+    let server = EchoServer::start("127.0.0.1:0");
+    let output = tree
+        .run_in(
+            &workload,
+            Command::new(testpeer_binary().expect("testpeer")).args(["--to", &server.address.to_string(), "--send", "10"]),
+        )
+        .expect("run peer");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_intact(&report, 10);
+
+    // Operator commands name the problem.
+    let error = agent.command(&["enrol", "--cgroup", &missing.to_string_lossy()]).expect_err("must fail");
+    assert!(error.to_string().contains("does not exist"), "{error}");
+    let outside = Path::new("/");
+    let error = agent.command(&["enrol", "--cgroup", &outside.to_string_lossy()]).expect_err("must fail");
+    assert!(error.to_string().contains("outside the attach cgroup"), "{error}");
+    let error = agent.command(&["enrol", "--cgroup", "/a/../../etc"]).expect_err("must fail");
+    assert!(error.to_string().contains("not allowed"), "{error}");
+
+    // Enrol and unenrol by pid work on the running datapath.
+    let mut sleeper = tree
+        .spawn_in(&tree.child("late").expect("late cgroup"), Command::new("sleep").arg("30").stdout(Stdio::null()))
+        .expect("spawn sleeper");
+    let enrolled = agent.command(&["enrol", "--pid", &sleeper.id().to_string()]).expect("enrol by pid");
+    assert!(enrolled.contains("late"), "{enrolled}");
+    let unenrolled = agent.command(&["unenrol", "--pid", &sleeper.id().to_string()]).expect("unenrol by pid");
+    assert!(unenrolled.contains("late"), "{unenrolled}");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+#[test]
+fn operator_commands_fail_clearly_without_privileges_or_a_datapath() {
+    let binary = mesh_agent_binary().expect("mesh-agent binary");
+    // Nothing pinned there: exit code 5 and a hint.
+    let output = Command::new(&binary)
+        .args(["counters", "--pin-dir", "/sys/fs/bpf/mesh-e2e-nothing-here"])
+        .output()
+        .expect("run mesh-agent");
+    assert_eq!(output.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("start the agent first"));
+
+    // As an unprivileged user: exit code 4, naming the capabilities.
+    let output = Command::new(&binary)
+        .args(["run"])
+        .env("NO_COLOR", "1")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run mesh-agent as nobody");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("CAP_BPF") && stderr.contains("missing privileges"), "{stderr}");
+
+    // An invalid config: exit code 3, naming the field.
+    let config = std::env::temp_dir().join(mesh_tests::unique_name("bad.yaml"));
+    std::fs::write(&config, "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentConfig\nspec:\n  listeners:\n    outbound: \"[::1]:1\"\n")
+        .expect("write config");
+    let output = Command::new(&binary).arg("run").arg("--config").arg(&config).output().expect("run");
+    let _ = std::fs::remove_file(&config);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("spec.listeners.outbound"), "{stderr}");
+}
