@@ -24,8 +24,16 @@ fn main() {
 
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let workspace = manifest_dir.parent().unwrap_or(&manifest_dir).to_path_buf();
-    for watched in ["mesh-ebpf/src", "mesh-ebpf/Cargo.toml", "mesh-common/src", "mesh-common/Cargo.toml"] {
-        println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
+    for watched in [
+        "mesh-ebpf/src",
+        "mesh-ebpf/Cargo.toml",
+        "mesh-common/src",
+        "mesh-common/Cargo.toml",
+    ] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace.join(watched).display()
+        );
     }
     let target_root = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -35,7 +43,15 @@ fn main() {
 
     let mut cargo = Command::new("rustup");
     cargo
-        .args(["run", "nightly", "cargo", "build", "--package", "mesh-ebpf", "--release"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--package",
+            "mesh-ebpf",
+            "--release",
+        ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(&ebpf_target_dir)
@@ -56,10 +72,10 @@ fn main() {
         cargo.env_remove(key);
     }
     for (key, _) in env::vars_os() {
-        if let Some(key) = key.to_str() {
-            if key.starts_with("CARGO_PROFILE_") || key.starts_with("CARGO_CFG_") {
-                cargo.env_remove(key);
-            }
+        if let Some(key) = key.to_str()
+            && (key.starts_with("CARGO_PROFILE_") || key.starts_with("CARGO_CFG_"))
+        {
+            cargo.env_remove(key);
         }
     }
     let status = cargo.status().unwrap_or_else(|error| {
@@ -68,12 +84,18 @@ fn main() {
     if !status.success() {
         fail(&format!("building mesh-ebpf failed ({status})"));
     }
-    copy_object(&ebpf_target_dir.join("bpfel-unknown-none/release/mesh-ebpf"), &embedded);
+    copy_object(
+        &ebpf_target_dir.join("bpfel-unknown-none/release/mesh-ebpf"),
+        &embedded,
+    );
 }
 
 fn copy_object(from: &Path, to: &Path) {
     if let Err(error) = fs::copy(from, to) {
-        fail(&format!("cannot copy the eBPF object {}: {error}", from.display()));
+        fail(&format!(
+            "cannot copy the eBPF object {}: {error}",
+            from.display()
+        ));
     }
 }
 

@@ -24,7 +24,10 @@ pub enum AgentError {
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error("cannot listen on {address}: {source}. Is another agent running, or the port taken?")]
-    Listen { address: SocketAddr, source: std::io::Error },
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }

@@ -17,7 +17,11 @@ use crate::{
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/agent-mesh";
 
 #[derive(Debug, Parser)]
-#[command(name = "mesh-agent", version, about = "Agent Mesh node agent: eBPF capture and proxy for AI agents")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "Agent Mesh node agent: eBPF capture and proxy for AI agents"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "MESH_LOG_FORMAT")]
@@ -106,13 +110,19 @@ impl From<AgentError> for CliFailure {
             AgentError::Datapath(datapath) => datapath_exit_code(datapath),
             _ => 1,
         };
-        Self { code, error: error.into() }
+        Self {
+            code,
+            error: error.into(),
+        }
     }
 }
 
 impl From<DatapathError> for CliFailure {
     fn from(error: DatapathError) -> Self {
-        Self { code: datapath_exit_code(&error), error: error.into() }
+        Self {
+            code: datapath_exit_code(&error),
+            error: error.into(),
+        }
     }
 }
 
@@ -131,7 +141,9 @@ fn datapath_exit_code(error: &DatapathError) -> u8 {
 pub fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -150,8 +162,10 @@ pub async fn execute(command: Command) -> Result<(), CliFailure> {
         }
         Command::Validate { config } => {
             let config = AgentConfig::load(&config).map_err(AgentError::from)?;
-            let yaml = serde_yaml::to_string(&config)
-                .map_err(|error| CliFailure { code: 1, error: error.into() })?;
+            let yaml = serde_yaml::to_string(&config).map_err(|error| CliFailure {
+                code: 1,
+                error: error.into(),
+            })?;
             print!("{yaml}");
         }
         Command::Enrol(target) => {
@@ -161,7 +175,11 @@ pub async fn execute(command: Command) -> Result<(), CliFailure> {
                 (None, Some(pid)) => datapath.enrol_pid(pid)?,
                 (None, None) => unreachable_target()?,
             };
-            println!("enrolled {} (cgroup id {})", cgroup.path.display(), cgroup.id);
+            println!(
+                "enrolled {} (cgroup id {})",
+                cgroup.path.display(),
+                cgroup.id
+            );
         }
         Command::Unenrol(target) => {
             let datapath = Datapath::open_pinned(&target.pins.pin_dir)?;
@@ -171,7 +189,11 @@ pub async fn execute(command: Command) -> Result<(), CliFailure> {
                 (None, None) => unreachable_target()?,
             };
             let cgroup = datapath.unenrol_cgroup(&path)?;
-            println!("unenrolled {} (cgroup id {})", cgroup.path.display(), cgroup.id);
+            println!(
+                "unenrolled {} (cgroup id {})",
+                cgroup.path.display(),
+                cgroup.id
+            );
         }
         Command::Counters { pins, output } => {
             let datapath = Datapath::open_pinned(&pins.pin_dir)?;
@@ -191,7 +213,10 @@ pub async fn execute(command: Command) -> Result<(), CliFailure> {
 }
 
 fn unreachable_target<T>() -> Result<T, CliFailure> {
-    Err(CliFailure { code: 2, error: anyhow::anyhow!("give --cgroup or --pid") })
+    Err(CliFailure {
+        code: 2,
+        error: anyhow::anyhow!("give --cgroup or --pid"),
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -243,22 +268,44 @@ fn print_counters(datapath: &Datapath, output: OutputFormat) -> Result<(), CliFa
             }
         })
         .collect();
-    let events = datapath.maps().events()?.into_iter().map(|(event, count)| (event.name(), count)).collect();
+    let events = datapath
+        .maps()
+        .events()?
+        .into_iter()
+        .map(|(event, count)| (event.name(), count))
+        .collect();
     let report = CountersReport { workloads, events };
     match output {
         OutputFormat::Json => {
-            let json = serde_json::to_string_pretty(&report)
-                .map_err(|error| CliFailure { code: 1, error: error.into() })?;
+            let json = serde_json::to_string_pretty(&report).map_err(|error| CliFailure {
+                code: 1,
+                error: error.into(),
+            })?;
             println!("{json}");
         }
         OutputFormat::Table => {
             println!(
                 "{:<28} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>12}",
-                "WORKLOAD", "TX BYTES", "RX BYTES", "TX PAYLOAD", "RX PAYLOAD", "CONN OUT", "CONN IN", "CAPTURED", "REDIRECTED"
+                "WORKLOAD",
+                "TX BYTES",
+                "RX BYTES",
+                "TX PAYLOAD",
+                "RX PAYLOAD",
+                "CONN OUT",
+                "CONN IN",
+                "CAPTURED",
+                "REDIRECTED"
             );
             for row in &report.workloads {
-                let name = row.cgroup.clone().unwrap_or_else(|| format!("cgroup:{}", row.cgroup_id));
-                let name = if row.enrolled { name } else { format!("{name} (gone)") };
+                let name = row
+                    .cgroup
+                    .clone()
+                    .unwrap_or_else(|| format!("cgroup:{}", row.cgroup_id));
+                let name = if row.enrolled {
+                    name
+                } else {
+                    format!("{name} (gone)")
+                };
                 println!(
                     "{:<28} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8} {:>12}",
                     name,
@@ -272,7 +319,11 @@ fn print_counters(datapath: &Datapath, output: OutputFormat) -> Result<(), CliFa
                     row.redirected_bytes
                 );
             }
-            let events: Vec<String> = report.events.iter().map(|(name, count)| format!("{name}={count}")).collect();
+            let events: Vec<String> = report
+                .events
+                .iter()
+                .map(|(name, count)| format!("{name}={count}"))
+                .collect();
             println!("events: {}", events.join(" "));
         }
     }
@@ -292,8 +343,13 @@ mod tests {
     #[test]
     fn enrol_needs_exactly_one_target() {
         assert!(Cli::try_parse_from(["mesh-agent", "enrol"]).is_err());
-        assert!(Cli::try_parse_from(["mesh-agent", "enrol", "--cgroup", "/a", "--pid", "1"]).is_err());
+        assert!(
+            Cli::try_parse_from(["mesh-agent", "enrol", "--cgroup", "/a", "--pid", "1"]).is_err()
+        );
         let parsed = Cli::try_parse_from(["mesh-agent", "enrol", "--pid", "7"]).expect("parse");
-        assert!(matches!(parsed.command, Command::Enrol(TargetArgs { pid: Some(7), .. })));
+        assert!(matches!(
+            parsed.command,
+            Command::Enrol(TargetArgs { pid: Some(7), .. })
+        ));
     }
 }

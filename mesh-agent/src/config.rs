@@ -21,15 +21,24 @@ pub const KIND: &str = "AgentConfig";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid YAML for an AgentConfig: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
     #[error("invalid config: {field}: {problem}")]
     Invalid { field: String, problem: String },
 }
 
 fn invalid(field: &str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.to_owned(), problem: problem.into() }
+    ConfigError::Invalid {
+        field: field.to_owned(),
+        problem: problem.into(),
+    }
 }
 
 /// The whole resource.
@@ -74,7 +83,10 @@ pub struct DatapathSpec {
     /// cgroup (relative to the cgroup2 mount) the programs attach to: every enrolled workload,
     /// and the agent itself for in-kernel acceleration, must live below it.
     pub attach_cgroup: PathBuf,
-    /// Splice bytes between workloads and the agent inside the kernel (`sk_msg`).
+    /// Splice bytes between workloads and the agent inside the kernel (`sk_msg`). Off by
+    /// default: on current kernels a workload socket in a sockmap can see a spurious EAGAIN
+    /// from a *blocking* read at end of stream (poll-based clients are unaffected); see the
+    /// README's operations section.
     pub accelerate: bool,
     /// Size of the enrolled-workload and counter maps.
     pub max_workloads: u32,
@@ -89,7 +101,7 @@ impl Default for DatapathSpec {
         Self {
             pin_dir: PathBuf::from("/sys/fs/bpf/agent-mesh"),
             attach_cgroup: PathBuf::from("/"),
-            accelerate: true,
+            accelerate: false,
             max_workloads: 4096,
             max_connections: 65536,
             exclude: ExcludeSpec::default(),
@@ -139,7 +151,10 @@ pub struct ProxySpec {
 
 impl Default for ProxySpec {
     fn default() -> Self {
-        Self { connect_timeout: Duration::from_secs(5), drain_timeout: Duration::from_secs(10) }
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -158,17 +173,23 @@ impl AgentConfig {
         Self {
             api_version: API_VERSION.to_owned(),
             kind: KIND.to_owned(),
-            metadata: Metadata { name: "standalone".to_owned() },
+            metadata: Metadata {
+                name: "standalone".to_owned(),
+            },
             spec: AgentSpec::default(),
         }
     }
 
     /// Reads and validates a YAML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let config: Self = serde_yaml::from_str(&text)
-            .map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Self = serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -178,7 +199,10 @@ impl AgentConfig {
         if self.api_version != API_VERSION {
             return Err(invalid(
                 "apiVersion",
-                format!("{:?} is not supported; use {API_VERSION:?}", self.api_version),
+                format!(
+                    "{:?} is not supported; use {API_VERSION:?}",
+                    self.api_version
+                ),
             ));
         }
         if self.kind != KIND {
@@ -186,13 +210,22 @@ impl AgentConfig {
         }
         let datapath = &self.spec.datapath;
         if !datapath.pin_dir.is_absolute() {
-            return Err(invalid("spec.datapath.pinDir", "must be an absolute path on bpffs"));
+            return Err(invalid(
+                "spec.datapath.pinDir",
+                "must be an absolute path on bpffs",
+            ));
         }
         if datapath.max_workloads == 0 || datapath.max_workloads > 1 << 20 {
-            return Err(invalid("spec.datapath.maxWorkloads", "must be between 1 and 1048576"));
+            return Err(invalid(
+                "spec.datapath.maxWorkloads",
+                "must be between 1 and 1048576",
+            ));
         }
         if datapath.max_connections < 16 || datapath.max_connections > 1 << 24 {
-            return Err(invalid("spec.datapath.maxConnections", "must be between 16 and 16777216"));
+            return Err(invalid(
+                "spec.datapath.maxConnections",
+                "must be between 16 and 16777216",
+            ));
         }
         for (index, cidr) in datapath.exclude.cidrs.iter().enumerate() {
             parse_cidr(cidr).map_err(|problem| {
@@ -200,7 +233,10 @@ impl AgentConfig {
             })?;
         }
         if datapath.exclude.ports.contains(&0) {
-            return Err(invalid("spec.datapath.exclude.ports", "port 0 is not a destination"));
+            return Err(invalid(
+                "spec.datapath.exclude.ports",
+                "port 0 is not a destination",
+            ));
         }
         let listeners = &self.spec.listeners;
         if !listeners.outbound.is_ipv4() || listeners.outbound.port() == 0 {
@@ -210,7 +246,10 @@ impl AgentConfig {
             ));
         }
         if self.spec.proxy.connect_timeout.is_zero() {
-            return Err(invalid("spec.proxy.connectTimeout", "must be greater than zero"));
+            return Err(invalid(
+                "spec.proxy.connectTimeout",
+                "must be greater than zero",
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for (index, workload) in self.spec.workloads.iter().enumerate() {
@@ -263,9 +302,11 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<AgentConfig, ConfigError> {
-        let config: AgentConfig = serde_yaml::from_str(yaml).map_err(|source| {
-            ConfigError::Parse { path: PathBuf::from("test.yaml"), source }
-        })?;
+        let config: AgentConfig =
+            serde_yaml::from_str(yaml).map_err(|source| ConfigError::Parse {
+                path: PathBuf::from("test.yaml"),
+                source,
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -298,7 +339,8 @@ spec:
         assert_eq!(cidrs[2].to_string(), "192.168.1.0/24");
         assert_eq!(cidrs[1].to_string(), "::1/128");
         let back: AgentConfig =
-            serde_yaml::from_str(&serde_yaml::to_string(&config).expect("serialise")).expect("parse");
+            serde_yaml::from_str(&serde_yaml::to_string(&config).expect("serialise"))
+                .expect("parse");
         assert_eq!(back, config);
     }
 
@@ -324,20 +366,30 @@ spec:
         let message = error_of(&format!(
             "{head}spec:\n  datapath:\n    exclude: {{ cidrs: [\"10.0.0.0/33\"] }}\n"
         ));
-        assert!(message.contains("spec.datapath.exclude.cidrs[0]"), "{message}");
-        let message = error_of(&format!("{head}spec:\n  listeners: {{ outbound: \"[::1]:1\" }}\n"));
+        assert!(
+            message.contains("spec.datapath.exclude.cidrs[0]"),
+            "{message}"
+        );
+        let message = error_of(&format!(
+            "{head}spec:\n  listeners: {{ outbound: \"[::1]:1\" }}\n"
+        ));
         assert!(message.contains("spec.listeners.outbound"), "{message}");
         let message = error_of(&format!(
             "{head}spec:\n  workloads: [{{name: a, cgroup: /a}}, {{name: a, cgroup: /b}}]\n"
         ));
-        assert!(message.contains("spec.workloads[1].name") && message.contains("twice"), "{message}");
+        assert!(
+            message.contains("spec.workloads[1].name") && message.contains("twice"),
+            "{message}"
+        );
         let message = error_of(&format!("{head}spec:\n  datapath:\n    pinDir: relative\n"));
         assert!(message.contains("spec.datapath.pinDir"), "{message}");
     }
 
     #[test]
     fn unknown_fields_are_refused() {
-        let message = error_of(&format!("apiVersion: {API_VERSION}\nkind: AgentConfig\nspec:\n  typo: 1\n"));
+        let message = error_of(&format!(
+            "apiVersion: {API_VERSION}\nkind: AgentConfig\nspec:\n  typo: 1\n"
+        ));
         assert!(message.contains("typo"), "{message}");
     }
 }

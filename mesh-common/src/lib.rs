@@ -118,12 +118,20 @@ pub struct Endpoint {
 impl Endpoint {
     /// An IPv4 endpoint from the address as the kernel stores it (network byte order).
     pub const fn v4(addr_be: u32, port: u16) -> Self {
-        Self { family: FAMILY_INET, port: port as u32, addr: [addr_be, 0, 0, 0] }
+        Self {
+            family: FAMILY_INET,
+            port: port as u32,
+            addr: [addr_be, 0, 0, 0],
+        }
     }
 
     /// An IPv6 endpoint from the address words as the kernel stores them.
     pub const fn v6(addr_be: [u32; 4], port: u16) -> Self {
-        Self { family: FAMILY_INET6, port: port as u32, addr: addr_be }
+        Self {
+            family: FAMILY_INET6,
+            port: port as u32,
+            addr: addr_be,
+        }
     }
 
     /// The IPv4 address carried in an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), if it is one.
@@ -179,12 +187,20 @@ impl SockTuple {
 
     /// The local end.
     pub const fn local(&self) -> Endpoint {
-        Endpoint { family: self.family, port: self.local_port, addr: self.local_addr }
+        Endpoint {
+            family: self.family,
+            port: self.local_port,
+            addr: self.local_addr,
+        }
     }
 
     /// The remote end.
     pub const fn remote(&self) -> Endpoint {
-        Endpoint { family: self.family, port: self.remote_port, addr: self.remote_addr }
+        Endpoint {
+            family: self.family,
+            port: self.remote_port,
+            addr: self.remote_addr,
+        }
     }
 }
 
@@ -227,8 +243,9 @@ impl TrafficCounters {
         self.rx_payload_bytes = self.rx_payload_bytes.wrapping_add(other.rx_payload_bytes);
         self.connections_out = self.connections_out.wrapping_add(other.connections_out);
         self.connections_in = self.connections_in.wrapping_add(other.connections_in);
-        self.connections_captured =
-            self.connections_captured.wrapping_add(other.connections_captured);
+        self.connections_captured = self
+            .connections_captured
+            .wrapping_add(other.connections_captured);
         self.redirected_bytes = self.redirected_bytes.wrapping_add(other.redirected_bytes);
     }
 }
@@ -328,8 +345,16 @@ mod tests {
 
     #[test]
     fn mapped_v4_detects_only_mapped_addresses() {
-        let mapped = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([10, 1, 2, 3])];
-        assert_eq!(Endpoint::mapped_v4(mapped), Some(u32::from_ne_bytes([10, 1, 2, 3])));
+        let mapped = [
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            u32::from_ne_bytes([10, 1, 2, 3]),
+        ];
+        assert_eq!(
+            Endpoint::mapped_v4(mapped),
+            Some(u32::from_ne_bytes([10, 1, 2, 3]))
+        );
         let loopback6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
         assert_eq!(Endpoint::mapped_v4(loopback6), None);
     }
@@ -352,8 +377,16 @@ mod tests {
 
     #[test]
     fn counters_add_is_fieldwise() {
-        let mut total = TrafficCounters { tx_bytes: 1, redirected_bytes: 5, ..Default::default() };
-        total.add(&TrafficCounters { tx_bytes: 2, rx_payload_bytes: 7, ..Default::default() });
+        let mut total = TrafficCounters {
+            tx_bytes: 1,
+            redirected_bytes: 5,
+            ..Default::default()
+        };
+        total.add(&TrafficCounters {
+            tx_bytes: 2,
+            rx_payload_bytes: 7,
+            ..Default::default()
+        });
         assert_eq!(total.tx_bytes, 3);
         assert_eq!(total.rx_payload_bytes, 7);
         assert_eq!(total.redirected_bytes, 5);

@@ -34,8 +34,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    ConnInfo, DatapathConfig, DatapathEvent, Endpoint, FAMILY_INET, FAMILY_INET6,
-    MAX_CGROUP_DEPTH, SockTuple, TrafficCounters, WorkloadInfo, config_flags,
+    ConnInfo, DatapathConfig, DatapathEvent, Endpoint, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH,
+    SockTuple, TrafficCounters, WorkloadInfo, config_flags,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -97,7 +97,11 @@ fn counters_of(workload_cgroup: u64) -> Option<*mut TrafficCounters> {
     if let Some(counters) = COUNTERS.get_ptr_mut(&workload_cgroup) {
         return Some(counters);
     }
-    let _ = COUNTERS.insert(&workload_cgroup, &TrafficCounters::default(), BPF_NOEXIST as u64);
+    let _ = COUNTERS.insert(
+        &workload_cgroup,
+        &TrafficCounters::default(),
+        BPF_NOEXIST as u64,
+    );
     COUNTERS.get_ptr_mut(&workload_cgroup)
 }
 
@@ -139,7 +143,9 @@ fn enrolled_workload(leaf: u64, ancestor_at: impl Fn(i32) -> u64) -> Option<u64>
 #[inline(always)]
 fn current_workload() -> Option<u64> {
     let leaf = unsafe { bpf_get_current_cgroup_id() };
-    enrolled_workload(leaf, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+    enrolled_workload(leaf, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    })
 }
 
 /// The enrolled workload that owns a packet's socket.
@@ -150,7 +156,9 @@ fn skb_workload(ctx: &SkBuffContext) -> Option<u64> {
     if leaf == 0 {
         return None;
     }
-    enrolled_workload(leaf, |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) })
+    enrolled_workload(leaf, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    })
 }
 
 /// Whether the current connect() must be left alone: capture off, not TCP, or the agent itself.
@@ -180,7 +188,9 @@ fn v4_excluded(cfg: &DatapathConfig, addr_be: u32, port: u16) -> bool {
     if unsafe { EXCLUDE_PORTS.get(&port) }.is_some() {
         return true;
     }
-    EXCLUDE_V4.get(Key::new(32, addr_be.to_ne_bytes())).is_some()
+    EXCLUDE_V4
+        .get(Key::new(32, addr_be.to_ne_bytes()))
+        .is_some()
 }
 
 #[inline(always)]
@@ -210,8 +220,15 @@ fn v6_excluded(cfg: &DatapathConfig, addr_be: [u32; 4], port: u16) -> bool {
 #[inline(always)]
 fn record_capture(ctx: &SockAddrContext, original_dst: Endpoint, workload_cgroup: u64) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let info = ConnInfo { original_dst, workload_cgroup, cookie };
-    if ORIG_BY_COOKIE.insert(&cookie, &info, BPF_ANY as u64).is_err() {
+    let info = ConnInfo {
+        original_dst,
+        workload_cgroup,
+        cookie,
+    };
+    if ORIG_BY_COOKIE
+        .insert(&cookie, &info, BPF_ANY as u64)
+        .is_err()
+    {
         count_event(DatapathEvent::RecordFailed);
         return false;
     }
@@ -408,7 +425,10 @@ fn on_active_established(ctx: &SockOpsContext) {
     };
     let info = *info;
     let tuple = sock_ops_tuple(ctx);
-    if CONNS.insert(&conn_key(tuple.local()), &info, BPF_ANY as u64).is_ok() {
+    if CONNS
+        .insert(&conn_key(tuple.local()), &info, BPF_ANY as u64)
+        .is_ok()
+    {
         count_event(DatapathEvent::Published);
     } else {
         count_event(DatapathEvent::RecordFailed);
@@ -418,7 +438,10 @@ fn on_active_established(ctx: &SockOpsContext) {
     let accelerate = config().is_some_and(|cfg| cfg.flags & config_flags::ACCELERATE != 0);
     if accelerate {
         let mut key = tuple;
-        if SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64).is_err() {
+        if SOCKS
+            .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+            .is_err()
+        {
             count_event(DatapathEvent::SockHashFailed);
         }
     }
@@ -441,7 +464,10 @@ fn on_passive_established(ctx: &SockOpsContext) {
         return;
     }
     let mut key = tuple;
-    if SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64).is_err() {
+    if SOCKS
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+        .is_err()
+    {
         count_event(DatapathEvent::SockHashFailed);
     }
 }
@@ -494,7 +520,11 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     // Bytes that skip the TCP stack skip cgroup_skb too: account for them here.
     let size = u64::from(ctx.size());
     let from_agent = config().is_some_and(|cfg| is_outbound_listener(cfg, &tuple.local()));
-    let client = if from_agent { tuple.remote() } else { tuple.local() };
+    let client = if from_agent {
+        tuple.remote()
+    } else {
+        tuple.local()
+    };
     if let Some(info) = unsafe { CONNS.get(&conn_key(client)) } {
         if let Some(counters) = counters_of(info.workload_cgroup) {
             unsafe {
@@ -552,7 +582,13 @@ fn packet_facts(ctx: &SkBuffContext, direction: u32) -> Option<PacketFacts> {
                 [destination, 0, 0, 0],
             )
         }
-        6 => (FAMILY_INET6, 40, ctx.load::<u8>(6).ok()?, load_addr16(ctx, 8)?, load_addr16(ctx, 24)?),
+        6 => (
+            FAMILY_INET6,
+            40,
+            ctx.load::<u8>(6).ok()?,
+            load_addr16(ctx, 8)?,
+            load_addr16(ctx, 24)?,
+        ),
         _ => return None,
     };
     match protocol {
@@ -592,7 +628,12 @@ fn packet_facts(ctx: &SkBuffContext, direction: u32) -> Option<PacketFacts> {
             tcp: None,
             rst: false,
         }),
-        _ => Some(PacketFacts { payload: 0, syn_only: false, tcp: None, rst: false }),
+        _ => Some(PacketFacts {
+            payload: 0,
+            syn_only: false,
+            tcp: None,
+            rst: false,
+        }),
     }
 }
 
@@ -617,7 +658,11 @@ fn new_payload(facts: &PacketFacts) -> u64 {
             }
             // Bytes of this segment past the highest sequence seen so far.
             let ahead = ahead as u64;
-            if ahead < facts.payload { ahead } else { facts.payload }
+            if ahead < facts.payload {
+                ahead
+            } else {
+                facts.payload
+            }
         }
     };
     if facts.payload > 0 || facts.syn_only {

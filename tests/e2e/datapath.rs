@@ -3,6 +3,9 @@
 //! client processes inside child cgroups and checks what the server, the client, the agent and
 //! the kernel counters saw. Everything is removed on drop, also when an assertion fails.
 
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -91,7 +94,12 @@ impl World {
             },
         )
         .expect("start agent");
-        Self { agent, workload, bystander, tree }
+        Self {
+            agent,
+            workload,
+            bystander,
+            tree,
+        }
     }
 
     /// Runs mesh-testpeer in a cgroup of the tree and returns its JSON report.
@@ -100,18 +108,27 @@ impl World {
             .tree
             .run_in(
                 cgroup,
-                Command::new(testpeer_binary().expect("mesh-testpeer binary"))
-                    .args(["--to", &to.to_string(), "--send", &send.to_string()]),
+                Command::new(testpeer_binary().expect("mesh-testpeer binary")).args([
+                    "--to",
+                    &to.to_string(),
+                    "--send",
+                    &send.to_string(),
+                ]),
             )
             .expect("run mesh-testpeer");
         let stdout = String::from_utf8_lossy(&output.stdout);
         serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
-            panic!("mesh-testpeer printed no JSON ({error}): {stdout} {}", String::from_utf8_lossy(&output.stderr))
+            panic!(
+                "mesh-testpeer printed no JSON ({error}): {stdout} {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
         })
     }
 
     fn counters(&self) -> Value {
-        self.agent.workload_counters(&self.workload).expect("read counters")
+        self.agent
+            .workload_counters(&self.workload)
+            .expect("read counters")
     }
 
     fn events(&self) -> Value {
@@ -120,11 +137,16 @@ impl World {
 }
 
 fn field(value: &Value, name: &str) -> u64 {
-    value[name].as_u64().unwrap_or_else(|| panic!("no {name} in {value}"))
+    value[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {value}"))
 }
 
 fn addr(value: &Value, name: &str) -> SocketAddr {
-    value[name].as_str().and_then(|text| text.parse().ok()).unwrap_or_else(|| panic!("no {name} in {value}"))
+    value[name]
+        .as_str()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {value}"))
 }
 
 /// Asserts a transfer arrived complete and byte-identical (echoed back).
@@ -132,7 +154,10 @@ fn assert_intact(report: &Value, bytes: u64) {
     assert!(report.get("error").is_none(), "transfer failed: {report}");
     assert_eq!(field(report, "sent"), bytes, "{report}");
     assert_eq!(field(report, "received"), bytes, "{report}");
-    assert_eq!(report["sent_sha256"], report["received_sha256"], "bytes differ: {report}");
+    assert_eq!(
+        report["sent_sha256"], report["received_sha256"],
+        "bytes differ: {report}"
+    );
 }
 
 /// Polls until `check` holds or a generous deadline passes (kernel counters are updated by
@@ -173,7 +198,11 @@ fn enrolled_client_reaches_its_server_only_through_the_agent() {
     world.agent.kill();
     let report = world.peer(&world.workload, server.address, 16);
     assert_eq!(report["stage"], "connect", "{report}");
-    assert_eq!(server.peers().len(), 1, "a request reached the server without the agent");
+    assert_eq!(
+        server.peers().len(),
+        1,
+        "a request reached the server without the agent"
+    );
 }
 
 #[test]
@@ -191,7 +220,8 @@ fn unenrolled_process_is_untouched() {
     let rows = world.agent.counters().expect("counters")["workloads"].clone();
     let bystander = world.bystander.to_string_lossy().into_owned();
     assert!(
-        rows.as_array().is_some_and(|rows| rows.iter().all(|row| row["cgroup"] != bystander.as_str())),
+        rows.as_array()
+            .is_some_and(|rows| rows.iter().all(|row| row["cgroup"] != bystander.as_str())),
         "the bystander was accounted: {rows}"
     );
 }
@@ -223,7 +253,10 @@ fn agent_connections_are_not_looped() {
         .agent
         .command(&["enrol", "--cgroup", &agent_cgroup.to_string_lossy()])
         .expect_err("enrolling the agent's own cgroup must fail");
-    assert!(error.to_string().contains("the agent itself runs in it"), "{error}");
+    assert!(
+        error.to_string().contains("the agent itself runs in it"),
+        "{error}"
+    );
 }
 
 fn counters_match_bytes(accelerate: bool) {
@@ -236,14 +269,25 @@ fn counters_match_bytes(accelerate: bool) {
     let mut counters = Value::Null;
     let settled = eventually(|| {
         counters = world.counters();
-        counters["tx_payload_bytes"].as_u64() == Some(BYTES) && counters["rx_payload_bytes"].as_u64() == Some(BYTES)
+        counters["tx_payload_bytes"].as_u64() == Some(BYTES)
+            && counters["rx_payload_bytes"].as_u64() == Some(BYTES)
     });
-    assert!(settled, "payload counters differ from the bytes sent and received: {counters}");
+    assert!(
+        settled,
+        "payload counters differ from the bytes sent and received: {counters}"
+    );
     assert_eq!(field(&counters, "connections_out"), 1, "{counters}");
     assert_eq!(field(&counters, "connections_captured"), 1, "{counters}");
-    assert!(field(&counters, "tx_packets") > 0 && field(&counters, "rx_packets") > 0, "{counters}");
+    assert!(
+        field(&counters, "tx_packets") > 0 && field(&counters, "rx_packets") > 0,
+        "{counters}"
+    );
     if accelerate {
-        assert_eq!(field(&counters, "redirected_bytes"), 2 * BYTES, "{counters}");
+        assert_eq!(
+            field(&counters, "redirected_bytes"),
+            2 * BYTES,
+            "{counters}"
+        );
     } else {
         assert_eq!(field(&counters, "redirected_bytes"), 0, "{counters}");
         // Without acceleration every payload byte crossed the IP stack, headers on top.
@@ -270,7 +314,10 @@ fn large_transfer(accelerate: bool) {
     assert_intact(&report, BYTES);
     let events = world.events();
     if accelerate {
-        assert!(field(&events, "redirected") > 0, "sk_msg did not carry the transfer: {events}");
+        assert!(
+            field(&events, "redirected") > 0,
+            "sk_msg did not carry the transfer: {events}"
+        );
     } else {
         assert_eq!(field(&events, "redirected"), 0, "{events}");
     }
@@ -297,11 +344,17 @@ fn agent_restart_keeps_capture_and_counters() {
     world.agent.kill();
 
     // While the agent is down the programs stay attached and the counters stay readable.
-    assert_eq!(attached_programs(&world.tree.dir()).expect("bpftool"), attachments_before);
+    assert_eq!(
+        attached_programs(&world.tree.dir()).expect("bpftool"),
+        attachments_before
+    );
     let counters = world.counters();
     assert_eq!(field(&counters, "connections_captured"), 1, "{counters}");
     let report = world.peer(&world.workload, server.address, 10);
-    assert_eq!(report["stage"], "connect", "capture was dropped while the agent was down: {report}");
+    assert_eq!(
+        report["stage"], "connect",
+        "capture was dropped while the agent was down: {report}"
+    );
 
     world.agent.restart(&world.tree).expect("restart agent");
     assert_intact(&world.peer(&world.workload, server.address, 1000), 1000);
@@ -323,7 +376,12 @@ fn ipv6_is_captured_and_getpeername_shows_the_dialled_address() {
     assert_intact(&report, 200_000);
     assert_eq!(addr(&report, "peer"), server.address);
     assert_ne!(server.peers(), vec![addr(&report, "local")]);
-    assert!(world.agent.log().contains(&format!("dst={}", server.address)));
+    assert!(
+        world
+            .agent
+            .log()
+            .contains(&format!("dst={}", server.address))
+    );
     assert_eq!(field(&world.counters(), "connections_captured"), 1);
 }
 
@@ -339,7 +397,10 @@ fn cleanup_leaves_nothing_behind_even_when_a_test_fails() {
         std::panic::panic_any((pins, tree));
     });
     let payload = outcome.expect_err("the closure panics on purpose");
-    let (pins, tree) = payload.downcast_ref::<(PathBuf, PathBuf)>().cloned().expect("paths in the payload");
+    let (pins, tree) = payload
+        .downcast_ref::<(PathBuf, PathBuf)>()
+        .cloned()
+        .expect("paths in the payload");
     assert!(!pins.exists(), "pins left behind in {}", pins.display());
     assert!(!tree.exists(), "cgroup left behind: {}", tree.display());
 }
@@ -354,9 +415,15 @@ fn refusing_destination_resets_the_client_and_the_agent_keeps_serving() {
     };
 
     let report = world.peer(&world.workload, closed, 100);
-    assert!(report.get("error").is_some(), "a refused destination looked like success: {report}");
     assert!(
-        world.agent.log().contains("original destination unreachable"),
+        report.get("error").is_some(),
+        "a refused destination looked like success: {report}"
+    );
+    assert!(
+        world
+            .agent
+            .log()
+            .contains("original destination unreachable"),
         "no clear log line:\n{}",
         world.agent.log()
     );
@@ -373,7 +440,10 @@ fn bad_cgroups_get_clear_errors_and_do_not_stop_the_agent() {
         &tree,
         AgentOptions {
             accelerate: false,
-            workloads: vec![("ghost".into(), missing.clone()), ("client".into(), workload.clone())],
+            workloads: vec![
+                ("ghost".into(), missing.clone()),
+                ("client".into(), workload.clone()),
+            ],
             exclude_ports: vec![],
             exclude_cidrs: vec![],
             agent_cgroup,
@@ -382,35 +452,59 @@ fn bad_cgroups_get_clear_errors_and_do_not_stop_the_agent() {
     )
     .expect("the agent starts despite one bad workload");
     let log = agent.log();
-    assert!(log.contains("cannot enrol workload") && log.contains("does not exist"), "{log}");
+    assert!(
+        log.contains("cannot enrol workload") && log.contains("does not exist"),
+        "{log}"
+    );
 
     // The good workload is served.
     let server = EchoServer::start("127.0.0.1:0");
     let output = tree
         .run_in(
             &workload,
-            Command::new(testpeer_binary().expect("testpeer")).args(["--to", &server.address.to_string(), "--send", "10"]),
+            Command::new(testpeer_binary().expect("testpeer")).args([
+                "--to",
+                &server.address.to_string(),
+                "--send",
+                "10",
+            ]),
         )
         .expect("run peer");
     let report: Value = serde_json::from_slice(&output.stdout).expect("json");
     assert_intact(&report, 10);
 
     // Operator commands name the problem.
-    let error = agent.command(&["enrol", "--cgroup", &missing.to_string_lossy()]).expect_err("must fail");
+    let error = agent
+        .command(&["enrol", "--cgroup", &missing.to_string_lossy()])
+        .expect_err("must fail");
     assert!(error.to_string().contains("does not exist"), "{error}");
     let outside = Path::new("/");
-    let error = agent.command(&["enrol", "--cgroup", &outside.to_string_lossy()]).expect_err("must fail");
-    assert!(error.to_string().contains("outside the attach cgroup"), "{error}");
-    let error = agent.command(&["enrol", "--cgroup", "/a/../../etc"]).expect_err("must fail");
+    let error = agent
+        .command(&["enrol", "--cgroup", &outside.to_string_lossy()])
+        .expect_err("must fail");
+    assert!(
+        error.to_string().contains("outside the attach cgroup"),
+        "{error}"
+    );
+    let error = agent
+        .command(&["enrol", "--cgroup", "/a/../../etc"])
+        .expect_err("must fail");
     assert!(error.to_string().contains("not allowed"), "{error}");
 
     // Enrol and unenrol by pid work on the running datapath.
     let mut sleeper = tree
-        .spawn_in(&tree.child("late").expect("late cgroup"), Command::new("sleep").arg("30").stdout(Stdio::null()))
+        .spawn_in(
+            &tree.child("late").expect("late cgroup"),
+            Command::new("sleep").arg("30").stdout(Stdio::null()),
+        )
         .expect("spawn sleeper");
-    let enrolled = agent.command(&["enrol", "--pid", &sleeper.id().to_string()]).expect("enrol by pid");
+    let enrolled = agent
+        .command(&["enrol", "--pid", &sleeper.id().to_string()])
+        .expect("enrol by pid");
     assert!(enrolled.contains("late"), "{enrolled}");
-    let unenrolled = agent.command(&["unenrol", "--pid", &sleeper.id().to_string()]).expect("unenrol by pid");
+    let unenrolled = agent
+        .command(&["unenrol", "--pid", &sleeper.id().to_string()])
+        .expect("unenrol by pid");
     assert!(unenrolled.contains("late"), "{unenrolled}");
     let _ = sleeper.kill();
     let _ = sleeper.wait();
@@ -437,13 +531,21 @@ fn operator_commands_fail_clearly_without_privileges_or_a_datapath() {
         .expect("run mesh-agent as nobody");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(4), "{stderr}");
-    assert!(stderr.contains("CAP_BPF") && stderr.contains("missing privileges"), "{stderr}");
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("missing privileges"),
+        "{stderr}"
+    );
 
     // An invalid config: exit code 3, naming the field.
     let config = std::env::temp_dir().join(mesh_tests::unique_name("bad.yaml"));
     std::fs::write(&config, "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentConfig\nspec:\n  listeners:\n    outbound: \"[::1]:1\"\n")
         .expect("write config");
-    let output = Command::new(&binary).arg("run").arg("--config").arg(&config).output().expect("run");
+    let output = Command::new(&binary)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run");
     let _ = std::fs::remove_file(&config);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "{stderr}");

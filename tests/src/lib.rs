@@ -25,7 +25,9 @@ pub enum HarnessError {
     Io { what: String, source: io::Error },
     #[error("no cgroup2 mount found in /proc/self/mountinfo")]
     NoCgroup2,
-    #[error("binary {0} not found; build it first (`cargo build -p mesh-agent -p mesh-tests --bins`)")]
+    #[error(
+        "binary {0} not found; build it first (`cargo build -p mesh-agent -p mesh-tests --bins`)"
+    )]
     MissingBinary(PathBuf),
     #[error("the agent did not become ready within {timeout:?}; its log:\n{log}")]
     AgentNotReady { timeout: Duration, log: String },
@@ -55,7 +57,11 @@ static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
 /// A unique name for this process: prefix, pid, sequence number.
 pub fn unique_name(label: &str) -> String {
-    format!("{PREFIX}-{}-{}-{label}", std::process::id(), SEQUENCE.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{PREFIX}-{}-{}-{label}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A private cgroup subtree, removed (with every process still in it killed) on drop.
@@ -90,7 +96,8 @@ impl CgroupTree {
 
     /// The absolute directory of a relative cgroup path.
     pub fn absolute(&self, relative: &Path) -> PathBuf {
-        self.mount.join(relative.strip_prefix("/").unwrap_or(relative))
+        self.mount
+            .join(relative.strip_prefix("/").unwrap_or(relative))
     }
 
     /// Creates a child cgroup and returns its path relative to the mount.
@@ -107,9 +114,18 @@ impl CgroupTree {
     }
 
     /// Runs a command inside a child cgroup and returns its output.
-    pub fn run_in(&self, relative: &Path, command: &mut Command) -> Result<std::process::Output, HarnessError> {
-        let child = self.spawn_in(relative, command.stdout(Stdio::piped()).stderr(Stdio::piped()))?;
-        child.wait_with_output().map_err(io_error("waiting for a command"))
+    pub fn run_in(
+        &self,
+        relative: &Path,
+        command: &mut Command,
+    ) -> Result<std::process::Output, HarnessError> {
+        let child = self.spawn_in(
+            relative,
+            command.stdout(Stdio::piped()).stderr(Stdio::piped()),
+        )?;
+        child
+            .wait_with_output()
+            .map_err(io_error("waiting for a command"))
     }
 }
 
@@ -136,7 +152,9 @@ pub fn remove_cgroup_tree(dir: &Path) {
                 Ok(()) => break,
                 Err(error) if error.kind() == io::ErrorKind::NotFound => break,
                 // EBUSY while killed processes are still exiting.
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 Err(error) => {
                     eprintln!("harness: cannot remove cgroup {}: {error}", path.display());
                     break;
@@ -159,12 +177,19 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// The pid encoded in a harness name, `<PREFIX>-<pid>-...`.
 fn owner_pid(name: &str) -> Option<u32> {
-    name.strip_prefix(PREFIX)?.strip_prefix('-')?.split('-').next()?.parse().ok()
+    name.strip_prefix(PREFIX)?
+        .strip_prefix('-')?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Removes cgroups and pin folders left by harness processes that no longer exist.
 fn sweep_stale(mount: &Path) {
-    let stale = |name: &str| owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+    let stale = |name: &str| {
+        owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
     if let Ok(entries) = fs::read_dir(mount) {
         for entry in entries.flatten() {
             if entry.file_name().to_str().is_some_and(stale) {
@@ -174,15 +199,16 @@ fn sweep_stale(mount: &Path) {
     }
     if let Ok(entries) = fs::read_dir(BPFFS) {
         for entry in entries.flatten() {
+            let Ok(binary) = mesh_agent_binary() else {
+                return;
+            };
             if entry.file_name().to_str().is_some_and(stale) {
-                if let Ok(binary) = mesh_agent_binary() {
-                    let _ = Command::new(binary)
-                        .args(["detach", "--pin-dir"])
-                        .arg(entry.path())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
-                }
+                let _ = Command::new(binary)
+                    .args(["detach", "--pin-dir"])
+                    .arg(entry.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
     }
@@ -210,7 +236,9 @@ pub fn spawn_in_cgroup(dir: &Path, command: &mut Command) -> Result<Child, Harne
             Ok(())
         });
     }
-    let child = command.spawn().map_err(io_error("spawning a process in a cgroup"))?;
+    let child = command
+        .spawn()
+        .map_err(io_error("spawning a process in a cgroup"))?;
     drop(procs);
     Ok(child)
 }
@@ -241,13 +269,20 @@ fn binary(variable: &str, name: &str) -> Result<PathBuf, HarnessError> {
     let path = std::env::var_os(variable)
         .map(PathBuf::from)
         .unwrap_or_else(|| target_profile_dir().join(name));
-    if path.is_file() { Ok(path) } else { Err(HarnessError::MissingBinary(path)) }
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(HarnessError::MissingBinary(path))
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (and, almost surely, on ::1).
 pub fn free_port() -> Result<u16, HarnessError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io_error("binding a free port"))?;
-    let port = listener.local_addr().map_err(io_error("reading a bound port"))?.port();
+    let port = listener
+        .local_addr()
+        .map_err(io_error("reading a bound port"))?
+        .port();
     Ok(port)
 }
 
@@ -306,13 +341,36 @@ impl AgentProcess {
         let mut yaml = String::new();
         yaml.push_str("apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentConfig\n");
         yaml.push_str("metadata:\n  name: e2e\nspec:\n  datapath:\n");
-        yaml.push_str(&format!("    pinDir: {}\n", quote(&self.pin_dir.to_string_lossy())));
-        yaml.push_str(&format!("    attachCgroup: {}\n", quote(&attach.to_string_lossy())));
+        yaml.push_str(&format!(
+            "    pinDir: {}\n",
+            quote(&self.pin_dir.to_string_lossy())
+        ));
+        yaml.push_str(&format!(
+            "    attachCgroup: {}\n",
+            quote(&attach.to_string_lossy())
+        ));
         yaml.push_str(&format!("    accelerate: {}\n", self.options.accelerate));
-        let ports: Vec<String> = self.options.exclude_ports.iter().map(u16::to_string).collect();
-        let cidrs: Vec<String> = self.options.exclude_cidrs.iter().map(|cidr| quote(cidr)).collect();
-        yaml.push_str(&format!("    exclude:\n      ports: [{}]\n      cidrs: [{}]\n", ports.join(", "), cidrs.join(", ")));
-        yaml.push_str(&format!("  listeners:\n    outbound: \"127.0.0.1:{}\"\n    outboundV6: \"::1\"\n", self.port));
+        let ports: Vec<String> = self
+            .options
+            .exclude_ports
+            .iter()
+            .map(u16::to_string)
+            .collect();
+        let cidrs: Vec<String> = self
+            .options
+            .exclude_cidrs
+            .iter()
+            .map(|cidr| quote(cidr))
+            .collect();
+        yaml.push_str(&format!(
+            "    exclude:\n      ports: [{}]\n      cidrs: [{}]\n",
+            ports.join(", "),
+            cidrs.join(", ")
+        ));
+        yaml.push_str(&format!(
+            "  listeners:\n    outbound: \"127.0.0.1:{}\"\n    outboundV6: \"::1\"\n",
+            self.port
+        ));
         yaml.push_str("  proxy:\n    connectTimeout: 2s\n    drainTimeout: 2s\n  workloads:\n");
         for (name, cgroup) in &self.options.workloads {
             yaml.push_str(&format!(
@@ -333,7 +391,9 @@ impl AgentProcess {
             .append(true)
             .open(&self.log_path)
             .map_err(io_error("opening the agent log"))?;
-        let log_err = log.try_clone().map_err(io_error("duplicating the agent log"))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_error("duplicating the agent log"))?;
         let mut command = Command::new(mesh_agent_binary()?);
         command
             .arg("run")
@@ -358,9 +418,15 @@ impl AgentProcess {
             if self.log().matches("agent running").count() > runs_before {
                 return Ok(());
             }
-            let exited = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten());
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
             if exited.is_some() || start.elapsed() > timeout {
-                return Err(HarnessError::AgentNotReady { timeout, log: self.log() });
+                return Err(HarnessError::AgentNotReady {
+                    timeout,
+                    log: self.log(),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -384,7 +450,10 @@ impl AgentProcess {
     /// Stops the agent with SIGTERM (graceful; capture stays attached) and waits for it.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus, HarnessError> {
         let Some(mut child) = self.child.take() else {
-            return Err(HarnessError::Io { what: "stopping the agent".into(), source: io::Error::other("not running") });
+            return Err(HarnessError::Io {
+                what: "stopping the agent".into(),
+                source: io::Error::other("not running"),
+            });
         };
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
@@ -441,7 +510,10 @@ impl AgentProcess {
         let wanted = cgroup.to_string_lossy();
         Ok(counters["workloads"]
             .as_array()
-            .and_then(|rows| rows.iter().find(|row| row["cgroup"].as_str() == Some(&wanted)))
+            .and_then(|rows| {
+                rows.iter()
+                    .find(|row| row["cgroup"].as_str() == Some(&wanted))
+            })
             .cloned()
             .unwrap_or(serde_json::Value::Null))
     }
@@ -461,10 +533,17 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
         if let Err(error) = self.detach() {
-            eprintln!("harness: detaching {} failed: {error}", self.pin_dir.display());
+            eprintln!(
+                "harness: detaching {} failed: {error}",
+                self.pin_dir.display()
+            );
         }
         if std::thread::panicking() {
-            eprintln!("---- agent log ({}) ----\n{}", self.log_path.display(), self.log());
+            eprintln!(
+                "---- agent log ({}) ----\n{}",
+                self.log_path.display(),
+                self.log()
+            );
         }
         let _ = fs::remove_dir_all(&self.work_dir);
     }
@@ -476,9 +555,16 @@ pub fn attached_programs(cgroup_dir: &Path) -> Result<Vec<String>, HarnessError>
         .args(["cgroup", "show"])
         .arg(cgroup_dir)
         .output()
-        .map_err(io_error("running bpftool (install it with `cargo xtask setup`)"))?;
+        .map_err(io_error(
+            "running bpftool (install it with `cargo xtask setup`)",
+        ))?;
     let text = String::from_utf8_lossy(&output.stdout);
-    Ok(text.lines().skip(1).filter(|line| !line.trim().is_empty()).map(str::to_owned).collect())
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter(|line| !line.trim().is_empty())
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Reads lines from a child's stdout until one satisfies `done` or the stream ends.

@@ -43,7 +43,9 @@ impl DemoServer {
                         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                         let mut request = [0u8; 4096];
                         let _ = stream.read(&mut request);
-                        let body = format!("hello from the demo server; this connection came from {peer}\n");
+                        let body = format!(
+                            "hello from the demo server; this connection came from {peer}\n"
+                        );
                         let _ = write!(
                             stream,
                             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -54,7 +56,11 @@ impl DemoServer {
                 }
             }
         });
-        Ok(Self { address, stop, thread: Some(thread) })
+        Ok(Self {
+            address,
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -117,19 +123,30 @@ pub fn run() -> anyhow::Result<()> {
             log_filter: "info,mesh_agent=debug".into(),
         },
     )?;
-    step(&format!("agent running (pid {:?}), outbound listener {}", agent.pid(), agent.listener()));
+    step(&format!(
+        "agent running (pid {:?}), outbound listener {}",
+        agent.pid(),
+        agent.listener()
+    ));
     eprint!("{}", indent(&attached_programs(&tree.dir())?.join("\n")));
 
-    step(&format!("enrolled workload calls {url}: the kernel redirects it through the agent"));
+    step(&format!(
+        "enrolled workload calls {url}: the kernel redirects it through the agent"
+    ));
     for _ in 0..3 {
         eprint!("{}", indent(&curl(&tree, &workload, &url)?));
     }
-    step(&format!("bystander (not enrolled) calls {url}: untouched by the mesh"));
+    step(&format!(
+        "bystander (not enrolled) calls {url}: untouched by the mesh"
+    ));
     eprint!("{}", indent(&curl(&tree, &bystander, &url)?));
 
     step("what the agent logged about the captured connections");
     let log = agent.log();
-    let forwarded: Vec<&str> = log.lines().filter(|line| line.contains("forwarding captured")).collect();
+    let forwarded: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("forwarding captured"))
+        .collect();
     eprint!("{}", indent(&forwarded.join("\n")));
 
     step("kernel counters per workload (mesh-agent counters)");
@@ -142,7 +159,11 @@ pub fn run() -> anyhow::Result<()> {
     drop(tree);
     drop(server);
     if pin_dir.exists() || tree_dir.exists() {
-        bail!("cleanup left {} or {} behind", pin_dir.display(), tree_dir.display());
+        bail!(
+            "cleanup left {} or {} behind",
+            pin_dir.display(),
+            tree_dir.display()
+        );
     }
     step("done: no cgroup, pin or attachment left behind");
     Ok(())

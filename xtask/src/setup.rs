@@ -36,7 +36,6 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -51,34 +50,57 @@ fn debian_packages() -> anyhow::Result<()> {
         step("Debian packages: all present");
         return Ok(());
     }
-    step(&format!("Debian packages: installing {}", missing.join(" ")));
+    step(&format!(
+        "Debian packages: installing {}",
+        missing.join(" ")
+    ));
     if !is_root() {
-        bail!("installing Debian packages needs root: run `sudo apt-get install {}`", missing.join(" "));
+        bail!(
+            "installing Debian packages needs root: run `sudo apt-get install {}`",
+            missing.join(" ")
+        );
     }
     util::run(Command::new("apt-get").args(["update", "-q"]))
         .context("apt-get update failed: check the network or the apt sources")?;
-    util::run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
     .context("apt-get install failed")
 }
 
 fn nightly_rust_src() -> anyhow::Result<()> {
     if !succeeds("rustup", &["run", "nightly", "rustc", "--version"]) {
         step("Rust nightly: installing (minimal profile)");
-        util::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        util::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let installed = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
         .context("cannot run rustup")?;
-    if String::from_utf8_lossy(&installed.stdout).lines().any(|line| line.starts_with("rust-src")) {
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|line| line.starts_with("rust-src"))
+    {
         step("Rust nightly with rust-src: present");
         return Ok(());
     }
     step("Rust nightly: adding rust-src (needed for -Z build-std=core)");
-    util::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    util::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
 }
 
 /// The nightly sysroot's shared LLVM library (e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`) and
@@ -93,13 +115,19 @@ fn nightly_llvm() -> anyhow::Result<(PathBuf, u32)> {
     for entry in fs::read_dir(&lib).with_context(|| format!("listing {}", lib.display()))? {
         let name = entry?.file_name().to_string_lossy().into_owned();
         if let Some(version) = name.strip_prefix("libLLVM.so.") {
-            let major = version.split('.').next().and_then(|major| major.parse().ok());
+            let major = version
+                .split('.')
+                .next()
+                .and_then(|major| major.parse().ok());
             if let Some(major) = major {
                 return Ok((lib.join(&name), major));
             }
         }
     }
-    bail!("no libLLVM.so.* in {}: the nightly toolchain is incomplete", lib.display())
+    bail!(
+        "no libLLVM.so.* in {}: the nightly toolchain is incomplete",
+        lib.display()
+    )
 }
 
 fn cargo_home() -> PathBuf {
@@ -122,7 +150,8 @@ fn bpf_linker() -> anyhow::Result<()> {
     let (llvm, major) = nightly_llvm()?;
     let prefix = cargo_home().join("agent-mesh-llvm");
     let prefix_lib = prefix.join("lib");
-    fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
     symlink_fresh(&llvm, &prefix_lib.join("libLLVM.so"))?;
     if let Some(soname) = llvm.file_name() {
         symlink_fresh(&llvm, &prefix_lib.join(soname))?;
@@ -133,11 +162,21 @@ fn bpf_linker() -> anyhow::Result<()> {
         step("bpf-linker: present");
         return Ok(());
     }
-    step(&format!("bpf-linker {BPF_LINKER_VERSION}: building against the nightly LLVM {major} (1-2 minutes)"));
-    util::run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
-        .args(["--features", &format!("llvm-{major}")])
-        .env("LLVM_PREFIX", &prefix))
+    step(&format!(
+        "bpf-linker {BPF_LINKER_VERSION}: building against the nightly LLVM {major} (1-2 minutes)"
+    ));
+    util::run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+            ])
+            .args(["--features", &format!("llvm-{major}")])
+            .env("LLVM_PREFIX", &prefix),
+    )
     .context("building bpf-linker failed")
 }
 
@@ -166,10 +205,16 @@ fn python_venv() -> anyhow::Result<()> {
         step("Python virtualenv: up to date");
         return Ok(());
     }
-    let has_packages = wanted.lines().any(|line| !line.trim().is_empty() && !line.trim().starts_with('#'));
+    let has_packages = wanted
+        .lines()
+        .any(|line| !line.trim().is_empty() && !line.trim().starts_with('#'));
     if has_packages {
         step("Python virtualenv: installing test clients");
-        util::run(Command::new(&python).args(["-m", "pip", "install", "-q", "-r"]).arg(&requirements))?;
+        util::run(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "-q", "-r"])
+                .arg(&requirements),
+        )?;
     }
     fs::write(&stamp, wanted).context("writing the requirements stamp")
 }

@@ -9,7 +9,10 @@ use anyhow::{Context, bail};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Prints a step header on stderr.
@@ -42,7 +45,10 @@ pub fn succeeds(program: &str, args: &[&str]) -> bool {
 
 /// Builds the agent (with its embedded eBPF object) and the test binaries.
 pub fn build(release: bool) -> anyhow::Result<()> {
-    step(&format!("building mesh-agent and test binaries ({})", if release { "release" } else { "debug" }));
+    step(&format!(
+        "building mesh-agent and test binaries ({})",
+        if release { "release" } else { "debug" }
+    ));
     let mut cargo = Command::new("cargo");
     cargo.args(["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"]);
     if release {
@@ -59,7 +65,15 @@ pub fn lint() -> anyhow::Result<()> {
     run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     step("cargo clippy (mesh-ebpf on bpfel-unknown-none, -D warnings)");
     run(Command::new("rustup")
-        .args(["run", "nightly", "cargo", "clippy", "-p", "mesh-ebpf", "--release"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "-p",
+            "mesh-ebpf",
+            "--release",
+        ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .args(["--target-dir", "target/ebpf-lint", "--", "-D", "warnings"])
         .env_remove("RUSTUP_TOOLCHAIN")
@@ -71,5 +85,7 @@ pub fn test(nextest_args: &[String]) -> anyhow::Result<()> {
     lint()?;
     build(false)?;
     step("cargo nextest run (unit and end-to-end tests)");
-    run(Command::new("cargo").args(["nextest", "run", "--no-fail-fast"]).args(nextest_args))
+    run(Command::new("cargo")
+        .args(["nextest", "run", "--no-fail-fast"])
+        .args(nextest_args))
 }

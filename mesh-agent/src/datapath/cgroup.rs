@@ -41,15 +41,15 @@ fn unescape_mount_path(raw: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut index = 0;
     while index < bytes.len() {
-        if bytes[index] == b'\\' {
-            if let Some(value) = raw
+        if bytes[index] == b'\\'
+            && let Some(value) = raw
                 .get(index + 1..index + 4)
                 .filter(|octal| octal.bytes().all(|digit| (b'0'..=b'7').contains(&digit)))
-                .and_then(|octal| u8::from_str_radix(octal, 8).ok()) {
-                out.push(value);
-                index += 4;
-                continue;
-            }
+                .and_then(|octal| u8::from_str_radix(octal, 8).ok())
+        {
+            out.push(value);
+            index += 4;
+            continue;
         }
         out.push(bytes[index]);
         index += 1;
@@ -81,7 +81,9 @@ pub fn find_mount(mounts: &[MountEntry], fs_type: &str) -> Option<PathBuf> {
 
 /// Whether `path` is a mount point of the given filesystem type.
 pub fn is_mounted_as(path: &Path, fs_type: &str) -> Result<bool, DatapathError> {
-    Ok(read_mountinfo()?.iter().any(|entry| entry.mount_point == path && entry.fs_type == fs_type))
+    Ok(read_mountinfo()?
+        .iter()
+        .any(|entry| entry.mount_point == path && entry.fs_type == fs_type))
 }
 
 /// A cgroup in the cgroup2 hierarchy: its path below the mount and its id (the inode number,
@@ -121,7 +123,10 @@ pub fn resolve(mount: &Path, given: &Path) -> Result<Cgroup, DatapathError> {
     let dir = mount.join(path.strip_prefix("/").unwrap_or(&path));
     let metadata = fs::metadata(&dir).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => DatapathError::CgroupNotFound { path: dir.clone() },
-        _ => DatapathError::Io { what: format!("reading cgroup {}", dir.display()), source },
+        _ => DatapathError::Io {
+            what: format!("reading cgroup {}", dir.display()),
+            source,
+        },
     })?;
     if !metadata.is_dir() || !dir.join("cgroup.procs").exists() {
         return Err(DatapathError::InvalidCgroupPath {
@@ -129,7 +134,11 @@ pub fn resolve(mount: &Path, given: &Path) -> Result<Cgroup, DatapathError> {
             reason: "not a cgroup v2 directory (no cgroup.procs)".into(),
         });
     }
-    Ok(Cgroup { path, dir, id: metadata.ino() })
+    Ok(Cgroup {
+        path,
+        dir,
+        id: metadata.ino(),
+    })
 }
 
 /// The cgroup2 path of a process, from the `0::` line of `/proc/<pid>/cgroup`.
@@ -137,14 +146,18 @@ pub fn cgroup_of_pid(pid: u32) -> Result<PathBuf, DatapathError> {
     let file = format!("/proc/{pid}/cgroup");
     let text = fs::read_to_string(&file).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => DatapathError::NoSuchProcess { pid },
-        _ => DatapathError::Io { what: format!("reading {file}"), source },
+        _ => DatapathError::Io {
+            what: format!("reading {file}"),
+            source,
+        },
     })?;
     parse_proc_cgroup(&text).ok_or(DatapathError::NoCgroup2ForPid { pid })
 }
 
 /// Extracts the unified-hierarchy path from `/proc/<pid>/cgroup` text.
 pub fn parse_proc_cgroup(text: &str) -> Option<PathBuf> {
-    text.lines().find_map(|line| line.strip_prefix("0::").map(PathBuf::from))
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::").map(PathBuf::from))
 }
 
 /// Whether `inner` is `outer` or lies below it (both relative cgroup paths).
@@ -162,12 +175,16 @@ pub fn path_of_id(mount: &Path, id: u64, max_dirs: usize) -> Option<PathBuf> {
         if visited > max_dirs {
             return None;
         }
-        let Ok(metadata) = fs::metadata(&dir) else { continue };
+        let Ok(metadata) = fs::metadata(&dir) else {
+            continue;
+        };
         if metadata.ino() == id {
             let below = dir.strip_prefix(mount).ok()?;
             return Some(Path::new("/").join(below));
         }
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
                 stack.push(entry.path());
@@ -193,15 +210,25 @@ mod tests {
     #[test]
     fn finds_cgroup2_on_a_hybrid_host() {
         let mounts = parse_mountinfo(HYBRID);
-        assert_eq!(find_mount(&mounts, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(find_mount(&mounts, "bpf"), Some(PathBuf::from("/sys/fs/bpf")));
+        assert_eq!(
+            find_mount(&mounts, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            find_mount(&mounts, "bpf"),
+            Some(PathBuf::from("/sys/fs/bpf"))
+        );
         assert_eq!(find_mount(&mounts, "xfs"), None);
     }
 
     #[test]
     fn unescapes_octal_mount_points() {
         let mounts = parse_mountinfo(HYBRID);
-        assert!(mounts.iter().any(|m| m.mount_point == Path::new("/mnt/with space")));
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.mount_point == Path::new("/mnt/with space"))
+        );
         assert_eq!(unescape_mount_path("a\\134b"), "a\\b");
         assert_eq!(unescape_mount_path("trailing\\"), "trailing\\");
         assert_eq!(unescape_mount_path("bad\\9zz"), "bad\\9zz");
@@ -224,12 +251,18 @@ mod tests {
     #[test]
     fn cgroup_paths_are_normalised_and_dotdot_refused() {
         let mount = Path::new("/sys/fs/cgroup");
-        assert_eq!(relative_cgroup_path(mount, Path::new("a/b")).ok(), Some(PathBuf::from("/a/b")));
+        assert_eq!(
+            relative_cgroup_path(mount, Path::new("a/b")).ok(),
+            Some(PathBuf::from("/a/b"))
+        );
         assert_eq!(
             relative_cgroup_path(mount, Path::new("/sys/fs/cgroup/a/./b")).ok(),
             Some(PathBuf::from("/a/b"))
         );
-        assert_eq!(relative_cgroup_path(mount, Path::new("/")).ok(), Some(PathBuf::from("/")));
+        assert_eq!(
+            relative_cgroup_path(mount, Path::new("/")).ok(),
+            Some(PathBuf::from("/"))
+        );
         assert!(relative_cgroup_path(mount, Path::new("/a/../../etc")).is_err());
     }
 

@@ -57,19 +57,35 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> DatapathError {
-    move |source| DatapathError::Map { name, source: Box::new(source) }
+    move |source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    }
 }
 
-fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, DatapathError> {
-    T::try_from(map).map_err(|source| DatapathError::PinnedMapMismatch { name, source: Box::new(source) })
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    name: &'static str,
+    map: Map,
+) -> Result<T, DatapathError> {
+    T::try_from(map).map_err(|source| DatapathError::PinnedMapMismatch {
+        name,
+        source: Box::new(source),
+    })
 }
 
 /// Treats "no such key" as absence rather than failure.
-fn optional<T>(result: Result<T, MapError>, name: &'static str) -> Result<Option<T>, DatapathError> {
+fn optional<T>(
+    result: Result<T, MapError>,
+    name: &'static str,
+) -> Result<Option<T>, DatapathError> {
     match result {
         Ok(value) => Ok(Some(value)),
         Err(MapError::KeyNotFound) => Ok(None),
-        Err(MapError::SyscallError(error)) if error.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(None)
+        }
         Err(source) => Err(map_error(name)(source)),
     }
 }
@@ -77,27 +93,36 @@ fn optional<T>(result: Result<T, MapError>, name: &'static str) -> Result<Option
 impl DatapathMaps {
     /// Takes the maps out of a loaded object.
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
-        Self::build(|name| ebpf.take_map(name).ok_or(DatapathError::MissingProgram { name }))
+        Self::build(|name| {
+            ebpf.take_map(name)
+                .ok_or(DatapathError::MissingProgram { name })
+        })
     }
 
     /// Opens the maps pinned under `pin_dir` by a running or previous agent.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
         Self::build(|name| {
-            let data = MapData::from_pin(pin_dir.join(name)).map_err(|source| DatapathError::Map {
-                name,
-                source: Box::new(source),
-            })?;
+            let data =
+                MapData::from_pin(pin_dir.join(name)).map_err(|source| DatapathError::Map {
+                    name,
+                    source: Box::new(source),
+                })?;
             Map::from_map_data(data).map_err(map_error(name))
         })
     }
 
-    fn build(mut take: impl FnMut(&'static str) -> Result<Map, DatapathError>) -> Result<Self, DatapathError> {
+    fn build(
+        mut take: impl FnMut(&'static str) -> Result<Map, DatapathError>,
+    ) -> Result<Self, DatapathError> {
         Ok(Self {
             config: Mutex::new(typed(map_names::CONFIG, take(map_names::CONFIG)?)?),
             workloads: Mutex::new(typed(map_names::WORKLOADS, take(map_names::WORKLOADS)?)?),
             exclude_v4: Mutex::new(typed(map_names::EXCLUDE_V4, take(map_names::EXCLUDE_V4)?)?),
             exclude_v6: Mutex::new(typed(map_names::EXCLUDE_V6, take(map_names::EXCLUDE_V6)?)?),
-            exclude_ports: Mutex::new(typed(map_names::EXCLUDE_PORTS, take(map_names::EXCLUDE_PORTS)?)?),
+            exclude_ports: Mutex::new(typed(
+                map_names::EXCLUDE_PORTS,
+                take(map_names::EXCLUDE_PORTS)?,
+            )?),
             conns: typed(map_names::CONNS, take(map_names::CONNS)?)?,
             socks: Mutex::new(typed(map_names::SOCKS, take(map_names::SOCKS)?)?),
             counters: Mutex::new(typed(map_names::COUNTERS, take(map_names::COUNTERS)?)?),
@@ -107,12 +132,16 @@ impl DatapathMaps {
 
     /// Writes the settings the programs read; capture follows its flags from the next connect.
     pub fn write_config(&self, config: &DatapathConfig) -> Result<(), DatapathError> {
-        locked(&self.config).set(0, config, 0).map_err(map_error(map_names::CONFIG))
+        locked(&self.config)
+            .set(0, config, 0)
+            .map_err(map_error(map_names::CONFIG))
     }
 
     /// The settings currently in force.
     pub fn config(&self) -> Result<DatapathConfig, DatapathError> {
-        locked(&self.config).get(&0, 0).map_err(map_error(map_names::CONFIG))
+        locked(&self.config)
+            .get(&0, 0)
+            .map_err(map_error(map_names::CONFIG))
     }
 
     /// Replaces the excluded destinations with the given ones.
@@ -143,10 +172,14 @@ impl DatapathMaps {
         let mut port_map = locked(&self.exclude_ports);
         let stale: Vec<_> = port_map.keys().filter_map(Result::ok).collect();
         for port in stale {
-            port_map.remove(&port).map_err(map_error(map_names::EXCLUDE_PORTS))?;
+            port_map
+                .remove(&port)
+                .map_err(map_error(map_names::EXCLUDE_PORTS))?;
         }
         for port in ports {
-            port_map.insert(port, 1, 0).map_err(map_error(map_names::EXCLUDE_PORTS))?;
+            port_map
+                .insert(port, 1, 0)
+                .map_err(map_error(map_names::EXCLUDE_PORTS))?;
         }
         Ok(())
     }
@@ -167,22 +200,38 @@ impl DatapathMaps {
     /// Attaches the `sk_msg` program to the socket map (replacing any earlier one).
     pub fn attach_sk_msg(&self, prog: BorrowedFd<'_>) -> Result<(), DatapathError> {
         let socks = locked(&self.socks);
-        sys::prog_attach(prog, socks.fd().as_fd(), sys::AttachType::SkMsgVerdict)
-            .map_err(|source| DatapathError::Attach { name: mesh_common::program_names::SK_MSG, source })
+        sys::prog_attach(prog, socks.fd().as_fd(), sys::AttachType::SkMsgVerdict).map_err(
+            |source| DatapathError::Attach {
+                name: mesh_common::program_names::SK_MSG,
+                source,
+            },
+        )
     }
 
     /// Adds a cgroup to the enrolled workloads.
     pub fn enrol(&self, cgroup_id: u64) -> Result<(), DatapathError> {
         // The low bits of the cgroup id make a stable workload number for the kernel side.
-        let info = WorkloadInfo { workload_id: cgroup_id as u32, flags: 0 };
-        locked(&self.workloads).insert(cgroup_id, info, 0).map_err(map_error(map_names::WORKLOADS))
+        let info = WorkloadInfo {
+            workload_id: cgroup_id as u32,
+            flags: 0,
+        };
+        locked(&self.workloads)
+            .insert(cgroup_id, info, 0)
+            .map_err(map_error(map_names::WORKLOADS))
     }
 
     /// Removes a cgroup from the enrolled workloads and drops its counters. Returns whether it
     /// was enrolled.
     pub fn unenrol(&self, cgroup_id: u64) -> Result<bool, DatapathError> {
-        let removed = optional(locked(&self.workloads).remove(&cgroup_id), map_names::WORKLOADS)?.is_some();
-        optional(locked(&self.counters).remove(&cgroup_id), map_names::COUNTERS)?;
+        let removed = optional(
+            locked(&self.workloads).remove(&cgroup_id),
+            map_names::WORKLOADS,
+        )?
+        .is_some();
+        optional(
+            locked(&self.counters).remove(&cgroup_id),
+            map_names::COUNTERS,
+        )?;
         Ok(removed)
     }
 
@@ -210,7 +259,11 @@ impl DatapathMaps {
             for value in per_cpu.iter() {
                 totals.add(value);
             }
-            result.push(WorkloadCounters { cgroup_id, enrolled: enrolled.contains(&cgroup_id), totals });
+            result.push(WorkloadCounters {
+                cgroup_id,
+                enrolled: enrolled.contains(&cgroup_id),
+                totals,
+            });
         }
         result.sort_by_key(|entry| entry.cgroup_id);
         Ok(result)
@@ -218,7 +271,10 @@ impl DatapathMaps {
 
     /// The counters of one workload (zero if it has seen no traffic yet).
     pub fn counters_of(&self, cgroup_id: u64) -> Result<TrafficCounters, DatapathError> {
-        let per_cpu = optional(locked(&self.counters).get(&cgroup_id, 0), map_names::COUNTERS)?;
+        let per_cpu = optional(
+            locked(&self.counters).get(&cgroup_id, 0),
+            map_names::COUNTERS,
+        )?;
         let mut totals = TrafficCounters::default();
         if let Some(per_cpu) = per_cpu {
             for value in per_cpu.iter() {
@@ -233,8 +289,14 @@ impl DatapathMaps {
         DatapathEvent::ALL
             .iter()
             .map(|event| {
-                let per_cpu = self.events.get(&(*event as u32), 0).map_err(map_error(map_names::EVENTS))?;
-                Ok((*event, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)))
+                let per_cpu = self
+                    .events
+                    .get(&(*event as u32), 0)
+                    .map_err(map_error(map_names::EVENTS))?;
+                Ok((
+                    *event,
+                    per_cpu.iter().copied().fold(0u64, u64::wrapping_add),
+                ))
             })
             .collect()
     }

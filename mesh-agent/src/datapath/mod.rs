@@ -23,12 +23,12 @@ use ipnet::IpNet;
 use mesh_common::{ConnInfo, DatapathConfig, Endpoint, config_flags, map_names, program_names};
 use tracing::{debug, info, warn};
 
+use self::sys::AttachType;
 pub use self::{
     cgroup::Cgroup,
     error::DatapathError,
     maps::{DatapathMaps, WorkloadCounters},
 };
-use self::sys::AttachType;
 
 /// The kernel object built from `mesh-ebpf`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
@@ -60,8 +60,14 @@ pub struct CapturedConnection {
 const CGROUP_PROGRAMS: [(&str, AttachType); 7] = [
     (program_names::CONNECT4, AttachType::CgroupInet4Connect),
     (program_names::CONNECT6, AttachType::CgroupInet6Connect),
-    (program_names::GETPEERNAME4, AttachType::CgroupInet4Getpeername),
-    (program_names::GETPEERNAME6, AttachType::CgroupInet6Getpeername),
+    (
+        program_names::GETPEERNAME4,
+        AttachType::CgroupInet4Getpeername,
+    ),
+    (
+        program_names::GETPEERNAME6,
+        AttachType::CgroupInet6Getpeername,
+    ),
     (program_names::SOCK_OPS, AttachType::CgroupSockOps),
     (program_names::SKB_INGRESS, AttachType::CgroupInetIngress),
     (program_names::SKB_EGRESS, AttachType::CgroupInetEgress),
@@ -101,7 +107,9 @@ impl Datapath {
             .map_max_entries(map_names::SOCKS, settings.max_connections)
             .map_max_entries(map_names::FLOW_SEQ, settings.max_connections)
             .load(EBPF_OBJECT)
-            .map_err(|source| DatapathError::Load { source: Box::new(source) })?;
+            .map_err(|source| DatapathError::Load {
+                source: Box::new(source),
+            })?;
         let maps = DatapathMaps::from_ebpf(&mut ebpf)?;
 
         // Acceleration needs the agent's accepted sockets to pass through sock_ops, i.e. the
@@ -130,7 +138,14 @@ impl Datapath {
         })?;
         for (name, attach_type) in CGROUP_PROGRAMS {
             let prog_fd = load_program(&mut ebpf, name)?;
-            attach_cgroup_link(name, prog_fd.as_fd(), &cgroup_dir, &attach, attach_type, &links_dir)?;
+            attach_cgroup_link(
+                name,
+                prog_fd.as_fd(),
+                &cgroup_dir,
+                &attach,
+                attach_type,
+                &links_dir,
+            )?;
         }
         if accelerated {
             let prog_fd = load_program(&mut ebpf, program_names::SK_MSG)?;
@@ -144,28 +159,51 @@ impl Datapath {
             accelerated,
             "datapath attached"
         );
-        Ok(Self { _ebpf: Some(ebpf), maps, cgroup_mount, attach, accelerated, agent_pid: std::process::id() })
+        Ok(Self {
+            _ebpf: Some(ebpf),
+            maps,
+            cgroup_mount,
+            attach,
+            accelerated,
+            agent_pid: std::process::id(),
+        })
     }
 
     /// Opens the state a running (or earlier) agent pinned under `pin_dir`, without loading
     /// anything: for operator commands such as `mesh-agent enrol` and `mesh-agent counters`.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
         if !pin_dir.join(map_names::CONFIG).exists() {
-            return Err(DatapathError::NotRunning { pin_dir: pin_dir.to_path_buf() });
+            return Err(DatapathError::NotRunning {
+                pin_dir: pin_dir.to_path_buf(),
+            });
         }
         let maps = DatapathMaps::open_pinned(pin_dir)?;
         let cgroup_mount = cgroup::cgroup2_mount()?;
         let link_pin = pin_dir.join("links").join(program_names::CONNECT4);
-        let link = sys::obj_get(&link_pin)
-            .map_err(|source| DatapathError::Io { what: format!("opening {}", link_pin.display()), source })?;
-        let link_info = sys::cgroup_link_info(&link)
-            .map_err(|source| DatapathError::Io { what: format!("reading {}", link_pin.display()), source })?;
-        let path = cgroup::path_of_id(&cgroup_mount, link_info.cgroup_id, 1_000_000)
-            .ok_or(DatapathError::AttachCgroupGone { cgroup_id: link_info.cgroup_id })?;
+        let link = sys::obj_get(&link_pin).map_err(|source| DatapathError::Io {
+            what: format!("opening {}", link_pin.display()),
+            source,
+        })?;
+        let link_info = sys::cgroup_link_info(&link).map_err(|source| DatapathError::Io {
+            what: format!("reading {}", link_pin.display()),
+            source,
+        })?;
+        let path = cgroup::path_of_id(&cgroup_mount, link_info.cgroup_id, 1_000_000).ok_or(
+            DatapathError::AttachCgroupGone {
+                cgroup_id: link_info.cgroup_id,
+            },
+        )?;
         let attach = cgroup::resolve(&cgroup_mount, &path)?;
         let config = maps.config()?;
         let accelerated = config.flags & config_flags::ACCELERATE != 0;
-        Ok(Self { _ebpf: None, maps, cgroup_mount, attach, accelerated, agent_pid: config.agent_tgid })
+        Ok(Self {
+            _ebpf: None,
+            maps,
+            cgroup_mount,
+            attach,
+            accelerated,
+            agent_pid: config.agent_tgid,
+        })
     }
 
     /// The datapath's maps.
@@ -219,17 +257,22 @@ impl Datapath {
             });
         }
         // An agent that is not running has no cgroup to protect.
-        if let Ok(agent_cgroup) = cgroup::cgroup_of_pid(self.agent_pid) {
-            if cgroup::is_within(&agent_cgroup, &cgroup.path) {
-                return Err(DatapathError::SelfEnrolment { cgroup: cgroup.path.clone() });
-            }
+        if let Ok(agent_cgroup) = cgroup::cgroup_of_pid(self.agent_pid)
+            && cgroup::is_within(&agent_cgroup, &cgroup.path)
+        {
+            return Err(DatapathError::SelfEnrolment {
+                cgroup: cgroup.path.clone(),
+            });
         }
         Ok(())
     }
 
     /// Looks up an accepted connection by the client's address and port.
     pub fn lookup(&self, client: SocketAddr) -> Result<Option<CapturedConnection>, DatapathError> {
-        Ok(self.maps.connection(&endpoint_of(client))?.map(|info| captured_connection(&info)))
+        Ok(self
+            .maps
+            .connection(&endpoint_of(client))?
+            .map(|info| captured_connection(&info)))
     }
 }
 
@@ -248,7 +291,10 @@ pub fn endpoint_of(address: SocketAddr) -> Endpoint {
 pub fn socket_addr_of(endpoint: &Endpoint) -> SocketAddr {
     let port = endpoint.port as u16;
     if endpoint.family == mesh_common::FAMILY_INET {
-        return SocketAddr::new(IpAddr::V4(Ipv4Addr::from(endpoint.addr[0].to_ne_bytes())), port);
+        return SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(endpoint.addr[0].to_ne_bytes())),
+            port,
+        );
     }
     let mut octets = [0u8; 16];
     for (chunk, word) in octets.chunks_exact_mut(4).zip(endpoint.addr) {
@@ -277,7 +323,10 @@ fn captured_connection(info: &ConnInfo) -> CapturedConnection {
     }
 }
 
-fn datapath_config(settings: &DatapathSettings, accelerated: bool) -> Result<DatapathConfig, DatapathError> {
+fn datapath_config(
+    settings: &DatapathSettings,
+    accelerated: bool,
+) -> Result<DatapathConfig, DatapathError> {
     let SocketAddr::V4(outbound) = settings.outbound_v4 else {
         return Err(DatapathError::InvalidSetting {
             setting: "outbound listener",
@@ -299,29 +348,56 @@ fn datapath_config(settings: &DatapathSettings, accelerated: bool) -> Result<Dat
 }
 
 /// Verifies the kernel accepted a program and returns a duplicate of its fd.
-fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<std::os::fd::OwnedFd, DatapathError> {
-    let program = ebpf.program_mut(name).ok_or(DatapathError::MissingProgram { name })?;
-    let program_error = |source| DatapathError::Program { name, source: Box::new(source) };
+fn load_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<std::os::fd::OwnedFd, DatapathError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?;
+    let program_error = |source| DatapathError::Program {
+        name,
+        source: Box::new(source),
+    };
     let fd = match program {
         aya::programs::Program::CgroupSockAddr(program) => {
             load_typed::<CgroupSockAddr>(program, name)?;
-            program.fd().map_err(program_error)?.as_fd().try_clone_to_owned()
+            program
+                .fd()
+                .map_err(program_error)?
+                .as_fd()
+                .try_clone_to_owned()
         }
         aya::programs::Program::SockOps(program) => {
             load_typed::<SockOps>(program, name)?;
-            program.fd().map_err(program_error)?.as_fd().try_clone_to_owned()
+            program
+                .fd()
+                .map_err(program_error)?
+                .as_fd()
+                .try_clone_to_owned()
         }
         aya::programs::Program::CgroupSkb(program) => {
             load_typed::<CgroupSkb>(program, name)?;
-            program.fd().map_err(program_error)?.as_fd().try_clone_to_owned()
+            program
+                .fd()
+                .map_err(program_error)?
+                .as_fd()
+                .try_clone_to_owned()
         }
         aya::programs::Program::SkMsg(program) => {
             load_typed::<SkMsg>(program, name)?;
-            program.fd().map_err(program_error)?.as_fd().try_clone_to_owned()
+            program
+                .fd()
+                .map_err(program_error)?
+                .as_fd()
+                .try_clone_to_owned()
         }
         _ => return Err(DatapathError::MissingProgram { name }),
     };
-    fd.map_err(|source| DatapathError::Io { what: format!("duplicating fd of {name}"), source })
+    fd.map_err(|source| DatapathError::Io {
+        what: format!("duplicating fd of {name}"),
+        source,
+    })
 }
 
 /// The program kinds the agent loads, so one function can load each.
@@ -340,10 +416,16 @@ macro_rules! loadable {
 }
 loadable!(CgroupSockAddr, SockOps, CgroupSkb, SkMsg);
 
-fn load_typed<P: LoadableProgram>(program: &mut P, name: &'static str) -> Result<(), DatapathError> {
+fn load_typed<P: LoadableProgram>(
+    program: &mut P,
+    name: &'static str,
+) -> Result<(), DatapathError> {
     match program.load_into_kernel() {
         Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(()),
-        Err(source) => Err(DatapathError::Program { name, source: Box::new(source) }),
+        Err(source) => Err(DatapathError::Program {
+            name,
+            source: Box::new(source),
+        }),
     }
 }
 
@@ -359,11 +441,18 @@ fn attach_cgroup_link(
 ) -> Result<(), DatapathError> {
     let pin = links_dir.join(name);
     if pin.exists() {
-        let existing = sys::obj_get(&pin).map_err(|source| DatapathError::Attach { name, source })?;
-        let link_info = sys::cgroup_link_info(&existing).map_err(|source| DatapathError::Attach { name, source })?;
+        let existing =
+            sys::obj_get(&pin).map_err(|source| DatapathError::Attach { name, source })?;
+        let link_info = sys::cgroup_link_info(&existing)
+            .map_err(|source| DatapathError::Attach { name, source })?;
         if link_info.cgroup_id == attach.id && link_info.attach_type == attach_type as u32 {
-            sys::link_update(existing.as_fd(), prog).map_err(|source| DatapathError::Attach { name, source })?;
-            debug!(program = name, link_id = link_info.link_id, "replaced program of pinned link");
+            sys::link_update(existing.as_fd(), prog)
+                .map_err(|source| DatapathError::Attach { name, source })?;
+            debug!(
+                program = name,
+                link_id = link_info.link_id,
+                "replaced program of pinned link"
+            );
             return Ok(());
         }
         // The configuration moved the attach point: drop the stale link first.
@@ -377,13 +466,19 @@ fn attach_cgroup_link(
         remove_pin(&pin)?;
     }
     let link = sys::link_create(prog, cgroup_dir.as_fd(), attach_type).map_err(|source| {
-        if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | KERNEL_ENOTSUPP)) {
+        if matches!(
+            source.raw_os_error(),
+            Some(libc::EINVAL | libc::EOPNOTSUPP | KERNEL_ENOTSUPP)
+        ) {
             DatapathError::UnsupportedHook { name, source }
         } else {
             DatapathError::Attach { name, source }
         }
     })?;
-    sys::obj_pin(link.as_fd(), &pin).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
+    sys::obj_pin(link.as_fd(), &pin).map_err(|source| DatapathError::Pin {
+        path: pin.clone(),
+        source,
+    })?;
     debug!(program = name, pin = %pin.display(), "attached and pinned link");
     Ok(())
 }
@@ -399,10 +494,10 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, DatapathError> {
     if links_dir.exists() {
         for entry in read_dir(&links_dir)? {
             let path = entry.path();
-            if let Ok(link) = sys::obj_get(&path) {
-                if let Err(error) = sys::link_detach(link.as_fd()) {
-                    warn!(link = %path.display(), %error, "detaching link failed; removing its pin");
-                }
+            if let Ok(link) = sys::obj_get(&path)
+                && let Err(error) = sys::link_detach(link.as_fd())
+            {
+                warn!(link = %path.display(), %error, "detaching link failed; removing its pin");
             }
             remove_pin(&path)?;
             report.links += 1;
@@ -429,8 +524,10 @@ pub struct DetachReport {
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>, DatapathError> {
-    let entries = fs::read_dir(dir)
-        .map_err(|source| DatapathError::Io { what: format!("listing {}", dir.display()), source })?;
+    let entries = fs::read_dir(dir).map_err(|source| DatapathError::Io {
+        what: format!("listing {}", dir.display()),
+        source,
+    })?;
     Ok(entries.flatten().collect())
 }
 
@@ -438,7 +535,10 @@ fn remove_pin(path: &Path) -> Result<(), DatapathError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DatapathError::Io { what: format!("removing pin {}", path.display()), source }),
+        Err(source) => Err(DatapathError::Io {
+            what: format!("removing pin {}", path.display()),
+            source,
+        }),
     }
 }
 
@@ -446,20 +546,28 @@ fn remove_dir(path: &Path) -> Result<(), DatapathError> {
     match fs::remove_dir(path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DatapathError::Io { what: format!("removing {}", path.display()), source }),
+        Err(source) => Err(DatapathError::Io {
+            what: format!("removing {}", path.display()),
+            source,
+        }),
     }
 }
 
 fn create_dir(path: &Path) -> Result<(), DatapathError> {
-    fs::create_dir_all(path)
-        .map_err(|source| DatapathError::Io { what: format!("creating {}", path.display()), source })
+    fs::create_dir_all(path).map_err(|source| DatapathError::Io {
+        what: format!("creating {}", path.display()),
+        source,
+    })
 }
 
 /// Makes sure the pin folder lies on a bpffs, mounting one at the conventional place (or the
 /// pin folder's parent) when none is there.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     let mounts = cgroup::parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").map_err(
-        |source| DatapathError::Io { what: "reading /proc/self/mountinfo".into(), source },
+        |source| DatapathError::Io {
+            what: "reading /proc/self/mountinfo".into(),
+            source,
+        },
     )?);
     let covered = mounts
         .iter()
@@ -467,36 +575,51 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     if covered {
         return Ok(());
     }
-    let mount_point = pin_dir.parent().unwrap_or(Path::new("/sys/fs/bpf")).to_path_buf();
+    let mount_point = pin_dir
+        .parent()
+        .unwrap_or(Path::new("/sys/fs/bpf"))
+        .to_path_buf();
     info!(mount_point = %mount_point.display(), "bpffs not mounted; mounting it");
     create_dir(&mount_point)?;
     nix::mount::mount(
         Some("bpf"),
         &mount_point,
         Some("bpf"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
         Some("mode=0700"),
     )
-    .map_err(|errno| DatapathError::NoBpffs { mount_point, source: std::io::Error::from(errno) })
+    .map_err(|errno| DatapathError::NoBpffs {
+        mount_point,
+        source: std::io::Error::from(errno),
+    })
 }
 
 /// The kernel-internal `ENOTSUPP`, which `bpf(2)` can leak to userspace.
 const KERNEL_ENOTSUPP: i32 = 524;
 
 /// Capabilities the datapath needs, by bit number in `CapEff`.
-const REQUIRED_CAPABILITIES: [(u32, &str); 3] =
-    [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN")];
+const REQUIRED_CAPABILITIES: [(u32, &str); 3] = [
+    (39, "CAP_BPF"),
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+];
 
 /// Fails early, naming the missing capabilities, instead of with an opaque EPERM later.
 fn check_privileges() -> Result<(), DatapathError> {
-    let status = fs::read_to_string("/proc/self/status")
-        .map_err(|source| DatapathError::Io { what: "reading /proc/self/status".into(), source })?;
+    let status = fs::read_to_string("/proc/self/status").map_err(|source| DatapathError::Io {
+        what: "reading /proc/self/status".into(),
+        source,
+    })?;
     let effective = parse_cap_eff(&status).unwrap_or(0);
     let missing = missing_capabilities(effective);
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(DatapathError::MissingPrivileges { missing: missing.join(", ") })
+        Err(DatapathError::MissingPrivileges {
+            missing: missing.join(", "),
+        })
     }
 }
 
@@ -523,7 +646,12 @@ mod tests {
 
     #[test]
     fn endpoints_round_trip_through_socket_addresses() {
-        for text in ["127.0.0.1:8080", "[::1]:443", "[fd00::1:2]:15001", "10.1.2.3:1"] {
+        for text in [
+            "127.0.0.1:8080",
+            "[::1]:443",
+            "[fd00::1:2]:15001",
+            "10.1.2.3:1",
+        ] {
             let address: SocketAddr = text.parse().expect("address");
             assert_eq!(socket_addr_of(&endpoint_of(address)), address, "{text}");
         }
@@ -535,7 +663,10 @@ mod tests {
         let plain: SocketAddr = "127.0.0.1:4000".parse().expect("address");
         assert_eq!(endpoint_of(mapped), endpoint_of(plain));
         let endpoint = Endpoint::v6(ipv6_words("::ffff:10.0.0.1".parse().expect("v6")), 80);
-        assert_eq!(socket_addr_of(&endpoint), "10.0.0.1:80".parse::<SocketAddr>().expect("v4"));
+        assert_eq!(
+            socket_addr_of(&endpoint),
+            "10.0.0.1:80".parse::<SocketAddr>().expect("v4")
+        );
     }
 
     #[test]
@@ -566,30 +697,63 @@ mod tests {
         assert_eq!(config.flags, config_flags::CAPTURE);
         assert_eq!(config.redirect_ip6[3].to_ne_bytes(), [0, 0, 0, 1]);
         let accelerated = datapath_config(&settings, true).expect("config");
-        assert_eq!(accelerated.flags, config_flags::CAPTURE | config_flags::ACCELERATE);
-        let v6_only = DatapathSettings { outbound_v4: "[::1]:1".parse().expect("address"), ..settings };
+        assert_eq!(
+            accelerated.flags,
+            config_flags::CAPTURE | config_flags::ACCELERATE
+        );
+        let v6_only = DatapathSettings {
+            outbound_v4: "[::1]:1".parse().expect("address"),
+            ..settings
+        };
         assert!(datapath_config(&v6_only, true).is_err());
     }
 
     #[test]
     fn capabilities_are_read_from_proc_status() {
-        assert_eq!(parse_cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"), Some(0x1ff_ffff_ffff));
+        assert_eq!(
+            parse_cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"),
+            Some(0x1ff_ffff_ffff)
+        );
         assert_eq!(parse_cap_eff("Name:\tx\n"), None);
         assert!(missing_capabilities(0x1ff_ffff_ffff).is_empty());
-        assert_eq!(missing_capabilities(0), vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]);
+        assert_eq!(
+            missing_capabilities(0),
+            vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
+        );
         // CAP_SYS_ADMIN alone stands in for CAP_BPF.
-        assert_eq!(missing_capabilities((1 << 21) | (1 << 12)), Vec::<&str>::new());
+        assert_eq!(
+            missing_capabilities((1 << 21) | (1 << 12)),
+            Vec::<&str>::new()
+        );
     }
 
     #[test]
     fn attach_types_match_the_kernel_enum() {
         use aya_obj::generated::bpf_attach_type as kernel;
-        assert_eq!(AttachType::CgroupInetIngress as u32, kernel::BPF_CGROUP_INET_INGRESS as u32);
-        assert_eq!(AttachType::CgroupInetEgress as u32, kernel::BPF_CGROUP_INET_EGRESS as u32);
-        assert_eq!(AttachType::CgroupSockOps as u32, kernel::BPF_CGROUP_SOCK_OPS as u32);
-        assert_eq!(AttachType::SkMsgVerdict as u32, kernel::BPF_SK_MSG_VERDICT as u32);
-        assert_eq!(AttachType::CgroupInet4Connect as u32, kernel::BPF_CGROUP_INET4_CONNECT as u32);
-        assert_eq!(AttachType::CgroupInet6Connect as u32, kernel::BPF_CGROUP_INET6_CONNECT as u32);
+        assert_eq!(
+            AttachType::CgroupInetIngress as u32,
+            kernel::BPF_CGROUP_INET_INGRESS as u32
+        );
+        assert_eq!(
+            AttachType::CgroupInetEgress as u32,
+            kernel::BPF_CGROUP_INET_EGRESS as u32
+        );
+        assert_eq!(
+            AttachType::CgroupSockOps as u32,
+            kernel::BPF_CGROUP_SOCK_OPS as u32
+        );
+        assert_eq!(
+            AttachType::SkMsgVerdict as u32,
+            kernel::BPF_SK_MSG_VERDICT as u32
+        );
+        assert_eq!(
+            AttachType::CgroupInet4Connect as u32,
+            kernel::BPF_CGROUP_INET4_CONNECT as u32
+        );
+        assert_eq!(
+            AttachType::CgroupInet6Connect as u32,
+            kernel::BPF_CGROUP_INET6_CONNECT as u32
+        );
         assert_eq!(
             AttachType::CgroupInet4Getpeername as u32,
             kernel::BPF_CGROUP_INET4_GETPEERNAME as u32

@@ -117,7 +117,11 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
             std::mem::size_of::<T>() as libc::c_uint,
         )
     };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 fn owned_fd(raw: libc::c_long) -> OwnedFd {
@@ -132,7 +136,11 @@ fn c_path(path: &Path) -> io::Result<CString> {
 }
 
 /// `BPF_LINK_CREATE` for a program on a cgroup. Cgroup links always allow several programs.
-pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach: AttachType) -> io::Result<OwnedFd> {
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach: AttachType,
+) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
         target_fd: cgroup.as_raw_fd() as u32,
@@ -154,13 +162,19 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
 
 /// `BPF_LINK_DETACH`: detaches a link even while other references to it remain.
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkDetachAttr { link_fd: link.as_raw_fd() as u32 };
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
 /// `BPF_PROG_ATTACH` of a program to a target (here: `sk_msg` to a `SockHash`). Replaces the
 /// program already attached there, and lasts as long as the target does.
-pub fn prog_attach(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach: AttachType) -> io::Result<()> {
+pub fn prog_attach(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach: AttachType,
+) -> io::Result<()> {
     let mut attr = ProgAttachAttr {
         target_fd: target.as_raw_fd() as u32,
         attach_bpf_fd: prog.as_raw_fd() as u32,
@@ -184,7 +198,10 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 /// `BPF_OBJ_GET`: opens a pinned object.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let path = c_path(path)?;
-    let mut attr = ObjAttr { pathname: path.as_ptr() as u64, ..Default::default() };
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
     bpf(BPF_OBJ_GET, &mut attr).map(owned_fd)
 }
 
@@ -223,7 +240,9 @@ mod tests {
 
     #[test]
     fn paths_with_nul_are_rejected_before_the_syscall() {
-        let error = obj_get(Path::new("/sys/fs/bpf/a\0b")).err().map(|e| e.kind());
+        let error = obj_get(Path::new("/sys/fs/bpf/a\0b"))
+            .err()
+            .map(|e| e.kind());
         assert_eq!(error, Some(io::ErrorKind::InvalidInput));
     }
 }

@@ -82,7 +82,11 @@ pub struct OutboundProxy {
 }
 
 impl OutboundProxy {
-    pub fn new(datapath: Arc<Datapath>, connect_timeout: Duration, own_listeners: Vec<SocketAddr>) -> Self {
+    pub fn new(
+        datapath: Arc<Datapath>,
+        connect_timeout: Duration,
+        own_listeners: Vec<SocketAddr>,
+    ) -> Self {
         Self {
             datapath,
             connect_timeout,
@@ -192,10 +196,21 @@ impl OutboundProxy {
         debug!(%peer, %workload, dst = %captured.original_dst, "forwarding captured connection");
         let mut client = client;
         let mut upstream = upstream;
-        match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await {
+        match tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        )
+        .await
+        {
             Ok((to_upstream, to_workload)) => {
-                self.stats.bytes_to_upstream.fetch_add(to_upstream, Ordering::Relaxed);
-                self.stats.bytes_to_workload.fetch_add(to_workload, Ordering::Relaxed);
+                self.stats
+                    .bytes_to_upstream
+                    .fetch_add(to_upstream, Ordering::Relaxed);
+                self.stats
+                    .bytes_to_workload
+                    .fetch_add(to_workload, Ordering::Relaxed);
                 debug!(%peer, %workload, dst = %captured.original_dst, to_upstream, to_workload, "connection closed");
             }
             Err(error) => {
@@ -223,7 +238,9 @@ impl OutboundProxy {
         let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
         let stream = tokio::time::timeout(self.connect_timeout, socket.connect(destination))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
         Ok(stream)
     }
 }

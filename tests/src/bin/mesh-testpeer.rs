@@ -17,7 +17,10 @@ use clap::Parser;
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, Parser)]
-#[command(name = "mesh-testpeer", about = "Test workload: dial, send, half-close, read, report")]
+#[command(
+    name = "mesh-testpeer",
+    about = "Test workload: dial, send, half-close, read, report"
+)]
 struct Args {
     /// Address to dial.
     #[arg(long)]
@@ -50,7 +53,11 @@ impl Pattern {
 
 /// Waits until the socket is ready for `events` (POLLIN or POLLOUT).
 fn wait_ready(stream: &TcpStream, events: libc::c_short) -> std::io::Result<()> {
-    let mut poll_fd = libc::pollfd { fd: stream.as_raw_fd(), events, revents: 0 };
+    let mut poll_fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events,
+        revents: 0,
+    };
     loop {
         // SAFETY: `poll_fd` is a valid, exclusively borrowed pollfd array of length 1.
         let ready = unsafe { libc::poll(&mut poll_fd, 1, -1) };
@@ -70,7 +77,9 @@ fn write_all_polled(stream: &mut TcpStream, mut data: &[u8]) -> std::io::Result<
         match stream.write(data) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(count) => data = &data[count..],
-            Err(error) if error.kind() == ErrorKind::WouldBlock => wait_ready(stream, libc::POLLOUT)?,
+            Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                wait_ready(stream, libc::POLLOUT)?
+            }
             Err(error) if error.kind() == ErrorKind::Interrupted => {}
             Err(error) => return Err(error),
         }
@@ -92,15 +101,22 @@ fn report_error(stage: &str, error: &std::io::Error) -> ExitCode {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let stream = match TcpStream::connect_timeout(&args.to, Duration::from_millis(args.timeout_ms)) {
+    let stream = match TcpStream::connect_timeout(&args.to, Duration::from_millis(args.timeout_ms))
+    {
         Ok(stream) => stream,
         Err(error) => return report_error("connect", &error),
     };
     if let Err(error) = stream.set_nonblocking(true) {
         return report_error("nonblocking", &error);
     }
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
 
     let mut writer = match stream.try_clone() {
         Ok(writer) => writer,
