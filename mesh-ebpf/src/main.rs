@@ -94,21 +94,21 @@ fn count_event(event: DatapathEvent) {
 /// The per-CPU counters of a workload, created on first use.
 #[inline(always)]
 fn counters_of(workload_cgroup: u64) -> Option<*mut TrafficCounters> {
-    if let Some(counters) = COUNTERS.get_ptr_mut(&workload_cgroup) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(workload_cgroup) {
         return Some(counters);
     }
     let _ = COUNTERS.insert(
-        &workload_cgroup,
-        &TrafficCounters::default(),
+        workload_cgroup,
+        TrafficCounters::default(),
         BPF_NOEXIST as u64,
     );
-    COUNTERS.get_ptr_mut(&workload_cgroup)
+    COUNTERS.get_ptr_mut(workload_cgroup)
 }
 
 /// Whether a cgroup id is enrolled.
 #[inline(always)]
 fn is_enrolled(cgroup_id: u64) -> bool {
-    unsafe { WORKLOADS.get(&cgroup_id) }.is_some()
+    unsafe { WORKLOADS.get(cgroup_id) }.is_some()
 }
 
 /// The enrolled workload a cgroup belongs to: the cgroup itself or its deepest enrolled
@@ -185,7 +185,7 @@ fn v4_excluded(cfg: &DatapathConfig, addr_be: u32, port: u16) -> bool {
     if addr_be == cfg.redirect_ip4 && u32::from(port) == cfg.redirect_port {
         return true;
     }
-    if unsafe { EXCLUDE_PORTS.get(&port) }.is_some() {
+    if unsafe { EXCLUDE_PORTS.get(port) }.is_some() {
         return true;
     }
     EXCLUDE_V4
@@ -198,7 +198,7 @@ fn v6_excluded(cfg: &DatapathConfig, addr_be: [u32; 4], port: u16) -> bool {
     if addr_be == cfg.redirect_ip6 && u32::from(port) == cfg.redirect_port {
         return true;
     }
-    if unsafe { EXCLUDE_PORTS.get(&port) }.is_some() {
+    if unsafe { EXCLUDE_PORTS.get(port) }.is_some() {
         return true;
     }
     let mut bytes = [0u8; 16];
@@ -226,7 +226,7 @@ fn record_capture(ctx: &SockAddrContext, original_dst: Endpoint, workload_cgroup
         cookie,
     };
     if ORIG_BY_COOKIE
-        .insert(&cookie, &info, BPF_ANY as u64)
+        .insert(cookie, info, BPF_ANY as u64)
         .is_err()
     {
         count_event(DatapathEvent::RecordFailed);
@@ -323,30 +323,28 @@ fn write_user_ip6(ctx: &SockAddrContext, words: [u32; 4]) {
 #[inline(always)]
 fn captured_original(ctx: &SockAddrContext) -> Option<Endpoint> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    unsafe { ORIG_BY_COOKIE.get(&cookie) }.map(|info| info.original_dst)
+    unsafe { ORIG_BY_COOKIE.get(cookie) }.map(|info| info.original_dst)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
-    if let Some(original) = captured_original(&ctx) {
-        if original.family == FAMILY_INET {
+    if let Some(original) = captured_original(&ctx)
+        && original.family == FAMILY_INET {
             unsafe {
                 (*ctx.sock_addr).user_ip4 = original.addr[0];
                 (*ctx.sock_addr).user_port = u32::from((original.port as u16).to_be());
             }
         }
-    }
     SOCK_ADDR_OK
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
-    if let Some(original) = captured_original(&ctx) {
-        if original.family == FAMILY_INET6 {
+    if let Some(original) = captured_original(&ctx)
+        && original.family == FAMILY_INET6 {
             write_user_ip6(&ctx, original.addr);
             unsafe { (*ctx.sock_addr).user_port = u32::from((original.port as u16).to_be()) };
         }
-    }
     SOCK_ADDR_OK
 }
 
@@ -395,11 +393,10 @@ fn is_outbound_listener(cfg: &DatapathConfig, endpoint: &Endpoint) -> bool {
 /// as plain IPv4.
 #[inline(always)]
 fn conn_key(endpoint: Endpoint) -> Endpoint {
-    if endpoint.family == FAMILY_INET6 {
-        if let Some(v4) = Endpoint::mapped_v4(endpoint.addr) {
+    if endpoint.family == FAMILY_INET6
+        && let Some(v4) = Endpoint::mapped_v4(endpoint.addr) {
             return Endpoint::v4(v4, endpoint.port as u16);
         }
-    }
     endpoint
 }
 
@@ -420,13 +417,13 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let Some(info) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
+    let Some(info) = (unsafe { ORIG_BY_COOKIE.get(cookie) }) else {
         return;
     };
     let info = *info;
     let tuple = sock_ops_tuple(ctx);
     if CONNS
-        .insert(&conn_key(tuple.local()), &info, BPF_ANY as u64)
+        .insert(conn_key(tuple.local()), info, BPF_ANY as u64)
         .is_ok()
     {
         count_event(DatapathEvent::Published);
@@ -460,7 +457,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
     if !is_outbound_listener(cfg, &tuple.local()) {
         return;
     }
-    if unsafe { CONNS.get(&conn_key(tuple.remote())) }.is_none() {
+    if unsafe { CONNS.get(conn_key(tuple.remote())) }.is_none() {
         return;
     }
     let mut key = tuple;
@@ -475,9 +472,9 @@ fn on_passive_established(ctx: &SockOpsContext) {
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    let _ = ORIG_BY_COOKIE.remove(cookie);
     let tuple = sock_ops_tuple(ctx);
-    let _ = CONNS.remove(&conn_key(tuple.local()));
+    let _ = CONNS.remove(conn_key(tuple.local()));
 }
 
 /// The connection of an sk_msg call as seen from the sending socket; same port encodings as
@@ -525,8 +522,8 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     } else {
         tuple.local()
     };
-    if let Some(info) = unsafe { CONNS.get(&conn_key(client)) } {
-        if let Some(counters) = counters_of(info.workload_cgroup) {
+    if let Some(info) = unsafe { CONNS.get(conn_key(client)) }
+        && let Some(counters) = counters_of(info.workload_cgroup) {
             unsafe {
                 if from_agent {
                     (*counters).rx_payload_bytes += size;
@@ -536,7 +533,6 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
                 (*counters).redirected_bytes += size;
             }
         }
-    }
     sk_action::SK_PASS
 }
 
@@ -646,10 +642,10 @@ fn new_payload(facts: &PacketFacts) -> u64 {
         return facts.payload;
     };
     if facts.rst {
-        let _ = FLOW_SEQ.remove(&flow);
+        let _ = FLOW_SEQ.remove(flow);
         return 0;
     }
-    let fresh = match unsafe { FLOW_SEQ.get(&flow) } {
+    let fresh = match unsafe { FLOW_SEQ.get(flow) } {
         None => facts.payload,
         Some(high) => {
             let ahead = end.wrapping_sub(*high) as i32;
@@ -666,7 +662,7 @@ fn new_payload(facts: &PacketFacts) -> u64 {
         }
     };
     if facts.payload > 0 || facts.syn_only {
-        let _ = FLOW_SEQ.insert(&flow, &end, BPF_ANY as u64);
+        let _ = FLOW_SEQ.insert(flow, end, BPF_ANY as u64);
     }
     fresh
 }
