@@ -225,10 +225,7 @@ fn record_capture(ctx: &SockAddrContext, original_dst: Endpoint, workload_cgroup
         workload_cgroup,
         cookie,
     };
-    if ORIG_BY_COOKIE
-        .insert(cookie, info, BPF_ANY as u64)
-        .is_err()
-    {
+    if ORIG_BY_COOKIE.insert(cookie, info, BPF_ANY as u64).is_err() {
         count_event(DatapathEvent::RecordFailed);
         return false;
     }
@@ -329,22 +326,24 @@ fn captured_original(ctx: &SockAddrContext) -> Option<Endpoint> {
 #[cgroup_sock_addr(getpeername4)]
 pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
     if let Some(original) = captured_original(&ctx)
-        && original.family == FAMILY_INET {
-            unsafe {
-                (*ctx.sock_addr).user_ip4 = original.addr[0];
-                (*ctx.sock_addr).user_port = u32::from((original.port as u16).to_be());
-            }
+        && original.family == FAMILY_INET
+    {
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = original.addr[0];
+            (*ctx.sock_addr).user_port = u32::from((original.port as u16).to_be());
         }
+    }
     SOCK_ADDR_OK
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(original) = captured_original(&ctx)
-        && original.family == FAMILY_INET6 {
-            write_user_ip6(&ctx, original.addr);
-            unsafe { (*ctx.sock_addr).user_port = u32::from((original.port as u16).to_be()) };
-        }
+        && original.family == FAMILY_INET6
+    {
+        write_user_ip6(&ctx, original.addr);
+        unsafe { (*ctx.sock_addr).user_port = u32::from((original.port as u16).to_be()) };
+    }
     SOCK_ADDR_OK
 }
 
@@ -394,9 +393,10 @@ fn is_outbound_listener(cfg: &DatapathConfig, endpoint: &Endpoint) -> bool {
 #[inline(always)]
 fn conn_key(endpoint: Endpoint) -> Endpoint {
     if endpoint.family == FAMILY_INET6
-        && let Some(v4) = Endpoint::mapped_v4(endpoint.addr) {
-            return Endpoint::v4(v4, endpoint.port as u16);
-        }
+        && let Some(v4) = Endpoint::mapped_v4(endpoint.addr)
+    {
+        return Endpoint::v4(v4, endpoint.port as u16);
+    }
     endpoint
 }
 
@@ -523,16 +523,17 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
         tuple.local()
     };
     if let Some(info) = unsafe { CONNS.get(conn_key(client)) }
-        && let Some(counters) = counters_of(info.workload_cgroup) {
-            unsafe {
-                if from_agent {
-                    (*counters).rx_payload_bytes += size;
-                } else {
-                    (*counters).tx_payload_bytes += size;
-                }
-                (*counters).redirected_bytes += size;
+        && let Some(counters) = counters_of(info.workload_cgroup)
+    {
+        unsafe {
+            if from_agent {
+                (*counters).rx_payload_bytes += size;
+            } else {
+                (*counters).tx_payload_bytes += size;
             }
+            (*counters).redirected_bytes += size;
         }
+    }
     sk_action::SK_PASS
 }
 
