@@ -47,9 +47,11 @@ pub fn cgroup2_mount() -> Result<PathBuf, HarnessError> {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let dash = fields.iter().position(|field| *field == "-")?;
-            (fields.get(dash + 1) == Some(&"cgroup2")).then(|| PathBuf::from(fields[4]))
+            let whole_filesystem = fields.get(3) == Some(&"/");
+            (fields.get(dash + 1) == Some(&"cgroup2") && whole_filesystem)
+                .then(|| PathBuf::from(fields[4]))
         })
-        .min_by_key(|path| path.as_os_str().len())
+        .next()
         .ok_or(HarnessError::NoCgroup2)
 }
 

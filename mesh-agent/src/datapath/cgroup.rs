@@ -12,6 +12,9 @@ use super::DatapathError;
 /// One line of `/proc/self/mountinfo`, reduced to what the agent needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The directory of the filesystem this mount shows (`/` unless it is a bind mount of a
+    /// subdirectory).
+    pub root: String,
     pub mount_point: PathBuf,
     pub fs_type: String,
 }
@@ -22,12 +25,14 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split(' ');
-            let mount_point = fields.nth(4)?;
+            let root = fields.nth(3)?;
+            let mount_point = fields.next()?;
             // Optional fields end at a lone "-", then comes the filesystem type.
             let mut rest = fields.skip_while(|field| *field != "-");
             rest.next()?;
             let fs_type = rest.next()?;
             Some(MountEntry {
+                root: unescape_mount_path(root),
                 mount_point: PathBuf::from(unescape_mount_path(mount_point)),
                 fs_type: fs_type.to_owned(),
             })
@@ -70,13 +75,13 @@ pub fn cgroup2_mount() -> Result<PathBuf, DatapathError> {
     find_mount(&read_mountinfo()?, "cgroup2").ok_or(DatapathError::NoCgroup2)
 }
 
-/// The first mount of a filesystem type, preferring the shortest mount point.
+/// The mount of a filesystem type that shows the whole filesystem (root `/`), in mount order;
+/// a bind mount of a subdirectory only if nothing else is there.
 pub fn find_mount(mounts: &[MountEntry], fs_type: &str) -> Option<PathBuf> {
-    mounts
-        .iter()
-        .filter(|entry| entry.fs_type == fs_type)
-        .map(|entry| entry.mount_point.clone())
-        .min_by_key(|path| path.as_os_str().len())
+    let mut matching = mounts.iter().filter(|entry| entry.fs_type == fs_type);
+    let first = matching.clone().next()?;
+    let whole = matching.find(|entry| entry.root == "/").unwrap_or(first);
+    Some(whole.mount_point.clone())
 }
 
 /// Whether `path` is a mount point of the given filesystem type.
@@ -204,7 +209,8 @@ mod tests {
 31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
 32 30 0:28 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,xattr,name=systemd
 40 24 0:35 / /sys/fs/bpf rw,nosuid,nodev,noexec,relatime - bpf bpf rw,mode=700
-41 29 0:36 / /mnt/with\\040space rw - cgroup2 cgroup2 rw
+41 29 0:36 /sub /mnt/with\\040space rw - cgroup2 cgroup2 rw
+42 29 0:36 / /mnt/second rw - cgroup2 cgroup2 rw
 ";
 
     #[test]
