@@ -4,13 +4,14 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, atomic::AtomicBool},
 };
 
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{error, info, warn};
 
 use crate::{
+    admin::{self, AdminState},
     config::{AgentConfig, ConfigError},
     datapath::{Datapath, DatapathError, DatapathSettings},
     proxy::OutboundProxy,
@@ -74,6 +75,26 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let admin = Arc::new(AdminState {
+        datapath: Arc::clone(&datapath),
+        proxy: Arc::clone(&proxy),
+        ready: AtomicBool::new(false),
+        cgroup_paths: Default::default(),
+    });
+    let admin_server = match listeners.admin {
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|source| AgentError::Listen { address, source })?;
+            info!(%address, "admin endpoint ready (/healthz, /readyz, /metrics)");
+            Some(tokio::spawn(admin::serve(
+                listener,
+                Arc::clone(&admin),
+                shutdown_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     let mut servers = Vec::new();
     for address in addresses {
         let listener = bind(address)?;
@@ -84,15 +105,20 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             config.spec.proxy.drain_timeout,
         )));
     }
+    admin.set_ready(true);
     info!(node = %config.metadata.name, accelerated = datapath.accelerated(), "agent running");
 
     wait_for_signal().await?;
     info!("stopping: no new connections; draining open ones (capture stays attached)");
+    admin.set_ready(false);
     let _ = shutdown_tx.send(true);
     for server in servers {
         if let Err(error) = server.await {
             warn!(%error, "listener task failed");
         }
+    }
+    if let Some(admin_server) = admin_server {
+        let _ = admin_server.await;
     }
     info!(stats = ?proxy.stats(), "agent stopped");
     Ok(())

@@ -127,6 +127,8 @@ pub struct ListenerSpec {
     pub outbound: SocketAddr,
     /// IPv6 address of the outbound capture listener (same port as `outbound`).
     pub outbound_v6: Option<Ipv6Addr>,
+    /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); none to turn it off.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Default for ListenerSpec {
@@ -134,6 +136,10 @@ impl Default for ListenerSpec {
         Self {
             outbound: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), mesh_common::OUTBOUND_PORT),
             outbound_v6: Some(Ipv6Addr::LOCALHOST),
+            admin: Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                mesh_common::ADMIN_PORT,
+            )),
         }
     }
 }

@@ -3,8 +3,10 @@
 //! Data flows one way: configuration -> datapath (kernel capture) -> proxy (per connection).
 //! See DESIGN.md for the whole picture.
 
+pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod proxy;
+pub mod telemetry;

@@ -259,6 +259,21 @@ fn agent_connections_are_not_looped() {
     );
 }
 
+/// GET on the agent's admin endpoint with curl (from the test process: not captured).
+fn admin_get(agent: &AgentProcess, path: &str) -> String {
+    let url = format!("http://127.0.0.1:{}{path}", agent.admin_port);
+    let output = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "5", &url])
+        .output()
+        .expect("run curl");
+    assert!(
+        output.status.success(),
+        "GET {url}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 fn counters_match_bytes(accelerate: bool) {
     const BYTES: u64 = 3_000_000;
     let world = World::start(if accelerate { "count-fast" } else { "count" }, accelerate);
@@ -282,6 +297,19 @@ fn counters_match_bytes(accelerate: bool) {
         field(&counters, "tx_packets") > 0 && field(&counters, "rx_packets") > 0,
         "{counters}"
     );
+    // The admin endpoint exports the same numbers to Prometheus, and reports ready/healthy.
+    let metrics = admin_get(&world.agent, "/metrics");
+    let sample = format!(
+        "mesh_workload_transmit_payload_bytes_total{{workload=\"client\",cgroup=\"{}\"}} {BYTES}",
+        world.workload.display()
+    );
+    assert!(
+        metrics.contains(&sample),
+        "{sample} missing from:\n{metrics}"
+    );
+    assert!(metrics.contains("mesh_agent_ready 1"), "{metrics}");
+    assert_eq!(admin_get(&world.agent, "/readyz"), "ready\n");
+    assert_eq!(admin_get(&world.agent, "/healthz"), "ok\n");
     if accelerate {
         assert_eq!(
             field(&counters, "redirected_bytes"),

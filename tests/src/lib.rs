@@ -309,6 +309,8 @@ pub struct AgentProcess {
     pub config_path: PathBuf,
     pub pin_dir: PathBuf,
     pub port: u16,
+    /// Port of the admin endpoint (`/healthz`, `/readyz`, `/metrics`) on 127.0.0.1.
+    pub admin_port: u16,
     pub log_path: PathBuf,
     work_dir: PathBuf,
     attach_dir: PathBuf,
@@ -328,6 +330,7 @@ impl AgentProcess {
             config_path: work_dir.join("agent.yaml"),
             pin_dir,
             port,
+            admin_port: free_port()?,
             log_path: work_dir.join("agent.log"),
             work_dir,
             attach_dir: tree.dir(),
@@ -370,8 +373,8 @@ impl AgentProcess {
             cidrs.join(", ")
         ));
         yaml.push_str(&format!(
-            "  listeners:\n    outbound: \"127.0.0.1:{}\"\n    outboundV6: \"::1\"\n",
-            self.port
+            "  listeners:\n    outbound: \"127.0.0.1:{}\"\n    outboundV6: \"::1\"\n    admin: \"127.0.0.1:{}\"\n",
+            self.port, self.admin_port
         ));
         yaml.push_str("  proxy:\n    connectTimeout: 2s\n    drainTimeout: 2s\n  workloads:\n");
         for (name, cgroup) in &self.options.workloads {

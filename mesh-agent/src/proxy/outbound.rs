@@ -103,7 +103,8 @@ impl OutboundProxy {
         }
     }
 
-    fn workload_name(&self, cgroup_id: u64) -> String {
+    /// A workload's name for logs and metrics (`cgroup:<id>` when it was enrolled by hand).
+    pub fn workload_name(&self, cgroup_id: u64) -> String {
         self.names
             .read()
             .ok()

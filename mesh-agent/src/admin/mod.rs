@@ -1,0 +1,125 @@
+//! The admin endpoint: `/healthz` (the process serves), `/readyz` (datapath attached and
+//! listeners bound; not while draining) and `/metrics` (Prometheus).
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use tokio::{net::TcpListener, sync::watch};
+
+use tracing::warn;
+
+use crate::{
+    datapath::{Datapath, cgroup},
+    proxy::OutboundProxy,
+    telemetry::metrics::{self, WorkloadSample},
+};
+
+/// What the admin handlers read.
+#[derive(Debug)]
+pub struct AdminState {
+    pub datapath: Arc<Datapath>,
+    pub proxy: Arc<OutboundProxy>,
+    pub ready: AtomicBool,
+    /// cgroup paths by id: finding one walks the hierarchy, so each is looked up once.
+    pub cgroup_paths: Mutex<HashMap<u64, String>>,
+}
+
+impl AdminState {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+/// Serves the admin endpoint until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(state);
+    let stopping = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    if let Err(error) = axum::serve(listener, router)
+        .with_graceful_shutdown(stopping)
+        .await
+    {
+        warn!(%error, "admin endpoint failed");
+    }
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let rendered = tokio::task::spawn_blocking(move || render_metrics(&state)).await;
+    match rendered {
+        Ok(Ok(text)) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            text,
+        )
+            .into_response(),
+        Ok(Err(error)) => {
+            warn!(%error, "reading datapath counters for /metrics failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading datapath counters failed: {error}\n"),
+            )
+                .into_response()
+        }
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
+    }
+}
+
+fn render_metrics(state: &AdminState) -> Result<String, crate::datapath::DatapathError> {
+    let datapath = &state.datapath;
+    let mount: &Path = datapath.cgroup_mount();
+    let counters = datapath.maps().counters()?;
+    let mut paths = state
+        .cgroup_paths
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    paths.retain(|id, _| counters.iter().any(|entry| entry.cgroup_id == *id));
+    let samples = counters
+        .into_iter()
+        .map(|entry| {
+            let cgroup = paths
+                .entry(entry.cgroup_id)
+                .or_insert_with(|| {
+                    cgroup::path_of_id(mount, entry.cgroup_id, 100_000)
+                        .map(|path| path.display().to_string())
+                        .unwrap_or_default()
+                })
+                .clone();
+            WorkloadSample {
+                workload: state.proxy.workload_name(entry.cgroup_id),
+                cgroup,
+                counters: entry.totals,
+            }
+        })
+        .collect::<Vec<_>>();
+    let events = datapath.maps().events()?;
+    Ok(metrics::render(
+        &samples,
+        &events,
+        &state.proxy.stats(),
+        state.ready.load(Ordering::Relaxed),
+    ))
+}

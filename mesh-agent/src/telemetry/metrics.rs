@@ -1,0 +1,212 @@
+//! Prometheus text exposition (format 0.0.4) of the datapath and proxy counters. Values are
+//! read when scraped, so the kernel's per-CPU maps stay the single source of truth.
+
+use std::fmt::Write as _;
+
+use mesh_common::{DatapathEvent, TrafficCounters};
+
+use crate::proxy::ProxyStatsSnapshot;
+
+/// One workload's counters with the labels that identify it.
+#[derive(Debug, Clone)]
+pub struct WorkloadSample {
+    pub workload: String,
+    pub cgroup: String,
+    pub counters: TrafficCounters,
+}
+
+/// Escapes a label value as the exposition format requires.
+pub fn escape_label(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for character in value.chars() {
+        match character {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
+}
+
+type CounterField = fn(&TrafficCounters) -> u64;
+
+/// (metric name, help, field) of every per-workload counter.
+const WORKLOAD_COUNTERS: [(&str, &str, CounterField); 10] = [
+    (
+        "mesh_workload_transmit_bytes_total",
+        "IP bytes sent by the workload (headers included).",
+        |c| c.tx_bytes,
+    ),
+    (
+        "mesh_workload_receive_bytes_total",
+        "IP bytes received by the workload (headers included).",
+        |c| c.rx_bytes,
+    ),
+    (
+        "mesh_workload_transmit_packets_total",
+        "IP packets sent by the workload.",
+        |c| c.tx_packets,
+    ),
+    (
+        "mesh_workload_receive_packets_total",
+        "IP packets received by the workload.",
+        |c| c.rx_packets,
+    ),
+    (
+        "mesh_workload_transmit_payload_bytes_total",
+        "TCP/UDP payload bytes sent (retransmissions once, in-kernel redirection included).",
+        |c| c.tx_payload_bytes,
+    ),
+    (
+        "mesh_workload_receive_payload_bytes_total",
+        "TCP/UDP payload bytes received (retransmissions once, in-kernel redirection included).",
+        |c| c.rx_payload_bytes,
+    ),
+    (
+        "mesh_workload_connections_opened_total",
+        "TCP connections the workload opened.",
+        |c| c.connections_out,
+    ),
+    (
+        "mesh_workload_connections_accepted_total",
+        "TCP connections the workload accepted.",
+        |c| c.connections_in,
+    ),
+    (
+        "mesh_workload_connections_captured_total",
+        "Outbound connections redirected to the agent.",
+        |c| c.connections_captured,
+    ),
+    (
+        "mesh_workload_redirected_bytes_total",
+        "Payload bytes spliced socket to socket by sk_msg.",
+        |c| c.redirected_bytes,
+    ),
+];
+
+/// Renders every metric family.
+pub fn render(
+    workloads: &[WorkloadSample],
+    events: &[(DatapathEvent, u64)],
+    proxy: &ProxyStatsSnapshot,
+    ready: bool,
+) -> String {
+    let mut out = String::new();
+    for (name, help, field) in WORKLOAD_COUNTERS {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for sample in workloads {
+            let _ = writeln!(
+                out,
+                "{name}{{workload=\"{}\",cgroup=\"{}\"}} {}",
+                escape_label(&sample.workload),
+                escape_label(&sample.cgroup),
+                field(&sample.counters)
+            );
+        }
+    }
+    let name = "mesh_datapath_events_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Datapath events counted by the kernel programs.\n# TYPE {name} counter"
+    );
+    for (event, count) in events {
+        let _ = writeln!(out, "{name}{{event=\"{}\"}} {count}", event.name());
+    }
+    let proxy_counters: [(&str, &str, u64); 4] = [
+        (
+            "mesh_proxy_connections_accepted_total",
+            "Connections accepted by the capture listeners.",
+            proxy.accepted,
+        ),
+        (
+            "mesh_proxy_uncaptured_connections_total",
+            "Accepted connections with no kernel record (closed).",
+            proxy.uncaptured,
+        ),
+        (
+            "mesh_proxy_upstream_failures_total",
+            "Captured connections whose original destination failed.",
+            proxy.upstream_failures,
+        ),
+        (
+            "mesh_proxy_upstream_bytes_total",
+            "Bytes carried from workloads to their destinations.",
+            proxy.bytes_to_upstream,
+        ),
+    ];
+    for (name, help, value) in proxy_counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    let name = "mesh_proxy_downstream_bytes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Bytes carried from destinations back to workloads.\n# TYPE {name} counter\n{name} {}",
+        proxy.bytes_to_workload
+    );
+    let name = "mesh_proxy_connections_active";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Connections being forwarded now.\n# TYPE {name} gauge\n{name} {}",
+        proxy.active
+    );
+    let name = "mesh_agent_ready";
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 when the datapath is attached and the listeners serve.\n# TYPE {name} gauge\n{name} {}",
+        u8::from(ready)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label("line\nbreak"), "line\\nbreak");
+    }
+
+    #[test]
+    fn exposition_has_help_type_and_samples() {
+        let sample = WorkloadSample {
+            workload: "planner".into(),
+            cgroup: "/agents/planner".into(),
+            counters: TrafficCounters {
+                tx_payload_bytes: 42,
+                connections_captured: 3,
+                ..Default::default()
+            },
+        };
+        let text = render(
+            &[sample],
+            &[(DatapathEvent::Captured, 3)],
+            &ProxyStatsSnapshot {
+                accepted: 3,
+                active: 1,
+                ..Default::default()
+            },
+            true,
+        );
+        assert!(text.contains("# TYPE mesh_workload_transmit_payload_bytes_total counter"));
+        assert!(text.contains(
+            "mesh_workload_transmit_payload_bytes_total{workload=\"planner\",cgroup=\"/agents/planner\"} 42"
+        ));
+        assert!(text.contains("mesh_datapath_events_total{event=\"captured\"} 3"));
+        assert!(text.contains("mesh_proxy_connections_active 1"));
+        assert!(text.contains("mesh_agent_ready 1"));
+        // Every sample line belongs to a declared family.
+        for line in text.lines().filter(|line| !line.starts_with('#')) {
+            let family = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "undeclared family in {line}"
+            );
+        }
+    }
+}
