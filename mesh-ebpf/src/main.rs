@@ -12,9 +12,6 @@
 //! defaults that the agent overrides from its configuration at load time.
 #![no_std]
 #![no_main]
-// The programs read and write kernel-provided context structs through raw pointers; each access
-// is to a field the verifier allows for that program type.
-#![allow(clippy::undocumented_unsafe_blocks)]
 
 use aya_ebpf::{
     bindings::{
@@ -87,6 +84,7 @@ fn config() -> Option<&'static DatapathConfig> {
 #[inline(always)]
 fn count_event(event: DatapathEvent) {
     if let Some(slot) = EVENTS.get_ptr_mut(event as u32) {
+        // SAFETY: a per-CPU map value of this CPU, valid until the program returns.
         unsafe { *slot += 1 };
     }
 }
@@ -108,6 +106,7 @@ fn counters_of(workload_cgroup: u64) -> Option<*mut TrafficCounters> {
 /// Whether a cgroup id is enrolled.
 #[inline(always)]
 fn is_enrolled(cgroup_id: u64) -> bool {
+    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
     unsafe { WORKLOADS.get(cgroup_id) }.is_some()
 }
 
@@ -142,7 +141,9 @@ fn enrolled_workload(leaf: u64, ancestor_at: impl Fn(i32) -> u64) -> Option<u64>
 /// The enrolled workload the current task belongs to.
 #[inline(always)]
 fn current_workload() -> Option<u64> {
+    // SAFETY: cgroup-id helpers have no memory arguments (the skb pointer is this program's own context) and are allowed for this hook.
     let leaf = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: cgroup-id helpers have no memory arguments (the skb pointer is this program's own context) and are allowed for this hook.
     enrolled_workload(leaf, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     })
@@ -152,10 +153,12 @@ fn current_workload() -> Option<u64> {
 #[inline(always)]
 fn skb_workload(ctx: &SkBuffContext) -> Option<u64> {
     let skb = ctx.skb.skb;
+    // SAFETY: cgroup-id helpers have no memory arguments (the skb pointer is this program's own context) and are allowed for this hook.
     let leaf = unsafe { bpf_skb_cgroup_id(skb) };
     if leaf == 0 {
         return None;
     }
+    // SAFETY: cgroup-id helpers have no memory arguments (the skb pointer is this program's own context) and are allowed for this hook.
     enrolled_workload(leaf, |level| unsafe {
         bpf_skb_ancestor_cgroup_id(skb, level)
     })
@@ -164,6 +167,7 @@ fn skb_workload(ctx: &SkBuffContext) -> Option<u64> {
 /// Whether the current connect() must be left alone: capture off, not TCP, or the agent itself.
 #[inline(always)]
 fn capture_settings(ctx: &SockAddrContext) -> Option<(&'static DatapathConfig, u64)> {
+    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
     let sock_type = unsafe { (*ctx.sock_addr).type_ };
     if sock_type != SOCK_STREAM {
         return None;
@@ -185,6 +189,7 @@ fn v4_excluded(cfg: &DatapathConfig, addr_be: u32, port: u16) -> bool {
     if addr_be == cfg.redirect_ip4 && u32::from(port) == cfg.redirect_port {
         return true;
     }
+    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
     if unsafe { EXCLUDE_PORTS.get(port) }.is_some() {
         return true;
     }
@@ -198,6 +203,7 @@ fn v6_excluded(cfg: &DatapathConfig, addr_be: [u32; 4], port: u16) -> bool {
     if addr_be == cfg.redirect_ip6 && u32::from(port) == cfg.redirect_port {
         return true;
     }
+    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
     if unsafe { EXCLUDE_PORTS.get(port) }.is_some() {
         return true;
     }
@@ -219,6 +225,7 @@ fn v6_excluded(cfg: &DatapathConfig, addr_be: [u32; 4], port: u16) -> bool {
 /// that could not tell where it was meant to go.
 #[inline(always)]
 fn record_capture(ctx: &SockAddrContext, original_dst: Endpoint, workload_cgroup: u64) -> bool {
+    // SAFETY: the context pointer is the one the kernel passed to this program; the cookie helper is allowed for this hook.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let info = ConnInfo {
         original_dst,
@@ -230,6 +237,7 @@ fn record_capture(ctx: &SockAddrContext, original_dst: Endpoint, workload_cgroup
         return false;
     }
     if let Some(counters) = counters_of(workload_cgroup) {
+        // SAFETY: a per-CPU map value of this CPU, valid until the program returns.
         unsafe { (*counters).connections_captured += 1 };
     }
     count_event(DatapathEvent::Captured);
@@ -241,13 +249,16 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     let Some((cfg, workload)) = capture_settings(&ctx) else {
         return SOCK_ADDR_OK;
     };
+    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
     let addr_be = unsafe { (*ctx.sock_addr).user_ip4 };
+    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
     let port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);
     if v4_excluded(cfg, addr_be, port) {
         count_event(DatapathEvent::Excluded);
         return SOCK_ADDR_OK;
     }
     if record_capture(&ctx, Endpoint::v4(addr_be, port), workload) {
+        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
         unsafe {
             (*ctx.sock_addr).user_ip4 = cfg.redirect_ip4;
             (*ctx.sock_addr).user_port = u32::from((cfg.redirect_port as u16).to_be());
@@ -262,6 +273,7 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
         return SOCK_ADDR_OK;
     };
     let addr_be = read_user_ip6(&ctx);
+    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
     let port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);
     let mapped_v4 = Endpoint::mapped_v4(addr_be);
     let excluded = match mapped_v4 {
@@ -279,6 +291,7 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
             None => cfg.redirect_ip6,
         };
         write_user_ip6(&ctx, redirect);
+        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
         unsafe { (*ctx.sock_addr).user_port = u32::from((cfg.redirect_port as u16).to_be()) };
     }
     SOCK_ADDR_OK
@@ -288,6 +301,7 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
 /// context offsets, which a copy of the whole array could turn into a memcpy.
 #[inline(always)]
 fn read_user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
     read_ctx_words(unsafe { core::ptr::addr_of!((*ctx.sock_addr).user_ip6) })
 }
 
@@ -295,6 +309,7 @@ fn read_user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
 #[inline(always)]
 fn read_ctx_words(field: *const [u32; 4]) -> [u32; 4] {
     let base = field as *const u32;
+    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
     unsafe {
         [
             core::ptr::read_volatile(base),
@@ -308,7 +323,9 @@ fn read_ctx_words(field: *const [u32; 4]) -> [u32; 4] {
 /// Writes `user_ip6` one word at a time (see [`read_user_ip6`]).
 #[inline(always)]
 fn write_user_ip6(ctx: &SockAddrContext, words: [u32; 4]) {
+    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
     let base = unsafe { core::ptr::addr_of_mut!((*ctx.sock_addr).user_ip6) } as *mut u32;
+    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
     unsafe {
         core::ptr::write_volatile(base, words[0]);
         core::ptr::write_volatile(base.add(1), words[1]);
@@ -319,7 +336,9 @@ fn write_user_ip6(ctx: &SockAddrContext, words: [u32; 4]) {
 
 #[inline(always)]
 fn captured_original(ctx: &SockAddrContext) -> Option<Endpoint> {
+    // SAFETY: the context pointer is the one the kernel passed to this program; the cookie helper is allowed for this hook.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
     unsafe { ORIG_BY_COOKIE.get(cookie) }.map(|info| info.original_dst)
 }
 
@@ -328,6 +347,7 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
     if let Some(original) = captured_original(&ctx)
         && original.family == FAMILY_INET
     {
+        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
         unsafe {
             (*ctx.sock_addr).user_ip4 = original.addr[0];
             (*ctx.sock_addr).user_port = u32::from((original.port as u16).to_be());
@@ -342,6 +362,7 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
         && original.family == FAMILY_INET6
     {
         write_user_ip6(&ctx, original.addr);
+        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
         unsafe { (*ctx.sock_addr).user_port = u32::from((original.port as u16).to_be()) };
     }
     SOCK_ADDR_OK
@@ -416,7 +437,9 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
 /// A workload's captured connect() reached the agent: publish it for the agent's accept loop.
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext) {
+    // SAFETY: the context pointer is the one the kernel passed to this program; the cookie helper is allowed for this hook.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
     let Some(info) = (unsafe { ORIG_BY_COOKIE.get(cookie) }) else {
         return;
     };
@@ -436,6 +459,7 @@ fn on_active_established(ctx: &SockOpsContext) {
     if accelerate {
         let mut key = tuple;
         if SOCKS
+            // SAFETY: `ctx.ops` is the sock_ops context the kernel passed to this program, valid for its run.
             .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
             .is_err()
         {
@@ -457,11 +481,13 @@ fn on_passive_established(ctx: &SockOpsContext) {
     if !is_outbound_listener(cfg, &tuple.local()) {
         return;
     }
+    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
     if unsafe { CONNS.get(conn_key(tuple.remote())) }.is_none() {
         return;
     }
     let mut key = tuple;
     if SOCKS
+        // SAFETY: `ctx.ops` is the sock_ops context the kernel passed to this program, valid for its run.
         .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
         .is_err()
     {
@@ -471,6 +497,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
+    // SAFETY: the context pointer is the one the kernel passed to this program; the cookie helper is allowed for this hook.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     let _ = ORIG_BY_COOKIE.remove(cookie);
     let tuple = sock_ops_tuple(ctx);
@@ -482,10 +509,13 @@ fn on_close(ctx: &SockOpsContext) {
 #[inline(always)]
 fn sk_msg_tuple(ctx: &SkMsgContext) -> SockTuple {
     let msg = ctx.msg;
+    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
     let family = unsafe { (*msg).family };
     let (local_addr, remote_addr) = if family == FAMILY_INET {
+        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
         unsafe { ([(*msg).local_ip4, 0, 0, 0], [(*msg).remote_ip4, 0, 0, 0]) }
     } else {
+        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
         unsafe {
             (
                 read_ctx_words(core::ptr::addr_of!((*msg).local_ip6)),
@@ -495,7 +525,9 @@ fn sk_msg_tuple(ctx: &SkMsgContext) -> SockTuple {
     };
     SockTuple {
         family,
+        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
         local_port: unsafe { (*msg).local_port },
+        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
         remote_port: u32::from(remote_port_host(unsafe { (*msg).remote_port })),
         pad: 0,
         local_addr,
@@ -522,9 +554,11 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     } else {
         tuple.local()
     };
+    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
     if let Some(info) = unsafe { CONNS.get(conn_key(client)) }
         && let Some(counters) = counters_of(info.workload_cgroup)
     {
+        // SAFETY: a per-CPU map value of this CPU, valid until the program returns.
         unsafe {
             if from_agent {
                 (*counters).rx_payload_bytes += size;
@@ -646,6 +680,7 @@ fn new_payload(facts: &PacketFacts) -> u64 {
         let _ = FLOW_SEQ.remove(flow);
         return 0;
     }
+    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
     let fresh = match unsafe { FLOW_SEQ.get(flow) } {
         None => facts.payload,
         Some(high) => {
@@ -680,6 +715,7 @@ fn account_packet(ctx: &SkBuffContext, direction: u32) {
     let Some(counters) = counters_of(workload) else {
         return;
     };
+    // SAFETY: a per-CPU map value of this CPU, valid until the program returns.
     unsafe {
         if direction == DIRECTION_TX {
             (*counters).tx_bytes += u64::from(ctx.len());
