@@ -579,3 +579,53 @@ fn operator_commands_fail_clearly_without_privileges_or_a_datapath() {
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("spec.listeners.outbound"), "{stderr}");
 }
+
+#[test]
+fn missing_bpffs_is_mounted_by_the_agent() {
+    // A private mount namespace without bpffs: the agent must mount it itself and serve.
+    let tree = CgroupTree::create("bpffs").expect("tree");
+    let agent_cgroup = tree.child("agent").expect("agent cgroup");
+    let workload = tree.child("workload").expect("workload cgroup");
+    let agent = AgentProcess::start_with_launcher(
+        &tree,
+        AgentOptions {
+            accelerate: false,
+            workloads: vec![("client".into(), workload.clone())],
+            exclude_ports: vec![],
+            exclude_cidrs: vec![],
+            agent_cgroup,
+            log_filter: "info".into(),
+        },
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "umount -l /sys/fs/bpf 2>/dev/null; exec \"$0\" \"$@\"",
+        ],
+    )
+    .expect("the agent starts without bpffs");
+    assert!(
+        agent.log().contains("bpffs not mounted; mounting it"),
+        "{}",
+        agent.log()
+    );
+
+    let server = EchoServer::start("127.0.0.1:0");
+    let output = tree
+        .run_in(
+            &workload,
+            Command::new(testpeer_binary().expect("testpeer")).args([
+                "--to",
+                &server.address.to_string(),
+                "--send",
+                "64",
+            ]),
+        )
+        .expect("run peer");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_intact(&report, 64);
+    assert_ne!(server.peers(), vec![addr(&report, "local")], "not captured");
+}

@@ -315,11 +315,23 @@ pub struct AgentProcess {
     work_dir: PathBuf,
     attach_dir: PathBuf,
     options: AgentOptions,
+    /// Command prefix the agent runs under (e.g. `unshare --mount ...`), empty for none.
+    launcher: Vec<String>,
 }
 
 impl AgentProcess {
     /// Writes a config for the tree and starts the agent in `options.agent_cgroup`.
     pub fn start(tree: &CgroupTree, options: AgentOptions) -> Result<Self, HarnessError> {
+        Self::start_with_launcher(tree, options, &[])
+    }
+
+    /// As [`start`](Self::start), running the agent under a command prefix: `launcher` is
+    /// exec'd with the agent's command line appended.
+    pub fn start_with_launcher(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        launcher: &[&str],
+    ) -> Result<Self, HarnessError> {
         let name = unique_name("agent");
         let work_dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&work_dir).map_err(io_error("creating the agent's work folder"))?;
@@ -335,6 +347,7 @@ impl AgentProcess {
             work_dir,
             attach_dir: tree.dir(),
             options,
+            launcher: launcher.iter().map(|part| (*part).to_owned()).collect(),
         };
         agent.write_config(tree.relative())?;
         agent.spawn(tree)?;
@@ -399,7 +412,15 @@ impl AgentProcess {
         let log_err = log
             .try_clone()
             .map_err(io_error("duplicating the agent log"))?;
-        let mut command = Command::new(mesh_agent_binary()?);
+        let binary = mesh_agent_binary()?;
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command
             .arg("run")
             .arg("--config")
