@@ -457,14 +457,20 @@ fn on_active_established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     let accelerate = config().is_some_and(|cfg| cfg.flags & config_flags::ACCELERATE != 0);
     if accelerate {
-        let mut key = tuple;
-        if SOCKS
-            // SAFETY: `ctx.ops` is the sock_ops context the kernel passed to this program, valid for its run.
-            .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
-            .is_err()
-        {
-            count_event(DatapathEvent::SockHashFailed);
-        }
+        add_to_sockhash(ctx, tuple);
+    }
+}
+
+/// Puts the socket of a sock_ops callback into `MESH_SOCKS` under its own tuple.
+#[inline(always)]
+fn add_to_sockhash(ctx: &SockOpsContext, tuple: SockTuple) {
+    let mut key = tuple;
+    if SOCKS
+        // SAFETY: `ctx.ops` is the sock_ops context the kernel passed to this program, valid for its run.
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+        .is_err()
+    {
+        count_event(DatapathEvent::SockHashFailed);
     }
 }
 
@@ -485,14 +491,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
     if unsafe { CONNS.get(conn_key(tuple.remote())) }.is_none() {
         return;
     }
-    let mut key = tuple;
-    if SOCKS
-        // SAFETY: `ctx.ops` is the sock_ops context the kernel passed to this program, valid for its run.
-        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
-        .is_err()
-    {
-        count_event(DatapathEvent::SockHashFailed);
-    }
+    add_to_sockhash(ctx, tuple);
 }
 
 #[inline(always)]

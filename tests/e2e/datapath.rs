@@ -82,18 +82,8 @@ impl World {
         let agent_cgroup = tree.child("agent").expect("agent cgroup");
         let workload = tree.child("workload").expect("workload cgroup");
         let bystander = tree.child("bystander").expect("bystander cgroup");
-        let agent = AgentProcess::start(
-            &tree,
-            AgentOptions {
-                accelerate,
-                workloads: vec![("client".into(), workload.clone())],
-                exclude_ports: vec![],
-                exclude_cidrs: vec![],
-                agent_cgroup,
-                log_filter: "info,mesh_agent=debug".into(),
-            },
-        )
-        .expect("start agent");
+        let agent = AgentProcess::start(&tree, options(agent_cgroup, &workload, &[], accelerate))
+            .expect("start agent");
         Self {
             agent,
             workload,
@@ -104,25 +94,7 @@ impl World {
 
     /// Runs mesh-testpeer in a cgroup of the tree and returns its JSON report.
     fn peer(&self, cgroup: &Path, to: SocketAddr, send: u64) -> Value {
-        let output = self
-            .tree
-            .run_in(
-                cgroup,
-                Command::new(testpeer_binary().expect("mesh-testpeer binary")).args([
-                    "--to",
-                    &to.to_string(),
-                    "--send",
-                    &send.to_string(),
-                ]),
-            )
-            .expect("run mesh-testpeer");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
-            panic!(
-                "mesh-testpeer printed no JSON ({error}): {stdout} {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        })
+        run_peer(&self.tree, cgroup, to, send)
     }
 
     fn counters(&self) -> Value {
@@ -133,6 +105,50 @@ impl World {
 
     fn events(&self) -> Value {
         self.agent.counters().expect("read counters")["events"].clone()
+    }
+}
+
+/// Runs mesh-testpeer in a cgroup and returns its JSON report.
+fn run_peer(tree: &CgroupTree, cgroup: &Path, to: SocketAddr, send: u64) -> Value {
+    let output = tree
+        .run_in(
+            cgroup,
+            Command::new(testpeer_binary().expect("mesh-testpeer binary")).args([
+                "--to",
+                &to.to_string(),
+                "--send",
+                &send.to_string(),
+            ]),
+        )
+        .expect("run mesh-testpeer");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
+        panic!(
+            "mesh-testpeer printed no JSON ({error}): {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+/// Agent options with one enrolled workload named "client" (plus `extra` workloads first).
+fn options(
+    agent_cgroup: PathBuf,
+    workload: &Path,
+    extra: &[(&str, PathBuf)],
+    accelerate: bool,
+) -> AgentOptions {
+    let mut workloads: Vec<(String, PathBuf)> = extra
+        .iter()
+        .map(|(name, path)| ((*name).to_owned(), path.clone()))
+        .collect();
+    workloads.push(("client".into(), workload.to_path_buf()));
+    AgentOptions {
+        accelerate,
+        workloads,
+        exclude_ports: vec![],
+        exclude_cidrs: vec![],
+        agent_cgroup,
+        log_filter: "info,mesh_agent=debug".into(),
     }
 }
 
@@ -466,17 +482,12 @@ fn bad_cgroups_get_clear_errors_and_do_not_stop_the_agent() {
     let missing = tree.relative().join("does-not-exist");
     let agent = AgentProcess::start(
         &tree,
-        AgentOptions {
-            accelerate: false,
-            workloads: vec![
-                ("ghost".into(), missing.clone()),
-                ("client".into(), workload.clone()),
-            ],
-            exclude_ports: vec![],
-            exclude_cidrs: vec![],
+        options(
             agent_cgroup,
-            log_filter: "info".into(),
-        },
+            &workload,
+            &[("ghost", missing.clone())],
+            false,
+        ),
     )
     .expect("the agent starts despite one bad workload");
     let log = agent.log();
@@ -487,18 +498,7 @@ fn bad_cgroups_get_clear_errors_and_do_not_stop_the_agent() {
 
     // The good workload is served.
     let server = EchoServer::start("127.0.0.1:0");
-    let output = tree
-        .run_in(
-            &workload,
-            Command::new(testpeer_binary().expect("testpeer")).args([
-                "--to",
-                &server.address.to_string(),
-                "--send",
-                "10",
-            ]),
-        )
-        .expect("run peer");
-    let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let report = run_peer(&tree, &workload, server.address, 10);
     assert_intact(&report, 10);
 
     // Operator commands name the problem.
@@ -588,14 +588,7 @@ fn missing_bpffs_is_mounted_by_the_agent() {
     let workload = tree.child("workload").expect("workload cgroup");
     let agent = AgentProcess::start_with_launcher(
         &tree,
-        AgentOptions {
-            accelerate: false,
-            workloads: vec![("client".into(), workload.clone())],
-            exclude_ports: vec![],
-            exclude_cidrs: vec![],
-            agent_cgroup,
-            log_filter: "info".into(),
-        },
+        options(agent_cgroup, &workload, &[], false),
         &[
             "unshare",
             "--mount",
@@ -614,18 +607,7 @@ fn missing_bpffs_is_mounted_by_the_agent() {
     );
 
     let server = EchoServer::start("127.0.0.1:0");
-    let output = tree
-        .run_in(
-            &workload,
-            Command::new(testpeer_binary().expect("testpeer")).args([
-                "--to",
-                &server.address.to_string(),
-                "--send",
-                "64",
-            ]),
-        )
-        .expect("run peer");
-    let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let report = run_peer(&tree, &workload, server.address, 64);
     assert_intact(&report, 64);
     assert_ne!(server.peers(), vec![addr(&report, "local")], "not captured");
 }
