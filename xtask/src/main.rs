@@ -1,6 +1,7 @@
 //! `cargo xtask`: the only entry points a newcomer needs. `setup` installs prerequisites,
 //! `build` builds the agent (and its embedded eBPF object), `lint` runs fmt and clippy (the
-//! eBPF crate on its own target), `test` runs lint plus every test, `demo` shows capture on
+//! eBPF crate on its own target), `test` runs lint, every test and a short fuzz run, `fuzz`
+//! runs the fuzz targets longer, `demo` shows capture on
 //! this machine, `bench` measures the datapath.
 
 mod bench;
@@ -36,6 +37,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         nextest_args: Vec<String>,
     },
+    /// Run every fuzz target (the test task runs each for 10 s).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
     /// Run the mesh on this machine: agent, a demo workload in a fresh cgroup, its captured
     /// traffic and counters; then clean up.
     Demo,
@@ -51,6 +58,7 @@ fn main() -> ExitCode {
         Task::Lint => setup::run().and_then(|()| util::lint()),
         Task::Test { nextest_args } => setup::run().and_then(|()| util::test(&nextest_args)),
         Task::Demo => setup::run().and_then(|()| demo::run()),
+        Task::Fuzz { seconds } => setup::run().and_then(|()| util::fuzz(seconds)),
         Task::Bench(args) => setup::run().and_then(|()| bench::run(&args)),
     };
     match result {

@@ -32,6 +32,7 @@ pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     nextest()?;
+    cargo_fuzz()?;
     python_venv()?;
     Ok(())
 }
@@ -187,6 +188,15 @@ fn nextest() -> anyhow::Result<()> {
     }
     step("cargo-nextest: installing");
     util::run(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if succeeds("cargo", &["fuzz", "--version"]) {
+        step("cargo-fuzz: present");
+        return Ok(());
+    }
+    step("cargo-fuzz: installing");
+    util::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 /// A virtualenv for the Python test clients, refreshed when the requirements change.

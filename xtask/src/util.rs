@@ -80,12 +80,45 @@ pub fn lint() -> anyhow::Result<()> {
         .env_remove("CARGO"))
 }
 
-/// Lint, build, then every test through nextest.
+/// Fuzz targets under `fuzz/`, each with committed seeds in `fuzz/seeds/<target>`.
+pub const FUZZ_TARGETS: [&str; 2] = ["agent_config", "mountinfo"];
+
+/// Runs every fuzz target for `seconds` (new inputs go to a scratch corpus under target/).
+pub fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    for target in FUZZ_TARGETS {
+        step(&format!("cargo fuzz run {target} ({seconds} s)"));
+        let scratch = workspace_root().join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&scratch)?;
+        run(Command::new("rustup")
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                "fuzz",
+                target,
+            ])
+            .arg(&scratch)
+            .arg(format!("fuzz/seeds/{target}"))
+            .args(["--", &format!("-max_total_time={seconds}")])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO"))?;
+    }
+    Ok(())
+}
+
+/// Lint, build, every test through nextest, then a short run of each fuzz target.
 pub fn test(nextest_args: &[String]) -> anyhow::Result<()> {
     lint()?;
     build(false)?;
     step("cargo nextest run (unit and end-to-end tests)");
     run(Command::new("cargo")
         .args(["nextest", "run", "--no-fail-fast"])
-        .args(nextest_args))
+        .args(nextest_args))?;
+    if nextest_args.is_empty() {
+        fuzz(10)?;
+    }
+    Ok(())
 }
