@@ -6,8 +6,12 @@ use libfuzzer_sys::fuzz_target;
 use mesh_agent::config::AgentConfig;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(config) = serde_yaml::from_str::<AgentConfig>(text) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(config) = serde_yaml::from_str::<AgentConfig>(text) else {
+        return;
+    };
     if config.validate().is_err() {
         return;
     }

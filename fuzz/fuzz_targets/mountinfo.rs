@@ -12,7 +12,9 @@ fuzz_target!(|data: &[u8]| {
     let mounts = cgroup::parse_mountinfo(&text);
     let _ = cgroup::find_mount(&mounts, "cgroup2");
     let _ = cgroup::parse_proc_cgroup(&text);
-    if let Ok(path) = cgroup::relative_cgroup_path(Path::new("/sys/fs/cgroup"), Path::new(text.as_ref())) {
+    if let Ok(path) =
+        cgroup::relative_cgroup_path(Path::new("/sys/fs/cgroup"), Path::new(text.as_ref()))
+    {
         assert!(path.is_absolute());
         assert!(!path.components().any(|part| part == Component::ParentDir));
     }
