@@ -2,5 +2,6 @@
 //! protocol detection and L7 handling plug in at [`outbound::OutboundProxy::handle`].
 
 pub mod outbound;
+pub mod sniff;
 
-pub use outbound::{OutboundProxy, ProxyStats, ProxyStatsSnapshot};
+pub use outbound::{OutboundProxy, PROTOCOL_LABELS, ProxyStats, ProxyStatsSnapshot};

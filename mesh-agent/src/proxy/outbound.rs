@@ -20,6 +20,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+use super::sniff::{Protocol, SniffingStream};
 use crate::datapath::{CapturedConnection, Datapath};
 
 /// Buffer size per direction for the byte copy.
@@ -34,7 +35,13 @@ pub struct ProxyStats {
     upstream_failures: AtomicU64,
     bytes_to_upstream: AtomicU64,
     bytes_to_workload: AtomicU64,
+    /// Finished connections by detected protocol, in [`PROTOCOL_LABELS`] order.
+    by_protocol: [AtomicU64; PROTOCOL_LABELS.len()],
 }
+
+/// Protocol labels of [`ProxyStats`]; "undetected" is a connection that closed before the
+/// client sent enough to tell.
+pub const PROTOCOL_LABELS: [&str; 5] = ["tls", "http2", "http1", "opaque", "undetected"];
 
 /// A point-in-time copy of [`ProxyStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -45,6 +52,8 @@ pub struct ProxyStatsSnapshot {
     pub upstream_failures: u64,
     pub bytes_to_upstream: u64,
     pub bytes_to_workload: u64,
+    /// Finished connections by detected protocol, in [`PROTOCOL_LABELS`] order.
+    pub by_protocol: [u64; PROTOCOL_LABELS.len()],
 }
 
 impl ProxyStats {
@@ -56,6 +65,9 @@ impl ProxyStats {
             upstream_failures: self.upstream_failures.load(Ordering::Relaxed),
             bytes_to_upstream: self.bytes_to_upstream.load(Ordering::Relaxed),
             bytes_to_workload: self.bytes_to_workload.load(Ordering::Relaxed),
+            by_protocol: std::array::from_fn(|index| {
+                self.by_protocol[index].load(Ordering::Relaxed)
+            }),
         }
     }
 }
@@ -195,16 +207,21 @@ impl OutboundProxy {
             }
         };
         debug!(%peer, %workload, dst = %captured.original_dst, "forwarding captured connection");
-        let mut client = client;
+        let mut client = SniffingStream::new(client);
         let mut upstream = upstream;
-        match tokio::io::copy_bidirectional_with_sizes(
+        let copied = tokio::io::copy_bidirectional_with_sizes(
             &mut client,
             &mut upstream,
             COPY_BUFFER,
             COPY_BUFFER,
         )
-        .await
-        {
+        .await;
+        let protocol = client.protocol().cloned();
+        let label = protocol.as_ref().map_or("undetected", Protocol::label);
+        if let Some(index) = PROTOCOL_LABELS.iter().position(|known| *known == label) {
+            self.stats.by_protocol[index].fetch_add(1, Ordering::Relaxed);
+        }
+        match copied {
             Ok((to_upstream, to_workload)) => {
                 self.stats
                     .bytes_to_upstream
@@ -212,11 +229,17 @@ impl OutboundProxy {
                 self.stats
                     .bytes_to_workload
                     .fetch_add(to_workload, Ordering::Relaxed);
-                debug!(%peer, %workload, dst = %captured.original_dst, to_upstream, to_workload, "connection closed");
+                debug!(
+                    %peer, %workload, dst = %captured.original_dst, protocol = ?protocol,
+                    to_upstream, to_workload, "connection closed"
+                );
             }
             Err(error) => {
-                debug!(%peer, %workload, dst = %captured.original_dst, %error, "connection ended with an error");
-                reset(&client);
+                debug!(
+                    %peer, %workload, dst = %captured.original_dst, protocol = ?protocol, %error,
+                    "connection ended with an error"
+                );
+                reset(client.get_ref());
             }
         }
     }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use mesh_common::{DatapathEvent, TrafficCounters};
 
-use crate::proxy::ProxyStatsSnapshot;
+use crate::proxy::{PROTOCOL_LABELS, ProxyStatsSnapshot};
 
 /// One workload's counters with the labels that identify it.
 #[derive(Debug, Clone)]
@@ -147,6 +147,14 @@ pub fn render(
         "# HELP {name} Bytes carried from destinations back to workloads.\n# TYPE {name} counter\n{name} {}",
         proxy.bytes_to_workload
     );
+    let name = "mesh_proxy_connections_by_protocol_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Finished captured connections by the protocol detected from the client's first bytes.\n# TYPE {name} counter"
+    );
+    for (label, count) in PROTOCOL_LABELS.iter().zip(proxy.by_protocol) {
+        let _ = writeln!(out, "{name}{{protocol=\"{label}\"}} {count}");
+    }
     let name = "mesh_proxy_connections_active";
     let _ = writeln!(
         out,
