@@ -53,13 +53,27 @@ pub fn datapath_settings(config: &AgentConfig) -> Result<DatapathSettings, Confi
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     config.validate()?;
     let settings = datapath_settings(&config)?;
-    let datapath = Arc::new(Datapath::start(&settings)?);
-
     let listeners = &config.spec.listeners;
     let mut addresses = vec![listeners.outbound];
     if let Some(v6) = listeners.outbound_v6 {
         addresses.push(SocketAddr::new(IpAddr::V6(v6), listeners.outbound.port()));
     }
+    // Bind every listener before touching kernel state: a port that is taken (say, by another
+    // agent) fails here and leaves the datapath that is serving untouched.
+    let outbound_listeners = addresses
+        .iter()
+        .map(|address| bind(*address).map(|listener| (*address, listener)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let admin_listener = match listeners.admin {
+        Some(address) => Some((
+            address,
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| AgentError::Listen { address, source })?,
+        )),
+        None => None,
+    };
+    let datapath = Arc::new(Datapath::start(&settings)?);
     let proxy = Arc::new(OutboundProxy::new(
         Arc::clone(&datapath),
         config.spec.proxy.connect_timeout,
@@ -81,11 +95,8 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         ready: AtomicBool::new(false),
         cgroup_paths: Default::default(),
     });
-    let admin_server = match listeners.admin {
-        Some(address) => {
-            let listener = TcpListener::bind(address)
-                .await
-                .map_err(|source| AgentError::Listen { address, source })?;
+    let admin_server = match admin_listener {
+        Some((address, listener)) => {
             info!(%address, "admin endpoint ready (/healthz, /readyz, /metrics)");
             Some(tokio::spawn(admin::serve(
                 listener,
@@ -96,8 +107,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         None => None,
     };
     let mut servers = Vec::new();
-    for address in addresses {
-        let listener = bind(address)?;
+    for (address, listener) in outbound_listeners {
         info!(%address, "outbound capture listener ready");
         servers.push(tokio::spawn(Arc::clone(&proxy).serve(
             listener,

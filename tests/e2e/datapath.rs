@@ -611,3 +611,57 @@ fn missing_bpffs_is_mounted_by_the_agent() {
     assert_intact(&report, 64);
     assert_ne!(server.peers(), vec![addr(&report, "local")], "not captured");
 }
+
+#[test]
+fn a_second_agent_cannot_take_over_a_running_datapath() {
+    let world = World::start("second", false);
+    let server = EchoServer::start("127.0.0.1:0");
+    let binary = mesh_agent_binary().expect("mesh-agent binary");
+    let run_second = |config: &str| {
+        let path = std::env::temp_dir().join(mesh_tests::unique_name("second.yaml"));
+        std::fs::write(&path, config).expect("write config");
+        let child = world
+            .tree
+            .spawn_in(
+                &world.tree.relative().join("agent"),
+                Command::new(&binary)
+                    .arg("run")
+                    .arg("--config")
+                    .arg(&path)
+                    .env("NO_COLOR", "1")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped()),
+            )
+            .expect("spawn second agent");
+        let output = child.wait_with_output().expect("wait for second agent");
+        let _ = std::fs::remove_file(&path);
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let config = std::fs::read_to_string(&world.agent.config_path).expect("read config");
+
+    // Same config: the listener port is taken, so it stops before touching the datapath.
+    let (code, stderr) = run_second(&config);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+
+    // Other ports, same pin folder: the folder lock refuses it.
+    let other_ports = config
+        .replace(
+            &world.agent.port.to_string(),
+            &mesh_tests::free_port().expect("port").to_string(),
+        )
+        .replace(
+            &world.agent.admin_port.to_string(),
+            &mesh_tests::free_port().expect("port").to_string(),
+        );
+    let (code, stderr) = run_second(&other_ports);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("another agent is running"), "{stderr}");
+
+    // The first agent still owns and serves the datapath.
+    assert_intact(&world.peer(&world.workload, server.address, 256), 256);
+    assert_eq!(field(&world.counters(), "connections_captured"), 1);
+}

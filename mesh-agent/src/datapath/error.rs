@@ -90,6 +90,11 @@ pub enum DatapathError {
         "the cgroup the datapath is attached to (id {cgroup_id}) no longer exists; run `mesh-agent detach`"
     )]
     AttachCgroupGone { cgroup_id: u64 },
+    #[error(
+        "another agent is running with pin folder {pin_dir}; stop it first, or give this one its \
+         own spec.datapath.pinDir"
+    )]
+    PinDirInUse { pin_dir: PathBuf },
     #[error("invalid {setting}: {problem}")]
     InvalidSetting {
         setting: &'static str,

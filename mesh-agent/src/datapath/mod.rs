@@ -79,6 +79,8 @@ const CGROUP_PROGRAMS: [(&str, AttachType); 7] = [
 pub struct Datapath {
     // The loaded programs, kept for the lifetime of the agent; `None` when opened from pins.
     _ebpf: Option<Ebpf>,
+    /// Exclusive lock on the pin folder while this agent owns it; `None` when opened from pins.
+    _lock: Option<nix::fcntl::Flock<fs::File>>,
     maps: DatapathMaps,
     cgroup_mount: PathBuf,
     attach: Cgroup,
@@ -97,6 +99,7 @@ impl Datapath {
         ensure_bpffs(&settings.pin_dir)?;
         let links_dir = settings.pin_dir.join("links");
         create_dir(&links_dir)?;
+        let lock = lock_pin_dir(&settings.pin_dir)?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&settings.pin_dir)
@@ -161,6 +164,7 @@ impl Datapath {
         );
         Ok(Self {
             _ebpf: Some(ebpf),
+            _lock: Some(lock),
             maps,
             cgroup_mount,
             attach,
@@ -198,6 +202,7 @@ impl Datapath {
         let accelerated = config.flags & config_flags::ACCELERATE != 0;
         Ok(Self {
             _ebpf: None,
+            _lock: None,
             maps,
             cgroup_mount,
             attach,
@@ -481,6 +486,28 @@ fn attach_cgroup_link(
     })?;
     debug!(program = name, pin = %pin.display(), "attached and pinned link");
     Ok(())
+}
+
+/// Takes the pin folder for this agent: two agents must never drive one datapath.
+fn lock_pin_dir(pin_dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, DatapathError> {
+    let dir = fs::File::open(pin_dir).map_err(|source| DatapathError::Io {
+        what: format!("opening {}", pin_dir.display()),
+        source,
+    })?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                DatapathError::PinDirInUse {
+                    pin_dir: pin_dir.to_path_buf(),
+                }
+            } else {
+                DatapathError::Io {
+                    what: format!("locking {}", pin_dir.display()),
+                    source: errno.into(),
+                }
+            }
+        },
+    )
 }
 
 /// Detaches every program and removes every pin under `pin_dir`: the inverse of
