@@ -149,6 +149,7 @@ fn options(
         exclude_cidrs: vec![],
         agent_cgroup,
         log_filter: "info,mesh_agent=debug".into(),
+        agent_binary: None,
     }
 }
 

@@ -299,6 +299,8 @@ pub struct AgentOptions {
     /// cgroup (relative) the agent process runs in; must be inside the tree for acceleration.
     pub agent_cgroup: PathBuf,
     pub log_filter: String,
+    /// The `mesh-agent` binary to run; `None` for [`mesh_agent_binary`].
+    pub agent_binary: Option<PathBuf>,
 }
 
 /// A running `mesh-agent` with its own config, port and pin folder. Dropping it kills the
@@ -412,7 +414,7 @@ impl AgentProcess {
         let log_err = log
             .try_clone()
             .map_err(io_error("duplicating the agent log"))?;
-        let binary = mesh_agent_binary()?;
+        let binary = self.binary()?;
         let mut command = match self.launcher.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
@@ -455,6 +457,13 @@ impl AgentProcess {
                 });
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn binary(&self) -> Result<PathBuf, HarnessError> {
+        match &self.options.agent_binary {
+            Some(path) => Ok(path.clone()),
+            None => mesh_agent_binary(),
         }
     }
 
@@ -505,7 +514,7 @@ impl AgentProcess {
 
     /// Runs a `mesh-agent` subcommand against this agent's pins and returns stdout.
     pub fn command(&self, args: &[&str]) -> Result<String, HarnessError> {
-        let output = Command::new(mesh_agent_binary()?)
+        let output = Command::new(self.binary()?)
             .args(args)
             .arg("--pin-dir")
             .arg(&self.pin_dir)

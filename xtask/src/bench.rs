@@ -1,17 +1,690 @@
-//! Benchmarks (filled in by the datapath benchmark).
+//! `cargo xtask bench`: performance of the mesh path, measured against the direct path and a
+//! reference proxy in the same run, with the same load generator (`mesh-loadgen`) for all.
+//!
+//! `datapath` compares four ways for a client in a test cgroup to reach a local server:
+//! direct; through haproxy in TCP mode (Debian's, the reference); captured by the kernel
+//! programs and carried by `mesh-agent`; and the same with sk_msg acceleration. For each it
+//! measures connect latency, request/response latency and rate on one and on eight
+//! connections, bulk throughput on one and on four streams, and the proxy's CPU time per
+//! request and memory. Rounds interleave the paths so drift on the machine hits all of them
+//! alike; the report shows the median of the rounds and each value as a ratio to direct.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use mesh_tests::{AgentOptions, AgentProcess, CgroupTree, free_port, unique_name};
+use serde_json::{Value, json};
+
+use crate::util::{self, step, workspace_root};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Which benchmark to run.
     #[arg(value_enum)]
     pub suite: Suite,
+    /// Rounds over all paths; the report shows the median of each measurement.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds of load per request/response and bulk measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Connections opened per connect-latency measurement.
+    #[arg(long, default_value_t = 2000)]
+    pub connects: usize,
+    /// One short round (1 s per measurement, 300 connects): a smoke run, not for reporting.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where the JSON report goes (default: target/bench/<suite>.json).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Suite {
+    /// Connect, request/response and bulk over the capture datapath.
     Datapath,
 }
 
-pub fn run(_args: &BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not written yet")
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    match args.suite {
+        Suite::Datapath => datapath(args),
+    }
+}
+
+/// The ways a client reaches the server, in report order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PathKind {
+    Direct,
+    Haproxy,
+    Mesh,
+    MeshAccelerated,
+}
+
+impl PathKind {
+    const ALL: [Self; 4] = [
+        Self::Direct,
+        Self::Haproxy,
+        Self::Mesh,
+        Self::MeshAccelerated,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Haproxy => "haproxy (tcp mode)",
+            Self::Mesh => "mesh (captured)",
+            Self::MeshAccelerated => "mesh + sk_msg",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Haproxy => "haproxy",
+            Self::Mesh => "mesh",
+            Self::MeshAccelerated => "mesh_accelerated",
+        }
+    }
+}
+
+/// One measured quantity: its key in the JSON report, its label, and whether larger is better.
+struct Metric {
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    higher_is_better: bool,
+}
+
+const METRICS: [Metric; 16] = [
+    metric("connect_p50_us", "connect p50", "µs", false),
+    metric("connect_p99_us", "connect p99", "µs", false),
+    metric(
+        "first_response_p50_us",
+        "connect + 1st reply p50",
+        "µs",
+        false,
+    ),
+    metric(
+        "first_response_p99_us",
+        "connect + 1st reply p99",
+        "µs",
+        false,
+    ),
+    metric("rr1_p50_us", "req/resp 64 B, 1 conn, p50", "µs", false),
+    metric("rr1_p99_us", "req/resp 64 B, 1 conn, p99", "µs", false),
+    metric("rr1_rps", "req/resp 64 B, 1 conn, rate", "req/s", true),
+    metric("rr8_p50_us", "req/resp 64 B, 8 conns, p50", "µs", false),
+    metric("rr8_p99_us", "req/resp 64 B, 8 conns, p99", "µs", false),
+    metric("rr8_rps", "req/resp 64 B, 8 conns, rate", "req/s", true),
+    metric("bulk1_gbps", "bulk, 1 stream", "Gbit/s", true),
+    metric("bulk4_gbps", "bulk, 4 streams", "Gbit/s", true),
+    metric(
+        "proxy_cpu_us_per_request",
+        "proxy CPU per request (8 conns)",
+        "µs",
+        false,
+    ),
+    metric(
+        "proxy_cpu_s_per_gb",
+        "proxy CPU per GB (1 stream)",
+        "s",
+        false,
+    ),
+    metric("proxy_rss_mib", "proxy RSS after load", "MiB", false),
+    metric("proxy_peak_rss_mib", "proxy peak RSS", "MiB", false),
+];
+
+const fn metric(
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    higher_is_better: bool,
+) -> Metric {
+    Metric {
+        key,
+        label,
+        unit,
+        higher_is_better,
+    }
+}
+
+/// Warm-up requests per connection of the eight-connection request/response measurement.
+const RR8_WARMUP: usize = 200;
+
+/// Settings of one benchmark run.
+struct Plan {
+    rounds: usize,
+    duration_ms: u64,
+    connects: usize,
+}
+
+/// A child process killed (and reaped) when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What the benchmark needs from the machine and the build.
+struct Tools {
+    agent: PathBuf,
+    loadgen: PathBuf,
+}
+
+fn build_release() -> anyhow::Result<Tools> {
+    step("building mesh-agent and mesh-loadgen (release)");
+    util::run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-tests",
+        "--bins",
+    ]))?;
+    let release = workspace_root().join("target/release");
+    Ok(Tools {
+        agent: release.join("mesh-agent"),
+        loadgen: release.join("mesh-loadgen"),
+    })
+}
+
+/// Starts `mesh-loadgen serve` and returns it with the address it listens on.
+fn start_server(loadgen: &Path) -> anyhow::Result<(Guard, SocketAddr)> {
+    let mut child = Command::new(loadgen)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting mesh-loadgen serve")?;
+    let stdout = child.stdout.take().context("no stdout from the server")?;
+    let guard = Guard(child);
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the server's address")?;
+    let address = line
+        .trim()
+        .strip_prefix("listening ")
+        .with_context(|| format!("unexpected first line from the server: {line:?}"))?
+        .parse()
+        .context("parsing the server's address")?;
+    Ok((guard, address))
+}
+
+/// Starts haproxy forwarding TCP from a free loopback port to `server`, one thread per core
+/// like the agent's runtime.
+fn start_haproxy(work_dir: &Path, server: SocketAddr) -> anyhow::Result<(Guard, SocketAddr)> {
+    let port = free_port()?;
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let config = format!(
+        "global\n    nbthread {threads}\n    maxconn 4000\n\n\
+         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    \
+         timeout server 60s\n\n\
+         listen forward\n    bind {listen}\n    server upstream {server}\n"
+    );
+    let path = work_dir.join("haproxy.cfg");
+    fs::write(&path, config).context("writing the haproxy config")?;
+    let child = Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting haproxy (cargo xtask setup installs it)")?;
+    let mut guard = Guard(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(listen).is_err() {
+        if let Ok(Some(status)) = guard.0.try_wait() {
+            bail!("haproxy exited ({status}); its messages are above");
+        }
+        if Instant::now() > deadline {
+            bail!("haproxy did not listen on {listen} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((guard, listen))
+}
+
+/// User plus system CPU seconds a process has used so far, from /proc/<pid>/stat.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc/<pid>/stat")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(index)
+            .context("short /proc/<pid>/stat")?
+            .parse::<f64>()?)
+    };
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / ticks_per_second.max(1.0))
+}
+
+/// A `VmRSS`-style field of /proc/<pid>/status in MiB.
+fn memory_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(kib / 1024.0)
+}
+
+/// Runs one `mesh-loadgen` client in the client cgroup and returns its JSON report.
+fn loadgen(
+    tree: &CgroupTree,
+    client: &Path,
+    binary: &Path,
+    args: &[String],
+) -> anyhow::Result<Value> {
+    let output = tree.run_in(client, Command::new(binary).args(args))?;
+    if !output.status.success() {
+        bail!(
+            "mesh-loadgen {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "mesh-loadgen printed no JSON: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+fn number(report: &Value, pointer: &str) -> anyhow::Result<f64> {
+    report
+        .pointer(pointer)
+        .and_then(Value::as_f64)
+        .with_context(|| format!("no {pointer} in {report}"))
+}
+
+/// Measures every metric of one path once. `proxy` is the pid of the forwarding process,
+/// if any.
+fn measure(
+    tree: &CgroupTree,
+    client: &Path,
+    tools: &Tools,
+    plan: &Plan,
+    target: SocketAddr,
+    proxy: Option<u32>,
+) -> anyhow::Result<Value> {
+    let to = target.to_string();
+    let duration = plan.duration_ms.to_string();
+    let strings =
+        |parts: &[&str]| -> Vec<String> { parts.iter().map(|part| (*part).to_owned()).collect() };
+    let cpu = || proxy.map(cpu_seconds).transpose();
+
+    let connect = loadgen(
+        tree,
+        client,
+        &tools.loadgen,
+        &strings(&[
+            "connect",
+            "--to",
+            &to,
+            "--count",
+            &plan.connects.to_string(),
+        ]),
+    )?;
+    let rr1 = loadgen(
+        tree,
+        client,
+        &tools.loadgen,
+        &strings(&["rr", "--to", &to, "--duration-ms", &duration]),
+    )?;
+    let cpu_start = cpu()?;
+    let rr8 = loadgen(
+        tree,
+        client,
+        &tools.loadgen,
+        &strings(&[
+            "rr",
+            "--to",
+            &to,
+            "--connections",
+            "8",
+            "--warmup",
+            &RR8_WARMUP.to_string(),
+            "--duration-ms",
+            &duration,
+        ]),
+    )?;
+    let cpu_after_rr8 = cpu()?;
+    let bulk1 = loadgen(
+        tree,
+        client,
+        &tools.loadgen,
+        &strings(&["bulk", "--to", &to, "--duration-ms", &duration]),
+    )?;
+    let cpu_after_bulk1 = cpu()?;
+    let bulk4 = loadgen(
+        tree,
+        client,
+        &tools.loadgen,
+        &strings(&[
+            "bulk",
+            "--to",
+            &to,
+            "--streams",
+            "4",
+            "--duration-ms",
+            &duration,
+        ]),
+    )?;
+
+    let mut sample = json!({
+        "connect_p50_us": number(&connect, "/connect/p50_us")?,
+        "connect_p99_us": number(&connect, "/connect/p99_us")?,
+        "first_response_p50_us": number(&connect, "/connect_and_first_response/p50_us")?,
+        "first_response_p99_us": number(&connect, "/connect_and_first_response/p99_us")?,
+        "rr1_p50_us": number(&rr1, "/p50_us")?,
+        "rr1_p99_us": number(&rr1, "/p99_us")?,
+        "rr1_rps": number(&rr1, "/requests_per_second")?,
+        "rr8_p50_us": number(&rr8, "/p50_us")?,
+        "rr8_p99_us": number(&rr8, "/p99_us")?,
+        "rr8_rps": number(&rr8, "/requests_per_second")?,
+        "bulk1_gbps": number(&bulk1, "/gbit_per_second")?,
+        "bulk4_gbps": number(&bulk4, "/gbit_per_second")?,
+    });
+    if let (Some(pid), Some(start), Some(after_rr8), Some(after_bulk1)) =
+        (proxy, cpu_start, cpu_after_rr8, cpu_after_bulk1)
+    {
+        // Warm-up requests ran through the proxy too, so they count.
+        let rr8_requests = number(&rr8, "/samples")? + 8.0 * RR8_WARMUP as f64;
+        let bulk1_gigabytes = number(&bulk1, "/bytes")? / 1e9;
+        sample["proxy_cpu_us_per_request"] =
+            json!((after_rr8 - start) / rr8_requests.max(1.0) * 1e6);
+        sample["proxy_cpu_s_per_gb"] = json!((after_bulk1 - after_rr8) / bulk1_gigabytes.max(1e-9));
+        sample["proxy_rss_mib"] = json!(memory_mib(pid, "VmRSS")?);
+        sample["proxy_peak_rss_mib"] = json!(memory_mib(pid, "VmHWM")?);
+    }
+    Ok(sample)
+}
+
+/// Runs one path once: starts what forwards for it, measures, checks the capture really
+/// carried the traffic, and tears the forwarder down.
+fn run_path(
+    kind: PathKind,
+    tree: &CgroupTree,
+    tools: &Tools,
+    plan: &Plan,
+    server: SocketAddr,
+    haproxy: (&Guard, SocketAddr),
+) -> anyhow::Result<Value> {
+    let client = tree.relative().join("client");
+    match kind {
+        PathKind::Direct => measure(tree, &client, tools, plan, server, None),
+        PathKind::Haproxy => measure(
+            tree,
+            &client,
+            tools,
+            plan,
+            haproxy.1,
+            Some(haproxy.0.0.id()),
+        ),
+        PathKind::Mesh | PathKind::MeshAccelerated => {
+            let agent = AgentProcess::start(
+                tree,
+                AgentOptions {
+                    accelerate: kind == PathKind::MeshAccelerated,
+                    workloads: vec![("bench-client".into(), client.clone())],
+                    exclude_ports: vec![],
+                    exclude_cidrs: vec![],
+                    agent_cgroup: tree.relative().join("agent"),
+                    log_filter: "info".into(),
+                    agent_binary: Some(tools.agent.clone()),
+                },
+            )?;
+            let sample = measure(tree, &client, tools, plan, server, agent.pid())?;
+            let counters = agent.workload_counters(&client)?;
+            let captured = counters["connections_captured"].as_u64().unwrap_or(0);
+            // Every connection of the run: connects, 1 + 8 request/response, 1 + 4 bulk.
+            let expected = (plan.connects + 14) as u64;
+            if captured < expected {
+                bail!(
+                    "{}: the kernel captured {captured} connections, the run made {expected}: \
+                     the mesh path was not measured ({counters})",
+                    kind.label()
+                );
+            }
+            Ok(sample)
+        }
+    }
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    match values.len() {
+        0 => None,
+        length if length % 2 == 1 => Some(values[middle]),
+        _ => Some((values[middle - 1] + values[middle]) / 2.0),
+    }
+}
+
+/// The median of each metric over the rounds of one path.
+fn medians(samples: &[Value]) -> Value {
+    let mut result = json!({});
+    for metric in &METRICS {
+        let values: Vec<f64> = samples
+            .iter()
+            .filter_map(|sample| sample[metric.key].as_f64())
+            .collect();
+        if let Some(value) = median(values) {
+            result[metric.key] = json!(value);
+        }
+    }
+    result
+}
+
+fn format_value(value: f64) -> String {
+    if value >= 1000.0 {
+        format!("{value:.0}")
+    } else if value >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+/// A Markdown table: one row per metric, one column per path, ratios to direct (or, for the
+/// proxy's own costs, to haproxy).
+fn table(results: &Value) -> String {
+    let mut out = String::from("| metric |");
+    for kind in PathKind::ALL {
+        let _ = write!(out, " {} |", kind.label());
+    }
+    out.push_str("\n|---|");
+    for _ in PathKind::ALL {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    for metric in &METRICS {
+        let baseline_kind = if metric.key.starts_with("proxy_") {
+            PathKind::Haproxy
+        } else {
+            PathKind::Direct
+        };
+        let baseline = results[baseline_kind.key()][metric.key].as_f64();
+        let direction = if metric.higher_is_better {
+            "higher is better"
+        } else {
+            "lower is better"
+        };
+        let _ = write!(out, "| {} ({}, {direction}) |", metric.label, metric.unit);
+        for kind in PathKind::ALL {
+            match results[kind.key()][metric.key].as_f64() {
+                Some(value) => {
+                    let ratio = match baseline {
+                        Some(base) if base > 0.0 && kind != baseline_kind => {
+                            format!(" ({:.2}×)", value / base)
+                        }
+                        _ => String::new(),
+                    };
+                    let _ = write!(out, " {}{ratio} |", format_value(value));
+                }
+                None => out.push_str(" – |"),
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The stage targets, each with whether this run met it.
+fn verdicts(results: &Value) -> Vec<(String, bool)> {
+    let get = |kind: PathKind, key: &str| results[kind.key()][key].as_f64().unwrap_or(f64::NAN);
+    let mut verdicts = Vec::new();
+    for key in ["rr1_p50_us", "rr1_p99_us", "rr8_p50_us", "rr8_p99_us"] {
+        let mesh = get(PathKind::Mesh, key);
+        let haproxy = get(PathKind::Haproxy, key);
+        verdicts.push((
+            format!("mesh {key} {mesh:.1} µs no worse than haproxy's {haproxy:.1} µs"),
+            mesh <= haproxy,
+        ));
+    }
+    for key in ["rr1_p50_us", "rr8_p50_us"] {
+        let accelerated = get(PathKind::MeshAccelerated, key);
+        let mesh = get(PathKind::Mesh, key);
+        verdicts.push((
+            format!("sk_msg {key} {accelerated:.1} µs faster than captured {mesh:.1} µs"),
+            accelerated < mesh,
+        ));
+    }
+    for kind in [PathKind::Mesh, PathKind::MeshAccelerated] {
+        for key in ["bulk1_gbps", "bulk4_gbps"] {
+            let ratio = get(kind, key) / get(PathKind::Direct, key);
+            verdicts.push((
+                format!(
+                    "{} {key} at least 70% of direct: {:.0}%",
+                    kind.label(),
+                    ratio * 100.0
+                ),
+                ratio >= 0.7,
+            ));
+        }
+    }
+    verdicts
+}
+
+fn datapath(args: &BenchArgs) -> anyhow::Result<()> {
+    let plan = if args.quick {
+        Plan {
+            rounds: 1,
+            duration_ms: 1000,
+            connects: 300,
+        }
+    } else {
+        Plan {
+            rounds: args.rounds.max(1),
+            duration_ms: (args.seconds * 1000.0).max(100.0) as u64,
+            connects: args.connects.max(10),
+        }
+    };
+    let tools = build_release()?;
+    let work_dir = std::env::temp_dir().join(unique_name("bench"));
+    fs::create_dir_all(&work_dir)?;
+    let result = (|| -> anyhow::Result<Value> {
+        let (_server, server) = start_server(&tools.loadgen)?;
+        let (haproxy, haproxy_address) = start_haproxy(&work_dir, server)?;
+        let tree = CgroupTree::create("bench")?;
+        tree.child("client")?;
+        tree.child("agent")?;
+        step(&format!(
+            "server {server}, haproxy {haproxy_address}, client cgroup {}/client; {} round(s), \
+             {} ms per load measurement",
+            tree.relative().display(),
+            plan.rounds,
+            plan.duration_ms
+        ));
+        let mut samples: Vec<Vec<Value>> = vec![Vec::new(); PathKind::ALL.len()];
+        for round in 1..=plan.rounds {
+            for (index, kind) in PathKind::ALL.into_iter().enumerate() {
+                step(&format!("round {round}/{}: {}", plan.rounds, kind.label()));
+                let sample = run_path(
+                    kind,
+                    &tree,
+                    &tools,
+                    &plan,
+                    server,
+                    (&haproxy, haproxy_address),
+                )?;
+                eprintln!(
+                    "    rr 1 conn p50 {:.1} µs p99 {:.1} µs; bulk 1 stream {:.2} Gbit/s",
+                    sample["rr1_p50_us"].as_f64().unwrap_or(f64::NAN),
+                    sample["rr1_p99_us"].as_f64().unwrap_or(f64::NAN),
+                    sample["bulk1_gbps"].as_f64().unwrap_or(f64::NAN)
+                );
+                samples[index].push(sample);
+            }
+        }
+        let mut results = json!({});
+        for (index, kind) in PathKind::ALL.into_iter().enumerate() {
+            results[kind.key()] = medians(&samples[index]);
+        }
+        Ok(json!({
+            "suite": "datapath",
+            "rounds": plan.rounds,
+            "duration_ms": plan.duration_ms,
+            "connects": plan.connects,
+            "cpus": std::thread::available_parallelism().map_or(1, usize::from),
+            "kernel": fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim(),
+            "median": results,
+            "rounds_raw": PathKind::ALL
+                .into_iter()
+                .enumerate()
+                .map(|(index, kind)| (kind.key().to_owned(), Value::from(samples[index].clone())))
+                .collect::<serde_json::Map<_, _>>(),
+        }))
+    })();
+    let _ = fs::remove_dir_all(&work_dir);
+    let report = result?;
+
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("target/bench/datapath.json"));
+    if let Some(parent) = output.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(&output, serde_json::to_string_pretty(&report)?)?;
+
+    step(&format!(
+        "datapath benchmark: median of {} round(s); (×) is the ratio to direct, or to haproxy \
+         for the proxy's own CPU and memory",
+        plan.rounds
+    ));
+    println!("{}", table(&report["median"]));
+    step("stage targets");
+    for (text, met) in verdicts(&report["median"]) {
+        println!("  [{}] {text}", if met { "met" } else { "MISSED" });
+    }
+    step(&format!("JSON report: {}", output.display()));
+    Ok(())
 }

@@ -121,6 +121,7 @@ pub fn run() -> anyhow::Result<()> {
             exclude_cidrs: vec![],
             agent_cgroup: agent_cgroup.clone(),
             log_filter: "info,mesh_agent=debug".into(),
+            agent_binary: None,
         },
     )?;
     step(&format!(
