@@ -78,6 +78,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         Arc::clone(&datapath),
         config.spec.proxy.connect_timeout,
         addresses.clone(),
+        !config.spec.datapath.accelerate,
     ));
 
     // A workload that cannot be enrolled is reported and skipped; the others are served.

@@ -322,8 +322,17 @@ fn number(report: &Value, pointer: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("no {pointer} in {report}"))
 }
 
+/// One load generator run: its name, its arguments, and which report values (JSON pointers)
+/// become which metrics.
+type LoadRun<'a> = (
+    &'static str,
+    Vec<&'a str>,
+    Vec<(&'static str, &'static str)>,
+);
+
 /// Measures every metric of one path once. `proxy` is the pid of the forwarding process,
-/// if any.
+/// if any. A measurement that fails is recorded under `errors` (with the reason) and the
+/// others still run: a failing path is a result, not a reason to lose the rest.
 fn measure(
     tree: &CgroupTree,
     client: &Path,
@@ -334,93 +343,110 @@ fn measure(
 ) -> anyhow::Result<Value> {
     let to = target.to_string();
     let duration = plan.duration_ms.to_string();
-    let strings =
-        |parts: &[&str]| -> Vec<String> { parts.iter().map(|part| (*part).to_owned()).collect() };
+    let connects = plan.connects.to_string();
+    let warmup = RR8_WARMUP.to_string();
     let cpu = || proxy.map(cpu_seconds).transpose();
-
-    let connect = loadgen(
-        tree,
-        client,
-        &tools.loadgen,
-        &strings(&[
+    let mut sample = json!({});
+    let mut errors = serde_json::Map::new();
+    // (name, arguments, [(metric key, JSON pointer into the loadgen report)])
+    let runs: [LoadRun<'_>; 5] = [
+        (
             "connect",
-            "--to",
-            &to,
-            "--count",
-            &plan.connects.to_string(),
-        ]),
-    )?;
-    let rr1 = loadgen(
-        tree,
-        client,
-        &tools.loadgen,
-        &strings(&["rr", "--to", &to, "--duration-ms", &duration]),
-    )?;
-    let cpu_start = cpu()?;
-    let rr8 = loadgen(
-        tree,
-        client,
-        &tools.loadgen,
-        &strings(&[
-            "rr",
-            "--to",
-            &to,
-            "--connections",
-            "8",
-            "--warmup",
-            &RR8_WARMUP.to_string(),
-            "--duration-ms",
-            &duration,
-        ]),
-    )?;
-    let cpu_after_rr8 = cpu()?;
-    let bulk1 = loadgen(
-        tree,
-        client,
-        &tools.loadgen,
-        &strings(&["bulk", "--to", &to, "--duration-ms", &duration]),
-    )?;
-    let cpu_after_bulk1 = cpu()?;
-    let bulk4 = loadgen(
-        tree,
-        client,
-        &tools.loadgen,
-        &strings(&[
-            "bulk",
-            "--to",
-            &to,
-            "--streams",
-            "4",
-            "--duration-ms",
-            &duration,
-        ]),
-    )?;
-
-    let mut sample = json!({
-        "connect_p50_us": number(&connect, "/connect/p50_us")?,
-        "connect_p99_us": number(&connect, "/connect/p99_us")?,
-        "first_response_p50_us": number(&connect, "/connect_and_first_response/p50_us")?,
-        "first_response_p99_us": number(&connect, "/connect_and_first_response/p99_us")?,
-        "rr1_p50_us": number(&rr1, "/p50_us")?,
-        "rr1_p99_us": number(&rr1, "/p99_us")?,
-        "rr1_rps": number(&rr1, "/requests_per_second")?,
-        "rr8_p50_us": number(&rr8, "/p50_us")?,
-        "rr8_p99_us": number(&rr8, "/p99_us")?,
-        "rr8_rps": number(&rr8, "/requests_per_second")?,
-        "bulk1_gbps": number(&bulk1, "/gbit_per_second")?,
-        "bulk4_gbps": number(&bulk4, "/gbit_per_second")?,
-    });
-    if let (Some(pid), Some(start), Some(after_rr8), Some(after_bulk1)) =
-        (proxy, cpu_start, cpu_after_rr8, cpu_after_bulk1)
-    {
-        // Warm-up requests ran through the proxy too, so they count.
-        let rr8_requests = number(&rr8, "/samples")? + 8.0 * RR8_WARMUP as f64;
-        let bulk1_gigabytes = number(&bulk1, "/bytes")? / 1e9;
-        sample["proxy_cpu_us_per_request"] =
-            json!((after_rr8 - start) / rr8_requests.max(1.0) * 1e6);
-        sample["proxy_cpu_s_per_gb"] = json!((after_bulk1 - after_rr8) / bulk1_gigabytes.max(1e-9));
+            vec!["connect", "--to", &to, "--count", &connects],
+            vec![
+                ("connect_p50_us", "/connect/p50_us"),
+                ("connect_p99_us", "/connect/p99_us"),
+                (
+                    "first_response_p50_us",
+                    "/connect_and_first_response/p50_us",
+                ),
+                (
+                    "first_response_p99_us",
+                    "/connect_and_first_response/p99_us",
+                ),
+            ],
+        ),
+        (
+            "rr1",
+            vec!["rr", "--to", &to, "--duration-ms", &duration],
+            vec![
+                ("rr1_p50_us", "/p50_us"),
+                ("rr1_p99_us", "/p99_us"),
+                ("rr1_rps", "/requests_per_second"),
+            ],
+        ),
+        (
+            "rr8",
+            vec![
+                "rr",
+                "--to",
+                &to,
+                "--connections",
+                "8",
+                "--warmup",
+                &warmup,
+                "--duration-ms",
+                &duration,
+            ],
+            vec![
+                ("rr8_p50_us", "/p50_us"),
+                ("rr8_p99_us", "/p99_us"),
+                ("rr8_rps", "/requests_per_second"),
+            ],
+        ),
+        (
+            "bulk1",
+            vec!["bulk", "--to", &to, "--duration-ms", &duration],
+            vec![("bulk1_gbps", "/gbit_per_second")],
+        ),
+        (
+            "bulk4",
+            vec![
+                "bulk",
+                "--to",
+                &to,
+                "--streams",
+                "4",
+                "--duration-ms",
+                &duration,
+            ],
+            vec![("bulk4_gbps", "/gbit_per_second")],
+        ),
+    ];
+    for (name, arguments, metrics) in runs {
+        let arguments: Vec<String> = arguments.iter().map(|part| (*part).to_owned()).collect();
+        let cpu_before = cpu()?;
+        let report = match loadgen(tree, client, &tools.loadgen, &arguments) {
+            Ok(report) => report,
+            Err(error) => {
+                eprintln!("    {name} failed: {error:#}");
+                errors.insert(name.to_owned(), json!(format!("{error:#}")));
+                continue;
+            }
+        };
+        let cpu_used = cpu()?.zip(cpu_before).map(|(after, before)| after - before);
+        for (key, pointer) in metrics {
+            sample[key] = json!(number(&report, pointer)?);
+        }
+        match (name, cpu_used) {
+            ("rr8", Some(cpu_used)) => {
+                // Warm-up requests ran through the proxy too, so they count.
+                let requests = number(&report, "/samples")? + 8.0 * RR8_WARMUP as f64;
+                sample["proxy_cpu_us_per_request"] = json!(cpu_used / requests.max(1.0) * 1e6);
+            }
+            ("bulk1", Some(cpu_used)) => {
+                let gigabytes = number(&report, "/bytes")? / 1e9;
+                sample["proxy_cpu_s_per_gb"] = json!(cpu_used / gigabytes.max(1e-9));
+            }
+            _ => {}
+        }
+    }
+    if let Some(pid) = proxy {
         sample["proxy_rss_mib"] = json!(memory_mib(pid, "VmRSS")?);
         sample["proxy_peak_rss_mib"] = json!(memory_mib(pid, "VmHWM")?);
+    }
+    if !errors.is_empty() {
+        sample["errors"] = Value::Object(errors);
     }
     Ok(sample)
 }
@@ -462,8 +488,13 @@ fn run_path(
             let sample = measure(tree, &client, tools, plan, server, agent.pid())?;
             let counters = agent.workload_counters(&client)?;
             let captured = counters["connections_captured"].as_u64().unwrap_or(0);
-            // Every connection of the run: connects, 1 + 8 request/response, 1 + 4 bulk.
-            let expected = (plan.connects + 14) as u64;
+            // Every connection of the run: connects, 1 + 8 request/response, 1 + 4 bulk; at
+            // least the connects when a measurement failed part-way.
+            let expected = if sample.get("errors").is_some() {
+                plan.connects as u64
+            } else {
+                (plan.connects + 14) as u64
+            };
             if captured < expected {
                 bail!(
                     "{}: the kernel captured {captured} connections, the run made {expected}: \
@@ -486,17 +517,26 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     }
 }
 
-/// The median of each metric over the rounds of one path.
+/// The median of each metric over the rounds of one path, and under `failed_rounds` how
+/// many rounds could not measure it.
 fn medians(samples: &[Value]) -> Value {
     let mut result = json!({});
+    let mut failed = serde_json::Map::new();
     for metric in &METRICS {
         let values: Vec<f64> = samples
             .iter()
             .filter_map(|sample| sample[metric.key].as_f64())
             .collect();
+        let missing = samples.len() - values.len();
+        if missing > 0 && !samples.iter().all(|sample| sample.get("errors").is_none()) {
+            failed.insert(metric.key.to_owned(), json!(missing));
+        }
         if let Some(value) = median(values) {
             result[metric.key] = json!(value);
         }
+    }
+    if !failed.is_empty() {
+        result["failed_rounds"] = Value::Object(failed);
     }
     result
 }
@@ -537,6 +577,10 @@ fn table(results: &Value) -> String {
         };
         let _ = write!(out, "| {} ({}, {direction}) |", metric.label, metric.unit);
         for kind in PathKind::ALL {
+            let failed = results[kind.key()]["failed_rounds"][metric.key]
+                .as_u64()
+                .map(|rounds| format!(" **failed in {rounds} round(s)**"))
+                .unwrap_or_default();
             match results[kind.key()][metric.key].as_f64() {
                 Some(value) => {
                     let ratio = match baseline {
@@ -545,9 +589,12 @@ fn table(results: &Value) -> String {
                         }
                         _ => String::new(),
                     };
-                    let _ = write!(out, " {}{ratio} |", format_value(value));
+                    let _ = write!(out, " {}{ratio}{failed} |", format_value(value));
                 }
-                None => out.push_str(" – |"),
+                None if failed.is_empty() => out.push_str(" – |"),
+                None => {
+                    let _ = write!(out, "{failed} |");
+                }
             }
         }
         out.push('\n');
@@ -681,6 +728,25 @@ fn datapath(args: &BenchArgs) -> anyhow::Result<()> {
         plan.rounds
     ));
     println!("{}", table(&report["median"]));
+    for kind in PathKind::ALL {
+        for (round, sample) in report["rounds_raw"][kind.key()]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if let Some(errors) = sample["errors"].as_object() {
+                for (name, error) in errors {
+                    println!(
+                        "  {} round {}: {name} failed: {}",
+                        kind.label(),
+                        round + 1,
+                        error.as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
     step("stage targets");
     for (text, met) in verdicts(&report["median"]) {
         println!("  [{}] {text}", if met { "met" } else { "MISSED" });

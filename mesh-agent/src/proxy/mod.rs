@@ -3,5 +3,6 @@
 
 pub mod outbound;
 pub mod sniff;
+pub mod splice;
 
 pub use outbound::{OutboundProxy, PROTOCOL_LABELS, ProxyStats, ProxyStatsSnapshot};

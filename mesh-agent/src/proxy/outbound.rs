@@ -20,7 +20,10 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::sniff::{Protocol, SniffingStream};
+use super::{
+    sniff::{Protocol, Sniffer, SniffingStream},
+    splice::forward_one_way,
+};
 use crate::datapath::{CapturedConnection, Datapath};
 
 /// Buffer size per direction for the byte copy.
@@ -35,6 +38,8 @@ pub struct ProxyStats {
     upstream_failures: AtomicU64,
     bytes_to_upstream: AtomicU64,
     bytes_to_workload: AtomicU64,
+    /// Part of the bytes carried that moved by splice(2) without a copy through the agent.
+    bytes_spliced: AtomicU64,
     /// Finished connections by detected protocol, in [`PROTOCOL_LABELS`] order.
     by_protocol: [AtomicU64; PROTOCOL_LABELS.len()],
 }
@@ -52,6 +57,7 @@ pub struct ProxyStatsSnapshot {
     pub upstream_failures: u64,
     pub bytes_to_upstream: u64,
     pub bytes_to_workload: u64,
+    pub bytes_spliced: u64,
     /// Finished connections by detected protocol, in [`PROTOCOL_LABELS`] order.
     pub by_protocol: [u64; PROTOCOL_LABELS.len()],
 }
@@ -65,6 +71,7 @@ impl ProxyStats {
             upstream_failures: self.upstream_failures.load(Ordering::Relaxed),
             bytes_to_upstream: self.bytes_to_upstream.load(Ordering::Relaxed),
             bytes_to_workload: self.bytes_to_workload.load(Ordering::Relaxed),
+            bytes_spliced: self.bytes_spliced.load(Ordering::Relaxed),
             by_protocol: std::array::from_fn(|index| {
                 self.by_protocol[index].load(Ordering::Relaxed)
             }),
@@ -90,6 +97,9 @@ pub struct OutboundProxy {
     names: RwLock<HashMap<u64, String>>,
     /// The agent's own listeners: a captured connection must never be sent back to them.
     own_listeners: Vec<SocketAddr>,
+    /// Forward with splice(2) (no copy through user space); off when sk_msg acceleration
+    /// is on, because accelerated sockets queue their bytes where splice cannot read them.
+    splice: bool,
     stats: ProxyStats,
 }
 
@@ -98,12 +108,14 @@ impl OutboundProxy {
         datapath: Arc<Datapath>,
         connect_timeout: Duration,
         own_listeners: Vec<SocketAddr>,
+        splice: bool,
     ) -> Self {
         Self {
             datapath,
             connect_timeout,
             names: RwLock::new(HashMap::new()),
             own_listeners,
+            splice,
             stats: ProxyStats::default(),
         }
     }
@@ -207,16 +219,8 @@ impl OutboundProxy {
             }
         };
         debug!(%peer, %workload, dst = %captured.original_dst, "forwarding captured connection");
-        let mut client = SniffingStream::new(client);
-        let mut upstream = upstream;
-        let copied = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut upstream,
-            COPY_BUFFER,
-            COPY_BUFFER,
-        )
-        .await;
-        let protocol = client.protocol().cloned();
+        let mut client = client;
+        let (copied, protocol) = self.forward(&mut client, upstream).await;
         let label = protocol.as_ref().map_or("undetected", Protocol::label);
         if let Some(index) = PROTOCOL_LABELS.iter().position(|known| *known == label) {
             self.stats.by_protocol[index].fetch_add(1, Ordering::Relaxed);
@@ -239,9 +243,42 @@ impl OutboundProxy {
                     %peer, %workload, dst = %captured.original_dst, protocol = ?protocol, %error,
                     "connection ended with an error"
                 );
-                reset(client.get_ref());
+                reset(&client);
             }
         }
+    }
+
+    /// Carries bytes both ways until both sides have finished; returns the byte counts (to
+    /// upstream, to the workload) and the protocol the client spoke.
+    async fn forward(
+        &self,
+        client: &mut TcpStream,
+        upstream: TcpStream,
+    ) -> (std::io::Result<(u64, u64)>, Option<Protocol>) {
+        if self.splice {
+            let mut sniffer = Sniffer::default();
+            let moved = tokio::try_join!(
+                forward_one_way(&*client, &upstream, Some(&mut sniffer)),
+                forward_one_way(&upstream, &*client, None),
+            );
+            let copied = moved.map(|(to_upstream, to_workload)| {
+                self.stats
+                    .bytes_spliced
+                    .fetch_add(to_upstream.spliced + to_workload.spliced, Ordering::Relaxed);
+                (to_upstream.total, to_workload.total)
+            });
+            return (copied, sniffer.protocol().cloned());
+        }
+        let mut client = SniffingStream::new(client);
+        let mut upstream = upstream;
+        let copied = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        )
+        .await;
+        (copied, client.protocol().cloned())
     }
 
     /// Connects to the original destination from a socket the kernel programs never capture.

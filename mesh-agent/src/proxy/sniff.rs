@@ -235,34 +235,26 @@ fn server_name(data: &[u8]) -> Option<String> {
 /// How many leading client bytes the detector may look at.
 pub const MAX_SNIFF: usize = MAX_TLS_RECORD + 5;
 
-/// A stream whose first client bytes are classified as they pass through: no byte is held
-/// back and nothing waits for the client, so server-first protocols are unaffected.
-#[derive(Debug)]
-pub struct SniffingStream<S> {
-    inner: S,
+/// Classifies a connection from its first client bytes, fed in as they pass by.
+#[derive(Debug, Default)]
+pub struct Sniffer {
     seen: Vec<u8>,
     protocol: Option<Protocol>,
 }
 
-impl<S> SniffingStream<S> {
-    pub fn new(inner: S) -> Self {
-        Self {
-            inner,
-            seen: Vec::new(),
-            protocol: None,
-        }
-    }
-
+impl Sniffer {
     /// The detected protocol; `None` while the client has not sent enough to tell.
     pub fn protocol(&self) -> Option<&Protocol> {
         self.protocol.as_ref()
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
+    /// Whether more client bytes could still change the answer.
+    pub fn undecided(&self) -> bool {
+        self.protocol.is_none()
     }
 
-    fn observe(&mut self, bytes: &[u8]) {
+    /// Feeds the next client bytes (in order); cheap once the protocol is known.
+    pub fn observe(&mut self, bytes: &[u8]) {
         if self.protocol.is_some() || bytes.is_empty() {
             return;
         }
@@ -279,6 +271,32 @@ impl<S> SniffingStream<S> {
     }
 }
 
+/// A stream whose first client bytes are classified as they pass through: no byte is held
+/// back and nothing waits for the client, so server-first protocols are unaffected.
+#[derive(Debug)]
+pub struct SniffingStream<S> {
+    inner: S,
+    sniffer: Sniffer,
+}
+
+impl<S> SniffingStream<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            sniffer: Sniffer::default(),
+        }
+    }
+
+    /// The detected protocol; `None` while the client has not sent enough to tell.
+    pub fn protocol(&self) -> Option<&Protocol> {
+        self.sniffer.protocol()
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SniffingStream<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
@@ -289,9 +307,9 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SniffingStream<S>
         let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if let std::task::Poll::Ready(Ok(())) = polled {
             let fresh = &buf.filled()[before..];
-            if self.protocol.is_none() && !fresh.is_empty() {
+            if self.sniffer.undecided() && !fresh.is_empty() {
                 let fresh = fresh.to_vec();
-                self.observe(&fresh);
+                self.sniffer.observe(&fresh);
             }
         }
         polled

@@ -147,6 +147,12 @@ pub fn render(
         "# HELP {name} Bytes carried from destinations back to workloads.\n# TYPE {name} counter\n{name} {}",
         proxy.bytes_to_workload
     );
+    let name = "mesh_proxy_spliced_bytes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Part of the carried bytes that moved by splice(2), without a copy through the agent.\n# TYPE {name} counter\n{name} {}",
+        proxy.bytes_spliced
+    );
     let name = "mesh_proxy_connections_by_protocol_total";
     let _ = writeln!(
         out,
