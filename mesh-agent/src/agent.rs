@@ -14,6 +14,7 @@ use crate::{
     admin::{self, AdminState},
     config::{AgentConfig, ConfigError},
     datapath::{Datapath, DatapathError, DatapathSettings},
+    policy::{PolicySnapshot, PolicyStore},
     proxy::OutboundProxy,
 };
 
@@ -31,6 +32,11 @@ pub enum AgentError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("the policy folder {dir} has invalid resources (fix them, or run `mesh-agent validate`):\n  {}", problems.join("\n  "))]
+    Policy {
+        dir: std::path::PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 /// The datapath settings an agent configuration asks for.
@@ -73,12 +79,34 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         )),
         None => None,
     };
+    // Policy before the datapath: a folder that does not load stops the agent here, before
+    // any connection is served under a policy nobody wrote.
+    let policy_source = &config.spec.policy;
+    let policy = Arc::new(PolicyStore::new(PolicySnapshot::empty(
+        policy_source.default_action,
+    )));
+    if let Some(dir) = &policy_source.dir {
+        let snapshot = policy
+            .reload_dir(dir, policy_source.default_action)
+            .map_err(|problems| AgentError::Policy {
+                dir: dir.clone(),
+                problems,
+            })?;
+        info!(
+            dir = %dir.display(),
+            resources = snapshot.resource_count(),
+            hash = format!("{:016x}", snapshot.content_hash()),
+            "policy loaded"
+        );
+    }
     let datapath = Arc::new(Datapath::start(&settings)?);
     let proxy = Arc::new(OutboundProxy::new(
         Arc::clone(&datapath),
         config.spec.proxy.connect_timeout,
         addresses.clone(),
         !config.spec.datapath.accelerate,
+        config.spec.proxy.l7,
+        Arc::clone(&policy),
     ));
 
     // A workload that cannot be enrolled is reported and skipped; the others are served.
@@ -108,6 +136,17 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         None => None,
     };
     let mut servers = Vec::new();
+    if let Some(dir) = policy_source.dir.clone() {
+        let policy = Arc::clone(&policy);
+        let default_action = policy_source.default_action;
+        let interval = policy_source.reload_interval;
+        let shutdown = shutdown_rx.clone();
+        servers.push(tokio::spawn(async move {
+            policy
+                .watch_dir(dir, default_action, interval, shutdown)
+                .await;
+        }));
+    }
     for (address, listener) in outbound_listeners {
         info!(%address, "outbound capture listener ready");
         servers.push(tokio::spawn(Arc::clone(&proxy).serve(

@@ -106,7 +106,7 @@ pub struct CliFailure {
 impl From<AgentError> for CliFailure {
     fn from(error: AgentError) -> Self {
         let code = match &error {
-            AgentError::Config(_) => 3,
+            AgentError::Config(_) | AgentError::Policy { .. } => 3,
             AgentError::Datapath(datapath) => datapath_exit_code(datapath),
             _ => 1,
         };
@@ -167,6 +167,26 @@ pub async fn execute(command: Command) -> Result<(), CliFailure> {
                 error: error.into(),
             })?;
             print!("{yaml}");
+            if let Some(dir) = &config.spec.policy.dir {
+                // The same all-or-nothing load the agent does at start and on every change.
+                let store = crate::policy::PolicyStore::new(crate::policy::PolicySnapshot::empty(
+                    config.spec.policy.default_action,
+                ));
+                let snapshot = store
+                    .reload_dir(dir, config.spec.policy.default_action)
+                    .map_err(|problems| AgentError::Policy {
+                        dir: dir.clone(),
+                        problems,
+                    })?;
+                eprintln!(
+                    "policy folder {}: {} resources, valid",
+                    dir.display(),
+                    snapshot.resource_count()
+                );
+                for warning in snapshot.warnings() {
+                    eprintln!("warning: {warning}");
+                }
+            }
         }
         Command::Enrol(target) => {
             let datapath = Datapath::open_pinned(&target.pins.pin_dir)?;

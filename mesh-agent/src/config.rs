@@ -69,6 +69,9 @@ pub struct AgentSpec {
     pub listeners: ListenerSpec,
     #[serde(default)]
     pub proxy: ProxySpec,
+    /// Where the mesh resources (agents, access and traffic policies) come from.
+    #[serde(default)]
+    pub policy: PolicySourceSpec,
     /// Workloads enrolled at start-up.
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
@@ -153,6 +156,34 @@ pub struct ProxySpec {
     /// How long a stopping agent waits for open connections to finish.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Serve HTTP/1.1 and HTTP/2 (MCP, A2A, gRPC, WebSocket) at L7: routing, policy per
+    /// request, retries. Off: every captured connection is carried as opaque bytes, with one
+    /// policy check per connection.
+    pub l7: bool,
+}
+
+/// Standalone source of mesh resources: a folder of YAML/JSON files, watched for changes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySourceSpec {
+    /// Folder of `Agent`, `AccessPolicy` and `TrafficPolicy` resources; none for an empty
+    /// registry (every destination open, unless `defaultAction` is `Deny`).
+    pub dir: Option<PathBuf>,
+    /// What happens to a request for a destination no `Allow` policy targets.
+    pub default_action: crate::policy::Action,
+    /// How often the folder is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for PolicySourceSpec {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            default_action: crate::policy::Action::Allow,
+            reload_interval: Duration::from_secs(2),
+        }
+    }
 }
 
 impl Default for ProxySpec {
@@ -160,6 +191,7 @@ impl Default for ProxySpec {
         Self {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
+            l7: true,
         }
     }
 }
@@ -196,6 +228,14 @@ impl AgentConfig {
             path: path.to_path_buf(),
             source,
         })?;
+        let mut config = config;
+        // A relative policy folder is relative to the config file, not to the working dir.
+        if let Some(dir) = &config.spec.policy.dir
+            && dir.is_relative()
+            && let Some(parent) = path.parent()
+        {
+            config.spec.policy.dir = Some(parent.join(dir));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -249,6 +289,12 @@ impl AgentConfig {
             return Err(invalid(
                 "spec.listeners.outbound",
                 "must be an IPv4 address with a port, e.g. 127.0.0.1:15001",
+            ));
+        }
+        if self.spec.policy.reload_interval.is_zero() {
+            return Err(invalid(
+                "spec.policy.reloadInterval",
+                "must be greater than zero",
             ));
         }
         if self.spec.proxy.connect_timeout.is_zero() {

@@ -8,5 +8,6 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod policy;
 pub mod proxy;
 pub mod telemetry;

@@ -116,10 +116,22 @@ fn render_metrics(state: &AdminState) -> Result<String, crate::datapath::Datapat
         })
         .collect::<Vec<_>>();
     let events = datapath.maps().events()?;
-    Ok(metrics::render(
+    let mut text = metrics::render(
         &samples,
         &events,
         &state.proxy.stats(),
         state.ready.load(Ordering::Relaxed),
-    ))
+    );
+    let policy = state.proxy.policy();
+    let snapshot = policy.current();
+    text.push_str(&metrics::render_l7(
+        &state.proxy.http_stats(),
+        &metrics::PolicySample {
+            reloads_ok: policy.reloads_ok(),
+            reloads_rejected: policy.reloads_rejected(),
+            resources: snapshot.resource_count(),
+            content_hash: snapshot.content_hash(),
+        },
+    ));
+    Ok(text)
 }

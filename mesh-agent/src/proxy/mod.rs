@@ -1,8 +1,13 @@
-//! Listeners and the forwarding of captured connections. This stage carries opaque TCP;
-//! protocol detection and L7 handling plug in at [`outbound::OutboundProxy::handle`].
+//! Listeners and the forwarding of captured connections: protocol detection on the first
+//! client bytes, the L7 path for HTTP/1.1 and HTTP/2 (MCP, A2A, gRPC, WebSocket), and opaque
+//! TCP (spliced) for everything else.
 
+pub mod http;
+pub mod jsonrpc;
 pub mod outbound;
+pub mod prefixed;
 pub mod sniff;
 pub mod splice;
+pub mod sse;
 
 pub use outbound::{OutboundProxy, PROTOCOL_LABELS, ProxyStats, ProxyStatsSnapshot};

@@ -14,6 +14,7 @@ use std::{
 
 use serde::Serialize;
 use tokio::{
+    io::AsyncWriteExt,
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
     task::JoinSet,
@@ -21,10 +22,35 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    sniff::{Protocol, Sniffer, SniffingStream},
+    http::{CallerContext, HttpProxy, HttpVersion},
+    prefixed::PrefixedStream,
+    sniff::{Detection, MAX_SNIFF, Protocol, detect},
     splice::forward_one_way,
 };
-use crate::datapath::{CapturedConnection, Datapath};
+use crate::{
+    datapath::{CapturedConnection, Datapath},
+    policy::{PolicyStore, RequestAttributes},
+};
+
+/// How long a silent client may wait before the original destination is dialled to see
+/// whether it speaks first (server-first protocols: SMTP, MySQL, SSH banners).
+const SERVER_FIRST_GRACE: Duration = Duration::from_millis(20);
+/// How long a client may take to send enough bytes for the detector to decide.
+const DETECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who spoke first on a captured connection, and what.
+#[derive(Debug)]
+enum Opening {
+    /// The original destination spoke first: opaque TCP.
+    ServerFirst(TcpStream),
+    /// The client spoke: its first bytes (to replay), their protocol, and the upstream
+    /// connection if one was dialled while the client was silent.
+    Client {
+        prefix: Vec<u8>,
+        protocol: Protocol,
+        upstream: Option<TcpStream>,
+    },
+}
 
 /// Buffer size per direction for the byte copy.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -40,6 +66,8 @@ pub struct ProxyStats {
     bytes_to_workload: AtomicU64,
     /// Part of the bytes carried that moved by splice(2) without a copy through the agent.
     bytes_spliced: AtomicU64,
+    /// Opaque or TLS connections refused by policy.
+    denied: AtomicU64,
     /// Finished connections by detected protocol, in [`PROTOCOL_LABELS`] order.
     by_protocol: [AtomicU64; PROTOCOL_LABELS.len()],
 }
@@ -58,6 +86,7 @@ pub struct ProxyStatsSnapshot {
     pub bytes_to_upstream: u64,
     pub bytes_to_workload: u64,
     pub bytes_spliced: u64,
+    pub denied: u64,
     /// Finished connections by detected protocol, in [`PROTOCOL_LABELS`] order.
     pub by_protocol: [u64; PROTOCOL_LABELS.len()],
 }
@@ -72,6 +101,7 @@ impl ProxyStats {
             bytes_to_upstream: self.bytes_to_upstream.load(Ordering::Relaxed),
             bytes_to_workload: self.bytes_to_workload.load(Ordering::Relaxed),
             bytes_spliced: self.bytes_spliced.load(Ordering::Relaxed),
+            denied: self.denied.load(Ordering::Relaxed),
             by_protocol: std::array::from_fn(|index| {
                 self.by_protocol[index].load(Ordering::Relaxed)
             }),
@@ -100,6 +130,10 @@ pub struct OutboundProxy {
     /// Forward with splice(2) (no copy through user space); off when sk_msg acceleration
     /// is on, because accelerated sockets queue their bytes where splice cannot read them.
     splice: bool,
+    /// Serve HTTP/1.1 and HTTP/2 at L7 (off: every connection is carried as opaque bytes).
+    l7: bool,
+    policy: Arc<PolicyStore>,
+    http: Arc<HttpProxy>,
     stats: ProxyStats,
 }
 
@@ -109,15 +143,31 @@ impl OutboundProxy {
         connect_timeout: Duration,
         own_listeners: Vec<SocketAddr>,
         splice: bool,
+        l7: bool,
+        policy: Arc<PolicyStore>,
     ) -> Self {
+        let http = Arc::new(HttpProxy::new(Arc::clone(&policy), connect_timeout));
         Self {
             datapath,
             connect_timeout,
             names: RwLock::new(HashMap::new()),
             own_listeners,
             splice,
+            l7,
+            policy,
+            http,
             stats: ProxyStats::default(),
         }
+    }
+
+    /// The policy snapshots this proxy enforces.
+    pub fn policy(&self) -> &Arc<PolicyStore> {
+        &self.policy
+    }
+
+    /// The L7 path's counters.
+    pub fn http_stats(&self) -> super::http::HttpStatsSnapshot {
+        self.http.stats()
     }
 
     /// Records a workload's name for logs.
@@ -206,25 +256,95 @@ impl OutboundProxy {
             reset(&client);
             return;
         }
-        let upstream = match self.dial(&captured).await {
-            Ok(upstream) => upstream,
+        let caller = CallerContext {
+            source: Arc::from(workload.as_str()),
+            original_dst: captured.original_dst,
+        };
+        let opening = match self.read_opening(&client, &captured).await {
+            Ok(opening) => opening,
             Err(error) => {
-                self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    %peer, %workload, dst = %captured.original_dst, %error,
-                    "original destination unreachable; resetting the workload's connection"
-                );
-                reset(&client);
+                debug!(%peer, %workload, dst = %captured.original_dst, %error, "connection failed before it spoke");
                 return;
             }
         };
-        debug!(%peer, %workload, dst = %captured.original_dst, "forwarding captured connection");
-        let mut client = client;
-        let (copied, protocol) = self.forward(&mut client, upstream).await;
-        let label = protocol.as_ref().map_or("undetected", Protocol::label);
-        if let Some(index) = PROTOCOL_LABELS.iter().position(|known| *known == label) {
-            self.stats.by_protocol[index].fetch_add(1, Ordering::Relaxed);
+        let (prefix, protocol, upstream) = match opening {
+            Opening::ServerFirst(upstream) => (Vec::new(), Protocol::Opaque, Some(upstream)),
+            Opening::Client {
+                prefix,
+                protocol,
+                upstream,
+            } => (prefix, protocol, upstream),
+        };
+        self.count_protocol(protocol.label());
+        if self.l7 && matches!(protocol, Protocol::Http1 { .. } | Protocol::Http2) {
+            // The L7 path makes its own upstream connections, per request.
+            drop(upstream);
+            let version = if protocol == Protocol::Http2 {
+                HttpVersion::Http2
+            } else {
+                HttpVersion::Http1
+            };
+            debug!(%peer, %workload, dst = %captured.original_dst, ?version, "serving captured connection at L7");
+            let stream = PrefixedStream::new(prefix, client);
+            if let Err(error) = Arc::clone(&self.http)
+                .serve_connection(stream, version, caller)
+                .await
+            {
+                debug!(%peer, %workload, %error, "HTTP connection ended with an error");
+            }
+            return;
         }
+
+        // Opaque TCP and TLS the workload terminates itself: one authorisation per connection.
+        let snapshot = self.policy.current();
+        let sni = match &protocol {
+            Protocol::Tls { sni } => sni.as_deref(),
+            _ => None,
+        };
+        let destination = sni
+            .and_then(|host| snapshot.agent_by_host(host))
+            .or_else(|| snapshot.agent_by_address(captured.original_dst));
+        let decision = snapshot.authorize(&RequestAttributes {
+            source: &workload,
+            destination: destination.map(|agent| agent.name.as_str()),
+            http_method: "",
+            path: "",
+            mcp_method: None,
+            mcp_tool: None,
+            a2a_method: None,
+        });
+        if !decision.allowed {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                %peer, %workload, dst = %captured.original_dst, protocol = protocol.label(),
+                policy = decision.policy.as_deref().unwrap_or("(default)"),
+                reason = %decision.reason, "connection denied by policy"
+            );
+            reset(&client);
+            return;
+        }
+        let target = destination
+            .filter(|agent| sni.is_some() && !agent.endpoints.iter().any(|e| e.address == captured.original_dst))
+            .and_then(|agent| agent.endpoints.iter().find(|endpoint| endpoint.weight > 0))
+            .map_or(captured.original_dst, |endpoint| endpoint.address);
+        let upstream = match upstream.filter(|_| target == captured.original_dst) {
+            Some(upstream) => upstream,
+            None => match self.dial(target).await {
+                Ok(upstream) => upstream,
+                Err(error) => {
+                    self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        %peer, %workload, dst = %target, %error,
+                        "original destination unreachable; resetting the workload's connection"
+                    );
+                    reset(&client);
+                    return;
+                }
+            },
+        };
+        debug!(%peer, %workload, dst = %target, protocol = protocol.label(), "forwarding captured connection");
+        let mut client = client;
+        let copied = self.forward(&mut client, upstream, &prefix).await;
         match copied {
             Ok((to_upstream, to_workload)) => {
                 self.stats
@@ -234,13 +354,13 @@ impl OutboundProxy {
                     .bytes_to_workload
                     .fetch_add(to_workload, Ordering::Relaxed);
                 debug!(
-                    %peer, %workload, dst = %captured.original_dst, protocol = ?protocol,
+                    %peer, %workload, dst = %target, protocol = protocol.label(),
                     to_upstream, to_workload, "connection closed"
                 );
             }
             Err(error) => {
                 debug!(
-                    %peer, %workload, dst = %captured.original_dst, protocol = ?protocol, %error,
+                    %peer, %workload, dst = %target, protocol = protocol.label(), %error,
                     "connection ended with an error"
                 );
                 reset(&client);
@@ -248,42 +368,117 @@ impl OutboundProxy {
         }
     }
 
-    /// Carries bytes both ways until both sides have finished; returns the byte counts (to
-    /// upstream, to the workload) and the protocol the client spoke.
+    fn count_protocol(&self, label: &str) {
+        if let Some(index) = PROTOCOL_LABELS.iter().position(|known| *known == label) {
+            self.stats.by_protocol[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Finds out who speaks first and what: the client's first bytes are read (and kept, to
+    /// be replayed) until the detector decides. A client that stays silent for
+    /// [`SERVER_FIRST_GRACE`] may be talking to a server-first protocol, so the original
+    /// destination is dialled then; if it speaks before the client, the connection is opaque.
+    async fn read_opening(
+        &self,
+        client: &TcpStream,
+        captured: &CapturedConnection,
+    ) -> std::io::Result<Opening> {
+        let mut upstream = None;
+        if tokio::time::timeout(SERVER_FIRST_GRACE, client.readable())
+            .await
+            .is_err()
+        {
+            match self.dial(captured.original_dst).await {
+                Ok(dialled) => {
+                    tokio::select! {
+                        ready = client.readable() => ready?,
+                        ready = dialled.readable() => {
+                            ready?;
+                            return Ok(Opening::ServerFirst(dialled));
+                        }
+                    }
+                    upstream = Some(dialled);
+                }
+                // Unreachable for now; the client may still speak HTTP to a registry name.
+                Err(error) => debug!(dst = %captured.original_dst, %error, "early dial failed"),
+            }
+        }
+        let mut prefix = Vec::with_capacity(1024);
+        let deadline = tokio::time::Instant::now() + DETECTION_TIMEOUT;
+        loop {
+            if tokio::time::timeout_at(deadline, client.readable())
+                .await
+                .is_err()
+            {
+                // A client that stalls mid-prefix is carried as opaque bytes.
+                return Ok(Opening::Client {
+                    prefix,
+                    protocol: Protocol::Opaque,
+                    upstream,
+                });
+            }
+            let start = prefix.len();
+            prefix.resize(MAX_SNIFF, 0);
+            let read = client.try_read(&mut prefix[start..]);
+            let count = match read {
+                Ok(count) => count,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    prefix.truncate(start);
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            prefix.truncate(start + count);
+            let protocol = if count == 0 {
+                // The client finished sending (or never sent): whatever it sent is opaque.
+                Protocol::Opaque
+            } else {
+                match detect(&prefix) {
+                    Detection::Known(protocol) => protocol,
+                    Detection::NeedMore if prefix.len() >= MAX_SNIFF => Protocol::Opaque,
+                    Detection::NeedMore => continue,
+                }
+            };
+            return Ok(Opening::Client {
+                prefix,
+                protocol,
+                upstream,
+            });
+        }
+    }
+
+    /// Carries bytes both ways until both sides have finished, after sending the client
+    /// bytes the detector read; returns the byte counts (to upstream, to the workload).
     async fn forward(
         &self,
         client: &mut TcpStream,
-        upstream: TcpStream,
-    ) -> (std::io::Result<(u64, u64)>, Option<Protocol>) {
+        mut upstream: TcpStream,
+        prefix: &[u8],
+    ) -> std::io::Result<(u64, u64)> {
+        upstream.write_all(prefix).await?;
+        let sent_first = prefix.len() as u64;
         if self.splice {
-            let mut sniffer = Sniffer::default();
-            let moved = tokio::try_join!(
-                forward_one_way(&*client, &upstream, Some(&mut sniffer)),
-                forward_one_way(&upstream, &*client, None),
-            );
-            let copied = moved.map(|(to_upstream, to_workload)| {
-                self.stats
-                    .bytes_spliced
-                    .fetch_add(to_upstream.spliced + to_workload.spliced, Ordering::Relaxed);
-                (to_upstream.total, to_workload.total)
-            });
-            return (copied, sniffer.protocol().cloned());
+            let (to_upstream, to_workload) = tokio::try_join!(
+                forward_one_way(&*client, &upstream),
+                forward_one_way(&upstream, &*client),
+            )?;
+            self.stats
+                .bytes_spliced
+                .fetch_add(to_upstream.spliced + to_workload.spliced, Ordering::Relaxed);
+            return Ok((sent_first + to_upstream.total, to_workload.total));
         }
-        let mut client = SniffingStream::new(client);
-        let mut upstream = upstream;
-        let copied = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
+        let (to_upstream, to_workload) = tokio::io::copy_bidirectional_with_sizes(
+            client,
             &mut upstream,
             COPY_BUFFER,
             COPY_BUFFER,
         )
-        .await;
-        (copied, client.protocol().cloned())
+        .await?;
+        Ok((sent_first + to_upstream, to_workload))
     }
 
     /// Connects to the original destination from a socket the kernel programs never capture.
-    async fn dial(&self, captured: &CapturedConnection) -> std::io::Result<TcpStream> {
-        let destination = captured.original_dst;
+    async fn dial(&self, destination: SocketAddr) -> std::io::Result<TcpStream> {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(destination),
             socket2::Type::STREAM,

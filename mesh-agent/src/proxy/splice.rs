@@ -1,8 +1,7 @@
 //! Forwarding of opaque TCP between two sockets, one direction at a time: small messages
 //! are copied through a buffer, bulk transfers move socket -> pipe -> socket with splice(2)
 //! and never enter the agent's memory. A direction ends with a half-close (shutdown of the
-//! write side) when its source reaches EOF; the client's first bytes feed the protocol
-//! sniffer on their way through.
+//! write side) when its source reaches EOF.
 //!
 //! Not for sockets in the sk_msg socket map: their received bytes sit in a queue that
 //! splice does not read, so accelerated connections use tokio's buffered copy.
@@ -15,13 +14,10 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use super::sniff::Sniffer;
-
 /// Bytes asked of one splice call; the pipe is sized to hold them.
 const PIPE_CAPACITY: usize = 1 << 20;
 
-/// The copy buffer of one direction. A read that fills it marks a bulk transfer (and is
-/// larger than the sniffer's window, so detection has finished by then).
+/// The copy buffer of one direction. A read that fills it marks a bulk transfer.
 const COPY_CHUNK: usize = 32 * 1024;
 
 /// A non-blocking pipe used as the in-kernel buffer of one direction.
@@ -82,14 +78,10 @@ pub struct Moved {
 
 /// Moves bytes from `from` to `to` until `from` reaches EOF, then half-closes `to`, and
 /// returns the bytes moved. Small reads go through a buffer (cheapest for request/response
-/// traffic, and where the sniffer sees the client's first bytes); a read that fills the
+/// traffic); a read that fills the
 /// buffer switches the direction to splice through a pipe, made on first use, until a
 /// splice moves less than a buffer's worth again.
-pub async fn forward_one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    mut sniffer: Option<&mut Sniffer>,
-) -> io::Result<Moved> {
+pub async fn forward_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<Moved> {
     let mut total: u64 = 0;
     let mut spliced: u64 = 0;
     let mut buffer = vec![0u8; COPY_CHUNK];
@@ -122,15 +114,9 @@ pub async fn forward_one_way(
         if count == 0 {
             break;
         }
-        if let Some(sniffer) = sniffer.as_deref_mut() {
-            sniffer.observe(&buffer[..count]);
-        }
         write_all(to, &buffer[..count]).await?;
         total += count as u64;
-        let sniffed = sniffer
-            .as_deref()
-            .is_none_or(|sniffer| !sniffer.undecided());
-        if count == buffer.len() && sniffed {
+        if count == buffer.len() {
             if pipe.is_none() {
                 match Pipe::new() {
                     Ok(made) => pipe = Some(made),
@@ -238,9 +224,7 @@ mod tests {
             writer.shutdown().await.unwrap();
             writer
         });
-        let mut sniffer = Sniffer::default();
-        let (moved, received) =
-            tokio::join!(forward_one_way(&source, &sink, Some(&mut sniffer)), async {
+        let (moved, received) = tokio::join!(forward_one_way(&source, &sink), async {
                 let mut received = Vec::new();
                 reader.read_to_end(&mut received).await.unwrap();
                 received
@@ -253,14 +237,10 @@ mod tests {
             "the big write went through splice, the small ones were copied: {moved:?}"
         );
         assert_eq!(received, data, "bytes arrive complete and in order");
-        assert_eq!(
-            sniffer.protocol(),
-            Some(&super::super::sniff::Protocol::Opaque)
-        );
     }
 
     #[tokio::test]
-    async fn detects_the_protocol_from_the_first_bytes() {
+    async fn small_requests_are_copied_not_spliced() {
         let (mut writer, source) = pair().await;
         let (sink, mut reader) = pair().await;
         writer
@@ -268,18 +248,11 @@ mod tests {
             .await
             .unwrap();
         writer.shutdown().await.unwrap();
-        let mut sniffer = Sniffer::default();
-        let moved = forward_one_way(&source, &sink, Some(&mut sniffer))
-            .await
-            .unwrap();
+        let moved = forward_one_way(&source, &sink).await.unwrap();
         let mut received = Vec::new();
         reader.read_to_end(&mut received).await.unwrap();
         assert_eq!(moved.total, received.len() as u64);
         assert_eq!(moved.spliced, 0, "small requests are copied");
         assert!(received.starts_with(b"GET /tools"));
-        assert!(matches!(
-            sniffer.protocol(),
-            Some(super::super::sniff::Protocol::Http1 { method, .. }) if method == "GET"
-        ));
     }
 }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use mesh_common::{DatapathEvent, TrafficCounters};
 
-use crate::proxy::{PROTOCOL_LABELS, ProxyStatsSnapshot};
+use crate::proxy::{PROTOCOL_LABELS, ProxyStatsSnapshot, http::HttpStatsSnapshot};
 
 /// One workload's counters with the labels that identify it.
 #[derive(Debug, Clone)]
@@ -113,7 +113,7 @@ pub fn render(
     for (event, count) in events {
         let _ = writeln!(out, "{name}{{event=\"{}\"}} {count}", event.name());
     }
-    let proxy_counters: [(&str, &str, u64); 4] = [
+    let proxy_counters: [(&str, &str, u64); 5] = [
         (
             "mesh_proxy_connections_accepted_total",
             "Connections accepted by the capture listeners.",
@@ -128,6 +128,11 @@ pub fn render(
             "mesh_proxy_upstream_failures_total",
             "Captured connections whose original destination failed.",
             proxy.upstream_failures,
+        ),
+        (
+            "mesh_proxy_denied_connections_total",
+            "Opaque or TLS connections refused by access policy (reset).",
+            proxy.denied,
         ),
         (
             "mesh_proxy_upstream_bytes_total",
@@ -156,7 +161,7 @@ pub fn render(
     let name = "mesh_proxy_connections_by_protocol_total";
     let _ = writeln!(
         out,
-        "# HELP {name} Finished captured connections by the protocol detected from the client's first bytes.\n# TYPE {name} counter"
+        "# HELP {name} Captured connections by the protocol detected from the client's first bytes.\n# TYPE {name} counter"
     );
     for (label, count) in PROTOCOL_LABELS.iter().zip(proxy.by_protocol) {
         let _ = writeln!(out, "{name}{{protocol=\"{label}\"}} {count}");
@@ -172,6 +177,91 @@ pub fn render(
         out,
         "# HELP {name} 1 when the datapath is attached and the listeners serve.\n# TYPE {name} gauge\n{name} {}",
         u8::from(ready)
+    );
+    out
+}
+
+/// The policy store's state for [`render_l7`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicySample {
+    pub reloads_ok: u64,
+    pub reloads_rejected: u64,
+    pub resources: usize,
+    pub content_hash: u64,
+}
+
+/// The L7 path's counters and the policy store's state, in the exposition format.
+pub fn render_l7(http: &HttpStatsSnapshot, policy: &PolicySample) -> String {
+    let mut out = String::new();
+    let counters = [
+        (
+            "mesh_http_requests_total",
+            "HTTP requests (HTTP/1.1 and HTTP/2) received from captured workloads.",
+            http.requests,
+        ),
+        (
+            "mesh_http_denied_requests_total",
+            "Requests refused by access policy.",
+            http.denied,
+        ),
+        (
+            "mesh_http_rate_limited_requests_total",
+            "Requests refused by a rate limit (429 or the protocol's equivalent).",
+            http.rate_limited,
+        ),
+        (
+            "mesh_http_retries_total",
+            "Upstream attempts repeated after a retryable failure.",
+            http.retries,
+        ),
+        (
+            "mesh_http_upstream_errors_total",
+            "Requests answered by the mesh because no upstream response could be had.",
+            http.upstream_errors,
+        ),
+        (
+            "mesh_http_upstream_timeouts_total",
+            "Requests whose upstream did not answer in time.",
+            http.timeouts,
+        ),
+        (
+            "mesh_http_rejected_requests_total",
+            "Malformed or oversized requests refused before policy.",
+            http.rejected,
+        ),
+        (
+            "mesh_http_websocket_upgrades_total",
+            "WebSocket upgrades joined end to end.",
+            http.websocket_upgrades,
+        ),
+        (
+            "mesh_policy_reloads_total",
+            "Policy folder reloads that replaced the active snapshot.",
+            policy.reloads_ok,
+        ),
+        (
+            "mesh_policy_rejected_reloads_total",
+            "Policy folder changes refused (the last good snapshot stayed active).",
+            policy.reloads_rejected,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    let name = "mesh_jsonrpc_requests_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} JSON-RPC requests seen on the L7 path, by protocol family.\n# TYPE {name} counter\n{name}{{family=\"mcp\"}} {}\n{name}{{family=\"a2a\"}} {}",
+        http.mcp_requests, http.a2a_requests
+    );
+    let name = "mesh_policy_resources";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Resources in the active policy snapshot, labelled with its content hash.\n# TYPE {name} gauge\n{name}{{hash=\"{:016x}\"}} {}",
+        policy.content_hash, policy.resources
     );
     out
 }

@@ -1,0 +1,420 @@
+//! Local rate limiting: token buckets per (source workload, destination agent, tool when the
+//! limit names one), configured by the destination's [`TrafficSettings`]. The [`RateLimit`]
+//! trait is the seam for a global (distributed) limiter later.
+//!
+//! Buckets use GCRA (the "virtual scheduling" form of a token bucket): each bucket is one
+//! theoretical arrival time, updated with integer `Duration` arithmetic, so there is no float
+//! drift, and a configuration change (new rate or burst) applies to existing buckets at once.
+//! Time is a parameter (`now`), so callers and tests control the clock.
+//!
+//! Memory is bounded: at most `max_keys` buckets (split over shards). When a shard is full,
+//! buckets that have refilled completely (idle: forgetting them changes nothing) are dropped
+//! first; if none are, the least recently used sixteenth of the shard is evicted. An evicted
+//! bucket that is still active restarts full, which only happens under key churn beyond the cap.
+
+use std::{
+    collections::HashMap,
+    fmt::{self, Write as _},
+    hash::{BuildHasher, RandomState},
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use super::snapshot::TrafficSettings;
+
+/// Default cap on the number of buckets of a [`RateLimiter`].
+pub const DEFAULT_MAX_KEYS: usize = 65_536;
+
+const SHARDS: usize = 16;
+
+/// Who calls whom (and which tool) for rate limiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitKey<'a> {
+    pub source: &'a str,
+    pub destination: &'a str,
+    /// MCP tool (or A2A skill) the request names, if any.
+    pub tool: Option<&'a str>,
+}
+
+/// A rate limiter. `check` takes one request's worth of budget, or says how long to wait.
+pub trait RateLimit: Send + Sync + fmt::Debug {
+    /// Applies the limit of `settings` (the destination's traffic settings) that matches `key`.
+    /// `Ok` when the request may proceed (also when no limit applies); `Err(retry_after)` when
+    /// the caller is over its limit.
+    fn check(
+        &self,
+        settings: &TrafficSettings,
+        key: &RateLimitKey<'_>,
+        now: Instant,
+    ) -> Result<(), Duration>;
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    /// Theoretical arrival time: the bucket is full at or after this instant.
+    tat: Instant,
+    last_seen: Instant,
+}
+
+/// In-process, sharded token-bucket limiter.
+pub struct RateLimiter {
+    shards: Vec<Mutex<HashMap<Box<str>, Bucket>>>,
+    max_keys_per_shard: usize,
+    hasher: RandomState,
+}
+
+impl fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("keys", &self.len())
+            .field("max_keys", &(self.max_keys_per_shard * SHARDS))
+            .finish()
+    }
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        RateLimiter::new(DEFAULT_MAX_KEYS)
+    }
+}
+
+impl RateLimiter {
+    /// A limiter holding at most about `max_keys` buckets (rounded up to a multiple of 16).
+    pub fn new(max_keys: usize) -> Self {
+        RateLimiter {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// Number of buckets held.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+
+    /// True when no bucket is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops every bucket that has refilled completely by `now`; returns how many. Optional:
+    /// full shards prune themselves, this keeps memory low between bursts of new keys.
+    pub fn prune(&self, now: Instant) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let mut buckets = shard.lock().unwrap_or_else(PoisonError::into_inner);
+                let before = buckets.len();
+                buckets.retain(|_, b| b.tat > now);
+                before - buckets.len()
+            })
+            .sum()
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<HashMap<Box<str>, Bucket>> {
+        let index = (self.hasher.hash_one(key) as usize) % SHARDS;
+        &self.shards[index]
+    }
+}
+
+/// Unambiguous bucket key: length-prefixed parts.
+fn bucket_key(source: &str, destination: &str, tool: Option<&str>) -> String {
+    let mut key = String::with_capacity(source.len() + destination.len() + 24);
+    for part in [Some(source), Some(destination), tool]
+        .into_iter()
+        .flatten()
+    {
+        let _ = write!(key, "{}:{part}", part.len());
+    }
+    key
+}
+
+/// Makes room in a full shard: idle buckets first, else the least recently used sixteenth.
+fn make_room(buckets: &mut HashMap<Box<str>, Bucket>, capacity: usize, now: Instant) {
+    if buckets.len() < capacity {
+        return;
+    }
+    buckets.retain(|_, b| b.tat > now);
+    if buckets.len() < capacity {
+        return;
+    }
+    let evict = (buckets.len() / 16).max(1);
+    let mut by_age: Vec<(Instant, Box<str>)> = buckets
+        .iter()
+        .map(|(k, b)| (b.last_seen, k.clone()))
+        .collect();
+    by_age.select_nth_unstable_by_key(evict - 1, |(seen, _)| *seen);
+    for (_, key) in by_age.into_iter().take(evict) {
+        buckets.remove(&key);
+    }
+}
+
+impl RateLimit for RateLimiter {
+    fn check(
+        &self,
+        settings: &TrafficSettings,
+        key: &RateLimitKey<'_>,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let Some(rule) = settings.rate_limit_for(key.source, key.tool) else {
+            return Ok(());
+        };
+        // Validated > 0 and finite; guard anyway so a bad value never panics.
+        let rate = rule.requests_per_second;
+        if !(rate.is_finite() && rate > 0.0) {
+            return Ok(());
+        }
+        let interval = Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::MAX);
+        let tolerance = interval
+            .checked_mul(rule.burst.saturating_sub(1))
+            .unwrap_or(Duration::MAX);
+
+        let tool = rule.tool.as_ref().and(key.tool);
+        let id = bucket_key(key.source, key.destination, tool);
+        let mut buckets = self
+            .shard(&id)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !buckets.contains_key(id.as_str()) {
+            make_room(&mut buckets, self.max_keys_per_shard, now);
+            buckets.insert(
+                id.clone().into_boxed_str(),
+                Bucket {
+                    tat: now,
+                    last_seen: now,
+                },
+            );
+        }
+        let Some(bucket) = buckets.get_mut(id.as_str()) else {
+            return Ok(());
+        };
+        bucket.last_seen = bucket.last_seen.max(now);
+        let tat = bucket.tat.max(now);
+        let ahead = tat.saturating_duration_since(now);
+        if ahead > tolerance {
+            return Err(ahead - tolerance);
+        }
+        match tat.checked_add(interval) {
+            Some(next) => {
+                bucket.tat = next;
+                Ok(())
+            }
+            // A rate so low the next token is beyond the clock's range: never again.
+            None => Err(interval),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Pattern, snapshot::RateLimitRule};
+
+    fn settings(rules: &[(&str, Option<&str>, f64, u32)]) -> TrafficSettings {
+        TrafficSettings {
+            rate_limits: rules
+                .iter()
+                .map(|&(from, tool, rps, burst)| RateLimitRule {
+                    from: Pattern::parse(from).unwrap(),
+                    tool: tool.map(str::to_owned),
+                    requests_per_second: rps,
+                    burst,
+                })
+                .collect(),
+            ..TrafficSettings::default()
+        }
+    }
+
+    fn key<'a>(source: &'a str, tool: Option<&'a str>) -> RateLimitKey<'a> {
+        RateLimitKey {
+            source,
+            destination: "tools",
+            tool,
+        }
+    }
+
+    #[test]
+    fn burst_then_refill_with_retry_after() {
+        let limiter = RateLimiter::default();
+        let s = settings(&[("*", None, 10.0, 3)]);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(limiter.check(&s, &key("a", None), t0), Ok(()));
+        }
+        // Burst spent: the next token comes 100 ms after the first was taken.
+        assert_eq!(
+            limiter.check(&s, &key("a", None), t0),
+            Err(Duration::from_millis(100))
+        );
+        let t1 = t0 + Duration::from_millis(40);
+        assert_eq!(
+            limiter.check(&s, &key("a", None), t1),
+            Err(Duration::from_millis(60))
+        );
+        let t2 = t0 + Duration::from_millis(100);
+        assert_eq!(limiter.check(&s, &key("a", None), t2), Ok(()));
+        assert!(limiter.check(&s, &key("a", None), t2).is_err());
+        // Sustained rate: one every 100 ms.
+        for i in 2..20u64 {
+            let t = t0 + Duration::from_millis(100 * i);
+            assert_eq!(limiter.check(&s, &key("a", None), t), Ok(()), "at {i}");
+            assert!(limiter.check(&s, &key("a", None), t).is_err(), "at {i}");
+        }
+        // After a long pause the whole burst is back, not more.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(limiter.check(&s, &key("a", None), later), Ok(()));
+        }
+        assert!(limiter.check(&s, &key("a", None), later).is_err());
+    }
+
+    #[test]
+    fn keys_are_independent_and_tools_get_their_own_bucket() {
+        let limiter = RateLimiter::default();
+        let s = settings(&[("*", None, 1.0, 1), ("*", Some("search"), 1.0, 1)]);
+        let t0 = Instant::now();
+        assert!(limiter.check(&s, &key("a", None), t0).is_ok());
+        assert!(limiter.check(&s, &key("a", None), t0).is_err());
+        // Another source has its own bucket.
+        assert!(limiter.check(&s, &key("b", None), t0).is_ok());
+        // The tool-specific limit is separate from the general one.
+        assert!(limiter.check(&s, &key("a", Some("search")), t0).is_ok());
+        assert!(limiter.check(&s, &key("a", Some("search")), t0).is_err());
+        // Other tools share the general bucket, already spent.
+        assert!(limiter.check(&s, &key("a", Some("fs_read")), t0).is_err());
+        // Another destination is a different bucket.
+        let other = RateLimitKey {
+            source: "a",
+            destination: "planner",
+            tool: None,
+        };
+        assert!(limiter.check(&s, &other, t0).is_ok());
+    }
+
+    #[test]
+    fn no_matching_limit_allows() {
+        let limiter = RateLimiter::default();
+        let s = settings(&[("planner", None, 1.0, 1)]);
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            assert!(limiter.check(&s, &key("other", None), t0).is_ok());
+        }
+        assert!(limiter.is_empty());
+        assert!(
+            limiter
+                .check(&TrafficSettings::default(), &key("a", None), t0)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn configuration_change_applies_to_existing_buckets() {
+        let limiter = RateLimiter::default();
+        let t0 = Instant::now();
+        let slow = settings(&[("*", None, 1.0, 1)]);
+        assert!(limiter.check(&slow, &key("a", None), t0).is_ok());
+        assert_eq!(
+            limiter.check(&slow, &key("a", None), t0),
+            Err(Duration::from_secs(1))
+        );
+        let fast = settings(&[("*", None, 1.0, 5)]);
+        for _ in 0..4 {
+            assert!(limiter.check(&fast, &key("a", None), t0).is_ok());
+        }
+        assert!(limiter.check(&fast, &key("a", None), t0).is_err());
+    }
+
+    #[test]
+    fn idle_buckets_are_pruned_and_keys_are_capped() {
+        let limiter = RateLimiter::new(SHARDS * 4);
+        let s = settings(&[("*", None, 10.0, 2)]);
+        let t0 = Instant::now();
+        let names: Vec<String> = (0..1000).map(|i| format!("w{i}")).collect();
+        for name in &names {
+            assert!(limiter.check(&s, &key(name, None), t0).is_ok());
+            assert!(limiter.len() <= SHARDS * 4);
+        }
+        assert!(!limiter.is_empty());
+        // 100 ms later every bucket has refilled (one token taken, 10/s): all idle.
+        assert_eq!(limiter.prune(t0 + Duration::from_millis(50)), 0);
+        let pruned = limiter.prune(t0 + Duration::from_millis(100));
+        assert!(pruned > 0);
+        assert!(limiter.is_empty());
+    }
+
+    #[test]
+    fn eviction_prefers_idle_then_oldest() {
+        let limiter = RateLimiter::new(1);
+        // One key per shard: fill a shard with a hot key, then a new key in the same shard
+        // must evict it (capacity 1), restarting the hot key's bucket.
+        let s = settings(&[("*", None, 1.0, 1)]);
+        let t0 = Instant::now();
+        assert!(limiter.check(&s, &key("hot", None), t0).is_ok());
+        let shard_of = |name: &str| {
+            let id = bucket_key(name, "tools", None);
+            std::ptr::from_ref(limiter.shard(&id))
+        };
+        let neighbour = (0..10_000)
+            .map(|i| format!("n{i}"))
+            .find(|n| shard_of(n) == shard_of("hot"))
+            .unwrap();
+        assert!(limiter.check(&s, &key(&neighbour, None), t0).is_ok());
+        assert_eq!(limiter.len(), 1);
+        assert!(limiter.check(&s, &key("hot", None), t0).is_ok());
+    }
+
+    #[test]
+    fn extreme_rates_do_not_panic() {
+        let limiter = RateLimiter::default();
+        let t0 = Instant::now();
+        for rps in [
+            1e-300,
+            1e-9,
+            1e300,
+            f64::MIN_POSITIVE,
+            f64::INFINITY,
+            f64::NAN,
+            -1.0,
+            0.0,
+        ] {
+            let s = settings(&[("*", None, rps, u32::MAX)]);
+            for _ in 0..3 {
+                let _ = limiter.check(&s, &key("a", None), t0);
+            }
+            let s = settings(&[("*", None, rps, 1)]);
+            for _ in 0..3 {
+                let _ = limiter.check(&s, &key("b", None), t0);
+            }
+        }
+    }
+
+    #[test]
+    fn bucket_keys_are_unambiguous() {
+        assert_ne!(bucket_key("a:b", "c", None), bucket_key("a", "b:c", None));
+        assert_ne!(bucket_key("a", "b", Some("")), bucket_key("a", "b", None));
+    }
+
+    #[test]
+    fn limiter_is_a_shareable_trait_object() {
+        let limiter: std::sync::Arc<dyn RateLimit> = std::sync::Arc::new(RateLimiter::default());
+        let s = settings(&[("*", None, 1.0, 1)]);
+        let t0 = Instant::now();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let limiter = limiter.clone();
+                let s = s.clone();
+                std::thread::spawn(move || limiter.check(&s, &key("a", None), t0).is_ok())
+            })
+            .collect();
+        let allowed = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|ok| *ok)
+            .count();
+        assert_eq!(allowed, 1);
+    }
+}

@@ -1,0 +1,1257 @@
+//! The compiled policy snapshot: an immutable, indexed view of the registry (agents by name,
+//! host and address), the access policies (authorization per request) and the traffic settings
+//! per agent. Built once per configuration change, shared in an `Arc`, read per request.
+
+use std::{
+    collections::{HashMap, HashSet},
+    hash::{Hash, Hasher},
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use super::{
+    Fnv64, PolicyError,
+    resources::{
+        AccessPolicy, Action, Agent, Capabilities, CircuitBreaker, DEFAULT_MAX_REQUEST_BODY_BYTES,
+        Kind, Pattern, Priority, Protocol, Resource, ResourceKey, Retries, Timeouts, TrafficPolicy,
+        normalize_host,
+    },
+};
+
+/// Source of [`PolicySnapshot::generation`]: increases with every snapshot built in the process.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// One instance of an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    /// Relative weight; 0 = drained.
+    pub weight: u32,
+}
+
+/// A registered agent, as the proxy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentEntry {
+    pub name: String,
+    pub namespace: String,
+    /// Normalised (lowercase, no trailing dot) host names, not including the agent's name.
+    pub hosts: Vec<String>,
+    pub endpoints: Vec<Endpoint>,
+    pub protocol: Protocol,
+    pub capabilities: Capabilities,
+    pub fallback: Option<String>,
+}
+
+impl AgentEntry {
+    /// Whether the agent offers this MCP tool or A2A skill.
+    pub fn has_capability(&self, tool_or_skill: &str) -> bool {
+        self.capabilities
+            .mcp_tools
+            .iter()
+            .any(|t| t == tool_or_skill)
+            || self
+                .capabilities
+                .a2a_skills
+                .iter()
+                .any(|s| s == tool_or_skill)
+    }
+
+    fn from_resource(agent: &Agent) -> Self {
+        let mut hosts: Vec<String> = Vec::new();
+        for host in agent.spec.hosts.iter().map(|h| normalize_host(h)) {
+            if host != agent.metadata.name && !hosts.contains(&host) {
+                hosts.push(host);
+            }
+        }
+        AgentEntry {
+            name: agent.metadata.name.clone(),
+            namespace: agent.metadata.namespace.clone(),
+            hosts,
+            endpoints: agent
+                .spec
+                .endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    address: e.address,
+                    weight: e.weight,
+                })
+                .collect(),
+            protocol: agent.spec.protocol,
+            capabilities: agent.spec.capabilities.clone(),
+            fallback: agent.spec.fallback.clone(),
+        }
+    }
+}
+
+/// What the proxy knows about a request when it asks for a decision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestAttributes<'a> {
+    /// Source workload name (kernel-attested or from the peer's identity).
+    pub source: &'a str,
+    /// Destination agent name; `None` for an unregistered destination (e.g. a raw IP).
+    pub destination: Option<&'a str>,
+    /// HTTP method; empty for opaque TCP.
+    pub http_method: &'a str,
+    /// HTTP path (a query string is ignored); empty for opaque TCP.
+    pub path: &'a str,
+    /// JSON-RPC method of an MCP request (`tools/call`); `None` when not MCP.
+    pub mcp_method: Option<&'a str>,
+    /// Tool named by an MCP request (`tools/call` params.name).
+    pub mcp_tool: Option<&'a str>,
+    /// A2A method (`message/send`); `None` when not A2A.
+    pub a2a_method: Option<&'a str>,
+}
+
+/// The outcome of [`PolicySnapshot::authorize`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// `namespace/name` of the policy that decided; `None` when no rule did.
+    pub policy: Option<String>,
+    /// Index of the deciding rule in that policy's `spec.rules`.
+    pub rule: Option<usize>,
+    /// Human-readable reason, for access logs and denial responses.
+    pub reason: String,
+}
+
+/// A compiled rate limit of a [`TrafficSettings`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitRule {
+    pub from: Pattern,
+    pub tool: Option<String>,
+    pub requests_per_second: f64,
+    pub burst: u32,
+}
+
+/// Compiled `TrafficPolicy` settings for one agent (or the defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrafficSettings {
+    /// `namespace/name` of the `TrafficPolicy` these come from; `None` = built-in defaults.
+    pub policy: Option<String>,
+    pub timeouts: Timeouts,
+    pub retries: Retries,
+    /// In declaration order (see [`TrafficSettings::rate_limit_for`] for which one applies).
+    pub rate_limits: Vec<RateLimitRule>,
+    pub priority: Priority,
+    pub circuit_breaker: CircuitBreaker,
+    pub max_request_body_bytes: u64,
+}
+
+impl Default for TrafficSettings {
+    fn default() -> Self {
+        TrafficSettings {
+            policy: None,
+            timeouts: Timeouts::default(),
+            retries: Retries::default(),
+            rate_limits: Vec::new(),
+            priority: Priority::default(),
+            circuit_breaker: CircuitBreaker::default(),
+            max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+        }
+    }
+}
+
+impl TrafficSettings {
+    fn from_resource(policy: &TrafficPolicy) -> Self {
+        let spec = &policy.spec;
+        let limits: Vec<RateLimitRule> = spec
+            .rate_limits
+            .iter()
+            .map(|limit| {
+                RateLimitRule {
+                    // Validated; an invalid pattern can only come from an unvalidated caller.
+                    from: Pattern::parse(&limit.from).unwrap_or(Pattern::Any),
+                    tool: limit.tool.clone(),
+                    requests_per_second: limit.requests_per_second,
+                    burst: limit.burst,
+                }
+            })
+            .collect();
+        TrafficSettings {
+            policy: Some(format!(
+                "{}/{}",
+                policy.metadata.namespace, policy.metadata.name
+            )),
+            timeouts: spec.timeouts,
+            retries: spec.retries.clone(),
+            rate_limits: limits,
+            priority: spec.priority,
+            circuit_breaker: spec.circuit_breaker,
+            max_request_body_bytes: spec.max_request_body_bytes,
+        }
+    }
+
+    /// The rate limit that applies to a call from `source` (naming `tool`, if any): the most
+    /// specific matching one (naming the tool, then exact `from`, then longest prefix, then
+    /// `*`; ties in declaration order).
+    pub fn rate_limit_for(&self, source: &str, tool: Option<&str>) -> Option<&RateLimitRule> {
+        self.rate_limits
+            .iter()
+            .enumerate()
+            .filter(|(_, rule)| {
+                rule.from.matches(source)
+                    && match &rule.tool {
+                        None => true,
+                        Some(limited) => tool == Some(limited.as_str()),
+                    }
+            })
+            .min_by_key(|(i, rule)| {
+                (
+                    std::cmp::Reverse(rule.tool.is_some()),
+                    std::cmp::Reverse(rule.from.specificity()),
+                    *i,
+                )
+            })
+            .map(|(_, rule)| rule)
+    }
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    from: Vec<Pattern>,
+    http: Option<(Vec<Pattern>, Vec<Pattern>)>,
+    mcp: Option<(Vec<Pattern>, Vec<Pattern>)>,
+    a2a: Option<Vec<Pattern>>,
+}
+
+fn patterns(texts: &[String]) -> Vec<Pattern> {
+    // Validated before compiling; anything unparsable is dropped rather than widened.
+    texts
+        .iter()
+        .filter_map(|t| Pattern::parse(t).ok())
+        .collect()
+}
+
+fn any_match(patterns: &[Pattern], value: &str) -> bool {
+    patterns.iter().any(|p| p.matches(value))
+}
+
+impl CompiledRule {
+    fn matches(&self, request: &RequestAttributes<'_>) -> bool {
+        if !any_match(&self.from, request.source) {
+            return false;
+        }
+        if let Some((methods, paths)) = &self.http {
+            if !methods.is_empty()
+                && !methods
+                    .iter()
+                    .any(|m| m.matches_ignore_case(request.http_method))
+            {
+                return false;
+            }
+            let path = request.path.split(['?', '#']).next().unwrap_or_default();
+            if !paths.is_empty() && !any_match(paths, path) {
+                return false;
+            }
+        }
+        if let Some((methods, tools)) = &self.mcp {
+            let Some(method) = request.mcp_method else {
+                return false;
+            };
+            if !methods.is_empty() && !any_match(methods, method) {
+                return false;
+            }
+            if !tools.is_empty() && !request.mcp_tool.is_some_and(|tool| any_match(tools, tool)) {
+                return false;
+            }
+        }
+        if let Some(methods) = &self.a2a {
+            let Some(method) = request.a2a_method else {
+                return false;
+            };
+            if !methods.is_empty() && !any_match(methods, method) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[derive(Debug)]
+struct CompiledPolicy {
+    /// `namespace/name`.
+    id: String,
+    rules: Vec<CompiledRule>,
+}
+
+impl CompiledPolicy {
+    fn from_resource(policy: &AccessPolicy) -> Self {
+        let rules = policy
+            .spec
+            .rules
+            .iter()
+            .map(|rule| CompiledRule {
+                from: patterns(&rule.from),
+                http: rule
+                    .http
+                    .as_ref()
+                    .map(|h| (patterns(&h.methods), patterns(&h.paths))),
+                mcp: rule
+                    .mcp
+                    .as_ref()
+                    .map(|m| (patterns(&m.methods), patterns(&m.tools))),
+                a2a: rule.a2a.as_ref().map(|a| patterns(&a.methods)),
+            })
+            .collect();
+        CompiledPolicy {
+            id: format!("{}/{}", policy.metadata.namespace, policy.metadata.name),
+            rules,
+        }
+    }
+
+    fn first_match(&self, request: &RequestAttributes<'_>) -> Option<usize> {
+        self.rules.iter().position(|rule| rule.matches(request))
+    }
+}
+
+/// Policies of one action, indexed by target.
+#[derive(Debug, Default)]
+struct PolicySet {
+    by_target: HashMap<String, Vec<usize>>,
+    wildcard: Vec<usize>,
+}
+
+impl PolicySet {
+    fn add(&mut self, target: &str, index: usize) {
+        if target == "*" {
+            self.wildcard.push(index);
+        } else {
+            self.by_target
+                .entry(target.to_owned())
+                .or_default()
+                .push(index);
+        }
+    }
+
+    /// Policies for `destination` (by name first, then `*`).
+    fn applicable<'s>(&'s self, destination: Option<&str>) -> impl Iterator<Item = usize> + 's {
+        let specific = destination.and_then(|d| self.by_target.get(d));
+        specific
+            .into_iter()
+            .flatten()
+            .chain(self.wildcard.iter())
+            .copied()
+    }
+}
+
+/// The compiled, immutable policy state. Cheap to share in an `Arc`; every method is a lookup.
+#[derive(Debug)]
+pub struct PolicySnapshot {
+    generation: u64,
+    content_hash: u64,
+    default_action: Action,
+    resource_count: usize,
+    /// Sorted by name.
+    agents: Vec<AgentEntry>,
+    by_name: HashMap<String, usize>,
+    by_host: HashMap<String, usize>,
+    by_address: HashMap<SocketAddr, usize>,
+    policies: Vec<CompiledPolicy>,
+    deny: PolicySet,
+    allow: PolicySet,
+    traffic_by_agent: HashMap<String, TrafficSettings>,
+    traffic_wildcard: Option<TrafficSettings>,
+    traffic_default: TrafficSettings,
+    warnings: Vec<String>,
+}
+
+impl Default for PolicySnapshot {
+    fn default() -> Self {
+        PolicySnapshot::empty(Action::Allow)
+    }
+}
+
+impl PolicySnapshot {
+    /// A snapshot with no resources: every destination is open (`Allow`) or closed (`Deny`).
+    pub fn empty(default_action: Action) -> Self {
+        let mut hasher = Fnv64::default();
+        default_action.hash(&mut hasher);
+        PolicySnapshot {
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
+            content_hash: hasher.finish(),
+            default_action,
+            resource_count: 0,
+            agents: Vec::new(),
+            by_name: HashMap::new(),
+            by_host: HashMap::new(),
+            by_address: HashMap::new(),
+            policies: Vec::new(),
+            deny: PolicySet::default(),
+            allow: PolicySet::default(),
+            traffic_by_agent: HashMap::new(),
+            traffic_wildcard: None,
+            traffic_default: TrafficSettings::default(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Validates every resource and the set as a whole, and builds the indexes.
+    ///
+    /// Errors: invalid resources, duplicate kind/namespace/name, two agents with the same name
+    /// (in any namespace) or claiming the same host, a fallback naming an unknown agent, two
+    /// `TrafficPolicy`s for the same target. Warnings (see [`PolicySnapshot::warnings`]): a
+    /// policy targeting an agent not (yet) registered, an endpoint shared by two agents, a
+    /// fallback sharing no capability with its agent.
+    pub fn compile(
+        resources: &[Resource],
+        default_action: Action,
+    ) -> Result<PolicySnapshot, Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+
+        // Deterministic order regardless of input order.
+        let mut sorted: Vec<&Resource> = resources.iter().collect();
+        sorted.sort_by_key(|r| r.key());
+        let mut seen: HashSet<ResourceKey> = HashSet::new();
+        for resource in &sorted {
+            if let Err(problems) = resource.validate() {
+                errors.extend(problems);
+            }
+            let key = resource.key();
+            if seen.contains(&key) {
+                errors.push(PolicyError::Duplicate {
+                    resource: key.to_string(),
+                    first: "the same set".to_owned(),
+                });
+            }
+            seen.insert(key);
+        }
+
+        let mut hasher = Fnv64::default();
+        default_action.hash(&mut hasher);
+        for resource in &sorted {
+            hasher.write(&serde_json::to_vec(resource).unwrap_or_default());
+            hasher.write_u8(0xff);
+        }
+
+        let mut snapshot = PolicySnapshot::empty(default_action);
+        snapshot.content_hash = hasher.finish();
+        snapshot.resource_count = resources.len();
+
+        // Agents.
+        let agents: Vec<&Agent> = sorted
+            .iter()
+            .filter_map(|r| match r {
+                Resource::Agent(agent) => Some(agent),
+                _ => None,
+            })
+            .collect();
+        let label =
+            |kind: Kind, meta: &super::Metadata| format!("{kind} {}/{}", meta.namespace, meta.name);
+        let mut host_owner: HashMap<String, String> = HashMap::new();
+        for agent in &agents {
+            let entry = AgentEntry::from_resource(agent);
+            let this = label(Kind::Agent, &agent.metadata);
+            if let Some(&other) = snapshot.by_name.get(&entry.name) {
+                let other = &snapshot.agents[other];
+                errors.push(PolicyError::Invalid {
+                    resource: this.clone(),
+                    field: "metadata.name".to_owned(),
+                    problem: format!(
+                        "agent name `{}` is already used by Agent {}/{} (agent names are unique \
+                         across namespaces)",
+                        entry.name, other.namespace, other.name
+                    ),
+                });
+                continue;
+            }
+            let index = snapshot.agents.len();
+            snapshot.by_name.insert(entry.name.clone(), index);
+            for address in entry.endpoints.iter().map(|e| e.address) {
+                if let Some(&other) = snapshot.by_address.get(&address) {
+                    warnings.push(format!(
+                        "{this}: endpoint {address} is also an endpoint of agent {}; lookups by \
+                         address return {}",
+                        snapshot.agents[other].name, snapshot.agents[other].name
+                    ));
+                } else {
+                    snapshot.by_address.insert(address, index);
+                }
+            }
+            snapshot.agents.push(entry);
+        }
+        // Hosts after names, so a host may not shadow another agent's name in either order.
+        for (index, agent) in snapshot.agents.iter().enumerate() {
+            host_owner.insert(agent.name.clone(), agent.name.clone());
+            snapshot.by_host.insert(agent.name.clone(), index);
+        }
+        for agent in &agents {
+            let name = &agent.metadata.name;
+            let Some(&index) = snapshot.by_name.get(name) else {
+                continue;
+            };
+            if snapshot.agents[index].namespace != agent.metadata.namespace {
+                continue; // the losing duplicate name, already reported
+            }
+            for (h, host) in agent.spec.hosts.iter().enumerate() {
+                let host = normalize_host(host);
+                match host_owner.get(&host) {
+                    Some(owner) if owner != name => errors.push(PolicyError::Invalid {
+                        resource: label(Kind::Agent, &agent.metadata),
+                        field: format!("spec.hosts[{h}]"),
+                        problem: format!("host `{host}` is already claimed by agent {owner}"),
+                    }),
+                    _ => {
+                        host_owner.insert(host.clone(), name.clone());
+                        snapshot.by_host.insert(host, index);
+                    }
+                }
+            }
+        }
+        for agent in &snapshot.agents {
+            let Some(fallback) = &agent.fallback else {
+                continue;
+            };
+            let this = format!("Agent {}/{}", agent.namespace, agent.name);
+            match snapshot.by_name.get(fallback) {
+                None => errors.push(PolicyError::Invalid {
+                    resource: this,
+                    field: "spec.fallback".to_owned(),
+                    problem: format!("unknown agent `{fallback}`"),
+                }),
+                Some(&other) => {
+                    let other = &snapshot.agents[other];
+                    let caps = &agent.capabilities;
+                    let offered = caps.mcp_tools.iter().chain(caps.a2a_skills.iter());
+                    let mut offered = offered.peekable();
+                    if offered.peek().is_some()
+                        && !offered.any(|capability| other.has_capability(capability))
+                    {
+                        warnings.push(format!(
+                            "{this}: spec.fallback: agent {fallback} shares no capability with it"
+                        ));
+                    }
+                }
+            }
+        }
+
+        // Access policies.
+        for resource in &sorted {
+            let Resource::AccessPolicy(policy) = resource else {
+                continue;
+            };
+            let target = policy.spec.target_agent.as_str();
+            if target != "*" && !snapshot.by_name.contains_key(target) {
+                warnings.push(format!(
+                    "{}: spec.targetAgent: agent `{target}` is not registered (yet)",
+                    label(Kind::AccessPolicy, &policy.metadata)
+                ));
+            }
+            let index = snapshot.policies.len();
+            snapshot
+                .policies
+                .push(CompiledPolicy::from_resource(policy));
+            match policy.spec.action {
+                Action::Deny => snapshot.deny.add(target, index),
+                Action::Allow => snapshot.allow.add(target, index),
+            }
+        }
+
+        // Traffic policies.
+        let mut traffic_owner: HashMap<String, String> = HashMap::new();
+        for resource in &sorted {
+            let Resource::TrafficPolicy(policy) = resource else {
+                continue;
+            };
+            let this = label(Kind::TrafficPolicy, &policy.metadata);
+            let target = policy.spec.target_agent.clone();
+            if let Some(owner) = traffic_owner.get(&target) {
+                errors.push(PolicyError::Invalid {
+                    resource: this,
+                    field: "spec.targetAgent".to_owned(),
+                    problem: format!("`{target}` is already targeted by {owner}"),
+                });
+                continue;
+            }
+            if target != "*" && !snapshot.by_name.contains_key(&target) {
+                warnings.push(format!(
+                    "{this}: spec.targetAgent: agent `{target}` is not registered (yet)"
+                ));
+            }
+            traffic_owner.insert(target.clone(), this);
+            let settings = TrafficSettings::from_resource(policy);
+            if target == "*" {
+                snapshot.traffic_wildcard = Some(settings);
+            } else {
+                snapshot.traffic_by_agent.insert(target, settings);
+            }
+        }
+
+        if errors.is_empty() {
+            snapshot.warnings = warnings;
+            Ok(snapshot)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Process-wide sequence number of this snapshot (later snapshots have higher numbers).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Stable hash of the resources and default action: equal content, equal hash, across
+    /// restarts and nodes.
+    pub fn content_hash(&self) -> u64 {
+        self.content_hash
+    }
+
+    /// Number of resources compiled in.
+    pub fn resource_count(&self) -> usize {
+        self.resource_count
+    }
+
+    /// Action for destinations no `Allow` policy targets.
+    pub fn default_action(&self) -> Action {
+        self.default_action
+    }
+
+    /// Non-fatal findings of the compilation (e.g. policies targeting unknown agents).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The agent with this name.
+    pub fn agent(&self, name: &str) -> Option<&AgentEntry> {
+        self.by_name.get(name).map(|&i| &self.agents[i])
+    }
+
+    /// The agent a `Host` (or `:authority`) value routes to: case-insensitive, `:port` and a
+    /// trailing dot ignored; matches the agent's hosts and its name.
+    pub fn agent_by_host(&self, host: &str) -> Option<&AgentEntry> {
+        let host = strip_port(host.trim());
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let index = match self.by_host.get(host) {
+            Some(index) => Some(index),
+            None if host.bytes().any(|b| b.is_ascii_uppercase()) => {
+                self.by_host.get(&host.to_ascii_lowercase())
+            }
+            None => None,
+        };
+        index.map(|&i| &self.agents[i])
+    }
+
+    /// The agent one of whose endpoints is `address`.
+    pub fn agent_by_address(&self, address: SocketAddr) -> Option<&AgentEntry> {
+        self.by_address.get(&address).map(|&i| &self.agents[i])
+    }
+
+    /// Every agent, sorted by name.
+    pub fn agents(&self) -> impl Iterator<Item = &AgentEntry> {
+        self.agents.iter()
+    }
+
+    /// Agents offering this MCP tool or A2A skill, sorted by name.
+    pub fn agents_with_capability(&self, tool_or_skill: &str) -> Vec<&AgentEntry> {
+        self.agents
+            .iter()
+            .filter(|a| a.has_capability(tool_or_skill))
+            .collect()
+    }
+
+    /// Decides whether a request may proceed (see the module documentation for the semantics).
+    pub fn authorize(&self, request: &RequestAttributes<'_>) -> Decision {
+        let destination = request.destination.unwrap_or("an unregistered destination");
+        for index in self.deny.applicable(request.destination) {
+            let policy = &self.policies[index];
+            if let Some(rule) = policy.first_match(request) {
+                return Decision {
+                    allowed: false,
+                    policy: Some(policy.id.clone()),
+                    rule: Some(rule),
+                    reason: format!(
+                        "denied by AccessPolicy {} rule {rule}: {} may not call {destination}",
+                        policy.id, request.source
+                    ),
+                };
+            }
+        }
+        let mut restricted = false;
+        for index in self.allow.applicable(request.destination) {
+            restricted = true;
+            let policy = &self.policies[index];
+            if let Some(rule) = policy.first_match(request) {
+                return Decision {
+                    allowed: true,
+                    policy: Some(policy.id.clone()),
+                    rule: Some(rule),
+                    reason: format!("allowed by AccessPolicy {} rule {rule}", policy.id),
+                };
+            }
+        }
+        let (allowed, reason) = if restricted {
+            (
+                false,
+                format!(
+                    "no AccessPolicy rule allows {} to call {destination} with this request",
+                    request.source
+                ),
+            )
+        } else if self.default_action == Action::Deny {
+            (
+                false,
+                format!("no AccessPolicy allows calls to {destination} and the default is Deny"),
+            )
+        } else {
+            (
+                true,
+                format!("no AccessPolicy restricts calls to {destination}"),
+            )
+        };
+        Decision {
+            allowed,
+            policy: None,
+            rule: None,
+            reason,
+        }
+    }
+
+    /// Traffic settings for calls to `agent`: its own `TrafficPolicy`, else the `*` one, else
+    /// the defaults.
+    pub fn traffic(&self, agent: &str) -> &TrafficSettings {
+        self.traffic_by_agent
+            .get(agent)
+            .or(self.traffic_wildcard.as_ref())
+            .unwrap_or(&self.traffic_default)
+    }
+}
+
+/// `tools:8080` -> `tools`, `[::1]:80` -> `::1`; anything else unchanged.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').map_or(host, |(inside, _)| inside);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::load::parse_documents;
+
+    const REGISTRY: &str = r#"
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {name: tools}
+spec:
+  hosts: [Tools.Mesh.Local]
+  endpoints: [{address: "10.0.0.5:8080"}, {address: "10.0.0.6:8080", weight: 0}]
+  protocol: Mcp
+  capabilities: {mcpTools: [fs_read, search]}
+  fallback: tools-backup
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {name: tools-backup}
+spec:
+  endpoints: [{address: "10.0.0.7:8080"}]
+  protocol: Mcp
+  capabilities: {mcpTools: [search]}
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {name: planner, namespace: agents}
+spec:
+  hosts: [planner.agents]
+  endpoints: [{address: "10.0.1.1:9000"}]
+  protocol: A2a
+  capabilities: {a2aSkills: [plan]}
+"#;
+
+    fn compile(extra: &str, default_action: Action) -> PolicySnapshot {
+        let text = format!("{REGISTRY}---\n{extra}");
+        let report = parse_documents(&text, "test.yaml");
+        assert!(report.is_clean(), "{:?}", report.errors);
+        match PolicySnapshot::compile(&report.resources(), default_action) {
+            Ok(snapshot) => snapshot,
+            Err(errors) => panic!("compile failed: {errors:?}"),
+        }
+    }
+
+    fn compile_err(text: &str) -> Vec<String> {
+        let report = parse_documents(text, "test.yaml");
+        assert!(report.is_clean(), "{:?}", report.errors);
+        match PolicySnapshot::compile(&report.resources(), Action::Allow) {
+            Ok(_) => panic!("compiled"),
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn mcp<'a>(
+        source: &'a str,
+        destination: &'a str,
+        tool: Option<&'a str>,
+    ) -> RequestAttributes<'a> {
+        RequestAttributes {
+            source,
+            destination: Some(destination),
+            http_method: "POST",
+            path: "/mcp",
+            mcp_method: Some(if tool.is_some() {
+                "tools/call"
+            } else {
+                "tools/list"
+            }),
+            mcp_tool: tool,
+            a2a_method: None,
+        }
+    }
+
+    fn http<'a>(
+        source: &'a str,
+        destination: Option<&'a str>,
+        method: &'a str,
+        path: &'a str,
+    ) -> RequestAttributes<'a> {
+        RequestAttributes {
+            source,
+            destination,
+            http_method: method,
+            path,
+            ..RequestAttributes::default()
+        }
+    }
+
+    const POLICIES: &str = r#"
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: planner-tools}
+spec:
+  targetAgent: tools
+  rules:
+    - from: [reporter]
+      http: {methods: [get], paths: ["/health"]}
+    - from: [planner, "research-*"]
+      mcp: {tools: ["fs_*", search]}
+    - from: [planner]
+      mcp: {methods: [tools/list, initialize]}
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: no-writes, namespace: security}
+spec:
+  targetAgent: tools
+  action: Deny
+  rules:
+    - from: ["*"]
+      mcp: {tools: [fs_write]}
+    - from: [research-intern]
+"#;
+
+    #[test]
+    fn allow_list_closes_the_target_and_deny_beats_allow() {
+        let snapshot = compile(POLICIES, Action::Allow);
+
+        let d = snapshot.authorize(&mcp("planner", "tools", Some("fs_read")));
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(d.policy.as_deref(), Some("default/planner-tools"));
+        assert_eq!(d.rule, Some(1));
+
+        // Matches allow rule 1 (fs_*) but the deny policy wins.
+        let d = snapshot.authorize(&mcp("planner", "tools", Some("fs_write")));
+        assert!(!d.allowed, "{d:?}");
+        assert_eq!(d.policy.as_deref(), Some("security/no-writes"));
+        assert_eq!(d.rule, Some(0));
+        assert!(
+            d.reason
+                .contains("denied by AccessPolicy security/no-writes rule 0")
+        );
+
+        // Prefix wildcard on the source; a deny rule without L7 parts matches everything.
+        assert!(
+            snapshot
+                .authorize(&mcp("research-7", "tools", Some("search")))
+                .allowed
+        );
+        let d = snapshot.authorize(&mcp("research-intern", "tools", Some("search")));
+        assert_eq!((d.allowed, d.rule), (false, Some(1)));
+
+        // Not in any allow rule: the allow-list closes the target.
+        let d = snapshot.authorize(&mcp("stranger", "tools", Some("search")));
+        assert!(!d.allowed);
+        assert_eq!(d.policy, None);
+        assert!(
+            d.reason.contains("no AccessPolicy rule allows stranger"),
+            "{}",
+            d.reason
+        );
+
+        // Method rule for listing tools.
+        let d = snapshot.authorize(&mcp("planner", "tools", None));
+        assert_eq!((d.allowed, d.rule), (true, Some(2)));
+    }
+
+    #[test]
+    fn mcp_rules_do_not_match_other_requests() {
+        let snapshot = compile(POLICIES, Action::Allow);
+        // Plain HTTP from planner: only MCP rules mention planner.
+        assert!(
+            !snapshot
+                .authorize(&http("planner", Some("tools"), "POST", "/mcp"))
+                .allowed
+        );
+        // A tools list only matches requests naming a tool: tools/list from research is not
+        // allowed by rule 1.
+        assert!(
+            !snapshot
+                .authorize(&mcp("research-1", "tools", None))
+                .allowed
+        );
+        // And the fs_write deny does not catch a non-MCP request (which the allow-list refuses
+        // anyway).
+        let d = snapshot.authorize(&http("reporter", Some("tools"), "GET", "/health?verbose=1"));
+        assert_eq!((d.allowed, d.rule), (true, Some(0)), "{d:?}");
+        // Methods are case-insensitive.
+        assert!(
+            snapshot
+                .authorize(&http("reporter", Some("tools"), "get", "/health"))
+                .allowed
+        );
+        assert!(
+            !snapshot
+                .authorize(&http("reporter", Some("tools"), "POST", "/health"))
+                .allowed
+        );
+    }
+
+    #[test]
+    fn open_destination_and_default_deny() {
+        let snapshot = compile(POLICIES, Action::Allow);
+        let d = snapshot.authorize(&http("anyone", Some("planner"), "GET", "/"));
+        assert!(d.allowed);
+        assert!(
+            d.reason
+                .contains("no AccessPolicy restricts calls to planner")
+        );
+        // Unregistered destination with no `*` policy.
+        assert!(
+            snapshot
+                .authorize(&http("anyone", None, "GET", "/"))
+                .allowed
+        );
+
+        let closed = compile(POLICIES, Action::Deny);
+        let d = closed.authorize(&http("anyone", Some("planner"), "GET", "/"));
+        assert!(!d.allowed);
+        assert!(d.reason.contains("default is Deny"), "{}", d.reason);
+        assert!(!closed.authorize(&http("anyone", None, "GET", "/")).allowed);
+        // The explicitly allowed traffic still flows.
+        assert!(
+            closed
+                .authorize(&mcp("planner", "tools", Some("search")))
+                .allowed
+        );
+    }
+
+    #[test]
+    fn wildcard_targets_and_unregistered_destinations() {
+        let policies = r#"
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: mesh-wide}
+spec:
+  targetAgent: "*"
+  rules:
+    - from: [planner]
+    - from: ["*"]
+      http: {paths: ["/api/*"]}
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: no-admin}
+spec:
+  targetAgent: "*"
+  action: Deny
+  rules:
+    - from: ["*"]
+      http: {paths: ["/admin", "/admin/*"]}
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: only-tools}
+spec:
+  targetAgent: tools
+  action: Deny
+  rules:
+    - from: [reporter]
+"#;
+        let snapshot = compile(policies, Action::Allow);
+        // "*" allow closes every destination, registered or not.
+        assert!(
+            snapshot
+                .authorize(&http("planner", None, "GET", "/x"))
+                .allowed
+        );
+        assert!(
+            !snapshot
+                .authorize(&http("reporter", None, "GET", "/x"))
+                .allowed
+        );
+        assert!(
+            snapshot
+                .authorize(&http("reporter", None, "GET", "/api/v1"))
+                .allowed
+        );
+        assert!(
+            snapshot
+                .authorize(&http("reporter", Some("planner"), "GET", "/api/v1"))
+                .allowed
+        );
+        // "*" deny applies everywhere.
+        let d = snapshot.authorize(&http("planner", None, "GET", "/admin/users"));
+        assert_eq!(
+            (d.allowed, d.policy.as_deref()),
+            (false, Some("default/no-admin"))
+        );
+        // A name-targeted policy does not apply to unregistered destinations.
+        assert!(
+            snapshot
+                .authorize(&http("reporter", None, "GET", "/api/x"))
+                .allowed
+        );
+        assert!(
+            !snapshot
+                .authorize(&http("reporter", Some("tools"), "GET", "/api/x"))
+                .allowed
+        );
+    }
+
+    #[test]
+    fn allow_policy_without_rules_closes_the_target() {
+        let policy = "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: lock}\nspec: {targetAgent: planner}\n";
+        let snapshot = compile(policy, Action::Allow);
+        assert!(
+            !snapshot
+                .authorize(&http("x", Some("planner"), "GET", "/"))
+                .allowed
+        );
+        assert!(
+            snapshot
+                .authorize(&http("x", Some("tools"), "GET", "/"))
+                .allowed
+        );
+    }
+
+    #[test]
+    fn host_lookup_with_port_and_case() {
+        let snapshot = compile("", Action::Allow);
+        for host in [
+            "tools",
+            "TOOLS:8080",
+            "tools.mesh.local",
+            "Tools.Mesh.Local:443",
+            "tools.mesh.local.",
+        ] {
+            assert_eq!(
+                snapshot.agent_by_host(host).map(|a| a.name.as_str()),
+                Some("tools"),
+                "{host}"
+            );
+        }
+        assert_eq!(
+            snapshot
+                .agent_by_host("planner.agents:9000")
+                .map(|a| a.namespace.as_str()),
+            Some("agents")
+        );
+        assert!(snapshot.agent_by_host("unknown").is_none());
+        assert!(snapshot.agent_by_host("[::1]:80").is_none());
+        assert!(snapshot.agent_by_host("").is_none());
+    }
+
+    #[test]
+    fn registry_lookups() {
+        let snapshot = compile("", Action::Allow);
+        let names: Vec<&str> = snapshot.agents().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["planner", "tools", "tools-backup"]);
+        assert_eq!(snapshot.resource_count(), 3);
+        let address: SocketAddr = "10.0.0.6:8080".parse().unwrap();
+        assert_eq!(snapshot.agent_by_address(address).unwrap().name, "tools");
+        assert!(
+            snapshot
+                .agent_by_address("10.0.0.6:8081".parse().unwrap())
+                .is_none()
+        );
+        let with_search: Vec<&str> = snapshot
+            .agents_with_capability("search")
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        assert_eq!(with_search, ["tools", "tools-backup"]);
+        assert_eq!(snapshot.agents_with_capability("plan")[0].name, "planner");
+        let tools = snapshot.agent("tools").unwrap();
+        assert_eq!(tools.hosts, ["tools.mesh.local"]);
+        assert_eq!(tools.endpoints[1].weight, 0);
+        assert_eq!(tools.fallback.as_deref(), Some("tools-backup"));
+        assert!(snapshot.warnings().is_empty(), "{:?}", snapshot.warnings());
+    }
+
+    #[test]
+    fn content_hash_is_stable_and_generation_increases() {
+        let a = compile(POLICIES, Action::Allow);
+        let b = compile(POLICIES, Action::Allow);
+        assert_eq!(a.content_hash(), b.content_hash());
+        assert!(b.generation() > a.generation());
+        assert_ne!(
+            a.content_hash(),
+            compile(POLICIES, Action::Deny).content_hash()
+        );
+        assert_ne!(a.content_hash(), compile("", Action::Allow).content_hash());
+    }
+
+    #[test]
+    fn cross_resource_errors() {
+        let dup_host = format!(
+            "{REGISTRY}---\napiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata: {{name: other}}\nspec:\n  hosts: [TOOLS.mesh.local]\n  endpoints: [{{address: '10.9.9.9:1'}}]\n"
+        );
+        let errors = compile_err(&dup_host);
+        assert!(
+            errors.iter().any(|e| e.contains("Agent default/tools: spec.hosts[0]: host `tools.mesh.local` is already claimed by agent other")),
+            "{errors:?}"
+        );
+
+        let host_is_name = "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata: {name: a}\nspec: {hosts: [b], endpoints: [{address: '10.0.0.1:1'}]}\n---\napiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata: {name: b}\nspec: {endpoints: [{address: '10.0.0.2:1'}]}\n";
+        let errors = compile_err(host_is_name);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("host `b` is already claimed by agent b")),
+            "{errors:?}"
+        );
+
+        let bad_fallback = "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata: {name: a}\nspec: {endpoints: [{address: '10.0.0.1:1'}], fallback: ghost}\n";
+        let errors = compile_err(bad_fallback);
+        assert_eq!(
+            errors,
+            ["Agent default/a: spec.fallback: unknown agent `ghost`"]
+        );
+
+        let same_name = "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata: {name: a}\nspec: {endpoints: [{address: '10.0.0.1:1'}]}\n---\napiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata: {name: a, namespace: other}\nspec: {endpoints: [{address: '10.0.0.2:1'}]}\n";
+        let errors = compile_err(same_name);
+        assert!(
+            errors[0].contains("already used by Agent default/a"),
+            "{errors:?}"
+        );
+
+        let two_traffic = "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: a}\nspec: {targetAgent: x}\n---\napiVersion: mesh.agentmesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: b}\nspec: {targetAgent: x}\n";
+        let errors = compile_err(two_traffic);
+        assert_eq!(
+            errors,
+            [
+                "TrafficPolicy default/b: spec.targetAgent: `x` is already targeted by TrafficPolicy default/a"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_policy_target_is_a_warning() {
+        let policy = "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: early}\nspec: {targetAgent: later}\n";
+        let snapshot = compile(policy, Action::Allow);
+        assert_eq!(snapshot.warnings().len(), 1);
+        assert!(snapshot.warnings()[0].contains("`later` is not registered"));
+        // It still applies by name once traffic for that name shows up.
+        assert!(
+            !snapshot
+                .authorize(&http("x", Some("later"), "GET", "/"))
+                .allowed
+        );
+    }
+
+    #[test]
+    fn compile_rejects_invalid_resources_built_in_code() {
+        let mut agent = match &parse_documents(REGISTRY, "r.yaml").resources[0].resource {
+            Resource::Agent(agent) => agent.clone(),
+            other => panic!("{other:?}"),
+        };
+        agent.spec.endpoints.clear();
+        let errors = PolicySnapshot::compile(&[Resource::Agent(agent)], Action::Allow).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "Agent default/tools: spec.endpoints: at least one endpoint is required"
+        );
+    }
+
+    #[test]
+    fn traffic_defaults_and_wildcard_fallback() {
+        let snapshot = compile("", Action::Allow);
+        let defaults = snapshot.traffic("tools");
+        assert_eq!(defaults.policy, None);
+        assert_eq!(defaults.timeouts.connect.as_secs(), 5);
+        assert_eq!(defaults.timeouts.request.as_secs(), 30);
+        assert_eq!(defaults.timeouts.idle.as_secs(), 300);
+        assert!(defaults.timeouts.stream.is_zero());
+        assert_eq!(defaults.retries.attempts, 2);
+        assert_eq!(defaults.retries.backoff_base.as_millis(), 25);
+        assert_eq!(defaults.retries.budget_percent, 20);
+        assert_eq!(defaults.circuit_breaker.consecutive_failures, 5);
+        assert_eq!(defaults.priority.max_queue, 128);
+        assert_eq!(defaults.max_request_body_bytes, 4 * 1024 * 1024);
+
+        let policies = r#"
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: everyone}
+spec:
+  targetAgent: "*"
+  timeouts: {request: 2m}
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: tools}
+spec:
+  targetAgent: tools
+  timeouts: {request: 1s, stream: 1h}
+  retries: {attempts: 0, retryOn: [Status5xx, Timeout]}
+  priority: {defaultClass: High, headerAllowed: true}
+  rateLimits:
+    - {from: "*", requestsPerSecond: 100, burst: 100}
+    - {from: "research-*", requestsPerSecond: 10, burst: 10}
+    - {from: planner, requestsPerSecond: 50, burst: 5}
+    - {from: "*", tool: search, requestsPerSecond: 1, burst: 1}
+"#;
+        let snapshot = compile(policies, Action::Allow);
+        let tools = snapshot.traffic("tools");
+        assert_eq!(tools.policy.as_deref(), Some("default/tools"));
+        assert_eq!(tools.timeouts.request.as_secs(), 1);
+        assert_eq!(tools.timeouts.connect.as_secs(), 5);
+        assert_eq!(tools.timeouts.stream.as_secs(), 3600);
+        assert_eq!(tools.retries.attempts, 0);
+        assert_eq!(
+            tools.priority.default_class,
+            crate::policy::PriorityClass::High
+        );
+        let other = snapshot.traffic("planner");
+        assert_eq!(other.policy.as_deref(), Some("default/everyone"));
+        assert_eq!(other.timeouts.request.as_secs(), 120);
+        assert_eq!(
+            snapshot.traffic("not-registered").policy.as_deref(),
+            Some("default/everyone")
+        );
+
+        let rps = |source, tool| {
+            tools
+                .rate_limit_for(source, tool)
+                .map(|r| r.requests_per_second)
+        };
+        assert_eq!(rps("planner", Some("search")), Some(1.0));
+        assert_eq!(rps("planner", Some("fs_read")), Some(50.0));
+        assert_eq!(rps("research-1", None), Some(10.0));
+        assert_eq!(rps("someone", None), Some(100.0));
+        assert_eq!(other.rate_limit_for("someone", None), None);
+    }
+
+    #[test]
+    fn strip_port_cases() {
+        assert_eq!(strip_port("a:80"), "a");
+        assert_eq!(strip_port("a"), "a");
+        assert_eq!(strip_port("a:b"), "a:b");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("::1"), "::1");
+        assert_eq!(strip_port("[bad"), "[bad");
+    }
+}

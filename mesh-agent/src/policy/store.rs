@@ -1,0 +1,362 @@
+//! The policy store: the active [`PolicySnapshot`] behind an atomic pointer (readers never
+//! block), all-or-nothing reloads from a directory, the directory watcher used in standalone
+//! mode, and the reload counters and last errors shown by metrics and the admin endpoint.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use super::{
+    load::{dir_fingerprint, load_dir},
+    resources::Action,
+    snapshot::PolicySnapshot,
+};
+
+/// Shortest poll interval `watch_dir` accepts.
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Holds the active snapshot and reload statistics. Share it in an `Arc`.
+#[derive(Debug)]
+pub struct PolicyStore {
+    current: ArcSwap<PolicySnapshot>,
+    reloads_ok: AtomicU64,
+    reloads_rejected: AtomicU64,
+    last_errors: Mutex<Vec<String>>,
+}
+
+impl Default for PolicyStore {
+    fn default() -> Self {
+        PolicyStore::new(PolicySnapshot::default())
+    }
+}
+
+impl PolicyStore {
+    /// A store serving `initial` until something replaces it. To fail closed until the first
+    /// good load, start from `PolicySnapshot::empty(Action::Deny)`.
+    pub fn new(initial: PolicySnapshot) -> Self {
+        PolicyStore {
+            current: ArcSwap::from_pointee(initial),
+            reloads_ok: AtomicU64::new(0),
+            reloads_rejected: AtomicU64::new(0),
+            last_errors: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The active snapshot. Cheap (an atomic load and a reference count).
+    pub fn current(&self) -> Arc<PolicySnapshot> {
+        self.current.load_full()
+    }
+
+    /// Makes `snapshot` the active one (e.g. built from etcd by the control plane).
+    pub fn replace(&self, snapshot: PolicySnapshot) {
+        self.current.store(Arc::new(snapshot));
+    }
+
+    /// Successful reloads so far.
+    pub fn reloads_ok(&self) -> u64 {
+        self.reloads_ok.load(Ordering::Relaxed)
+    }
+
+    /// Rejected reloads so far (the previous snapshot stayed active).
+    pub fn reloads_rejected(&self) -> u64 {
+        self.reloads_rejected.load(Ordering::Relaxed)
+    }
+
+    /// Problems of the last rejected reload; empty after a successful one.
+    pub fn last_errors(&self) -> Vec<String> {
+        self.last_errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Loads and compiles `dir` now; swaps it in if every resource is valid and the set
+    /// compiles, otherwise keeps the active snapshot. Blocking (file I/O).
+    pub fn reload_dir(
+        &self,
+        dir: &Path,
+        default_action: Action,
+    ) -> Result<Arc<PolicySnapshot>, Vec<String>> {
+        self.apply(dir, compile_dir(dir, default_action))
+    }
+
+    /// Polls `dir` every `interval` (file names, sizes and modification times) and reloads it
+    /// when it changes, until `shutdown` turns true or its sender is dropped. The first poll
+    /// loads immediately. Rejected resources are logged one by one; the last good snapshot
+    /// stays active.
+    pub async fn watch_dir(
+        &self,
+        dir: PathBuf,
+        default_action: Action,
+        interval: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut ticker = tokio::time::interval(interval.max(MIN_INTERVAL));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_fingerprint: Option<u64> = None;
+        let mut dir_unreadable = false;
+        tracing::info!(dir = %dir.display(), ?interval, "watching policy directory");
+        loop {
+            if *shutdown.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                _ = ticker.tick() => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            }
+
+            let probe = dir.clone();
+            let fingerprint =
+                match tokio::task::spawn_blocking(move || dir_fingerprint(&probe)).await {
+                    Ok(fingerprint) => fingerprint,
+                    Err(error) => {
+                        tracing::warn!(%error, "policy directory poll failed");
+                        continue;
+                    }
+                };
+            let fingerprint = match fingerprint {
+                Ok(fingerprint) => {
+                    dir_unreadable = false;
+                    fingerprint
+                }
+                Err(error) => {
+                    if !dir_unreadable {
+                        dir_unreadable = true;
+                        // Force a reload once the directory is back.
+                        last_fingerprint = None;
+                        let message = format!("cannot read {}: {error}", dir.display());
+                        tracing::warn!(
+                            dir = %dir.display(), %error,
+                            "policy directory unreadable; keeping the current snapshot"
+                        );
+                        self.reject(vec![message]);
+                    }
+                    continue;
+                }
+            };
+            if last_fingerprint == Some(fingerprint) {
+                continue;
+            }
+            last_fingerprint = Some(fingerprint);
+
+            let source = dir.clone();
+            match tokio::task::spawn_blocking(move || compile_dir(&source, default_action)).await {
+                Ok(result) => {
+                    let _ = self.apply(&dir, result);
+                }
+                Err(error) => tracing::warn!(%error, "policy reload task failed"),
+            }
+        }
+        tracing::info!(dir = %dir.display(), "stopped watching policy directory");
+    }
+
+    fn apply(
+        &self,
+        dir: &Path,
+        result: Result<PolicySnapshot, Vec<String>>,
+    ) -> Result<Arc<PolicySnapshot>, Vec<String>> {
+        match result {
+            Ok(snapshot) => {
+                for warning in snapshot.warnings() {
+                    tracing::warn!(dir = %dir.display(), "{warning}");
+                }
+                let active = self.current.load();
+                let snapshot = if active.content_hash() == snapshot.content_hash()
+                    && active.resource_count() == snapshot.resource_count()
+                {
+                    tracing::debug!(
+                        content_hash = format_args!("{:016x}", active.content_hash()),
+                        "policy directory changed but its content did not"
+                    );
+                    Arc::clone(&active)
+                } else {
+                    let snapshot = Arc::new(snapshot);
+                    self.current.store(Arc::clone(&snapshot));
+                    tracing::info!(
+                        dir = %dir.display(),
+                        generation = snapshot.generation(),
+                        content_hash = format_args!("{:016x}", snapshot.content_hash()),
+                        resources = snapshot.resource_count(),
+                        "policy snapshot activated"
+                    );
+                    snapshot
+                };
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                self.last_errors
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clear();
+                Ok(snapshot)
+            }
+            Err(errors) => {
+                for error in &errors {
+                    tracing::warn!(dir = %dir.display(), "policy resource rejected: {error}");
+                }
+                let active = self.current.load();
+                tracing::warn!(
+                    dir = %dir.display(),
+                    rejected = errors.len(),
+                    generation = active.generation(),
+                    content_hash = format_args!("{:016x}", active.content_hash()),
+                    "policy reload rejected; keeping the current snapshot"
+                );
+                self.reject(errors.clone());
+                Err(errors)
+            }
+        }
+    }
+
+    fn reject(&self, errors: Vec<String>) {
+        self.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+        *self
+            .last_errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = errors;
+    }
+}
+
+/// Loads `dir` strictly: any rejected resource or compile error rejects the whole set.
+fn compile_dir(dir: &Path, default_action: Action) -> Result<PolicySnapshot, Vec<String>> {
+    let report = load_dir(dir);
+    if !report.is_clean() {
+        return Err(report.errors.iter().map(ToString::to_string).collect());
+    }
+    PolicySnapshot::compile(&report.resources(), default_action)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AGENT: &str = "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata: {name: tools}\nspec: {endpoints: [{address: '10.0.0.1:80'}]}\n";
+    const POLICY: &str = "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: lock}\nspec: {targetAgent: tools}\n";
+
+    async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[test]
+    fn reload_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), AGENT).unwrap();
+        let store = PolicyStore::default();
+        let first = store.reload_dir(dir.path(), Action::Allow).unwrap();
+        assert_eq!(first.resource_count(), 1);
+        assert_eq!(store.reloads_ok(), 1);
+
+        // A good policy plus a bad resource: nothing of the new set is applied.
+        std::fs::write(dir.path().join("b.yaml"), POLICY).unwrap();
+        std::fs::write(
+            dir.path().join("c.yaml"),
+            "kind: Agent\nmetadata: {name: x}\nspec: {}\n",
+        )
+        .unwrap();
+        let errors = store.reload_dir(dir.path(), Action::Allow).unwrap_err();
+        assert!(errors[0].contains("c.yaml"), "{errors:?}");
+        assert_eq!(store.reloads_rejected(), 1);
+        assert_eq!(store.last_errors(), errors);
+        assert_eq!(store.current().generation(), first.generation());
+
+        std::fs::remove_file(dir.path().join("c.yaml")).unwrap();
+        let second = store.reload_dir(dir.path(), Action::Allow).unwrap();
+        assert_eq!(second.resource_count(), 2);
+        assert!(store.last_errors().is_empty());
+        // Same content again: the active snapshot is kept as is.
+        let third = store.reload_dir(dir.path(), Action::Allow).unwrap();
+        assert_eq!(third.generation(), second.generation());
+    }
+
+    #[tokio::test]
+    async fn watch_picks_up_changes_and_keeps_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("agents.yaml"), AGENT).unwrap();
+        let store = Arc::new(PolicyStore::new(PolicySnapshot::empty(Action::Deny)));
+        let (stop, shutdown) = watch::channel(false);
+        let watcher = {
+            let store = Arc::clone(&store);
+            let path = dir.path().to_path_buf();
+            tokio::spawn(async move {
+                store
+                    .watch_dir(path, Action::Allow, Duration::from_millis(20), shutdown)
+                    .await;
+            })
+        };
+
+        wait_for("first load", || store.current().resource_count() == 1).await;
+        let first = store.current();
+        assert!(first.agent("tools").is_some());
+        assert_eq!(first.default_action(), Action::Allow);
+
+        // A broken file: rejected, logged, previous snapshot kept.
+        std::fs::write(
+            dir.path().join("policy.yaml"),
+            "kind: AccessPolicy\nspec: {oops: 1}\n",
+        )
+        .unwrap();
+        wait_for("rejection", || store.reloads_rejected() == 1).await;
+        assert_eq!(store.current().generation(), first.generation());
+        let errors = store.last_errors();
+        assert!(
+            errors.iter().any(|e| e.contains("policy.yaml")),
+            "{errors:?}"
+        );
+
+        // Fixed: picked up.
+        std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+        wait_for("second load", || store.current().resource_count() == 2).await;
+        assert!(store.last_errors().is_empty());
+        assert_eq!(store.reloads_ok(), 2);
+        let request = crate::policy::RequestAttributes {
+            source: "x",
+            destination: Some("tools"),
+            ..Default::default()
+        };
+        assert!(!store.current().authorize(&request).allowed);
+
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .expect("watcher stops on shutdown")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn watch_stops_when_sender_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::default();
+        let (stop, shutdown) = watch::channel(false);
+        drop(stop);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            store.watch_dir(
+                dir.path().to_path_buf(),
+                Action::Allow,
+                Duration::from_millis(10),
+                shutdown,
+            ),
+        )
+        .await
+        .expect("watcher stops");
+    }
+}

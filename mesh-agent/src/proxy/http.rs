@@ -1,0 +1,1165 @@
+//! The L7 path for HTTP/1.1 and HTTP/2 (h2c, gRPC) on captured connections: per request it
+//! resolves the destination in the registry (by `Host`/`:authority`, else by the original
+//! destination address), extracts MCP and A2A JSON-RPC attributes from bounded request bodies,
+//! checks the policy snapshot and rate limits, picks an endpoint, and forwards through pooled
+//! upstream connections with timeouts and budgeted retries. Responses, SSE streams included,
+//! are passed through frame by frame with no added buffering; WebSocket upgrades are joined
+//! into a two-way byte pipe.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+};
+use rand::Rng;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, info, warn};
+
+use super::jsonrpc::{self, JsonRpcRequest, Message};
+use crate::policy::{
+    AgentEntry, PolicySnapshot, PolicyStore, RateLimit, RateLimitKey, RateLimiter,
+    RequestAttributes, RetryOn, TrafficSettings,
+};
+
+/// Error type of proxied bodies.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+/// A request or response body as the proxy carries it: streamed or buffered.
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
+
+/// Longest idle time of a pooled upstream connection.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+/// Window over which the retry budget compares retries with requests.
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// Retries always allowed per window, so a quiet destination can still retry.
+const BUDGET_MIN_RETRIES: u64 = 10;
+/// Largest bodyless-or-small request body buffered so it can be retried, when the body is not
+/// JSON (JSON bodies are buffered up to the traffic policy's limit for inspection).
+const RETRY_BUFFER: u64 = 64 * 1024;
+
+/// Which HTTP version the client spoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+/// Who is calling and where it meant to go, from the kernel.
+#[derive(Debug, Clone)]
+pub struct CallerContext {
+    /// The source workload's name (its identity for policy).
+    pub source: Arc<str>,
+    /// The destination the workload dialled.
+    pub original_dst: SocketAddr,
+}
+
+/// Counters of the L7 path.
+#[derive(Debug, Default)]
+pub struct HttpStats {
+    requests: AtomicU64,
+    denied: AtomicU64,
+    rate_limited: AtomicU64,
+    retries: AtomicU64,
+    upstream_errors: AtomicU64,
+    timeouts: AtomicU64,
+    rejected: AtomicU64,
+    mcp_requests: AtomicU64,
+    a2a_requests: AtomicU64,
+    websocket_upgrades: AtomicU64,
+}
+
+/// A point-in-time copy of [`HttpStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct HttpStatsSnapshot {
+    pub requests: u64,
+    pub denied: u64,
+    pub rate_limited: u64,
+    pub retries: u64,
+    pub upstream_errors: u64,
+    pub timeouts: u64,
+    pub rejected: u64,
+    pub mcp_requests: u64,
+    pub a2a_requests: u64,
+    pub websocket_upgrades: u64,
+}
+
+impl HttpStats {
+    pub fn snapshot(&self) -> HttpStatsSnapshot {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        HttpStatsSnapshot {
+            requests: load(&self.requests),
+            denied: load(&self.denied),
+            rate_limited: load(&self.rate_limited),
+            retries: load(&self.retries),
+            upstream_errors: load(&self.upstream_errors),
+            timeouts: load(&self.timeouts),
+            rejected: load(&self.rejected),
+            mcp_requests: load(&self.mcp_requests),
+            a2a_requests: load(&self.a2a_requests),
+            websocket_upgrades: load(&self.websocket_upgrades),
+        }
+    }
+}
+
+/// Retries against requests over a sliding window, per destination.
+#[derive(Debug)]
+struct RetryBudget {
+    window_start: Instant,
+    requests: u64,
+    retries: u64,
+}
+
+impl RetryBudget {
+    fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            requests: 0,
+            retries: 0,
+        }
+    }
+
+    fn roll(&mut self, now: Instant) {
+        if now.duration_since(self.window_start) >= BUDGET_WINDOW {
+            *self = Self::new(now);
+        }
+    }
+
+    fn record_request(&mut self, now: Instant) {
+        self.roll(now);
+        self.requests += 1;
+    }
+
+    /// Takes one retry if the budget allows it.
+    fn try_retry(&mut self, now: Instant, percent: u32) -> bool {
+        self.roll(now);
+        let allowed = (self.requests * u64::from(percent) / 100).max(BUDGET_MIN_RETRIES);
+        if self.retries < allowed {
+            self.retries += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The L7 proxy shared by all captured HTTP connections.
+pub struct HttpProxy {
+    policy: Arc<PolicyStore>,
+    limiter: RateLimiter,
+    http1: Client<HttpConnector, ProxyBody>,
+    http2: Client<HttpConnector, ProxyBody>,
+    budgets: Mutex<std::collections::HashMap<String, RetryBudget>>,
+    stats: HttpStats,
+}
+
+impl std::fmt::Debug for HttpProxy {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("HttpProxy")
+            .field("stats", &self.stats.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request got no upstream response.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect { endpoint: SocketAddr, reason: String },
+    #[error("{endpoint} failed: {reason}")]
+    Failed { endpoint: SocketAddr, reason: String },
+    #[error("{endpoint} did not answer within {timeout:?}")]
+    Timeout {
+        endpoint: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("no endpoint of agent {0} is available")]
+    NoEndpoint(String),
+}
+
+/// What one request is, for policy, telemetry and retries.
+#[derive(Debug, Default)]
+struct RequestFacts {
+    jsonrpc: Option<JsonRpcRequest>,
+    grpc: bool,
+}
+
+impl RequestFacts {
+    fn first(&self) -> Option<&Message> {
+        self.jsonrpc
+            .as_ref()
+            .and_then(|request| request.messages.first())
+    }
+}
+
+impl HttpProxy {
+    pub fn new(policy: Arc<PolicyStore>, connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(true);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_max_idle_per_host(256)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        let http1 = builder.build(connector.clone());
+        let http2 = builder.http2_only(true).build(connector);
+        Self {
+            policy,
+            limiter: RateLimiter::default(),
+            http1,
+            http2,
+            budgets: Mutex::new(std::collections::HashMap::new()),
+            stats: HttpStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> HttpStatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Serves one client connection (already known to speak `version`) until it closes.
+    pub async fn serve_connection<S>(
+        self: Arc<Self>,
+        stream: S,
+        version: HttpVersion,
+        caller: CallerContext,
+    ) -> Result<(), hyper::Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let caller = Arc::new(caller);
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let proxy = Arc::clone(&self);
+            let caller = Arc::clone(&caller);
+            async move { Ok::<_, Infallible>(proxy.handle(&caller, request, version).await) }
+        });
+        let io = TokioIo::new(stream);
+        match version {
+            HttpVersion::Http1 => {
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .max_buf_size(1 << 20)
+                    .serve_connection(io, service)
+                    .with_upgrades()
+                    .await
+            }
+            HttpVersion::Http2 => {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(64 * 1024)
+                    .serve_connection(io, service)
+                    .await
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        caller: &CallerContext,
+        mut request: Request<Incoming>,
+        version: HttpVersion,
+    ) -> Response<ProxyBody> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let snapshot = self.policy.current();
+        let host = request_host(&request);
+        let destination = host
+            .as_deref()
+            .and_then(|host| snapshot.agent_by_host(host))
+            .or_else(|| snapshot.agent_by_address(caller.original_dst));
+        let traffic = snapshot.traffic(destination.map_or("", |agent| agent.name.as_str()));
+        let client_upgrade =
+            is_websocket_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let (parts, incoming) = request.into_parts();
+
+        // Read what policy needs to see before a byte goes upstream.
+        let (body, facts) = match inspect_body(&parts, incoming, traffic).await {
+            Ok(inspected) => inspected,
+            Err(response) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                return response;
+            }
+        };
+        match facts.first().map(|message| message.protocol) {
+            Some(jsonrpc::Family::Mcp) => self.stats.mcp_requests.fetch_add(1, Ordering::Relaxed),
+            Some(jsonrpc::Family::A2a) => self.stats.a2a_requests.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        if let Some(response) = check_mcp_headers(&parts.headers, &facts) {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return response;
+        }
+
+        let destination_name = destination.map(|agent| agent.name.as_str());
+        if let Some(response) = self.authorize(&snapshot, caller, destination_name, &parts, &facts)
+        {
+            return response;
+        }
+        if let Some(response) = self.rate_limit(caller, destination_name, traffic, &facts) {
+            return response;
+        }
+        if let Some(client_upgrade) = client_upgrade {
+            return self
+                .upgrade(caller, destination, parts, client_upgrade, body, traffic)
+                .await;
+        }
+        self.forward(caller, &snapshot, destination, parts, body, facts, traffic, version)
+            .await
+    }
+
+    fn authorize(
+        &self,
+        snapshot: &PolicySnapshot,
+        caller: &CallerContext,
+        destination: Option<&str>,
+        parts: &http::request::Parts,
+        facts: &RequestFacts,
+    ) -> Option<Response<ProxyBody>> {
+        let method = parts.method.as_str();
+        let path = parts.uri.path();
+        let mut attributes = RequestAttributes {
+            source: &caller.source,
+            destination,
+            http_method: method,
+            path,
+            mcp_method: None,
+            mcp_tool: None,
+            a2a_method: None,
+        };
+        let messages: &[Message] = facts
+            .jsonrpc
+            .as_ref()
+            .map_or(&[], |request| request.messages.as_slice());
+        // Every message of a batch must be allowed; a body without messages is checked once.
+        let mut checks = Vec::with_capacity(messages.len().max(1));
+        if messages.is_empty() {
+            checks.push(attributes.clone());
+        }
+        for message in messages {
+            attributes.mcp_method = None;
+            attributes.mcp_tool = None;
+            attributes.a2a_method = None;
+            match message.protocol {
+                jsonrpc::Family::Mcp => {
+                    attributes.mcp_method = message.method.as_deref();
+                    attributes.mcp_tool = message.tool.as_deref();
+                }
+                jsonrpc::Family::A2a => attributes.a2a_method = message.method.as_deref(),
+                jsonrpc::Family::Unknown => {}
+            }
+            checks.push(attributes.clone());
+        }
+        for check in &checks {
+            let decision = snapshot.authorize(check);
+            if !decision.allowed {
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    source = %caller.source,
+                    destination = destination.unwrap_or("(unregistered)"),
+                    original_dst = %caller.original_dst,
+                    method, path,
+                    mcp_method = check.mcp_method, mcp_tool = check.mcp_tool,
+                    a2a_method = check.a2a_method,
+                    policy = decision.policy.as_deref().unwrap_or("(default)"),
+                    reason = %decision.reason,
+                    "request denied by policy"
+                );
+                let detail = format!("denied by mesh policy: {}", decision.reason);
+                return Some(error_for(
+                    facts,
+                    StatusCode::FORBIDDEN,
+                    jsonrpc::FORBIDDEN,
+                    &detail,
+                    GrpcCode::PermissionDenied,
+                    None,
+                ));
+            }
+        }
+        None
+    }
+
+    fn rate_limit(
+        &self,
+        caller: &CallerContext,
+        destination: Option<&str>,
+        traffic: &TrafficSettings,
+        facts: &RequestFacts,
+    ) -> Option<Response<ProxyBody>> {
+        let tool = facts.first().and_then(|message| message.tool.as_deref());
+        let destination_key = destination.unwrap_or("");
+        let key = RateLimitKey {
+            source: &caller.source,
+            destination: destination_key,
+            tool,
+        };
+        match self.limiter.check(traffic, &key, Instant::now()) {
+            Ok(()) => None,
+            Err(retry_after) => {
+                self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                info!(source = %caller.source, destination = destination_key, tool, ?retry_after, "request rate-limited");
+                Some(error_for(
+                    facts,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    jsonrpc::RATE_LIMITED,
+                    "rate limit of the mesh exceeded",
+                    GrpcCode::ResourceExhausted,
+                    Some(retry_after),
+                ))
+            }
+        }
+    }
+
+    /// Sends the request upstream with timeouts and budgeted retries, then passes the
+    /// response back as it streams in.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        caller: &CallerContext,
+        snapshot: &PolicySnapshot,
+        destination: Option<&AgentEntry>,
+        parts: http::request::Parts,
+        body: Body,
+        facts: RequestFacts,
+        traffic: &TrafficSettings,
+        version: HttpVersion,
+    ) -> Response<ProxyBody> {
+        let retryable_request = body.is_buffered()
+            && (is_idempotent(&parts.method) || parts.headers.contains_key("idempotency-key"));
+        let budget_key = destination.map_or_else(
+            || caller.original_dst.to_string(),
+            |agent| agent.name.clone(),
+        );
+        self.with_budget(&budget_key, |budget| budget.record_request(Instant::now()));
+        let timeout = request_timeout(&parts.headers, traffic);
+        let mut body = Some(body);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt: u32 = 0;
+        let mut agent = destination;
+        let mut failed_over = false;
+        loop {
+            let endpoint = match agent {
+                Some(agent) => pick_endpoint(agent, &tried),
+                None => Some(caller.original_dst),
+            };
+            let Some(endpoint) = endpoint else {
+                // Every endpoint of this agent failed: fail over to its fallback, once.
+                if !failed_over
+                    && let Some(fallback) = agent
+                        .and_then(|agent| agent.fallback.as_deref())
+                        .and_then(|name| snapshot.agent(name))
+                {
+                    info!(
+                        from = agent.map_or("", |agent| agent.name.as_str()),
+                        to = %fallback.name,
+                        "failing over to the fallback agent"
+                    );
+                    agent = Some(fallback);
+                    failed_over = true;
+                    tried.clear();
+                    continue;
+                }
+                let error = UpstreamError::NoEndpoint(
+                    agent.map_or_else(|| caller.original_dst.to_string(), |a| a.name.clone()),
+                );
+                self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                return error_for(
+                    &facts,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    jsonrpc::UNAVAILABLE,
+                    &error.to_string(),
+                    GrpcCode::Unavailable,
+                    None,
+                );
+            };
+            tried.push(endpoint);
+            let this_body = match body.as_ref() {
+                Some(Body::Buffered(bytes)) => Body::Buffered(bytes.clone()),
+                _ => body.take().unwrap_or(Body::Buffered(Bytes::new())),
+            };
+            let outcome = self
+                .send(&parts, this_body, endpoint, timeout, facts.grpc || version == HttpVersion::Http2)
+                .await;
+            let failure = match outcome {
+                Ok(response) => {
+                    let status = response.status();
+                    let retry_status = (status.is_server_error()
+                        && traffic.retries.retry_on.contains(&RetryOn::Status5xx))
+                        || (status == StatusCode::SERVICE_UNAVAILABLE
+                            && traffic.retries.retry_on.contains(&RetryOn::Status503));
+                    if !retry_status {
+                        return response.map(|incoming| incoming.map_err(BodyError::from).boxed());
+                    }
+                    Attempt::Status(response)
+                }
+                Err(error) => Attempt::Error(error),
+            };
+            let retry_on_error = match &failure {
+                Attempt::Error(UpstreamError::Connect { .. }) => {
+                    traffic.retries.retry_on.contains(&RetryOn::ConnectFailure)
+                }
+                Attempt::Error(UpstreamError::Timeout { .. }) => {
+                    traffic.retries.retry_on.contains(&RetryOn::Timeout)
+                }
+                Attempt::Error(UpstreamError::Failed { .. }) => {
+                    traffic.retries.retry_on.contains(&RetryOn::Reset)
+                }
+                Attempt::Error(UpstreamError::NoEndpoint(_)) => false,
+                Attempt::Status(_) => true,
+            };
+            // A connect failure sent nothing, so it is safe to repeat whatever the method.
+            let safe = retryable_request
+                || (matches!(failure, Attempt::Error(UpstreamError::Connect { .. }))
+                    && body.is_some());
+            let can_retry = retry_on_error
+                && safe
+                && attempt < traffic.retries.attempts
+                && self.with_budget(&budget_key, |budget| {
+                    budget.try_retry(Instant::now(), traffic.retries.budget_percent)
+                });
+            if !can_retry {
+                return match failure {
+                    Attempt::Status(response) => {
+                        response.map(|incoming| incoming.map_err(BodyError::from).boxed())
+                    }
+                    Attempt::Error(error) => self.upstream_failure(caller, &facts, &error),
+                };
+            }
+            attempt += 1;
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            let delay = backoff(attempt, traffic);
+            debug!(source = %caller.source, %endpoint, attempt, ?delay, "retrying request");
+            tokio::time::sleep(delay).await;
+            if let Some(agent) = agent
+                && tried.len() >= agent.endpoints.len()
+            {
+                // Every endpoint had its try: go round again.
+                tried.clear();
+            }
+        }
+    }
+
+    fn upstream_failure(
+        &self,
+        caller: &CallerContext,
+        facts: &RequestFacts,
+        error: &UpstreamError,
+    ) -> Response<ProxyBody> {
+        let (status, code) = match error {
+            UpstreamError::Timeout { .. } => {
+                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                (StatusCode::GATEWAY_TIMEOUT, GrpcCode::DeadlineExceeded)
+            }
+            UpstreamError::NoEndpoint(_) => (StatusCode::SERVICE_UNAVAILABLE, GrpcCode::Unavailable),
+            UpstreamError::Connect { .. } | UpstreamError::Failed { .. } => {
+                (StatusCode::BAD_GATEWAY, GrpcCode::Unavailable)
+            }
+        };
+        self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        warn!(source = %caller.source, original_dst = %caller.original_dst, %error, "upstream request failed");
+        error_for(facts, status, jsonrpc::UNAVAILABLE, &error.to_string(), code, None)
+    }
+
+    async fn send(
+        &self,
+        parts: &http::request::Parts,
+        body: Body,
+        endpoint: SocketAddr,
+        timeout: Duration,
+        http2: bool,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut request = Request::builder()
+            .method(parts.method.clone())
+            .uri(upstream_uri(parts, endpoint))
+            .body(body.into_proxy_body())
+            .map_err(|error| UpstreamError::Failed {
+                endpoint,
+                reason: error.to_string(),
+            })?;
+        *request.headers_mut() = forwarded_headers(&parts.headers, http2);
+        if !http2 && !request.headers().contains_key(header::HOST) {
+            if let Some(authority) = parts.uri.authority()
+                && let Ok(value) = HeaderValue::from_str(authority.as_str())
+            {
+                request.headers_mut().insert(header::HOST, value);
+            }
+        }
+        let client = if http2 { &self.http2 } else { &self.http1 };
+        let sent = tokio::time::timeout(timeout, client.request(request)).await;
+        match sent {
+            Err(_) => Err(UpstreamError::Timeout { endpoint, timeout }),
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, body))
+            }
+            Ok(Err(error)) if error.is_connect() => Err(UpstreamError::Connect {
+                endpoint,
+                reason: error_chain(&error),
+            }),
+            Ok(Err(error)) => Err(UpstreamError::Failed {
+                endpoint,
+                reason: error_chain(&error),
+            }),
+        }
+    }
+
+    /// Joins a client's WebSocket upgrade with the upstream's: the handshake goes through
+    /// policy like any request, then frames flow both ways as bytes, with backpressure.
+    async fn upgrade(
+        &self,
+        caller: &CallerContext,
+        destination: Option<&AgentEntry>,
+        parts: http::request::Parts,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+        body: Body,
+        traffic: &TrafficSettings,
+    ) -> Response<ProxyBody> {
+        let Some(endpoint) = destination
+            .map_or(Some(caller.original_dst), |agent| pick_endpoint(agent, &[]))
+        else {
+            return plain_error(StatusCode::SERVICE_UNAVAILABLE, "no endpoint available");
+        };
+        let mut upstream_request = match Request::builder()
+            .method(parts.method.clone())
+            .uri(upstream_uri(&parts, endpoint))
+            .body(body.into_proxy_body())
+        {
+            Ok(built) => built,
+            Err(error) => return plain_error(StatusCode::BAD_REQUEST, &error.to_string()),
+        };
+        // Keep Connection/Upgrade: they are the point of this request.
+        *upstream_request.headers_mut() = parts.headers.clone();
+        let sent = tokio::time::timeout(
+            traffic.timeouts.request,
+            self.http1.request(upstream_request),
+        )
+        .await;
+        let mut response = match sent {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                return self.upstream_failure(
+                    caller,
+                    &RequestFacts::default(),
+                    &UpstreamError::Connect {
+                        endpoint,
+                        reason: error_chain(&error),
+                    },
+                );
+            }
+            Err(_) => {
+                return self.upstream_failure(
+                    caller,
+                    &RequestFacts::default(),
+                    &UpstreamError::Timeout {
+                        endpoint,
+                        timeout: traffic.timeouts.request,
+                    },
+                );
+            }
+        };
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return response.map(|incoming| incoming.map_err(BodyError::from).boxed());
+        }
+        self.stats.websocket_upgrades.fetch_add(1, Ordering::Relaxed);
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let source = Arc::clone(&caller.source);
+        tokio::spawn(async move {
+            let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok(both) => both,
+                Err(error) => {
+                    warn!(%source, %endpoint, %error, "WebSocket upgrade failed");
+                    return;
+                }
+            };
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((sent, received)) => {
+                    debug!(%source, %endpoint, sent, received, "WebSocket closed");
+                }
+                Err(error) => debug!(%source, %endpoint, %error, "WebSocket ended with an error"),
+            }
+        });
+        let (parts, _) = response.into_parts();
+        Response::from_parts(parts, empty_body())
+    }
+
+    fn with_budget<T>(&self, key: &str, action: impl FnOnce(&mut RetryBudget) -> T) -> T {
+        let now = Instant::now();
+        let mut budgets = self
+            .budgets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if budgets.len() > 65_536 {
+            // Bounded memory: forget idle destinations.
+            budgets.retain(|_, budget| now.duration_since(budget.window_start) < BUDGET_WINDOW);
+        }
+        let budget = budgets
+            .entry(key.to_owned())
+            .or_insert_with(|| RetryBudget::new(now));
+        action(budget)
+    }
+}
+
+/// Buffers a JSON request body (bounded by the traffic policy) and extracts its JSON-RPC
+/// messages; buffers small bodies of other requests so they can be retried; streams the rest
+/// (gRPC, large or unknown-length bodies) untouched.
+async fn inspect_body(
+    parts: &http::request::Parts,
+    incoming: Incoming,
+    traffic: &TrafficSettings,
+) -> Result<(Body, RequestFacts), Response<ProxyBody>> {
+    let mut facts = RequestFacts {
+        grpc: is_grpc(&parts.headers),
+        ..RequestFacts::default()
+    };
+    let json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(jsonrpc::is_json_content_type);
+    let declared = content_length(&parts.headers);
+    let limit = if json {
+        traffic.max_request_body_bytes
+    } else {
+        RETRY_BUFFER
+    };
+    if hyper::body::Body::is_end_stream(&incoming) {
+        return Ok((Body::Buffered(Bytes::new()), facts));
+    }
+    let bufferable = json || declared.is_some_and(|length| length <= limit);
+    if !bufferable || facts.grpc {
+        return Ok((Body::Streamed(incoming), facts));
+    }
+    let too_large = || {
+        plain_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body over the {limit}-byte limit of the mesh"),
+        )
+    };
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    let collected = match Limited::new(incoming, limit_usize).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(error) => {
+            return Err(plain_error(
+                StatusCode::BAD_REQUEST,
+                &format!("reading the request body failed: {error}"),
+            ));
+        }
+    };
+    if json && parts.method == Method::POST {
+        match jsonrpc::parse_request(&collected) {
+            Ok(parsed) => facts.jsonrpc = Some(parsed),
+            Err(error) => debug!(%error, "JSON body is not JSON-RPC; forwarded as plain HTTP"),
+        }
+    }
+    Ok((Body::Buffered(collected), facts))
+}
+
+enum Attempt {
+    Status(Response<Incoming>),
+    Error(UpstreamError),
+}
+
+/// A request body: buffered (inspectable, repeatable) or streamed straight through.
+enum Body {
+    Buffered(Bytes),
+    Streamed(Incoming),
+}
+
+impl Body {
+    fn is_buffered(&self) -> bool {
+        matches!(self, Self::Buffered(_))
+    }
+
+    fn into_proxy_body(self) -> ProxyBody {
+        match self {
+            Self::Buffered(bytes) if bytes.is_empty() => empty_body(),
+            Self::Buffered(bytes) => Full::new(bytes).map_err(|never| match never {}).boxed(),
+            Self::Streamed(incoming) => incoming.map_err(BodyError::from).boxed(),
+        }
+    }
+}
+
+fn empty_body() -> ProxyBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The host a request names, without port: `Host` for HTTP/1.1, `:authority` for HTTP/2.
+fn request_host<B>(request: &Request<B>) -> Option<String> {
+    request
+        .uri()
+        .authority()
+        .map(|authority| authority.host().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|value| value.to_str().ok())
+                .map(|host| host_without_port(host).to_owned())
+        })
+}
+
+fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    host.rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|byte| byte.is_ascii_digit()))
+        .map_or(host, |(name, _)| name)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse().ok())
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/grpc"))
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn is_websocket_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() == http::Version::HTTP_11
+        && request
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.eq_ignore_ascii_case("websocket"))
+}
+
+/// The time allowed for the response headers: the traffic policy's request timeout, shortened
+/// by a gRPC deadline (`grpc-timeout`) the caller propagated.
+fn request_timeout(headers: &HeaderMap, traffic: &TrafficSettings) -> Duration {
+    let policy = traffic.timeouts.request;
+    headers
+        .get("grpc-timeout")
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(policy, |deadline| deadline.min(policy))
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(max, base * 2^(attempt-1))].
+fn backoff(attempt: u32, traffic: &TrafficSettings) -> Duration {
+    let base = traffic.retries.backoff_base;
+    let ceiling = base
+        .checked_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .unwrap_or(traffic.retries.backoff_max)
+        .min(traffic.retries.backoff_max);
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rand::rng().random_range(0..=nanos))
+}
+
+/// Weighted random choice among endpoints with weight > 0 that were not tried yet.
+fn pick_endpoint(agent: &AgentEntry, tried: &[SocketAddr]) -> Option<SocketAddr> {
+    let candidates: Vec<_> = agent
+        .endpoints
+        .iter()
+        .filter(|endpoint| endpoint.weight > 0 && !tried.contains(&endpoint.address))
+        .collect();
+    let total: u64 = candidates
+        .iter()
+        .map(|endpoint| u64::from(endpoint.weight))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut ticket = rand::rng().random_range(0..total);
+    for endpoint in &candidates {
+        let weight = u64::from(endpoint.weight);
+        if ticket < weight {
+            return Some(endpoint.address);
+        }
+        ticket -= weight;
+    }
+    candidates.last().map(|endpoint| endpoint.address)
+}
+
+fn upstream_uri(parts: &http::request::Parts, endpoint: SocketAddr) -> String {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |path_and_query| path_and_query.as_str());
+    format!("http://{endpoint}{path}")
+}
+
+/// Hop-by-hop headers (RFC 9110, section 7.6.1) are the proxy's business, not the upstream's.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn forwarded_headers(headers: &HeaderMap, http2: bool) -> HeaderMap {
+    let mut forwarded = headers.clone();
+    let trailers = headers
+        .get(header::TE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.contains("trailers"));
+    strip_hop_by_hop(&mut forwarded);
+    if http2 {
+        // The upstream request carries its authority in the URI.
+        forwarded.remove(header::HOST);
+        if trailers {
+            forwarded.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
+    forwarded
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// gRPC status codes the mesh answers with.
+#[derive(Debug, Clone, Copy)]
+enum GrpcCode {
+    ResourceExhausted = 8,
+    PermissionDenied = 7,
+    Unavailable = 14,
+    DeadlineExceeded = 4,
+}
+
+fn plain_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(full_body(format!("{message}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+        .headers_mut()
+        .insert("x-mesh-error", HeaderValue::from_static("true"));
+    response
+}
+
+/// An error in the caller's own protocol: a JSON-RPC error for MCP and A2A (with the
+/// request's id), a trailers-only gRPC status for gRPC, plain text otherwise.
+fn error_for(
+    facts: &RequestFacts,
+    status: StatusCode,
+    rpc_code: i64,
+    message: &str,
+    grpc_code: GrpcCode,
+    retry_after: Option<Duration>,
+) -> Response<ProxyBody> {
+    let mut response = if facts.grpc {
+        let mut response = Response::new(empty_body());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(grpc_code as u16));
+        if let Ok(value) = HeaderValue::from_str(&percent_encode_grpc(message)) {
+            headers.insert("grpc-message", value);
+        }
+        response
+    } else if let Some(request) = &facts.jsonrpc {
+        // Notifications alone expect no body: the status code says it.
+        let body = request
+            .error_body(rpc_code, message, Some(jsonrpc::mesh_error_data(message)))
+            .map_or_else(empty_body, full_body);
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    } else {
+        plain_error(status, message)
+    };
+    if let Some(retry_after) = retry_after {
+        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    }
+    response
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec).
+fn percent_encode_grpc(message: &str) -> String {
+    let mut encoded = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+/// The 2026-07-28 MCP generation repeats the method and tool name in headers; a request
+/// whose headers disagree with its body is refused (a policy decision on the header alone
+/// would otherwise be spoofable).
+fn check_mcp_headers(headers: &HeaderMap, facts: &RequestFacts) -> Option<Response<ProxyBody>> {
+    let header_text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let method = header_text("mcp-method");
+    let name = header_text("mcp-name");
+    if method.is_none() && name.is_none() {
+        return None;
+    }
+    let Some(request) = &facts.jsonrpc else {
+        return Some(plain_error(
+            StatusCode::BAD_REQUEST,
+            "Mcp-Method/Mcp-Name headers on a request without a JSON-RPC body",
+        ));
+    };
+    let mismatch = request.check_mcp_headers(method, name).err()?;
+    Some(error_for(
+        facts,
+        StatusCode::BAD_REQUEST,
+        jsonrpc::INVALID_REQUEST,
+        &mismatch.to_string(),
+        GrpcCode::PermissionDenied,
+        None,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit_and_reject_garbage() {
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "S", "1x", "123456789S", "-1S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hosts_lose_their_port_but_keep_ipv6_brackets_content() {
+        assert_eq!(host_without_port("tools.mesh:8080"), "tools.mesh");
+        assert_eq!(host_without_port("tools"), "tools");
+        assert_eq!(host_without_port("[::1]:80"), "::1");
+        assert_eq!(host_without_port("[fd00::2]"), "fd00::2");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_by_connection_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert("mcp-session-id", HeaderValue::from_static("abc"));
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.get("x-secret").is_none());
+        assert!(headers.get(header::TRANSFER_ENCODING).is_none());
+        assert!(headers.get(header::CONNECTION).is_none());
+        assert_eq!(headers.get("mcp-session-id").unwrap(), "abc");
+    }
+
+    #[test]
+    fn retry_budget_allows_a_floor_then_a_share_of_requests() {
+        let start = Instant::now();
+        let mut budget = RetryBudget::new(start);
+        let granted = (0..100).filter(|_| budget.try_retry(start, 20)).count();
+        assert_eq!(granted as u64, BUDGET_MIN_RETRIES, "floor with no requests");
+        for _ in 0..200 {
+            budget.record_request(start);
+        }
+        let more = (0..100).filter(|_| budget.try_retry(start, 20)).count();
+        assert_eq!(more as u64, 40 - BUDGET_MIN_RETRIES, "20% of 200 requests in all");
+        let later = start + BUDGET_WINDOW;
+        assert!(budget.try_retry(later, 20), "a new window starts afresh");
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(percent_encode_grpc("a b%c\n"), "a b%25c%0A");
+    }
+}
