@@ -150,6 +150,7 @@ fn options(
         agent_cgroup,
         log_filter: "info,mesh_agent=debug".into(),
         agent_binary: None,
+        policy_dir: None,
     }
 }
 

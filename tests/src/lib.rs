@@ -278,6 +278,49 @@ fn binary(variable: &str, name: &str) -> Result<PathBuf, HarnessError> {
     }
 }
 
+/// The repository's root (this crate lives in `tests/`).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// The Python of the test virtualenv (`cargo xtask setup` makes it) and the path of one of
+/// the test scripts in `tests/python/`.
+pub fn python_script(script: &str) -> Result<(PathBuf, PathBuf), HarnessError> {
+    let root = workspace_root();
+    let python = root.join(".venv/bin/python");
+    if !python.is_file() {
+        return Err(HarnessError::MissingBinary(python));
+    }
+    Ok((python, root.join("tests/python").join(script)))
+}
+
+/// A child process killed (and reaped) on drop, so a failing test leaves no server behind.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until something accepts TCP connections at `address`.
+pub fn wait_for_port(address: std::net::SocketAddr, timeout: Duration) -> Result<(), HarnessError> {
+    let start = Instant::now();
+    while std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+        if start.elapsed() > timeout {
+            return Err(HarnessError::Io {
+                what: format!("waiting for {address} to accept connections"),
+                source: io::ErrorKind::TimedOut.into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// A free TCP port on 127.0.0.1 (and, almost surely, on ::1).
 pub fn free_port() -> Result<u16, HarnessError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io_error("binding a free port"))?;
@@ -301,6 +344,8 @@ pub struct AgentOptions {
     pub log_filter: String,
     /// The `mesh-agent` binary to run; `None` for [`mesh_agent_binary`].
     pub agent_binary: Option<PathBuf>,
+    /// Folder of mesh resources (`spec.policy.dir`), reloaded every 100 ms; `None` for none.
+    pub policy_dir: Option<PathBuf>,
 }
 
 /// A running `mesh-agent` with its own config, port and pin folder. Dropping it kills the
@@ -391,7 +436,14 @@ impl AgentProcess {
             "  listeners:\n    outbound: \"127.0.0.1:{}\"\n    outboundV6: \"::1\"\n    admin: \"127.0.0.1:{}\"\n",
             self.port, self.admin_port
         ));
-        yaml.push_str("  proxy:\n    connectTimeout: 2s\n    drainTimeout: 2s\n  workloads:\n");
+        yaml.push_str("  proxy:\n    connectTimeout: 2s\n    drainTimeout: 2s\n");
+        if let Some(dir) = &self.options.policy_dir {
+            yaml.push_str(&format!(
+                "  policy:\n    dir: {}\n    reloadInterval: 100ms\n",
+                quote(&dir.to_string_lossy())
+            ));
+        }
+        yaml.push_str("  workloads:\n");
         for (name, cgroup) in &self.options.workloads {
             yaml.push_str(&format!(
                 "    - name: {}\n      cgroup: {}\n",

@@ -483,6 +483,7 @@ fn run_path(
                     agent_cgroup: tree.relative().join("agent"),
                     log_filter: "info".into(),
                     agent_binary: Some(tools.agent.clone()),
+                    policy_dir: None,
                 },
             )?;
             let sample = measure(tree, &client, tools, plan, server, agent.pid())?;

@@ -122,6 +122,7 @@ pub fn run() -> anyhow::Result<()> {
             agent_cgroup: agent_cgroup.clone(),
             log_filter: "info,mesh_agent=debug".into(),
             agent_binary: None,
+            policy_dir: None,
         },
     )?;
     step(&format!(

@@ -81,7 +81,14 @@ pub fn lint() -> anyhow::Result<()> {
 }
 
 /// Fuzz targets under `fuzz/`, each with committed seeds in `fuzz/seeds/<target>`.
-pub const FUZZ_TARGETS: [&str; 3] = ["agent_config", "mountinfo", "protocol_sniff"];
+pub const FUZZ_TARGETS: [&str; 6] = [
+    "agent_config",
+    "mountinfo",
+    "protocol_sniff",
+    "policy_resources",
+    "jsonrpc_extract",
+    "sse_parse",
+];
 
 /// Runs every fuzz target for `seconds` (new inputs go to a scratch corpus under target/).
 pub fn fuzz(seconds: u32) -> anyhow::Result<()> {

@@ -178,9 +178,15 @@ impl std::fmt::Debug for HttpProxy {
 #[derive(Debug, thiserror::Error)]
 enum UpstreamError {
     #[error("cannot connect to {endpoint}: {reason}")]
-    Connect { endpoint: SocketAddr, reason: String },
+    Connect {
+        endpoint: SocketAddr,
+        reason: String,
+    },
     #[error("{endpoint} failed: {reason}")]
-    Failed { endpoint: SocketAddr, reason: String },
+    Failed {
+        endpoint: SocketAddr,
+        reason: String,
+    },
     #[error("{endpoint} did not answer within {timeout:?}")]
     Timeout {
         endpoint: SocketAddr,
@@ -319,8 +325,17 @@ impl HttpProxy {
                 .upgrade(caller, destination, parts, client_upgrade, body, traffic)
                 .await;
         }
-        self.forward(caller, &snapshot, destination, parts, body, facts, traffic, version)
-            .await
+        self.forward(
+            caller,
+            &snapshot,
+            destination,
+            parts,
+            body,
+            facts,
+            traffic,
+            version,
+        )
+        .await
     }
 
     fn authorize(
@@ -349,7 +364,7 @@ impl HttpProxy {
         // Every message of a batch must be allowed; a body without messages is checked once.
         let mut checks = Vec::with_capacity(messages.len().max(1));
         if messages.is_empty() {
-            checks.push(attributes.clone());
+            checks.push(attributes);
         }
         for message in messages {
             attributes.mcp_method = None;
@@ -363,7 +378,7 @@ impl HttpProxy {
                 jsonrpc::Family::A2a => attributes.a2a_method = message.method.as_deref(),
                 jsonrpc::Family::Unknown => {}
             }
-            checks.push(attributes.clone());
+            checks.push(attributes);
         }
         for check in &checks {
             let decision = snapshot.authorize(check);
@@ -493,7 +508,13 @@ impl HttpProxy {
                 _ => body.take().unwrap_or(Body::Buffered(Bytes::new())),
             };
             let outcome = self
-                .send(&parts, this_body, endpoint, timeout, facts.grpc || version == HttpVersion::Http2)
+                .send(
+                    &parts,
+                    this_body,
+                    endpoint,
+                    timeout,
+                    facts.grpc || version == HttpVersion::Http2,
+                )
                 .await;
             let failure = match outcome {
                 Ok(response) => {
@@ -565,14 +586,23 @@ impl HttpProxy {
                 self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 (StatusCode::GATEWAY_TIMEOUT, GrpcCode::DeadlineExceeded)
             }
-            UpstreamError::NoEndpoint(_) => (StatusCode::SERVICE_UNAVAILABLE, GrpcCode::Unavailable),
+            UpstreamError::NoEndpoint(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, GrpcCode::Unavailable)
+            }
             UpstreamError::Connect { .. } | UpstreamError::Failed { .. } => {
                 (StatusCode::BAD_GATEWAY, GrpcCode::Unavailable)
             }
         };
         self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
         warn!(source = %caller.source, original_dst = %caller.original_dst, %error, "upstream request failed");
-        error_for(facts, status, jsonrpc::UNAVAILABLE, &error.to_string(), code, None)
+        error_for(
+            facts,
+            status,
+            jsonrpc::UNAVAILABLE,
+            &error.to_string(),
+            code,
+            None,
+        )
     }
 
     async fn send(
@@ -592,12 +622,12 @@ impl HttpProxy {
                 reason: error.to_string(),
             })?;
         *request.headers_mut() = forwarded_headers(&parts.headers, http2);
-        if !http2 && !request.headers().contains_key(header::HOST) {
-            if let Some(authority) = parts.uri.authority()
-                && let Ok(value) = HeaderValue::from_str(authority.as_str())
-            {
-                request.headers_mut().insert(header::HOST, value);
-            }
+        if !http2
+            && !request.headers().contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            request.headers_mut().insert(header::HOST, value);
         }
         let client = if http2 { &self.http2 } else { &self.http1 };
         let sent = tokio::time::timeout(timeout, client.request(request)).await;
@@ -630,8 +660,8 @@ impl HttpProxy {
         body: Body,
         traffic: &TrafficSettings,
     ) -> Response<ProxyBody> {
-        let Some(endpoint) = destination
-            .map_or(Some(caller.original_dst), |agent| pick_endpoint(agent, &[]))
+        let Some(endpoint) =
+            destination.map_or(Some(caller.original_dst), |agent| pick_endpoint(agent, &[]))
         else {
             return plain_error(StatusCode::SERVICE_UNAVAILABLE, "no endpoint available");
         };
@@ -676,7 +706,9 @@ impl HttpProxy {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return response.map(|incoming| incoming.map_err(BodyError::from).boxed());
         }
-        self.stats.websocket_upgrades.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .websocket_upgrades
+            .fetch_add(1, Ordering::Relaxed);
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let source = Arc::clone(&caller.source);
         tokio::spawn(async move {
@@ -1132,9 +1164,15 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_those_named_by_connection_are_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         headers.insert("x-secret", HeaderValue::from_static("1"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert("mcp-session-id", HeaderValue::from_static("abc"));
         strip_hop_by_hop(&mut headers);
         assert!(headers.get("x-secret").is_none());
@@ -1153,7 +1191,11 @@ mod tests {
             budget.record_request(start);
         }
         let more = (0..100).filter(|_| budget.try_retry(start, 20)).count();
-        assert_eq!(more as u64, 40 - BUDGET_MIN_RETRIES, "20% of 200 requests in all");
+        assert_eq!(
+            more as u64,
+            40 - BUDGET_MIN_RETRIES,
+            "20% of 200 requests in all"
+        );
         let later = start + BUDGET_WINDOW;
         assert!(budget.try_retry(later, 20), "a new window starts afresh");
     }

@@ -40,9 +40,9 @@ pub const INVALID_PARAMS: i64 = -32602;
 /// JSON-RPC 2.0: internal error.
 pub const INTERNAL_ERROR: i64 = -32603;
 /// Mesh: the request was denied by an access policy. Sent with [`FORBIDDEN_MESSAGE`].
-/// Note that A2A v0.3 also uses -32001 (`TaskNotFoundError`); a client tells the two apart by
-/// the message and by `error.data.mesh` (see [`mesh_error_data`]).
-pub const FORBIDDEN: i64 = -32001;
+/// A code of its own: MCP and A2A use -32001..-32007 and -32042 for their own errors (A2A's
+/// -32001 is `TaskNotFoundError`); `error.data.mesh` (see [`mesh_error_data`]) marks it too.
+pub const FORBIDDEN: i64 = -32043;
 /// The message that goes with [`FORBIDDEN`].
 pub const FORBIDDEN_MESSAGE: &str = "forbidden by mesh policy";
 /// Mesh (not a JSON-RPC standard code; server-error range, mnemonic HTTP 429): a rate limit

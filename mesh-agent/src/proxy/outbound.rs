@@ -324,7 +324,13 @@ impl OutboundProxy {
             return;
         }
         let target = destination
-            .filter(|agent| sni.is_some() && !agent.endpoints.iter().any(|e| e.address == captured.original_dst))
+            .filter(|agent| {
+                sni.is_some()
+                    && !agent
+                        .endpoints
+                        .iter()
+                        .any(|e| e.address == captured.original_dst)
+            })
             .and_then(|agent| agent.endpoints.iter().find(|endpoint| endpoint.weight > 0))
             .map_or(captured.original_dst, |endpoint| endpoint.address);
         let upstream = match upstream.filter(|_| target == captured.original_dst) {

@@ -225,10 +225,10 @@ mod tests {
             writer
         });
         let (moved, received) = tokio::join!(forward_one_way(&source, &sink), async {
-                let mut received = Vec::new();
-                reader.read_to_end(&mut received).await.unwrap();
-                received
-            });
+            let mut received = Vec::new();
+            reader.read_to_end(&mut received).await.unwrap();
+            received
+        });
         writing.await.unwrap();
         let moved = moved.unwrap();
         assert_eq!(moved.total, data.len() as u64);

@@ -1,0 +1,576 @@
+//! End-to-end tests of the L7 path with real peers: a real agent captures a workload's
+//! connections in a cgroup the test created; real clients (curl, the Python `mcp` SDK) talk to
+//! real servers (the `mcp` SDK's Streamable HTTP server, scripted HTTP servers in this
+//! process) through it, under policies written as resource files the agent watches.
+
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, free_port, python_script, unique_name,
+    wait_for_port,
+};
+use serde_json::Value;
+
+/// A cgroup tree with an agent and one enrolled workload named "planner", and the folder of
+/// resources the agent watches.
+struct Mesh {
+    agent: AgentProcess,
+    planner: PathBuf,
+    policy_dir: PathBuf,
+    tree: CgroupTree,
+}
+
+impl Mesh {
+    fn start(label: &str, resources: &str) -> Self {
+        let tree = CgroupTree::create(label).expect("create cgroup tree");
+        let agent_cgroup = tree.child("agent").expect("agent cgroup");
+        let planner = tree.child("planner").expect("planner cgroup");
+        let policy_dir = std::env::temp_dir().join(unique_name("policies"));
+        fs::create_dir_all(&policy_dir).expect("policy folder");
+        fs::write(policy_dir.join("mesh.yaml"), resources).expect("write resources");
+        let agent = AgentProcess::start(
+            &tree,
+            AgentOptions {
+                accelerate: false,
+                workloads: vec![("planner".into(), planner.clone())],
+                exclude_ports: vec![],
+                exclude_cidrs: vec![],
+                agent_cgroup,
+                log_filter: "info,mesh_agent=debug".into(),
+                agent_binary: None,
+                policy_dir: Some(policy_dir.clone()),
+            },
+        )
+        .expect("start agent");
+        Self {
+            agent,
+            planner,
+            policy_dir,
+            tree,
+        }
+    }
+
+    /// Runs curl in the planner's cgroup; returns (status code, headers, body).
+    fn curl(&self, args: &[&str]) -> (u16, String, String) {
+        let output = self
+            .tree
+            .run_in(
+                &self.planner,
+                Command::new("curl")
+                    .args(["-sS", "--max-time", "20", "-D", "-", "-o", "-"])
+                    .args(args),
+            )
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| {
+            panic!(
+                "curl printed no response: {text} {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {head}"));
+        (status, head.to_owned(), body.to_owned())
+    }
+
+    /// The agent's Prometheus metrics.
+    fn metrics(&self) -> String {
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", self.agent.admin_port)).expect("admin endpoint");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+            .expect("scrape");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("read metrics");
+        text
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let metrics = self.metrics();
+        metrics
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|value| value.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    }
+
+    /// Replaces the resources and waits until the agent has swapped in the new snapshot.
+    fn replace_resources(&self, resources: &str) {
+        let before = self.metric("mesh_policy_reloads_total");
+        fs::write(self.policy_dir.join("mesh.yaml"), resources).expect("write resources");
+        let start = Instant::now();
+        while self.metric("mesh_policy_reloads_total") <= before {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the agent never reloaded its policy:\n{}",
+                self.agent.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.policy_dir);
+    }
+}
+
+/// What a scripted server answers: the status for the n-th request (0-based).
+type Script = Arc<dyn Fn(usize) -> u16 + Send + Sync>;
+
+/// An HTTP/1.1 server in this process that answers by script and records every request line
+/// and Host header it saw.
+struct ScriptedServer {
+    address: SocketAddr,
+    seen: Arc<Mutex<Vec<String>>>,
+    count: Arc<AtomicUsize>,
+}
+
+impl ScriptedServer {
+    fn start(script: Script) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted server");
+        let address = listener.local_addr().expect("address");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let (recorded, counter) = (Arc::clone(&seen), Arc::clone(&count));
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (recorded, counter, script) = (
+                    Arc::clone(&recorded),
+                    Arc::clone(&counter),
+                    Arc::clone(&script),
+                );
+                thread::spawn(move || serve_scripted(stream, &recorded, &counter, &*script));
+            }
+        });
+        Self {
+            address,
+            seen,
+            count,
+        }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves keep-alive HTTP/1.1 requests with Content-Length bodies.
+fn serve_scripted(
+    stream: TcpStream,
+    recorded: &Mutex<Vec<String>>,
+    counter: &AtomicUsize,
+    script: &(dyn Fn(usize) -> u16 + Send + Sync),
+) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut host = String::new();
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                match name.to_ascii_lowercase().as_str() {
+                    "host" => host = value.trim().to_owned(),
+                    "content-length" => length = value.trim().parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let index = counter.fetch_add(1, Ordering::SeqCst);
+        let line = request_line.trim_end().to_owned();
+        recorded.lock().unwrap().push(format!("{line} host={host}"));
+        let status = script(index);
+        let reply = format!("{line} via {host} #{index}");
+        let response = format!(
+            "HTTP/1.1 {status} Scripted\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{reply}",
+            reply.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn always(status: u16) -> Script {
+    Arc::new(move |_| status)
+}
+
+/// Resources: an `Agent` named `name` at `endpoint` with the given host names.
+fn agent_resource(name: &str, hosts: &[&str], endpoint: SocketAddr, protocol: &str) -> String {
+    format!(
+        "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata:\n  name: {name}\nspec:\n  hosts: [{}]\n  protocol: {protocol}\n  endpoints:\n    - address: \"{endpoint}\"\n",
+        hosts.join(", ")
+    )
+}
+
+/// An MCP tool server (the `mcp` SDK) on a free port, stopped on drop.
+fn start_mcp_server() -> (KillOnDrop, SocketAddr) {
+    let (python, script) = python_script("mcp_tools_server.py").expect("test virtualenv");
+    let port = free_port().expect("free port");
+    let child = Command::new(python)
+        .arg(script)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the MCP server");
+    let server = KillOnDrop(child);
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_port(address, Duration::from_secs(30)).expect("MCP server up");
+    (server, address)
+}
+
+/// Runs the `mcp` SDK client in the planner's cgroup and returns its JSON report.
+fn mcp_probe(mesh: &Mesh, url: &str, mode: &str, calls: &[&str]) -> Value {
+    let (python, script) = python_script("mcp_probe.py").expect("test virtualenv");
+    let output = mesh
+        .tree
+        .run_in(
+            &mesh.planner,
+            Command::new(python)
+                .arg(script)
+                .arg(url)
+                .arg(mode)
+                .args(calls),
+        )
+        .expect("run the MCP client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
+        panic!(
+            "the MCP client printed no report ({error}): {stdout}\n{}\nagent log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            mesh.agent.log()
+        )
+    })
+}
+
+const MCP_POLICY: &str = "---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: planner-uses-tools
+spec:
+  targetAgent: tools
+  rules:
+    - from: [planner]
+      mcp:
+        tools: [add, search, count_slowly]
+    - from: [planner]
+      mcp:
+        methods: [initialize, \"notifications/*\", tools/list, server/discover, ping]
+    - from: [planner]
+      http:
+        methods: [GET, DELETE]
+";
+
+#[test]
+fn mcp_sdk_client_calls_tools_through_the_mesh_in_both_protocol_generations() {
+    let (_server, address) = start_mcp_server();
+    let resources = agent_resource("tools", &["tools.mesh"], address, "Mcp") + MCP_POLICY;
+    let mesh = Mesh::start("l7-mcp", &resources);
+    let url = format!("http://{address}/mcp");
+    for mode in ["legacy", "2026-07-28"] {
+        let report = mcp_probe(
+            &mesh,
+            &url,
+            mode,
+            &[
+                r#"add={"a":2,"b":40}"#,
+                r#"count_slowly={"n":3}"#,
+                "delete_everything={}",
+            ],
+        );
+        assert_eq!(
+            report["tools"],
+            serde_json::json!(["add", "count_slowly", "delete_everything", "search"]),
+            "{mode}: tools/list went through: {report}"
+        );
+        let calls = &report["calls"];
+        assert_eq!(calls["add"]["ok"], true, "{mode}: {report}");
+        assert_eq!(calls["add"]["text"][0], "42", "{mode}: {report}");
+        assert_eq!(
+            calls["count_slowly"]["progress"],
+            serde_json::json!([1.0, 2.0, 3.0]),
+            "{mode}: progress notifications streamed through: {report}"
+        );
+        assert_eq!(calls["delete_everything"]["ok"], false, "{mode}: {report}");
+        let refusal = calls["delete_everything"].to_string();
+        assert!(
+            refusal.contains("forbidden") || refusal.contains("denied"),
+            "{mode}: the refusal says why: {refusal}"
+        );
+    }
+    let log = mesh.agent.log();
+    assert!(
+        log.contains("request denied by policy") && log.contains("delete_everything"),
+        "the agent logs the denied tool call:\n{log}"
+    );
+    assert!(mesh.metric("mesh_http_denied_requests_total") >= 2.0);
+    assert!(mesh.metric("mesh_jsonrpc_requests_total{family=\"mcp\"}") >= 8.0);
+}
+
+#[test]
+fn policy_changes_apply_live_without_restarting_the_agent() {
+    let (_server, address) = start_mcp_server();
+    let tools = agent_resource("tools", &["tools.mesh"], address, "Mcp");
+    let mesh = Mesh::start("l7-live", &(tools.clone() + MCP_POLICY));
+    let url = format!("http://{address}/mcp");
+    let call = ["delete_everything={}"];
+    let denied = mcp_probe(&mesh, &url, "legacy", &call);
+    assert_eq!(
+        denied["calls"]["delete_everything"]["ok"], false,
+        "{denied}"
+    );
+
+    let widened = MCP_POLICY.replace(
+        "tools: [add, search, count_slowly]",
+        "tools: [add, search, count_slowly, delete_everything]",
+    );
+    mesh.replace_resources(&(tools.clone() + &widened));
+    let allowed = mcp_probe(&mesh, &url, "legacy", &call);
+    assert_eq!(
+        allowed["calls"]["delete_everything"]["text"][0], "everything deleted",
+        "{allowed}"
+    );
+
+    // An invalid change is refused and the last good snapshot keeps being enforced.
+    let rejected_before = mesh.metric("mesh_policy_rejected_reloads_total");
+    fs::write(
+        mesh.policy_dir.join("mesh.yaml"),
+        tools + &widened.replace("from: [planner]", "from: []"),
+    )
+    .unwrap();
+    let start = Instant::now();
+    while mesh.metric("mesh_policy_rejected_reloads_total") <= rejected_before {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            mesh.agent.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let still = mcp_probe(&mesh, &url, "legacy", &call);
+    assert_eq!(still["calls"]["delete_everything"]["ok"], true, "{still}");
+}
+
+#[test]
+fn curl_is_routed_by_host_name_and_a_denied_path_gets_403() {
+    let notes = ScriptedServer::start(always(200));
+    let resources = agent_resource("notes", &["notes.mesh"], notes.address, "Http")
+        + "---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: no-admin
+spec:
+  targetAgent: notes
+  action: Deny
+  rules:
+    - from: [\"*\"]
+      http:
+        paths: [\"/admin/*\"]
+";
+    let mesh = Mesh::start("l7-host", &resources);
+    // notes.mesh resolves to an address where nothing listens: only the registry knows it.
+    let port = free_port().unwrap();
+    let resolve = format!("notes.mesh:{port}:127.0.0.1");
+    let (status, _, body) = mesh.curl(&[
+        "--resolve",
+        &resolve,
+        &format!("http://notes.mesh:{port}/hello?x=1"),
+    ]);
+    assert_eq!(status, 200, "{body}\n{}", mesh.agent.log());
+    assert!(
+        body.starts_with("GET /hello?x=1 HTTP/1.1 via notes.mesh:"),
+        "the registry endpoint got the request with its Host: {body}"
+    );
+    let (status, _, body) = mesh.curl(&[
+        "--resolve",
+        &resolve,
+        &format!("http://notes.mesh:{port}/admin/users"),
+    ]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("denied by mesh policy"), "{body}");
+    assert_eq!(
+        notes.count(),
+        1,
+        "the denied request never reached the server"
+    );
+    assert!(
+        mesh.agent.log().contains("request denied by policy"),
+        "{}",
+        mesh.agent.log()
+    );
+}
+
+#[test]
+fn retries_recover_from_a_503_burst_for_safe_requests_only() {
+    // The first two requests fail with 503, the rest succeed.
+    let flaky = ScriptedServer::start(Arc::new(|index| if index < 2 { 503 } else { 200 }));
+    let resources = agent_resource("flaky", &["flaky.mesh"], flaky.address, "Http")
+        + "---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: flaky-retries
+spec:
+  targetAgent: flaky
+  retries:
+    attempts: 3
+    backoffBase: 5ms
+    backoffMax: 20ms
+    retryOn: [Status503, ConnectFailure]
+";
+    let mesh = Mesh::start("l7-retry", &resources);
+    let url = format!("http://{}/report", flaky.address);
+    let (status, _, body) = mesh.curl(&[&url]);
+    assert_eq!(status, 200, "a GET is retried past the burst: {body}");
+    assert_eq!(flaky.count(), 3, "{:?}", flaky.requests());
+    assert!(mesh.metric("mesh_http_retries_total") >= 2.0);
+
+    // A POST without an Idempotency-Key is not safe to repeat: the 503 reaches the caller.
+    let flaky_post = ScriptedServer::start(Arc::new(|index| if index < 1 { 503 } else { 200 }));
+    let resources = agent_resource("flaky", &["flaky.mesh"], flaky_post.address, "Http")
+        + &resources[resources.find("---").unwrap()..];
+    mesh.replace_resources(&resources);
+    let url = format!("http://{}/orders", flaky_post.address);
+    let (status, _, _) = mesh.curl(&["-X", "POST", "--data", "order=1", &url]);
+    assert_eq!(status, 503, "a non-idempotent POST is not repeated");
+    assert_eq!(flaky_post.count(), 1);
+    // With an Idempotency-Key it is.
+    let flaky_keyed = ScriptedServer::start(Arc::new(|index| if index < 1 { 503 } else { 200 }));
+    let resources = agent_resource("flaky", &["flaky.mesh"], flaky_keyed.address, "Http")
+        + &resources[resources.find("---").unwrap()..];
+    mesh.replace_resources(&resources);
+    let url = format!("http://{}/orders", flaky_keyed.address);
+    let (status, _, _) = mesh.curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Idempotency-Key: order-1",
+        "--data",
+        "order=1",
+        &url,
+    ]);
+    assert_eq!(status, 200);
+    assert_eq!(flaky_keyed.count(), 2);
+}
+
+#[test]
+fn rate_limits_answer_429_with_retry_after() {
+    let server = ScriptedServer::start(always(200));
+    let resources = agent_resource("limited", &["limited.mesh"], server.address, "Http")
+        + "---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: limited
+spec:
+  targetAgent: limited
+  rateLimits:
+    - from: planner
+      requestsPerSecond: 0.1
+      burst: 2
+";
+    let mesh = Mesh::start("l7-ratelimit", &resources);
+    let url = format!("http://{}/work", server.address);
+    let statuses: Vec<u16> = (0..4).map(|_| mesh.curl(&[&url]).0).collect();
+    assert_eq!(statuses, [200, 200, 429, 429], "burst of 2, then limited");
+    let (_, head, _) = mesh.curl(&[&url]);
+    let retry_after: u64 = head
+        .lines()
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("retry-after:")
+                .map(|value| value.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no Retry-After in {head}"));
+    assert!((1..=10).contains(&retry_after), "{retry_after}");
+    assert_eq!(server.count(), 2, "limited requests never reach the server");
+    assert!(mesh.metric("mesh_http_rate_limited_requests_total") >= 3.0);
+}
+
+#[test]
+fn opaque_tcp_to_a_denied_agent_is_reset() {
+    // A closed destination: an Allow policy with a rule for someone else.
+    let server = ScriptedServer::start(always(200));
+    let resources = agent_resource("vault", &["vault.mesh"], server.address, "Http")
+        + "---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: vault-owner-only
+spec:
+  targetAgent: vault
+  rules:
+    - from: [owner]
+";
+    let mesh = Mesh::start("l7-deny-tcp", &resources);
+    let (status, _, body) = mesh.curl(&[&format!("http://{}/secret", server.address)]);
+    assert_eq!(status, 403, "{body}");
+    // Non-HTTP bytes are authorised once per connection and reset when denied.
+    let output = mesh
+        .tree
+        .run_in(
+            &mesh.planner,
+            Command::new("bash").args([
+                "-c",
+                &format!(
+                    "exec 3<>/dev/tcp/127.0.0.1/{}; printf 'hello\\n' >&3; timeout 5 cat <&3; echo exit=$?",
+                    server.address.port()
+                ),
+            ]),
+        )
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !stdout.contains("Scripted"),
+        "the server never answered: {stdout}"
+    );
+    assert_eq!(server.count(), 0);
+    assert!(mesh.metric("mesh_proxy_denied_connections_total") >= 1.0);
+    let _ = Path::new("");
+}
