@@ -29,7 +29,10 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
-use super::jsonrpc::{self, JsonRpcRequest, Message};
+use super::{
+    balance::{Balancer, Outcome},
+    jsonrpc::{self, JsonRpcRequest, Message},
+};
 use crate::policy::{
     AgentEntry, PolicySnapshot, PolicyStore, RateLimit, RateLimitKey, RateLimiter,
     RequestAttributes, RetryOn, TrafficSettings,
@@ -161,6 +164,7 @@ pub struct HttpProxy {
     limiter: RateLimiter,
     http1: Client<HttpConnector, ProxyBody>,
     http2: Client<HttpConnector, ProxyBody>,
+    balancer: Balancer,
     budgets: Mutex<std::collections::HashMap<String, RetryBudget>>,
     stats: HttpStats,
 }
@@ -230,6 +234,7 @@ impl HttpProxy {
             limiter: RateLimiter::default(),
             http1,
             http2,
+            balancer: Balancer::default(),
             budgets: Mutex::new(std::collections::HashMap::new()),
             stats: HttpStats::default(),
         }
@@ -468,9 +473,14 @@ impl HttpProxy {
         let mut agent = destination;
         let mut failed_over = false;
         loop {
-            let endpoint = match agent {
-                Some(agent) => pick_endpoint(agent, &tried),
-                None => Some(caller.original_dst),
+            let pick = agent.and_then(|agent| {
+                self.balancer
+                    .pick(agent, &tried, &traffic.circuit_breaker, Instant::now())
+            });
+            let endpoint = match (&pick, agent) {
+                (Some(pick), _) => Some(pick.address()),
+                (None, Some(_)) => None,
+                (None, None) => Some(caller.original_dst),
             };
             let Some(endpoint) = endpoint else {
                 // Every endpoint of this agent failed: fail over to its fallback, once.
@@ -516,6 +526,13 @@ impl HttpProxy {
                     facts.grpc || version == HttpVersion::Http2,
                 )
                 .await;
+            if let Some(pick) = pick {
+                let health = match &outcome {
+                    Ok(response) if !is_gateway_failure(response.status()) => Outcome::Success,
+                    _ => Outcome::Failure,
+                };
+                self.balancer.record(pick, health, &traffic.circuit_breaker);
+            }
             let failure = match outcome {
                 Ok(response) => {
                     let status = response.status();
@@ -554,6 +571,28 @@ impl HttpProxy {
                     budget.try_retry(Instant::now(), traffic.retries.budget_percent)
                 });
             if !can_retry {
+                // Out of tries here: an agent's fallback (same capability, named by policy)
+                // gets the request when the failure left it safe to send again.
+                let fallback = agent
+                    .and_then(|agent| agent.fallback.as_deref())
+                    .and_then(|name| snapshot.agent(name));
+                if let Some(fallback) = fallback
+                    && retry_on_error
+                    && safe
+                    && !failed_over
+                {
+                    info!(
+                        source = %caller.source,
+                        from = agent.map_or("", |agent| agent.name.as_str()),
+                        to = %fallback.name,
+                        "failing over to the fallback agent"
+                    );
+                    agent = Some(fallback);
+                    failed_over = true;
+                    tried.clear();
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 return match failure {
                     Attempt::Status(response) => {
                         response.map(|incoming| incoming.map_err(BodyError::from).boxed())
@@ -660,10 +699,19 @@ impl HttpProxy {
         body: Body,
         traffic: &TrafficSettings,
     ) -> Response<ProxyBody> {
-        let Some(endpoint) =
-            destination.map_or(Some(caller.original_dst), |agent| pick_endpoint(agent, &[]))
-        else {
-            return plain_error(StatusCode::SERVICE_UNAVAILABLE, "no endpoint available");
+        let pick = destination.and_then(|agent| {
+            self.balancer
+                .pick(agent, &[], &traffic.circuit_breaker, Instant::now())
+        });
+        let endpoint = match (&pick, destination) {
+            (Some(pick), _) => pick.address(),
+            (None, None) => caller.original_dst,
+            (None, Some(agent)) => {
+                return plain_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &UpstreamError::NoEndpoint(agent.name.clone()).to_string(),
+                );
+            }
         };
         let mut upstream_request = match Request::builder()
             .method(parts.method.clone())
@@ -680,6 +728,13 @@ impl HttpProxy {
             self.http1.request(upstream_request),
         )
         .await;
+        if let Some(pick) = pick {
+            let health = match &sent {
+                Ok(Ok(response)) if !is_gateway_failure(response.status()) => Outcome::Success,
+                _ => Outcome::Failure,
+            };
+            self.balancer.record(pick, health, &traffic.circuit_breaker);
+        }
         let mut response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => {
@@ -939,29 +994,13 @@ fn backoff(attempt: u32, traffic: &TrafficSettings) -> Duration {
     Duration::from_nanos(rand::rng().random_range(0..=nanos))
 }
 
-/// Weighted random choice among endpoints with weight > 0 that were not tried yet.
-fn pick_endpoint(agent: &AgentEntry, tried: &[SocketAddr]) -> Option<SocketAddr> {
-    let candidates: Vec<_> = agent
-        .endpoints
-        .iter()
-        .filter(|endpoint| endpoint.weight > 0 && !tried.contains(&endpoint.address))
-        .collect();
-    let total: u64 = candidates
-        .iter()
-        .map(|endpoint| u64::from(endpoint.weight))
-        .sum();
-    if total == 0 {
-        return None;
-    }
-    let mut ticket = rand::rng().random_range(0..total);
-    for endpoint in &candidates {
-        let weight = u64::from(endpoint.weight);
-        if ticket < weight {
-            return Some(endpoint.address);
-        }
-        ticket -= weight;
-    }
-    candidates.last().map(|endpoint| endpoint.address)
+/// Statuses that say the endpoint (or what stands behind it) is failing, for outlier
+/// detection: other errors are the application's answers.
+fn is_gateway_failure(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
 }
 
 fn upstream_uri(parts: &http::request::Parts, endpoint: SocketAddr) -> String {

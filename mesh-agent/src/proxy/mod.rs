@@ -2,6 +2,7 @@
 //! client bytes, the L7 path for HTTP/1.1 and HTTP/2 (MCP, A2A, gRPC, WebSocket), and opaque
 //! TCP (spliced) for everything else.
 
+pub mod balance;
 pub mod http;
 pub mod jsonrpc;
 pub mod outbound;
