@@ -10,132 +10,20 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
     time::{Duration, Instant},
 };
 
-use mesh_tests::{
-    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, free_port, python_script, unique_name,
-    wait_for_port,
-};
-use serde_json::Value;
+use mesh_tests::free_port;
 
-/// A cgroup tree with an agent and one enrolled workload named "planner", and the folder of
-/// resources the agent watches.
-struct Mesh {
-    agent: AgentProcess,
-    planner: PathBuf,
-    policy_dir: PathBuf,
-    tree: CgroupTree,
-}
-
-impl Mesh {
-    fn start(label: &str, resources: &str) -> Self {
-        let tree = CgroupTree::create(label).expect("create cgroup tree");
-        let agent_cgroup = tree.child("agent").expect("agent cgroup");
-        let planner = tree.child("planner").expect("planner cgroup");
-        let policy_dir = std::env::temp_dir().join(unique_name("policies"));
-        fs::create_dir_all(&policy_dir).expect("policy folder");
-        fs::write(policy_dir.join("mesh.yaml"), resources).expect("write resources");
-        let agent = AgentProcess::start(
-            &tree,
-            AgentOptions {
-                accelerate: false,
-                workloads: vec![("planner".into(), planner.clone())],
-                exclude_ports: vec![],
-                exclude_cidrs: vec![],
-                agent_cgroup,
-                log_filter: "info,mesh_agent=debug".into(),
-                agent_binary: None,
-                policy_dir: Some(policy_dir.clone()),
-            },
-        )
-        .expect("start agent");
-        Self {
-            agent,
-            planner,
-            policy_dir,
-            tree,
-        }
-    }
-
-    /// Runs curl in the planner's cgroup; returns (status code, headers, body).
-    fn curl(&self, args: &[&str]) -> (u16, String, String) {
-        let output = self
-            .tree
-            .run_in(
-                &self.planner,
-                Command::new("curl")
-                    .args(["-sS", "--max-time", "20", "-D", "-", "-o", "-"])
-                    .args(args),
-            )
-            .expect("run curl");
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| {
-            panic!(
-                "curl printed no response: {text} {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        });
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in {head}"));
-        (status, head.to_owned(), body.to_owned())
-    }
-
-    /// The agent's Prometheus metrics.
-    fn metrics(&self) -> String {
-        let mut stream =
-            TcpStream::connect(("127.0.0.1", self.agent.admin_port)).expect("admin endpoint");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
-            .expect("scrape");
-        let mut text = String::new();
-        stream.read_to_string(&mut text).expect("read metrics");
-        text
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let metrics = self.metrics();
-        metrics
-            .lines()
-            .find_map(|line| {
-                line.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|value| value.trim().parse().ok())
-            })
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-    }
-
-    /// Replaces the resources and waits until the agent has swapped in the new snapshot.
-    fn replace_resources(&self, resources: &str) {
-        let before = self.metric("mesh_policy_reloads_total");
-        fs::write(self.policy_dir.join("mesh.yaml"), resources).expect("write resources");
-        let start = Instant::now();
-        while self.metric("mesh_policy_reloads_total") <= before {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "the agent never reloaded its policy:\n{}",
-                self.agent.log()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.policy_dir);
-    }
-}
+mod common;
+use common::*;
 
 /// What a scripted server answers: the status for the n-th request (0-based).
 type Script = Arc<dyn Fn(usize) -> u16 + Send + Sync>;
@@ -150,7 +38,11 @@ struct ScriptedServer {
 
 impl ScriptedServer {
     fn start(script: Script) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted server");
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), script)
+    }
+
+    fn start_on(address: SocketAddr, script: Script) -> Self {
+        let listener = TcpListener::bind(address).expect("bind scripted server");
         let address = listener.local_addr().expect("address");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let count = Arc::new(AtomicUsize::new(0));
@@ -236,55 +128,6 @@ fn serve_scripted(
 
 fn always(status: u16) -> Script {
     Arc::new(move |_| status)
-}
-
-/// Resources: an `Agent` named `name` at `endpoint` with the given host names.
-fn agent_resource(name: &str, hosts: &[&str], endpoint: SocketAddr, protocol: &str) -> String {
-    format!(
-        "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata:\n  name: {name}\nspec:\n  hosts: [{}]\n  protocol: {protocol}\n  endpoints:\n    - address: \"{endpoint}\"\n",
-        hosts.join(", ")
-    )
-}
-
-/// An MCP tool server (the `mcp` SDK) on a free port, stopped on drop.
-fn start_mcp_server() -> (KillOnDrop, SocketAddr) {
-    let (python, script) = python_script("mcp_tools_server.py").expect("test virtualenv");
-    let port = free_port().expect("free port");
-    let child = Command::new(python)
-        .arg(script)
-        .arg(port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the MCP server");
-    let server = KillOnDrop(child);
-    let address = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_for_port(address, Duration::from_secs(30)).expect("MCP server up");
-    (server, address)
-}
-
-/// Runs the `mcp` SDK client in the planner's cgroup and returns its JSON report.
-fn mcp_probe(mesh: &Mesh, url: &str, mode: &str, calls: &[&str]) -> Value {
-    let (python, script) = python_script("mcp_probe.py").expect("test virtualenv");
-    let output = mesh
-        .tree
-        .run_in(
-            &mesh.planner,
-            Command::new(python)
-                .arg(script)
-                .arg(url)
-                .arg(mode)
-                .args(calls),
-        )
-        .expect("run the MCP client");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
-        panic!(
-            "the MCP client printed no report ({error}): {stdout}\n{}\nagent log:\n{}",
-            String::from_utf8_lossy(&output.stderr),
-            mesh.agent.log()
-        )
-    })
 }
 
 const MCP_POLICY: &str = "---
@@ -573,4 +416,220 @@ spec:
     assert_eq!(server.count(), 0);
     assert!(mesh.metric("mesh_proxy_denied_connections_total") >= 1.0);
     let _ = Path::new("");
+}
+
+#[test]
+fn a_failing_instance_is_ejected_and_recovers_through_a_half_open_probe() {
+    let live = ScriptedServer::start(always(200));
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let resources = format!(
+        "apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata:
+  name: pool
+spec:
+  hosts: [pool.mesh]
+  endpoints:
+    - address: \"{dead}\"
+    - address: \"{}\"
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: pool
+spec:
+  targetAgent: pool
+  retries:
+    attempts: 2
+    backoffBase: 1ms
+    backoffMax: 5ms
+    retryOn: [ConnectFailure]
+  circuitBreaker:
+    consecutiveFailures: 1
+    ejectionTime: 300ms
+    maxEjectedPercent: 50
+",
+        live.address
+    );
+    let mesh = Mesh::start("l7-eject", &resources);
+    let url = format!("http://{}/work", live.address);
+    // Every request succeeds: a refused connect is retried on the other instance.
+    for _ in 0..20 {
+        let (status, _, body) = mesh.curl(&[&url]);
+        assert_eq!(status, 200, "{body}\n{}", mesh.agent.log());
+    }
+    assert!(
+        mesh.agent.log().contains("endpoint ejected"),
+        "{}",
+        mesh.agent.log()
+    );
+    let failed_before = mesh.metric("mesh_http_retries_total");
+    for _ in 0..10 {
+        assert_eq!(mesh.curl(&[&url]).0, 200);
+    }
+    assert!(
+        mesh.metric("mesh_http_retries_total") - failed_before <= 2.0,
+        "while ejected, the dead instance gets (almost) no traffic"
+    );
+
+    // The instance comes back: after the ejection, a probe finds it and it serves again.
+    let revived = ScriptedServer::start_on(dead, always(200));
+    let start = Instant::now();
+    while revived.count() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the revived instance never got traffic:\n{}",
+            mesh.agent.log()
+        );
+        assert_eq!(mesh.curl(&[&url]).0, 200);
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(mesh.agent.log().contains("endpoint recovered"));
+}
+
+#[test]
+fn an_agent_with_no_working_instance_fails_over_to_its_fallback() {
+    let backup = ScriptedServer::start(always(200));
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let resources = format!(
+        "apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata:
+  name: primary
+spec:
+  hosts: [primary.mesh]
+  fallback: backup
+  endpoints:
+    - address: \"{dead}\"
+---
+{}",
+        agent_resource("backup", &["backup.mesh"], backup.address, "Http")
+    );
+    let mesh = Mesh::start("l7-fallback", &resources);
+    let (status, _, body) = mesh.curl(&[&format!("http://{dead}/task")]);
+    assert_eq!(status, 200, "{body}\n{}", mesh.agent.log());
+    assert!(body.starts_with("GET /task HTTP/1.1"), "{body}");
+    assert_eq!(backup.count(), 1);
+    assert!(
+        mesh.agent
+            .log()
+            .contains("failing over to the fallback agent")
+    );
+}
+
+#[test]
+fn a_saturated_agent_serves_the_high_class_first_and_sheds_overflow_with_503() {
+    // One request at a time; the first is held until the test lets it go, so the queue
+    // state when the high requests arrive is known exactly.
+    let gate = Arc::new(AtomicBool::new(false));
+    let held = Arc::clone(&gate);
+    let slow = ScriptedServer::start(Arc::new(move |index| {
+        while index == 0 && !held.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        thread::sleep(Duration::from_millis(20));
+        200
+    }));
+    let resources = agent_resource("slow", &["slow.mesh"], slow.address, "Http")
+        + "---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: slow
+spec:
+  targetAgent: slow
+  priority:
+    sources:
+      - from: planner
+        class: Low
+    headerAllowed: true
+    maxConcurrent: 1
+    maxQueue: 6
+";
+    let mesh = Mesh::start("l7-priority", &resources);
+    let spawn_curl = |path: &str, high: bool| {
+        let mut command = Command::new("curl");
+        command
+            .args([
+                "-sS",
+                "--max-time",
+                "30",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if high {
+            command.args(["-H", "x-mesh-priority: high"]);
+        }
+        command.arg(format!("http://{}{path}", slow.address));
+        mesh.tree.spawn_in(&mesh.planner, &mut command).unwrap()
+    };
+    // Eight low requests: one in flight, six queued, the eighth shed.
+    let lows: Vec<_> = (0..8)
+        .map(|index| {
+            let child = spawn_curl(&format!("/low-{index}"), false);
+            thread::sleep(Duration::from_millis(10));
+            child
+        })
+        .collect();
+    let start = Instant::now();
+    while mesh.metric("mesh_http_shed_requests_total") < 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            mesh.agent.log()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    // Two high requests into the full queue: each displaces the newest low waiter.
+    let highs: Vec<_> = (0..2)
+        .map(|index| spawn_curl(&format!("/high-{index}"), true))
+        .collect();
+    while mesh.metric("mesh_http_shed_requests_total") < 3.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            mesh.agent.log()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    gate.store(true, Ordering::SeqCst);
+    let status_of = |child: std::process::Child| -> u16 {
+        let output = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let high_statuses: Vec<u16> = highs.into_iter().map(status_of).collect();
+    let low_statuses: Vec<u16> = lows.into_iter().map(status_of).collect();
+    assert_eq!(high_statuses, [200, 200], "{}", mesh.agent.log());
+    assert_eq!(
+        low_statuses.iter().filter(|status| **status == 503).count(),
+        3,
+        "one low request shed on a full queue, two displaced: {low_statuses:?}"
+    );
+    assert_eq!(
+        low_statuses.iter().filter(|status| **status == 200).count(),
+        5,
+        "{low_statuses:?}"
+    );
+    // The high requests went ahead of every low request still waiting when they came.
+    let order = slow.requests();
+    let position = |prefix: &str| {
+        order
+            .iter()
+            .rposition(|line| line.contains(prefix))
+            .unwrap_or_else(|| panic!("{prefix} never served: {order:?}"))
+    };
+    let last_high = position("/high-");
+    assert_eq!(
+        last_high, 2,
+        "high requests are served right after the one in flight: {order:?}"
+    );
+    assert_eq!(slow.count(), 7, "shed requests never reached the server");
+    assert!(mesh.metric("mesh_http_shed_requests_total") >= 3.0);
 }

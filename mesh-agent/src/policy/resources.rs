@@ -426,6 +426,8 @@ pub struct TrafficPolicySpec {
     pub priority: Priority,
     #[serde(default)]
     pub circuit_breaker: CircuitBreaker,
+    #[serde(default)]
+    pub dedup: Dedup,
     #[serde(default = "default_max_body")]
     pub max_request_body_bytes: u64,
 }
@@ -537,23 +539,60 @@ pub enum PriorityClass {
     Low,
 }
 
-/// Priority settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Priority settings: under saturation (`maxConcurrent` requests in flight to the agent),
+/// requests wait in per-class queues and the highest class is served first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct Priority {
     pub default_class: PriorityClass,
-    /// Whether a caller may choose its class with a request header.
+    /// Classes by source workload (first match wins), before `defaultClass`.
+    pub sources: Vec<PrioritySource>,
+    /// Whether a caller may choose its class with the `x-mesh-priority` header.
     pub header_allowed: bool,
+    /// Requests in flight to the agent at once (this node); 0 = no limit, no queueing.
+    pub max_concurrent: u32,
     /// Requests queued per agent before new ones are shed (>= 1).
     pub max_queue: u32,
+}
+
+/// The class of requests from the sources `from` matches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrioritySource {
+    pub from: String,
+    pub class: PriorityClass,
 }
 
 impl Default for Priority {
     fn default() -> Self {
         Priority {
             default_class: PriorityClass::Normal,
+            sources: Vec::new(),
             header_allowed: false,
+            max_concurrent: 0,
             max_queue: 128,
+        }
+    }
+}
+
+/// Deduplication: identical requests (same `Idempotency-Key`, or the same JSON-RPC request
+/// of the same source and session) reach the upstream once and share its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Dedup {
+    /// How long a finished response answers duplicates; 0 turns deduplication off.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Largest response body kept for duplicates; a larger one is not shared (duplicates
+    /// that arrive after it overflowed get 503 with `Retry-After`).
+    pub max_response_bytes: u64,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Dedup {
+            window: Duration::from_secs(5),
+            max_response_bytes: 1024 * 1024,
         }
     }
 }
@@ -590,6 +629,7 @@ impl Default for TrafficPolicySpec {
             rate_limits: Vec::new(),
             priority: Priority::default(),
             circuit_breaker: CircuitBreaker::default(),
+            dedup: Dedup::default(),
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
         }
     }
@@ -672,6 +712,17 @@ impl TrafficPolicySpec {
         }
         if self.priority.max_queue == 0 {
             check.fail("spec.priority.maxQueue", "must be at least 1");
+        }
+        for (index, source) in self.priority.sources.iter().enumerate() {
+            if let Err(problem) = Pattern::parse(&source.from) {
+                check.fail(&format!("spec.priority.sources[{index}].from"), problem);
+            }
+        }
+        if self.dedup.max_response_bytes == 0 && !self.dedup.window.is_zero() {
+            check.fail(
+                "spec.dedup.maxResponseBytes",
+                "must be greater than zero while deduplication is on",
+            );
         }
         let cb = &self.circuit_breaker;
         if cb.consecutive_failures > 0 && cb.ejection_time.is_zero() {

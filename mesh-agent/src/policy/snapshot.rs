@@ -13,8 +13,8 @@ use super::{
     Fnv64, PolicyError,
     resources::{
         AccessPolicy, Action, Agent, Capabilities, CircuitBreaker, DEFAULT_MAX_REQUEST_BODY_BYTES,
-        Kind, Pattern, Priority, Protocol, Resource, ResourceKey, Retries, Timeouts, TrafficPolicy,
-        normalize_host,
+        Dedup, Kind, Pattern, Priority, Protocol, Resource, ResourceKey, Retries, Timeouts,
+        TrafficPolicy, normalize_host,
     },
 };
 
@@ -134,6 +134,7 @@ pub struct TrafficSettings {
     pub rate_limits: Vec<RateLimitRule>,
     pub priority: Priority,
     pub circuit_breaker: CircuitBreaker,
+    pub dedup: Dedup,
     pub max_request_body_bytes: u64,
 }
 
@@ -146,6 +147,7 @@ impl Default for TrafficSettings {
             rate_limits: Vec::new(),
             priority: Priority::default(),
             circuit_breaker: CircuitBreaker::default(),
+            dedup: Dedup::default(),
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
         }
     }
@@ -175,8 +177,9 @@ impl TrafficSettings {
             timeouts: spec.timeouts,
             retries: spec.retries.clone(),
             rate_limits: limits,
-            priority: spec.priority,
+            priority: spec.priority.clone(),
             circuit_breaker: spec.circuit_breaker,
+            dedup: spec.dedup,
             max_request_body_bytes: spec.max_request_body_bytes,
         }
     }

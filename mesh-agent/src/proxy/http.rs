@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 use super::{
     balance::{Balancer, Outcome},
     jsonrpc::{self, JsonRpcRequest, Message},
+    priority::{Admission, PRIORITY_HEADER, class_of},
 };
 use crate::policy::{
     AgentEntry, PolicySnapshot, PolicyStore, RateLimit, RateLimitKey, RateLimiter,
@@ -82,6 +83,7 @@ pub struct HttpStats {
     mcp_requests: AtomicU64,
     a2a_requests: AtomicU64,
     websocket_upgrades: AtomicU64,
+    shed: AtomicU64,
 }
 
 /// A point-in-time copy of [`HttpStats`].
@@ -97,6 +99,7 @@ pub struct HttpStatsSnapshot {
     pub mcp_requests: u64,
     pub a2a_requests: u64,
     pub websocket_upgrades: u64,
+    pub shed: u64,
 }
 
 impl HttpStats {
@@ -113,6 +116,7 @@ impl HttpStats {
             mcp_requests: load(&self.mcp_requests),
             a2a_requests: load(&self.a2a_requests),
             websocket_upgrades: load(&self.websocket_upgrades),
+            shed: load(&self.shed),
         }
     }
 }
@@ -165,6 +169,7 @@ pub struct HttpProxy {
     http1: Client<HttpConnector, ProxyBody>,
     http2: Client<HttpConnector, ProxyBody>,
     balancer: Balancer,
+    admission: Arc<Admission>,
     budgets: Mutex<std::collections::HashMap<String, RetryBudget>>,
     stats: HttpStats,
 }
@@ -235,6 +240,7 @@ impl HttpProxy {
             http1,
             http2,
             balancer: Balancer::default(),
+            admission: Arc::new(Admission::default()),
             budgets: Mutex::new(std::collections::HashMap::new()),
             stats: HttpStats::default(),
         }
@@ -325,22 +331,83 @@ impl HttpProxy {
         if let Some(response) = self.rate_limit(caller, destination_name, traffic, &facts) {
             return response;
         }
+        // Priority admission: under saturation, the highest class is served first.
+        let class = class_of(
+            &traffic.priority,
+            &caller.source,
+            parts
+                .headers
+                .get(PRIORITY_HEADER)
+                .and_then(|value| value.to_str().ok()),
+        );
+        let admission_key =
+            destination_name.map_or_else(|| caller.original_dst.to_string(), ToOwned::to_owned);
+        let admitted = tokio::time::timeout(
+            traffic.timeouts.request,
+            self.admission
+                .admit(&admission_key, class, &traffic.priority),
+        )
+        .await;
+        let slot = match admitted {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(shed)) => return self.shed(caller, &admission_key, &facts, &shed.to_string()),
+            Err(_) => {
+                return self.shed(
+                    caller,
+                    &admission_key,
+                    &facts,
+                    "waited in the priority queue past the request timeout",
+                );
+            }
+        };
         if let Some(client_upgrade) = client_upgrade {
             return self
                 .upgrade(caller, destination, parts, client_upgrade, body, traffic)
                 .await;
         }
-        self.forward(
-            caller,
-            &snapshot,
-            destination,
-            parts,
-            body,
+        let response = self
+            .forward(
+                caller,
+                &snapshot,
+                destination,
+                parts,
+                body,
+                facts,
+                traffic,
+                version,
+            )
+            .await;
+        match slot {
+            // The slot is held until the response body has been passed on in full.
+            Some(slot) => response.map(|body| {
+                body.map_frame(move |frame| {
+                    let _held = &slot;
+                    frame
+                })
+                .boxed()
+            }),
+            None => response,
+        }
+    }
+
+    /// Refuses a request the priority queues could not take: 503 with `Retry-After`.
+    fn shed(
+        &self,
+        caller: &CallerContext,
+        destination: &str,
+        facts: &RequestFacts,
+        reason: &str,
+    ) -> Response<ProxyBody> {
+        self.stats.shed.fetch_add(1, Ordering::Relaxed);
+        info!(source = %caller.source, destination, reason, "request shed");
+        error_for(
             facts,
-            traffic,
-            version,
+            StatusCode::SERVICE_UNAVAILABLE,
+            jsonrpc::UNAVAILABLE,
+            &format!("shed by the mesh: {reason}"),
+            GrpcCode::Unavailable,
+            Some(Duration::from_secs(1)),
         )
-        .await
     }
 
     fn authorize(
@@ -1113,11 +1180,17 @@ fn error_for(
         response
     } else if let Some(request) = &facts.jsonrpc {
         // Notifications alone expect no body: the status code says it.
-        let body = request
-            .error_body(rpc_code, message, Some(jsonrpc::mesh_error_data(message)))
-            .map_or_else(empty_body, full_body);
-        let mut response = Response::new(body);
-        *response.status_mut() = status;
+        let body = request.error_body(rpc_code, message, Some(jsonrpc::mesh_error_data(message)));
+        // A2A's JSON-RPC binding answers errors in the body of a 200 response, and the A2A
+        // SDKs read a JSON-RPC error only from a 2xx response (a 403 would reach the caller as
+        // a bare HTTP error, without code, message or id).
+        let a2a = body.is_some()
+            && request
+                .messages
+                .iter()
+                .any(|message| message.protocol == jsonrpc::Family::A2a);
+        let mut response = Response::new(body.map_or_else(empty_body, full_body));
+        *response.status_mut() = if a2a { StatusCode::OK } else { status };
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

@@ -7,6 +7,7 @@ pub mod http;
 pub mod jsonrpc;
 pub mod outbound;
 pub mod prefixed;
+pub mod priority;
 pub mod sniff;
 pub mod splice;
 pub mod sse;

@@ -230,6 +230,11 @@ pub fn render_l7(http: &HttpStatsSnapshot, policy: &PolicySample) -> String {
             http.rejected,
         ),
         (
+            "mesh_http_shed_requests_total",
+            "Requests refused by the priority queues of a saturated agent (503, Retry-After).",
+            http.shed,
+        ),
+        (
             "mesh_http_websocket_upgrades_total",
             "WebSocket upgrades joined end to end.",
             http.websocket_upgrades,

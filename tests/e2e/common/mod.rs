@@ -1,0 +1,230 @@
+//! Helpers the L7 end-to-end test files share: a [`Mesh`] (cgroup tree, agent with a policy
+//! folder, one enrolled workload "planner"), `Agent` resources, and the real-peer Python
+//! servers and clients of `tests/python/` (the MCP ones among them).
+
+// Each test file uses its own part of these helpers.
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, free_port, python_script, unique_name,
+    wait_for_port,
+};
+use serde_json::Value;
+
+/// A cgroup tree with an agent and one enrolled workload named "planner", and the folder of
+/// resources the agent watches.
+pub struct Mesh {
+    pub agent: AgentProcess,
+    pub planner: PathBuf,
+    pub policy_dir: PathBuf,
+    pub tree: CgroupTree,
+}
+
+impl Mesh {
+    pub fn start(label: &str, resources: &str) -> Self {
+        let tree = CgroupTree::create(label).expect("create cgroup tree");
+        let agent_cgroup = tree.child("agent").expect("agent cgroup");
+        let planner = tree.child("planner").expect("planner cgroup");
+        let policy_dir = std::env::temp_dir().join(unique_name("policies"));
+        fs::create_dir_all(&policy_dir).expect("policy folder");
+        fs::write(policy_dir.join("mesh.yaml"), resources).expect("write resources");
+        let agent = AgentProcess::start(
+            &tree,
+            AgentOptions {
+                accelerate: false,
+                workloads: vec![("planner".into(), planner.clone())],
+                exclude_ports: vec![],
+                exclude_cidrs: vec![],
+                agent_cgroup,
+                log_filter: "info,mesh_agent=debug".into(),
+                agent_binary: None,
+                policy_dir: Some(policy_dir.clone()),
+            },
+        )
+        .expect("start agent");
+        Self {
+            agent,
+            planner,
+            policy_dir,
+            tree,
+        }
+    }
+
+    /// Runs curl in the planner's cgroup; returns (status code, headers, body).
+    pub fn curl(&self, args: &[&str]) -> (u16, String, String) {
+        let output = self
+            .tree
+            .run_in(
+                &self.planner,
+                Command::new("curl")
+                    .args(["-sS", "--max-time", "20", "-D", "-", "-o", "-"])
+                    .args(args),
+            )
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| {
+            panic!(
+                "curl printed no response: {text} {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {head}"));
+        (status, head.to_owned(), body.to_owned())
+    }
+
+    /// The agent's Prometheus metrics.
+    pub fn metrics(&self) -> String {
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", self.agent.admin_port)).expect("admin endpoint");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+            .expect("scrape");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("read metrics");
+        text
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        let metrics = self.metrics();
+        metrics
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|value| value.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    }
+
+    /// Replaces the resources and waits until the agent has swapped in the new snapshot.
+    pub fn replace_resources(&self, resources: &str) {
+        let before = self.metric("mesh_policy_reloads_total");
+        fs::write(self.policy_dir.join("mesh.yaml"), resources).expect("write resources");
+        let start = Instant::now();
+        while self.metric("mesh_policy_reloads_total") <= before {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the agent never reloaded its policy:\n{}",
+                self.agent.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs one of the Python clients of `tests/python/` in the planner's cgroup (so its
+    /// connections are captured), bounded by `timeout` seconds, and parses the one JSON line
+    /// it prints.
+    pub fn python_probe(&self, script: &str, args: &[&str], timeout_seconds: u32) -> Value {
+        let (python, path) = python_script(script).expect("test virtualenv");
+        let output = self
+            .tree
+            .run_in(
+                &self.planner,
+                Command::new("timeout")
+                    .args(["--kill-after=5", &timeout_seconds.to_string()])
+                    .arg(python)
+                    .arg(path)
+                    .args(args),
+            )
+            .expect("run a Python client");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
+            panic!(
+                "{script} printed no report ({error}, {}): {stdout}\n{}\nagent log:\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr),
+                self.agent.log()
+            )
+        })
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.policy_dir);
+    }
+}
+
+/// Resources: an `Agent` named `name` at `endpoint` with the given host names.
+pub fn agent_resource(name: &str, hosts: &[&str], endpoint: SocketAddr, protocol: &str) -> String {
+    format!(
+        "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata:\n  name: {name}\nspec:\n  hosts: [{}]\n  protocol: {protocol}\n  endpoints:\n    - address: \"{endpoint}\"\n",
+        hosts.join(", ")
+    )
+}
+
+/// Starts one of the Python servers of `tests/python/` (outside the mesh) on a free port,
+/// with the port as its first argument and `args` after it; waits until it accepts
+/// connections. The server is killed when the returned guard drops.
+pub fn start_python_server(script: &str, args: &[&str]) -> (KillOnDrop, SocketAddr) {
+    let (python, path) = python_script(script).expect("test virtualenv");
+    let port = free_port().expect("free port");
+    let child = Command::new(python)
+        .arg(path)
+        .arg(port.to_string())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|error| panic!("start {script}: {error}"));
+    let server = KillOnDrop(child);
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_port(address, Duration::from_secs(30))
+        .unwrap_or_else(|error| panic!("{script} never listened: {error}"));
+    (server, address)
+}
+
+/// An MCP tool server (the `mcp` SDK) on a free port, stopped on drop.
+pub fn start_mcp_server() -> (KillOnDrop, SocketAddr) {
+    let (python, script) = python_script("mcp_tools_server.py").expect("test virtualenv");
+    let port = free_port().expect("free port");
+    let child = Command::new(python)
+        .arg(script)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the MCP server");
+    let server = KillOnDrop(child);
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_port(address, Duration::from_secs(30)).expect("MCP server up");
+    (server, address)
+}
+
+/// Runs the `mcp` SDK client in the planner's cgroup and returns its JSON report.
+pub fn mcp_probe(mesh: &Mesh, url: &str, mode: &str, calls: &[&str]) -> Value {
+    let (python, script) = python_script("mcp_probe.py").expect("test virtualenv");
+    let output = mesh
+        .tree
+        .run_in(
+            &mesh.planner,
+            Command::new(python)
+                .arg(script)
+                .arg(url)
+                .arg(mode)
+                .args(calls),
+        )
+        .expect("run the MCP client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
+        panic!(
+            "the MCP client printed no report ({error}): {stdout}\n{}\nagent log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            mesh.agent.log()
+        )
+    })
+}
