@@ -633,3 +633,70 @@ spec:
     assert_eq!(slow.count(), 7, "shed requests never reached the server");
     assert!(mesh.metric("mesh_http_shed_requests_total") >= 3.0);
 }
+
+#[test]
+fn identical_requests_reach_the_upstream_once_and_every_caller_gets_the_answer() {
+    let slow = ScriptedServer::start(Arc::new(|_| {
+        thread::sleep(Duration::from_millis(300));
+        200
+    }));
+    let resources = agent_resource("tools", &["tools.mesh"], slow.address, "Mcp");
+    let mesh = Mesh::start("l7-dedup", &resources);
+    let url = format!("http://{}/mcp", slow.address);
+    let body = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    let spawn_call = |extra: &[&str]| {
+        let mut command = Command::new("curl");
+        command
+            .args([
+                "-sS",
+                "--max-time",
+                "30",
+                "-H",
+                "content-type: application/json",
+            ])
+            .args(extra)
+            .args(["--data", body, &url])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        mesh.tree.spawn_in(&mesh.planner, &mut command).unwrap()
+    };
+    let answers: Vec<String> = (0..4)
+        .map(|_| spawn_call(&[]))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|child| {
+            let output = child.wait_with_output().unwrap();
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        })
+        .collect();
+    assert_eq!(slow.count(), 1, "the upstream saw one request: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|answer| answer == &answers[0] && answer.contains("#0"))
+    );
+    assert!(mesh.metric("mesh_http_deduplicated_requests_total") >= 3.0);
+
+    // A different JSON-RPC id is a different request.
+    let other = body.replace("\"id\":7", "\"id\":8");
+    let (status, _, answer) = mesh.curl(&[
+        "-H",
+        "content-type: application/json",
+        "--data",
+        &other,
+        &url,
+    ]);
+    assert_eq!(status, 200);
+    assert!(answer.contains("#1"), "{answer}");
+    assert_eq!(slow.count(), 2);
+
+    // The same Idempotency-Key: sent once, whatever the body.
+    let keyed: Vec<_> = (0..3)
+        .map(|_| spawn_call(&["-H", "Idempotency-Key: order-42"]))
+        .collect();
+    for child in keyed {
+        let output = child.wait_with_output().unwrap();
+        assert!(String::from_utf8_lossy(&output.stdout).contains("#2"));
+    }
+    assert_eq!(slow.count(), 3);
+}

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     balance::{Balancer, Outcome},
+    dedup::{self, Deduplicator, Role, follow},
     jsonrpc::{self, JsonRpcRequest, Message},
     priority::{Admission, PRIORITY_HEADER, class_of},
 };
@@ -84,6 +85,7 @@ pub struct HttpStats {
     a2a_requests: AtomicU64,
     websocket_upgrades: AtomicU64,
     shed: AtomicU64,
+    deduplicated: AtomicU64,
 }
 
 /// A point-in-time copy of [`HttpStats`].
@@ -100,6 +102,7 @@ pub struct HttpStatsSnapshot {
     pub a2a_requests: u64,
     pub websocket_upgrades: u64,
     pub shed: u64,
+    pub deduplicated: u64,
 }
 
 impl HttpStats {
@@ -117,6 +120,7 @@ impl HttpStats {
             a2a_requests: load(&self.a2a_requests),
             websocket_upgrades: load(&self.websocket_upgrades),
             shed: load(&self.shed),
+            deduplicated: load(&self.deduplicated),
         }
     }
 }
@@ -170,6 +174,7 @@ pub struct HttpProxy {
     http2: Client<HttpConnector, ProxyBody>,
     balancer: Balancer,
     admission: Arc<Admission>,
+    dedup: Arc<Deduplicator>,
     budgets: Mutex<std::collections::HashMap<String, RetryBudget>>,
     stats: HttpStats,
 }
@@ -241,6 +246,7 @@ impl HttpProxy {
             http2,
             balancer: Balancer::default(),
             admission: Arc::new(Admission::default()),
+            dedup: Arc::new(Deduplicator::default()),
             budgets: Mutex::new(std::collections::HashMap::new()),
             stats: HttpStats::default(),
         }
@@ -328,6 +334,37 @@ impl HttpProxy {
         {
             return response;
         }
+        // Identical requests reach the upstream once; duplicates share the answer.
+        let admission_key =
+            destination_name.map_or_else(|| caller.original_dst.to_string(), ToOwned::to_owned);
+        let leader = match dedup_key(caller, &admission_key, &parts, &body, &facts)
+            .filter(|_| !traffic.dedup.window.is_zero() && client_upgrade.is_none())
+        {
+            Some(key) => match self.dedup.join(
+                key,
+                traffic.dedup.window,
+                traffic.dedup.max_response_bytes,
+                Instant::now(),
+            ) {
+                Role::Leader(leader) => Some(leader),
+                Role::Follower(shared) => {
+                    self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+                    debug!(source = %caller.source, destination = %admission_key, "duplicate request; sharing the original's response");
+                    return match follow(shared, traffic.timeouts.request).await {
+                        Ok(response) => response,
+                        Err(error) => error_for(
+                            &facts,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            jsonrpc::UNAVAILABLE,
+                            &error.to_string(),
+                            GrpcCode::Unavailable,
+                            Some(Duration::from_secs(1)),
+                        ),
+                    };
+                }
+            },
+            None => None,
+        };
         if let Some(response) = self.rate_limit(caller, destination_name, traffic, &facts) {
             return response;
         }
@@ -340,8 +377,6 @@ impl HttpProxy {
                 .get(PRIORITY_HEADER)
                 .and_then(|value| value.to_str().ok()),
         );
-        let admission_key =
-            destination_name.map_or_else(|| caller.original_dst.to_string(), ToOwned::to_owned);
         let admitted = tokio::time::timeout(
             traffic.timeouts.request,
             self.admission
@@ -377,6 +412,10 @@ impl HttpProxy {
                 version,
             )
             .await;
+        let response = match leader {
+            Some(leader) => leader.publish(response),
+            None => response,
+        };
         match slot {
             // The slot is held until the response body has been passed on in full.
             Some(slot) => response.map(|body| {
@@ -965,6 +1004,65 @@ fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// The deduplication key of a request, if it has one: an `Idempotency-Key` (with the
+/// source, destination, method and target), or a single JSON-RPC request with an id (with
+/// the source, destination, target, MCP session and the whole body). `initialize` is never
+/// shared: each client must get its own session.
+fn dedup_key(
+    caller: &CallerContext,
+    destination: &str,
+    parts: &http::request::Parts,
+    body: &Body,
+    facts: &RequestFacts,
+) -> Option<u64> {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |path_and_query| path_and_query.as_str());
+    let [source, destination, method, target] = [
+        caller.source.as_bytes(),
+        destination.as_bytes(),
+        parts.method.as_str().as_bytes(),
+        target.as_bytes(),
+    ];
+    if let Some(idempotency) = parts.headers.get("idempotency-key") {
+        return Some(dedup::key(&[
+            source,
+            destination,
+            method,
+            target,
+            b"idempotency",
+            idempotency.as_bytes(),
+        ]));
+    }
+    let request = facts.jsonrpc.as_ref()?;
+    let [message] = request.messages.as_slice() else {
+        return None;
+    };
+    let Body::Buffered(bytes) = body else {
+        return None;
+    };
+    if request.batch
+        || message.kind != jsonrpc::MessageKind::Request
+        || message.method.as_deref() == Some("initialize")
+    {
+        return None;
+    }
+    let session = parts
+        .headers
+        .get("mcp-session-id")
+        .map_or(&b""[..], |value| value.as_bytes());
+    Some(dedup::key(&[
+        source,
+        destination,
+        method,
+        target,
+        b"jsonrpc",
+        session,
+        bytes,
+    ]))
 }
 
 /// The host a request names, without port: `Host` for HTTP/1.1, `:authority` for HTTP/2.

@@ -3,6 +3,7 @@
 //! TCP (spliced) for everything else.
 
 pub mod balance;
+pub mod dedup;
 pub mod http;
 pub mod jsonrpc;
 pub mod outbound;

@@ -235,6 +235,11 @@ pub fn render_l7(http: &HttpStatsSnapshot, policy: &PolicySample) -> String {
             http.shed,
         ),
         (
+            "mesh_http_deduplicated_requests_total",
+            "Duplicate requests answered with the original request's response.",
+            http.deduplicated,
+        ),
+        (
             "mesh_http_websocket_upgrades_total",
             "WebSocket upgrades joined end to end.",
             http.websocket_upgrades,
