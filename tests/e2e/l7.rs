@@ -700,3 +700,125 @@ fn identical_requests_reach_the_upstream_once_and_every_caller_gets_the_answer()
     }
     assert_eq!(slow.count(), 3);
 }
+
+#[test]
+fn a_hung_upstream_gets_a_504_within_the_request_timeout_and_a_reset_mid_body_is_not_hidden() {
+    // Hangs: accepts, reads, never answers.
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_address = hung.local_addr().unwrap();
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in hung.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    // Resets: answers with a Content-Length it never fulfils, then aborts the connection.
+    let resetting = TcpListener::bind("127.0.0.1:0").unwrap();
+    let resetting_address = resetting.local_addr().unwrap();
+    thread::spawn(move || {
+        for mut stream in resetting.incoming().flatten() {
+            let mut buffer = [0u8; 4096];
+            let _ = stream.read(&mut buffer);
+            let _ =
+                stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\npartial body");
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        }
+    });
+    let resources = agent_resource("hung", &["hung.mesh"], hung_address, "Http")
+        + "---\n"
+        + &agent_resource("resetting", &["resetting.mesh"], resetting_address, "Http")
+        + "---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: hung
+spec:
+  targetAgent: hung
+  timeouts:
+    request: 300ms
+  retries:
+    attempts: 0
+";
+    let mesh = Mesh::start("l7-faults", &resources);
+    let (status, _, body) = mesh.curl(&[&format!("http://{hung_address}/slow")]);
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("did not answer within"), "{body}");
+    assert!(mesh.metric("mesh_http_upstream_timeouts_total") >= 1.0);
+
+    let output = mesh
+        .tree
+        .run_in(
+            &mesh.planner,
+            Command::new("curl").args([
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("http://{resetting_address}/stream"),
+            ]),
+        )
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "a body cut short by the upstream is an error for the caller, not a clean end: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    // The agent keeps serving.
+    let (status, _, _) = mesh.curl(&[&format!("http://{hung_address}/again")]);
+    assert_eq!(status, 504);
+}
+
+#[test]
+fn tls_the_workload_terminates_itself_passes_through_untouched() {
+    let dir = std::env::temp_dir().join(mesh_tests::unique_name("tls"));
+    fs::create_dir_all(&dir).unwrap();
+    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=secure.mesh", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let port = free_port().unwrap();
+    let server = mesh_tests::KillOnDrop(
+        Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+            .arg("-key")
+            .arg(&key)
+            .arg("-cert")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    mesh_tests::wait_for_port(address, Duration::from_secs(10)).unwrap();
+    let mesh = Mesh::start(
+        "l7-tls",
+        &agent_resource("secure", &["secure.mesh"], address, "Http"),
+    );
+    let (status, _, body) = mesh.curl(&[
+        "--cacert",
+        &cert.to_string_lossy(),
+        "--resolve",
+        &format!("secure.mesh:{port}:127.0.0.1"),
+        &format!("https://secure.mesh:{port}/"),
+    ]);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        mesh.metric("mesh_proxy_connections_by_protocol_total{protocol=\"tls\"}") >= 1.0,
+        "{}",
+        mesh.metrics()
+    );
+    drop(server);
+    let _ = fs::remove_dir_all(&dir);
+}
