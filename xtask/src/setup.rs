@@ -13,16 +13,21 @@ use anyhow::{Context, bail};
 use crate::util::{self, step, succeeds, workspace_root};
 
 /// (command that proves the package is there, Debian package).
-const DEBIAN_PACKAGES: [(&str, &[&str], &str); 9] = [
+const DEBIAN_PACKAGES: [(&str, &[&str], &str); 12] = [
     ("etcd", &["--version"], "etcd-server"),
     ("etcdctl", &["version"], "etcd-client"),
     ("protoc", &["--version"], "protobuf-compiler"),
     ("bpftool", &["version"], "bpftool"),
     ("ip", &["-V"], "iproute2"),
     ("haproxy", &["-v"], "haproxy"),
+    // The L7 benchmark's second reference proxy (`cargo xtask bench l7`).
+    ("nginx", &["-v"], "nginx"),
     ("curl", &["--version"], "curl"),
     ("python3", &["-m", "venv", "--help"], "python3-venv"),
     ("pkg-config", &["--version"], "pkg-config"),
+    // The deployment tests: unit files and the bare-metal installer.
+    ("systemd-analyze", &["--version"], "systemd"),
+    ("shellcheck", &["--version"], "shellcheck"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

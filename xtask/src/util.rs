@@ -81,7 +81,8 @@ pub fn lint() -> anyhow::Result<()> {
 }
 
 /// Fuzz targets under `fuzz/`, each with committed seeds in `fuzz/seeds/<target>`.
-pub const FUZZ_TARGETS: [&str; 6] = [
+pub const FUZZ_TARGETS: [&str; 7] = [
+    "http1_l7",
     "agent_config",
     "mountinfo",
     "protocol_sniff",
