@@ -822,3 +822,75 @@ fn tls_the_workload_terminates_itself_passes_through_untouched() {
     drop(server);
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn traffic_policy_routes_split_by_header_tool_and_weight() {
+    let stable = ScriptedServer::start(always(200));
+    let canary = ScriptedServer::start(always(200));
+    let tools = ScriptedServer::start(always(200));
+    let resources = agent_resource("notes", &["notes.mesh"], stable.address, "Http")
+        + "---\n"
+        + &agent_resource(
+            "notes-canary",
+            &["notes-canary.mesh"],
+            canary.address,
+            "Http",
+        )
+        + "---\n"
+        + &agent_resource("search-tools", &["search-tools.mesh"], tools.address, "Mcp")
+        + "---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: notes-routes
+spec:
+  targetAgent: notes
+  routes:
+    - match:
+        headers:
+          - name: x-canary
+            value: \"yes\"
+      backends:
+        - agent: notes-canary
+    - match:
+        mcpTools: [\"search*\"]
+      backends:
+        - agent: search-tools
+    - match:
+        paths: [\"/split/*\"]
+      backends:
+        - agent: notes
+          weight: 1
+        - agent: notes-canary
+          weight: 1
+";
+    let mesh = Mesh::start("l7-routes", &resources);
+    let url = |path: &str| format!("http://{}{path}", stable.address);
+    // No route matches: the addressed agent.
+    assert_eq!(mesh.curl(&[&url("/plain")]).0, 200);
+    assert_eq!((stable.count(), canary.count()), (1, 0));
+    // A header override sends it to the canary.
+    assert_eq!(mesh.curl(&["-H", "x-canary: yes", &url("/plain")]).0, 200);
+    assert_eq!((stable.count(), canary.count()), (1, 1));
+    // An MCP tool routes to the agent that has it.
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_web","arguments":{}}}"#;
+    let (status, _, _) = mesh.curl(&[
+        "-H",
+        "content-type: application/json",
+        "--data",
+        call,
+        &url("/mcp"),
+    ]);
+    assert_eq!(status, 200);
+    assert_eq!(tools.count(), 1);
+    // A weighted split reaches both backends.
+    for index in 0..40 {
+        assert_eq!(mesh.curl(&[&url(&format!("/split/{index}"))]).0, 200);
+    }
+    let (to_stable, to_canary) = (stable.count() - 1, canary.count() - 1);
+    assert_eq!(to_stable + to_canary, 40);
+    assert!(
+        to_stable >= 5 && to_canary >= 5,
+        "both halves of a 1:1 split get traffic: {to_stable} / {to_canary}"
+    );
+}

@@ -67,13 +67,14 @@ pub use ratelimit::{DEFAULT_MAX_KEYS, RateLimit, RateLimitKey, RateLimiter};
 pub use resources::{
     A2aMatch, API_VERSION, AccessPolicy, AccessPolicySpec, Action, Agent, AgentSpec, Capabilities,
     CircuitBreaker, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_NAMESPACE, Dedup, EndpointSpec,
-    HttpMatch, Kind, MAX_RETRY_ATTEMPTS, McpMatch, Metadata, Pattern, Priority, PriorityClass,
-    PrioritySource, Protocol, RateLimitSpec, Resource, ResourceKey, Retries, RetryOn, Rule,
-    Timeouts, TrafficPolicy, TrafficPolicySpec, TypedResource,
+    HeaderMatch, HttpMatch, Kind, MAX_RETRY_ATTEMPTS, McpMatch, Metadata, Pattern, Priority,
+    PriorityClass, PrioritySource, Protocol, RateLimitSpec, Resource, ResourceKey, Retries,
+    RetryOn, RouteBackend, RouteMatch, RouteSpec, Rule, Timeouts, TrafficPolicy, TrafficPolicySpec,
+    TypedResource,
 };
 pub use snapshot::{
-    AgentEntry, Decision, Endpoint, PolicySnapshot, RateLimitRule, RequestAttributes,
-    TrafficSettings,
+    AgentEntry, Decision, Endpoint, PolicySnapshot, RateLimitRule, RequestAttributes, Route,
+    RouteRequest, TrafficSettings,
 };
 pub use store::PolicyStore;
 

@@ -428,6 +428,10 @@ pub struct TrafficPolicySpec {
     pub circuit_breaker: CircuitBreaker,
     #[serde(default)]
     pub dedup: Dedup,
+    /// L7 routes, first match wins: requests to the target agent that match go to the
+    /// route's backend agents (weighted split). No match: the target agent itself.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
     #[serde(default = "default_max_body")]
     pub max_request_body_bytes: u64,
 }
@@ -630,9 +634,57 @@ impl Default for TrafficPolicySpec {
             priority: Priority::default(),
             circuit_breaker: CircuitBreaker::default(),
             dedup: Dedup::default(),
+            routes: Vec::new(),
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
         }
     }
+}
+
+/// One L7 route of a `TrafficPolicy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteSpec {
+    /// What the request must look like; every stated part must match (empty: anything).
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+    /// Agents that serve matching requests, chosen by weight (at least one).
+    pub backends: Vec<RouteBackend>,
+}
+
+/// The request attributes a route matches on (patterns: exact, `*`, `prefix*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatch {
+    pub paths: Vec<String>,
+    /// HTTP methods, case-insensitive.
+    pub methods: Vec<String>,
+    /// Request headers that must be present with a matching value (names case-insensitive).
+    pub headers: Vec<HeaderMatch>,
+    /// MCP tool (or prompt, or resource URI) the request names.
+    pub mcp_tools: Vec<String>,
+    /// A2A methods.
+    pub a2a_methods: Vec<String>,
+}
+
+/// A header a route requires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: String,
+}
+
+/// A backend agent of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteBackend {
+    pub agent: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl TrafficPolicySpec {
@@ -716,6 +768,52 @@ impl TrafficPolicySpec {
         for (index, source) in self.priority.sources.iter().enumerate() {
             if let Err(problem) = Pattern::parse(&source.from) {
                 check.fail(&format!("spec.priority.sources[{index}].from"), problem);
+            }
+        }
+        for (index, route) in self.routes.iter().enumerate() {
+            let base = format!("spec.routes[{index}]");
+            let patterns = [
+                ("paths", &route.matches.paths),
+                ("methods", &route.matches.methods),
+                ("mcpTools", &route.matches.mcp_tools),
+                ("a2aMethods", &route.matches.a2a_methods),
+            ];
+            for (field, list) in patterns {
+                for (position, pattern) in list.iter().enumerate() {
+                    if let Err(problem) = Pattern::parse(pattern) {
+                        check.fail(&format!("{base}.match.{field}[{position}]"), problem);
+                    }
+                }
+            }
+            for (position, header) in route.matches.headers.iter().enumerate() {
+                if http::HeaderName::from_bytes(header.name.as_bytes()).is_err() {
+                    check.fail(
+                        &format!("{base}.match.headers[{position}].name"),
+                        "not a valid HTTP header name",
+                    );
+                }
+                if let Err(problem) = Pattern::parse(&header.value) {
+                    check.fail(&format!("{base}.match.headers[{position}].value"), problem);
+                }
+            }
+            if route.backends.is_empty() {
+                check.fail(
+                    &format!("{base}.backends"),
+                    "at least one backend is needed",
+                );
+            }
+            if !route.backends.is_empty()
+                && route.backends.iter().all(|backend| backend.weight == 0)
+            {
+                check.fail(&format!("{base}.backends"), "every weight is 0");
+            }
+            for (position, backend) in route.backends.iter().enumerate() {
+                if backend.agent.is_empty() {
+                    check.fail(
+                        &format!("{base}.backends[{position}].agent"),
+                        "empty agent name",
+                    );
+                }
             }
         }
         if self.dedup.max_response_bytes == 0 && !self.dedup.window.is_zero() {

@@ -135,6 +135,7 @@ pub struct TrafficSettings {
     pub priority: Priority,
     pub circuit_breaker: CircuitBreaker,
     pub dedup: Dedup,
+    pub routes: Vec<Route>,
     pub max_request_body_bytes: u64,
 }
 
@@ -148,8 +149,114 @@ impl Default for TrafficSettings {
             priority: Priority::default(),
             circuit_breaker: CircuitBreaker::default(),
             dedup: Dedup::default(),
+            routes: Vec::new(),
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
         }
+    }
+}
+
+/// A compiled L7 route: patterns parsed (validated before compiling; a pattern that does not
+/// parse matches nothing).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub paths: Vec<Pattern>,
+    pub methods: Vec<Pattern>,
+    pub headers: Vec<(http::HeaderName, Pattern)>,
+    pub mcp_tools: Vec<Pattern>,
+    pub a2a_methods: Vec<Pattern>,
+    /// (agent, weight)
+    pub backends: Vec<(String, u32)>,
+}
+
+/// What a route looks at in a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRequest<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a http::HeaderMap,
+    pub mcp_tool: Option<&'a str>,
+    pub a2a_method: Option<&'a str>,
+}
+
+impl Route {
+    fn compile(spec: &crate::policy::RouteSpec) -> Self {
+        let patterns = |list: &[String]| -> Vec<Pattern> {
+            list.iter()
+                .map(|text| Pattern::parse(text).unwrap_or(Pattern::Exact(String::new())))
+                .filter(|pattern| *pattern != Pattern::Exact(String::new()))
+                .collect()
+        };
+        Route {
+            paths: patterns(&spec.matches.paths),
+            methods: patterns(&spec.matches.methods),
+            headers: spec
+                .matches
+                .headers
+                .iter()
+                .filter_map(|header| {
+                    Some((
+                        http::HeaderName::from_bytes(header.name.as_bytes()).ok()?,
+                        Pattern::parse(&header.value).ok()?,
+                    ))
+                })
+                .collect(),
+            mcp_tools: patterns(&spec.matches.mcp_tools),
+            a2a_methods: patterns(&spec.matches.a2a_methods),
+            backends: spec
+                .backends
+                .iter()
+                .map(|backend| (backend.agent.clone(), backend.weight))
+                .collect(),
+        }
+    }
+
+    /// Whether every part the route states matches the request.
+    pub fn matches(&self, request: &RouteRequest<'_>) -> bool {
+        let any = |patterns: &[Pattern], value: Option<&str>| {
+            patterns.is_empty()
+                || value.is_some_and(|value| patterns.iter().any(|pattern| pattern.matches(value)))
+        };
+        let path = request.path.split('?').next().unwrap_or(request.path);
+        any(&self.paths, Some(path))
+            && (self.methods.is_empty()
+                || self
+                    .methods
+                    .iter()
+                    .any(|pattern| pattern.matches_ignore_case(request.method)))
+            && self.headers.iter().all(|(name, pattern)| {
+                request
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .any(|value| value.to_str().is_ok_and(|value| pattern.matches(value)))
+            })
+            && any(&self.mcp_tools, request.mcp_tool)
+            && any(&self.a2a_methods, request.a2a_method)
+    }
+}
+
+impl TrafficSettings {
+    /// The backend agent for a request: of the first matching route, one backend drawn by
+    /// weight with `draw` (a number in `0..total weight`); `None` when no route matches.
+    pub fn route(&self, request: &RouteRequest<'_>, draw: impl FnOnce(u64) -> u64) -> Option<&str> {
+        let route = self.routes.iter().find(|route| route.matches(request))?;
+        let total: u64 = route
+            .backends
+            .iter()
+            .map(|(_, weight)| u64::from(*weight))
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let mut ticket = draw(total).min(total - 1);
+        for (agent, weight) in &route.backends {
+            let weight = u64::from(*weight);
+            if ticket < weight {
+                return Some(agent);
+            }
+            ticket -= weight;
+        }
+        None
     }
 }
 
@@ -180,6 +287,7 @@ impl TrafficSettings {
             priority: spec.priority.clone(),
             circuit_breaker: spec.circuit_breaker,
             dedup: spec.dedup,
+            routes: spec.routes.iter().map(Route::compile).collect(),
             max_request_body_bytes: spec.max_request_body_bytes,
         }
     }
@@ -570,6 +678,16 @@ impl PolicySnapshot {
                 warnings.push(format!(
                     "{this}: spec.targetAgent: agent `{target}` is not registered (yet)"
                 ));
+            }
+            for (index, route) in policy.spec.routes.iter().enumerate() {
+                for backend in &route.backends {
+                    if !snapshot.by_name.contains_key(&backend.agent) {
+                        warnings.push(format!(
+                            "{this}: spec.routes[{index}]: backend agent `{}` is not registered (yet); requests it would get are answered 503",
+                            backend.agent
+                        ));
+                    }
+                }
             }
             traffic_owner.insert(target.clone(), this);
             let settings = TrafficSettings::from_resource(policy);

@@ -37,7 +37,7 @@ use super::{
 };
 use crate::policy::{
     AgentEntry, PolicySnapshot, PolicyStore, RateLimit, RateLimitKey, RateLimiter,
-    RequestAttributes, RetryOn, TrafficSettings,
+    RequestAttributes, RetryOn, RouteRequest, TrafficSettings,
 };
 
 /// Error type of proxied bodies.
@@ -572,6 +572,42 @@ impl HttpProxy {
             |agent| agent.name.clone(),
         );
         self.with_budget(&budget_key, |budget| budget.record_request(Instant::now()));
+        // An L7 route of the destination's traffic policy may send the request elsewhere.
+        let message = facts.first();
+        let routed = traffic.route(
+            &RouteRequest {
+                method: parts.method.as_str(),
+                path: parts.uri.path(),
+                headers: &parts.headers,
+                mcp_tool: message
+                    .filter(|message| message.protocol == jsonrpc::Family::Mcp)
+                    .and_then(|message| message.tool.as_deref()),
+                a2a_method: message
+                    .filter(|message| message.protocol == jsonrpc::Family::A2a)
+                    .and_then(|message| message.method.as_deref()),
+            },
+            |total| rand::rng().random_range(0..total),
+        );
+        let destination = match routed {
+            Some(backend) => match snapshot.agent(backend) {
+                Some(agent) => {
+                    debug!(source = %caller.source, backend, "routed by the traffic policy");
+                    Some(agent)
+                }
+                None => {
+                    self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    return error_for(
+                        &facts,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        jsonrpc::UNAVAILABLE,
+                        &UpstreamError::NoEndpoint(backend.to_owned()).to_string(),
+                        GrpcCode::Unavailable,
+                        None,
+                    );
+                }
+            },
+            None => destination,
+        };
         let timeout = request_timeout(&parts.headers, traffic);
         let mut body = Some(body);
         let mut tried: Vec<SocketAddr> = Vec::new();

@@ -285,7 +285,9 @@ impl OutboundProxy {
                 HttpVersion::Http1
             };
             debug!(%peer, %workload, dst = %captured.original_dst, ?version, "serving captured connection at L7");
-            let stream = PrefixedStream::new(prefix, client);
+            // Keep only the bytes read, not the detector's whole window, for the life of the
+            // connection.
+            let stream = PrefixedStream::new(bytes::Bytes::copy_from_slice(&prefix), client);
             if let Err(error) = Arc::clone(&self.http)
                 .serve_connection(stream, version, caller)
                 .await
