@@ -8,6 +8,10 @@
 //! connections, bulk throughput on one and on four streams, and the proxy's CPU time per
 //! request and memory. Rounds interleave the paths so drift on the machine hits all of them
 //! alike; the report shows the median of the rounds and each value as a ratio to direct.
+//!
+//! `l7` (in `bench_l7`) compares HTTP/1.1 and MCP request/response through the mesh's L7 path
+//! with nginx and haproxy as HTTP reverse proxies. The helpers it shares with `datapath`
+//! (processes, /proc readings, medians, tables) live here.
 
 use std::{
     fmt::Write as _,
@@ -36,9 +40,15 @@ pub struct BenchArgs {
     /// Seconds of load per request/response and bulk measurement.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-    /// Connections opened per connect-latency measurement.
+    /// Connections opened per connect-latency measurement (datapath).
     #[arg(long, default_value_t = 2000)]
     pub connects: usize,
+    /// Connections of the saturation measurements (l7).
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Idle keep-alive connections held open through each proxy for its memory (l7).
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_connections: usize,
     /// One short round (1 s per measurement, 300 connects): a smoke run, not for reporting.
     #[arg(long)]
     pub quick: bool,
@@ -51,11 +61,14 @@ pub struct BenchArgs {
 pub enum Suite {
     /// Connect, request/response and bulk over the capture datapath.
     Datapath,
+    /// HTTP/1.1 and MCP tools/call through the mesh's L7 path, nginx and haproxy.
+    L7,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match args.suite {
         Suite::Datapath => datapath(args),
+        Suite::L7 => crate::bench_l7::run(args),
     }
 }
 
@@ -96,11 +109,11 @@ impl PathKind {
 }
 
 /// One measured quantity: its key in the JSON report, its label, and whether larger is better.
-struct Metric {
-    key: &'static str,
-    label: &'static str,
-    unit: &'static str,
-    higher_is_better: bool,
+pub(crate) struct Metric {
+    pub(crate) key: &'static str,
+    pub(crate) label: &'static str,
+    pub(crate) unit: &'static str,
+    pub(crate) higher_is_better: bool,
 }
 
 const METRICS: [Metric; 16] = [
@@ -142,7 +155,7 @@ const METRICS: [Metric; 16] = [
     metric("proxy_peak_rss_mib", "proxy peak RSS", "MiB", false),
 ];
 
-const fn metric(
+pub(crate) const fn metric(
     key: &'static str,
     label: &'static str,
     unit: &'static str,
@@ -167,7 +180,7 @@ struct Plan {
 }
 
 /// A child process killed (and reaped) when dropped.
-struct Guard(Child);
+pub(crate) struct Guard(pub(crate) Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -177,12 +190,12 @@ impl Drop for Guard {
 }
 
 /// What the benchmark needs from the machine and the build.
-struct Tools {
-    agent: PathBuf,
-    loadgen: PathBuf,
+pub(crate) struct Tools {
+    pub(crate) agent: PathBuf,
+    pub(crate) loadgen: PathBuf,
 }
 
-fn build_release() -> anyhow::Result<Tools> {
+pub(crate) fn build_release() -> anyhow::Result<Tools> {
     step("building mesh-agent and mesh-loadgen (release)");
     util::run(Command::new("cargo").args([
         "build",
@@ -200,14 +213,15 @@ fn build_release() -> anyhow::Result<Tools> {
     })
 }
 
-/// Starts `mesh-loadgen serve` and returns it with the address it listens on.
-fn start_server(loadgen: &Path) -> anyhow::Result<(Guard, SocketAddr)> {
+/// Starts a `mesh-loadgen` server mode (`serve`, `http-server`) and returns it with the
+/// address it listens on.
+pub(crate) fn start_server(loadgen: &Path, mode: &str) -> anyhow::Result<(Guard, SocketAddr)> {
     let mut child = Command::new(loadgen)
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args([mode, "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting mesh-loadgen serve")?;
+        .with_context(|| format!("starting mesh-loadgen {mode}"))?;
     let stdout = child.stdout.take().context("no stdout from the server")?;
     let guard = Guard(child);
     let mut line = String::new();
@@ -237,30 +251,46 @@ fn start_haproxy(work_dir: &Path, server: SocketAddr) -> anyhow::Result<(Guard, 
     );
     let path = work_dir.join("haproxy.cfg");
     fs::write(&path, config).context("writing the haproxy config")?;
+    Ok((spawn_haproxy(&path, listen)?, listen))
+}
+
+/// Runs haproxy in the foreground on a config file and waits until it listens on `listen`.
+pub(crate) fn spawn_haproxy(config: &Path, listen: SocketAddr) -> anyhow::Result<Guard> {
     let child = Command::new("haproxy")
         .args(["-db", "-f"])
-        .arg(&path)
+        .arg(config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting haproxy (cargo xtask setup installs it)")?;
     let mut guard = Guard(child);
+    wait_listening(&mut guard.0, listen, "haproxy")?;
+    Ok(guard)
+}
+
+/// Waits until something accepts connections on `listen`, failing early when `process` (what
+/// should listen there) exits.
+pub(crate) fn wait_listening(
+    process: &mut Child,
+    listen: SocketAddr,
+    name: &str,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(listen).is_err() {
-        if let Ok(Some(status)) = guard.0.try_wait() {
-            bail!("haproxy exited ({status}); its messages are above");
+        if let Ok(Some(status)) = process.try_wait() {
+            bail!("{name} exited ({status}); its messages are above");
         }
         if Instant::now() > deadline {
-            bail!("haproxy did not listen on {listen} within 10 s");
+            bail!("{name} did not listen on {listen} within 10 s");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok((guard, listen))
+    Ok(())
 }
 
 /// User plus system CPU seconds a process has used so far, from /proc/<pid>/stat.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
@@ -281,7 +311,7 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// A `VmRSS`-style field of /proc/<pid>/status in MiB.
-fn memory_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
+pub(crate) fn memory_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kib: f64 = status
@@ -293,7 +323,7 @@ fn memory_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
 }
 
 /// Runs one `mesh-loadgen` client in the client cgroup and returns its JSON report.
-fn loadgen(
+pub(crate) fn loadgen(
     tree: &CgroupTree,
     client: &Path,
     binary: &Path,
@@ -315,7 +345,7 @@ fn loadgen(
     })
 }
 
-fn number(report: &Value, pointer: &str) -> anyhow::Result<f64> {
+pub(crate) fn number(report: &Value, pointer: &str) -> anyhow::Result<f64> {
     report
         .pointer(pointer)
         .and_then(Value::as_f64)
@@ -508,7 +538,7 @@ fn run_path(
     }
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
     values.sort_by(f64::total_cmp);
     let middle = values.len() / 2;
     match values.len() {
@@ -520,10 +550,10 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 
 /// The median of each metric over the rounds of one path, and under `failed_rounds` how
 /// many rounds could not measure it.
-fn medians(samples: &[Value]) -> Value {
+pub(crate) fn medians(samples: &[Value], metrics: &[Metric]) -> Value {
     let mut result = json!({});
     let mut failed = serde_json::Map::new();
-    for metric in &METRICS {
+    for metric in metrics {
         let values: Vec<f64> = samples
             .iter()
             .filter_map(|sample| sample[metric.key].as_f64())
@@ -552,40 +582,47 @@ fn format_value(value: f64) -> String {
     }
 }
 
-/// A Markdown table: one row per metric, one column per path, ratios to direct (or, for the
-/// proxy's own costs, to haproxy).
-fn table(results: &Value) -> String {
+/// A column of a results table: the path's key in the results and its heading.
+pub(crate) struct Column {
+    pub(crate) key: &'static str,
+    pub(crate) label: &'static str,
+}
+
+/// A Markdown table: one row per metric, one column per path; each value with its ratio to
+/// the column `baseline` names for the metric (none for `None`, and none in that column).
+pub(crate) fn table(
+    results: &Value,
+    columns: &[Column],
+    metrics: &[Metric],
+    baseline: impl Fn(&Metric) -> Option<&'static str>,
+) -> String {
     let mut out = String::from("| metric |");
-    for kind in PathKind::ALL {
-        let _ = write!(out, " {} |", kind.label());
+    for column in columns {
+        let _ = write!(out, " {} |", column.label);
     }
     out.push_str("\n|---|");
-    for _ in PathKind::ALL {
+    for _ in columns {
         out.push_str("---:|");
     }
     out.push('\n');
-    for metric in &METRICS {
-        let baseline_kind = if metric.key.starts_with("proxy_") {
-            PathKind::Haproxy
-        } else {
-            PathKind::Direct
-        };
-        let baseline = results[baseline_kind.key()][metric.key].as_f64();
+    for metric in metrics {
+        let baseline_key = baseline(metric);
+        let base = baseline_key.and_then(|key| results[key][metric.key].as_f64());
         let direction = if metric.higher_is_better {
             "higher is better"
         } else {
             "lower is better"
         };
         let _ = write!(out, "| {} ({}, {direction}) |", metric.label, metric.unit);
-        for kind in PathKind::ALL {
-            let failed = results[kind.key()]["failed_rounds"][metric.key]
+        for column in columns {
+            let failed = results[column.key]["failed_rounds"][metric.key]
                 .as_u64()
                 .map(|rounds| format!(" **failed in {rounds} round(s)**"))
                 .unwrap_or_default();
-            match results[kind.key()][metric.key].as_f64() {
+            match results[column.key][metric.key].as_f64() {
                 Some(value) => {
-                    let ratio = match baseline {
-                        Some(base) if base > 0.0 && kind != baseline_kind => {
+                    let ratio = match base {
+                        Some(base) if base > 0.0 && Some(column.key) != baseline_key => {
                             format!(" ({:.2}×)", value / base)
                         }
                         _ => String::new(),
@@ -601,6 +638,24 @@ fn table(results: &Value) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The datapath table: ratios to direct, or to haproxy for the proxy's own CPU and memory.
+fn datapath_table(results: &Value) -> String {
+    let columns: Vec<Column> = PathKind::ALL
+        .into_iter()
+        .map(|kind| Column {
+            key: kind.key(),
+            label: kind.label(),
+        })
+        .collect();
+    table(results, &columns, &METRICS, |metric| {
+        Some(if metric.key.starts_with("proxy_") {
+            PathKind::Haproxy.key()
+        } else {
+            PathKind::Direct.key()
+        })
+    })
 }
 
 /// The stage targets, each with whether this run met it.
@@ -657,7 +712,7 @@ fn datapath(args: &BenchArgs) -> anyhow::Result<()> {
     let work_dir = std::env::temp_dir().join(unique_name("bench"));
     fs::create_dir_all(&work_dir)?;
     let result = (|| -> anyhow::Result<Value> {
-        let (_server, server) = start_server(&tools.loadgen)?;
+        let (_server, server) = start_server(&tools.loadgen, "serve")?;
         let (haproxy, haproxy_address) = start_haproxy(&work_dir, server)?;
         let tree = CgroupTree::create("bench")?;
         tree.child("client")?;
@@ -692,7 +747,7 @@ fn datapath(args: &BenchArgs) -> anyhow::Result<()> {
         }
         let mut results = json!({});
         for (index, kind) in PathKind::ALL.into_iter().enumerate() {
-            results[kind.key()] = medians(&samples[index]);
+            results[kind.key()] = medians(&samples[index], &METRICS);
         }
         Ok(json!({
             "suite": "datapath",
@@ -728,7 +783,7 @@ fn datapath(args: &BenchArgs) -> anyhow::Result<()> {
          for the proxy's own CPU and memory",
         plan.rounds
     ));
-    println!("{}", table(&report["median"]));
+    println!("{}", datapath_table(&report["median"]));
     for kind in PathKind::ALL {
         for (round, sample) in report["rounds_raw"][kind.key()]
             .as_array()

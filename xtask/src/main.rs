@@ -2,9 +2,10 @@
 //! `build` builds the agent (and its embedded eBPF object), `lint` runs fmt and clippy (the
 //! eBPF crate on its own target), `test` runs lint, every test and a short fuzz run, `fuzz`
 //! runs the fuzz targets longer, `demo` shows capture on
-//! this machine, `bench` measures the datapath.
+//! this machine, `bench` measures the datapath and the L7 path against reference proxies.
 
 mod bench;
+mod bench_l7;
 mod demo;
 mod setup;
 mod util;
