@@ -894,3 +894,65 @@ spec:
         "both halves of a 1:1 split get traffic: {to_stable} / {to_canary}"
     );
 }
+
+#[test]
+fn an_endless_stream_is_cut_with_an_error_at_the_stream_timeout() {
+    // An SSE stream that never ends: one event every 50 ms.
+    let endless = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = endless.local_addr().unwrap();
+    thread::spawn(move || {
+        for mut stream in endless.incoming().flatten() {
+            thread::spawn(move || {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer);
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+                );
+                let event = b"data: tick\n\n";
+                let chunk = [format!("{:x}\r\n", event.len()).as_bytes(), event, b"\r\n"].concat();
+                while stream.write_all(&chunk).is_ok() {
+                    thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+    });
+    let resources = agent_resource("ticker", &["ticker.mesh"], address, "Http")
+        + "---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: ticker
+spec:
+  targetAgent: ticker
+  timeouts:
+    request: 1s
+    stream: 1s
+";
+    let mesh = Mesh::start("l7-stream-timeout", &resources);
+    let output = mesh
+        .tree
+        .run_in(
+            &mesh.planner,
+            Command::new("curl").args([
+                "-sSN",
+                "--max-time",
+                "20",
+                &format!("http://{address}/events"),
+            ]),
+        )
+        .unwrap();
+    let received = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        received.contains("data: tick"),
+        "events flowed first: {received}"
+    );
+    assert!(
+        !output.status.success(),
+        "the cut stream is an error, not a clean end: {received}"
+    );
+    assert_ne!(
+        output.status.code(),
+        Some(28),
+        "the mesh cut it, not curl's own 20 s limit"
+    );
+}

@@ -416,6 +416,20 @@ impl HttpProxy {
             Some(leader) => leader.publish(response),
             None => response,
         };
+        // A streamed answer (SSE, gRPC stream) may last at most `timeouts.stream`.
+        let stream_limit = traffic.timeouts.stream;
+        let response = if stream_limit.is_zero() {
+            response
+        } else {
+            response.map(|body| {
+                DeadlineBody {
+                    inner: body,
+                    deadline: Box::pin(tokio::time::sleep(stream_limit)),
+                    limit: stream_limit,
+                }
+                .boxed()
+            })
+        };
         match slot {
             // The slot is held until the response body has been passed on in full.
             Some(slot) => response.map(|body| {
@@ -1008,6 +1022,40 @@ async fn inspect_body(
 enum Attempt {
     Status(Response<Incoming>),
     Error(UpstreamError),
+}
+
+/// A response body cut off with an error once its stream timeout has passed: the caller sees
+/// a failed stream, never a clean but truncated end.
+struct DeadlineBody {
+    inner: ProxyBody,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+}
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            let limit = self.limit;
+            return std::task::Poll::Ready(Some(Err(BodyError::from(format!(
+                "stream timeout of the mesh ({limit:?}) reached"
+            )))));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request body: buffered (inspectable, repeatable) or streamed straight through.
