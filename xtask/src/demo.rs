@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: the mesh on this machine in standalone mode (no etcd). Starts a real
-//! agent in a fresh private cgroup tree, enrols a demo workload, lets it call a local HTTP
-//! server through the kernel capture (and a bystander call it directly for contrast), prints
-//! what each side saw and the kernel's per-workload counters, then removes everything.
+//! agent in a fresh private cgroup tree with a folder of mesh resources, enrols a demo
+//! workload, and shows it calling through the kernel capture: a local HTTP server by address
+//! and by registry name, a path the policy denies, an MCP tool server (the real `mcp` SDK) with
+//! an allowed and a denied tool, and a bystander that is not captured; then prints what the
+//! agent logged, its L7 metrics and the kernel's per-workload counters, and removes everything.
 
 use std::{
     io::{Read, Write},
@@ -17,7 +19,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use mesh_tests::{AgentOptions, AgentProcess, CgroupTree, attached_programs};
+use mesh_tests::{
+    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, attached_programs, free_port,
+    python_script, unique_name, wait_for_port,
+};
 
 use crate::util::{build, step};
 
@@ -73,17 +78,19 @@ impl Drop for DemoServer {
     }
 }
 
-fn curl(tree: &CgroupTree, cgroup: &Path, url: &str) -> anyhow::Result<String> {
+fn curl(tree: &CgroupTree, cgroup: &Path, url: &str, extra: &[&str]) -> anyhow::Result<String> {
     let output = tree.run_in(
         cgroup,
-        Command::new("curl").args([
-            "-sS",
-            "--max-time",
-            "5",
-            "-w",
-            "curl: from local port %{local_port} to %{remote_ip}:%{remote_port} (as getpeername reports it)\n",
-            url,
-        ]),
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "curl: HTTP %{http_code}, from local port %{local_port} to %{remote_ip}:%{remote_port} (as getpeername reports it)\n",
+            ])
+            .args(extra)
+            .arg(url),
     )?;
     if !output.status.success() {
         bail!("curl failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -95,10 +102,92 @@ fn indent(text: &str) -> String {
     text.lines().map(|line| format!("    {line}\n")).collect()
 }
 
+/// The demo's mesh resources: the HTTP server registered as `notes` (with a denied path), the
+/// MCP server as `tools` (the demo workload may call two of its tools, not the third).
+fn resources(notes: SocketAddr, tools: SocketAddr) -> String {
+    format!(
+        "apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata:
+  name: notes
+spec:
+  hosts: [notes.mesh]
+  endpoints:
+    - address: \"{notes}\"
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: notes-no-admin
+spec:
+  targetAgent: notes
+  action: Deny
+  rules:
+    - from: [\"*\"]
+      http:
+        paths: [\"/admin/*\"]
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata:
+  name: tools
+spec:
+  hosts: [tools.mesh]
+  protocol: Mcp
+  endpoints:
+    - address: \"{tools}\"
+  capabilities:
+    mcpTools: [add, search, delete_everything]
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: demo-workload-uses-tools
+spec:
+  targetAgent: tools
+  rules:
+    - from: [demo-workload]
+      mcp:
+        tools: [add, search]
+    - from: [demo-workload]
+      mcp:
+        methods: [initialize, \"notifications/*\", tools/list, server/discover, ping]
+    - from: [demo-workload]
+      http:
+        methods: [GET, DELETE]
+"
+    )
+}
+
+/// An MCP tool server from the test clients (the `mcp` SDK's Streamable HTTP server).
+fn start_mcp_server() -> anyhow::Result<(KillOnDrop, SocketAddr)> {
+    let (python, script) = python_script("mcp_tools_server.py")?;
+    let port = free_port()?;
+    let child = Command::new(python)
+        .arg(script)
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting the MCP tool server")?;
+    let server = KillOnDrop(child);
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_port(address, Duration::from_secs(30))?;
+    Ok((server, address))
+}
+
 pub fn run() -> anyhow::Result<()> {
     build(false)?;
     let server = DemoServer::start()?;
     let url = format!("http://{}/", server.address);
+    let (mcp_server, mcp_address) = start_mcp_server()?;
+    let policy_dir = std::env::temp_dir().join(unique_name("demo-policies"));
+    std::fs::create_dir_all(&policy_dir)?;
+    let _remove_policies = RemoveOnDrop(policy_dir.clone());
+    std::fs::write(
+        policy_dir.join("demo.yaml"),
+        resources(server.address, mcp_address),
+    )?;
 
     let tree = CgroupTree::create("demo")?;
     let agent_cgroup = tree.child("agent")?;
@@ -115,41 +204,100 @@ pub fn run() -> anyhow::Result<()> {
     let agent = AgentProcess::start(
         &tree,
         AgentOptions {
-            accelerate: true,
+            accelerate: false,
             workloads: vec![("demo-workload".into(), workload.clone())],
             exclude_ports: vec![],
             exclude_cidrs: vec![],
             agent_cgroup: agent_cgroup.clone(),
             log_filter: "info,mesh_agent=debug".into(),
             agent_binary: None,
-            policy_dir: None,
+            policy_dir: Some(policy_dir.clone()),
         },
     )?;
     step(&format!(
-        "agent running (pid {:?}), outbound listener {}",
+        "agent running (pid {:?}), outbound listener {}, resources from {}",
         agent.pid(),
-        agent.listener()
+        agent.listener(),
+        policy_dir.display()
     ));
     eprint!("{}", indent(&attached_programs(&tree.dir())?.join("\n")));
 
     step(&format!(
         "enrolled workload calls {url}: the kernel redirects it through the agent"
     ));
-    for _ in 0..3 {
-        eprint!("{}", indent(&curl(&tree, &workload, &url)?));
+    for _ in 0..2 {
+        eprint!("{}", indent(&curl(&tree, &workload, &url, &[])?));
+    }
+    let port = free_port()?;
+    let by_name = format!("http://notes.mesh:{port}/notes");
+    step(&format!(
+        "it calls {by_name} (a name only the registry knows; nothing listens on port {port}): routed to agent `notes`"
+    ));
+    let resolve = format!("notes.mesh:{port}:127.0.0.1");
+    eprint!(
+        "{}",
+        indent(&curl(&tree, &workload, &by_name, &["--resolve", &resolve])?)
+    );
+    step("it calls /admin/users, which an AccessPolicy denies: 403 from the mesh");
+    eprint!(
+        "{}",
+        indent(&curl(
+            &tree,
+            &workload,
+            &format!("http://notes.mesh:{port}/admin/users"),
+            &["--resolve", &resolve],
+        )?)
+    );
+    step(&format!(
+        "it runs an MCP client (mcp SDK) against the tool server at {mcp_address}: add is allowed, delete_everything is not"
+    ));
+    let (python, probe) = python_script("mcp_probe.py")?;
+    let output = tree.run_in(
+        &workload,
+        Command::new(python)
+            .arg(probe)
+            .arg(format!("http://{mcp_address}/mcp"))
+            .arg("legacy")
+            .args([r#"add={"a":2,"b":40}"#, "delete_everything={}"]),
+    )?;
+    eprint!("{}", indent(&String::from_utf8_lossy(&output.stdout)));
+    if !output.status.success() {
+        bail!(
+            "the MCP client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     step(&format!(
         "bystander (not enrolled) calls {url}: untouched by the mesh"
     ));
-    eprint!("{}", indent(&curl(&tree, &bystander, &url)?));
+    eprint!("{}", indent(&curl(&tree, &bystander, &url, &[])?));
 
-    step("what the agent logged about the captured connections");
+    step("what the agent logged about these calls");
     let log = agent.log();
-    let forwarded: Vec<&str> = log
+    let interesting: Vec<&str> = log
         .lines()
-        .filter(|line| line.contains("forwarding captured"))
+        .filter(|line| {
+            line.contains("serving captured connection")
+                || line.contains("forwarding captured")
+                || line.contains("request denied by policy")
+                || line.contains("policy loaded")
+        })
         .collect();
-    eprint!("{}", indent(&forwarded.join("\n")));
+    eprint!("{}", indent(&interesting.join("\n")));
+
+    step("the agent's L7 metrics (/metrics)");
+    let metrics = admin_metrics(agent.admin_port)?;
+    let l7: Vec<&str> = metrics
+        .lines()
+        .filter(|line| {
+            !line.starts_with('#')
+                && (line.starts_with("mesh_http_")
+                    || line.starts_with("mesh_jsonrpc_")
+                    || line.starts_with("mesh_policy_")
+                    || line.starts_with("mesh_proxy_connections_by_protocol"))
+        })
+        .collect();
+    eprint!("{}", indent(&l7.join("\n")));
 
     step("kernel counters per workload (mesh-agent counters)");
     eprint!("{}", indent(&agent.command(&["counters"])?));
@@ -160,6 +308,7 @@ pub fn run() -> anyhow::Result<()> {
     drop(agent);
     drop(tree);
     drop(server);
+    drop(mcp_server);
     if pin_dir.exists() || tree_dir.exists() {
         bail!(
             "cleanup left {} or {} behind",
@@ -169,4 +318,23 @@ pub fn run() -> anyhow::Result<()> {
     }
     step("done: no cgroup, pin or attachment left behind");
     Ok(())
+}
+
+/// Removes a folder when dropped, also when the demo fails half-way.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The agent's Prometheus metrics.
+fn admin_metrics(port: u16) -> anyhow::Result<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .context("connecting to the agent's admin endpoint")?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
 }
