@@ -10,7 +10,6 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::Path,
     process::{Command, Stdio},
     sync::{
         Arc, Mutex,
@@ -415,7 +414,6 @@ spec:
     );
     assert_eq!(server.count(), 0);
     assert!(mesh.metric("mesh_proxy_denied_connections_total") >= 1.0);
-    let _ = Path::new("");
 }
 
 #[test]
