@@ -1,10 +1,16 @@
 //! Runs the agent: attaches the datapath, enrols the configured workloads, serves the capture
 //! listeners, and stops gracefully on SIGINT or SIGTERM (leaving capture attached, so the
 //! workloads stay inside the mesh across a restart).
+//!
+//! Mesh resources come from one of two sources, behind one interface ([`PolicySource`]): the
+//! policy folder (standalone) or etcd (`spec.etcd`). Both hand the complete list of resources to
+//! [`PolicyStore::install`], which compiles it and swaps the snapshot; the proxy never knows
+//! which source it came from.
 
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::AtomicBool},
+    time::Duration,
 };
 
 use tokio::{net::TcpListener, sync::watch};
@@ -12,9 +18,13 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, AdminState},
-    config::{AgentConfig, ConfigError},
+    config::{AgentConfig, ConfigError, EtcdSpec},
+    control::{
+        ControlStatus, Etcd, EtcdError, EtcdSettings, InitialSource, SyncOptions, Syncer,
+        node::NodeRegistration,
+    },
     datapath::{Datapath, DatapathError, DatapathSettings},
-    policy::{PolicySnapshot, PolicyStore},
+    policy::{Action, PolicySnapshot, PolicyStore},
     proxy::OutboundProxy,
 };
 
@@ -37,6 +47,152 @@ pub enum AgentError {
         dir: std::path::PathBuf,
         problems: Vec<String>,
     },
+    #[error("etcd settings: {0}")]
+    Etcd(EtcdError),
+}
+
+/// Where the agent's mesh resources come from. Both sources end in [`PolicyStore::install`].
+#[derive(Debug)]
+pub enum PolicySource {
+    /// No resources: every destination open (or closed with `defaultAction: Deny`).
+    Empty,
+    /// A folder of resource files, polled for changes (standalone mode).
+    Folder(std::path::PathBuf),
+    /// etcd: listed, watched, cached on disk.
+    Etcd(Box<Syncer>, Option<Box<NodeRegistration>>),
+}
+
+impl PolicySource {
+    /// Loads the first snapshot into `store`. A folder that does not load stops the agent; etcd
+    /// never does (it falls back to the cache, else fails closed) and reports what it served.
+    pub async fn load(
+        &mut self,
+        config: &AgentConfig,
+        store: &PolicyStore,
+    ) -> Result<(), AgentError> {
+        let default_action = config.spec.policy.default_action;
+        match self {
+            PolicySource::Empty => Ok(()),
+            PolicySource::Folder(dir) => {
+                let snapshot = store.reload_dir(dir, default_action).map_err(|problems| {
+                    AgentError::Policy {
+                        dir: dir.clone(),
+                        problems,
+                    }
+                })?;
+                info!(
+                    dir = %dir.display(),
+                    resources = snapshot.resource_count(),
+                    hash = format!("{:016x}", snapshot.content_hash()),
+                    "policy loaded"
+                );
+                Ok(())
+            }
+            PolicySource::Etcd(syncer, _) => {
+                match syncer.initial_load().await {
+                    InitialSource::Etcd {
+                        revision,
+                        resources,
+                    } => info!(revision, resources, "policy loaded from etcd"),
+                    InitialSource::Cache {
+                        revision,
+                        resources,
+                        age,
+                    } => warn!(
+                        revision,
+                        resources,
+                        age = %humantime::format_duration(Duration::from_secs(age.as_secs())),
+                        "etcd unreachable: serving the last good resources from the cache \
+                         file; catching up when etcd answers"
+                    ),
+                    InitialSource::Nothing { reason } => error!(
+                        %reason,
+                        "no resources from etcd nor from the cache: every request is denied \
+                         until etcd answers (fail closed)"
+                    ),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Keeps the store up to date until `shutdown`.
+    pub fn spawn(
+        self,
+        config: &AgentConfig,
+        store: Arc<PolicyStore>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let policy = &config.spec.policy;
+        match self {
+            PolicySource::Empty => Vec::new(),
+            PolicySource::Folder(dir) => {
+                let (default_action, interval) = (policy.default_action, policy.reload_interval);
+                vec![tokio::spawn(async move {
+                    store
+                        .watch_dir(dir, default_action, interval, shutdown)
+                        .await;
+                })]
+            }
+            PolicySource::Etcd(syncer, node) => {
+                let mut tasks = vec![tokio::spawn(syncer.run(shutdown.clone()))];
+                if let Some(node) = node {
+                    tasks.push(tokio::spawn(node.run(shutdown)));
+                }
+                tasks
+            }
+        }
+    }
+}
+
+/// The policy source the configuration asks for, and (in etcd mode) the control-plane status
+/// shown by `/metrics`.
+pub async fn policy_source(
+    config: &AgentConfig,
+    store: &Arc<PolicyStore>,
+) -> Result<(PolicySource, Option<Arc<ControlStatus>>), AgentError> {
+    if let Some(spec) = &config.spec.etcd {
+        let etcd = Etcd::connect(etcd_settings(spec))
+            .await
+            .map_err(AgentError::Etcd)?;
+        let status = Arc::new(ControlStatus::default());
+        let syncer = Syncer::new(
+            etcd.clone(),
+            SyncOptions {
+                cache_file: Some(spec.cache_file.clone()),
+                debounce: spec.debounce,
+                default_action: config.spec.policy.default_action,
+                ..SyncOptions::default()
+            },
+            Arc::clone(store),
+            Arc::clone(&status),
+        );
+        let node = NodeRegistration::new(
+            etcd,
+            &config.metadata.name,
+            spec.lease_ttl,
+            Arc::clone(store),
+            Arc::clone(&status),
+        );
+        return Ok((
+            PolicySource::Etcd(Box::new(syncer), Some(Box::new(node))),
+            Some(status),
+        ));
+    }
+    Ok(match &config.spec.policy.dir {
+        Some(dir) => (PolicySource::Folder(dir.clone()), None),
+        None => (PolicySource::Empty, None),
+    })
+}
+
+/// Client settings for `spec.etcd`.
+pub fn etcd_settings(spec: &EtcdSpec) -> EtcdSettings {
+    EtcdSettings {
+        endpoints: spec.endpoints.clone(),
+        prefix: spec.prefix.clone(),
+        dial_timeout: spec.dial_timeout,
+        request_timeout: spec.dial_timeout.max(Duration::from_secs(1)) * 2,
+    }
 }
 
 /// The datapath settings an agent configuration asks for.
@@ -80,25 +236,16 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         None => None,
     };
     // Policy before the datapath: a folder that does not load stops the agent here, before
-    // any connection is served under a policy nobody wrote.
-    let policy_source = &config.spec.policy;
-    let policy = Arc::new(PolicyStore::new(PolicySnapshot::empty(
-        policy_source.default_action,
-    )));
-    if let Some(dir) = &policy_source.dir {
-        let snapshot = policy
-            .reload_dir(dir, policy_source.default_action)
-            .map_err(|problems| AgentError::Policy {
-                dir: dir.clone(),
-                problems,
-            })?;
-        info!(
-            dir = %dir.display(),
-            resources = snapshot.resource_count(),
-            hash = format!("{:016x}", snapshot.content_hash()),
-            "policy loaded"
-        );
-    }
+    // any connection is served under a policy nobody wrote. In etcd mode the agent starts
+    // closed (every request denied) until etcd or the cache provides resources.
+    let initial_action = if config.spec.etcd.is_some() {
+        Action::Deny
+    } else {
+        config.spec.policy.default_action
+    };
+    let policy = Arc::new(PolicyStore::new(PolicySnapshot::empty(initial_action)));
+    let (mut source, control) = policy_source(&config, &policy).await?;
+    source.load(&config, &policy).await?;
     let datapath = Arc::new(Datapath::start(&settings)?);
     let proxy = Arc::new(OutboundProxy::new(
         Arc::clone(&datapath),
@@ -123,6 +270,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         proxy: Arc::clone(&proxy),
         ready: AtomicBool::new(false),
         cgroup_paths: Default::default(),
+        control,
     });
     let admin_server = match admin_listener {
         Some((address, listener)) => {
@@ -135,18 +283,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
         None => None,
     };
-    let mut servers = Vec::new();
-    if let Some(dir) = policy_source.dir.clone() {
-        let policy = Arc::clone(&policy);
-        let default_action = policy_source.default_action;
-        let interval = policy_source.reload_interval;
-        let shutdown = shutdown_rx.clone();
-        servers.push(tokio::spawn(async move {
-            policy
-                .watch_dir(dir, default_action, interval, shutdown)
-                .await;
-        }));
-    }
+    let mut servers = source.spawn(&config, Arc::clone(&policy), shutdown_rx.clone());
     for (address, listener) in outbound_listeners {
         info!(%address, "outbound capture listener ready");
         servers.push(tokio::spawn(Arc::clone(&proxy).serve(

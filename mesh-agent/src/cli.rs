@@ -106,7 +106,7 @@ pub struct CliFailure {
 impl From<AgentError> for CliFailure {
     fn from(error: AgentError) -> Self {
         let code = match &error {
-            AgentError::Config(_) | AgentError::Policy { .. } => 3,
+            AgentError::Config(_) | AgentError::Policy { .. } | AgentError::Etcd(_) => 3,
             AgentError::Datapath(datapath) => datapath_exit_code(datapath),
             _ => 1,
         };

@@ -75,6 +75,45 @@ pub struct AgentSpec {
     /// Workloads enrolled at start-up.
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
+    /// The control plane: with it, mesh resources come from etcd instead of `policy.dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdSpec>,
+}
+
+/// etcd mode: resources are listed and watched under `prefix`, the last good set is cached in
+/// `cacheFile`, and the node registers itself under `<prefix>/nodes/<metadata.name>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct EtcdSpec {
+    /// Client URLs (`http://host:2379`); TLS to etcd is not supported yet.
+    pub endpoints: Vec<String>,
+    /// Key prefix of the mesh's resources.
+    pub prefix: String,
+    /// Last-known-good resources, served at start while etcd is unreachable; relative to
+    /// the config file.
+    pub cache_file: PathBuf,
+    /// Time allowed to connect (and, at start, to list before the cache is used).
+    #[serde(with = "humantime_serde")]
+    pub dial_timeout: Duration,
+    /// Changes arriving within this window are applied as one snapshot swap.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+    /// TTL of the node record's lease: a node that dies disappears after it.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for EtcdSpec {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["http://127.0.0.1:2379".to_owned()],
+            prefix: crate::control::keys::DEFAULT_PREFIX.to_owned(),
+            cache_file: PathBuf::from("/var/lib/agent-mesh/etcd-cache.json"),
+            dial_timeout: Duration::from_secs(5),
+            debounce: Duration::from_millis(100),
+            lease_ttl: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Kernel-side settings.
@@ -236,6 +275,12 @@ impl AgentConfig {
         {
             config.spec.policy.dir = Some(parent.join(dir));
         }
+        if let Some(etcd) = &mut config.spec.etcd
+            && etcd.cache_file.is_relative()
+            && let Some(parent) = path.parent()
+        {
+            etcd.cache_file = parent.join(&etcd.cache_file);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -303,6 +348,9 @@ impl AgentConfig {
                 "must be greater than zero",
             ));
         }
+        if let Some(etcd) = &self.spec.etcd {
+            self.validate_etcd(etcd)?;
+        }
         let mut names = std::collections::HashSet::new();
         for (index, workload) in self.spec.workloads.iter().enumerate() {
             let field = format!("spec.workloads[{index}]");
@@ -318,6 +366,57 @@ impl AgentConfig {
             if workload.cgroup.as_os_str().is_empty() {
                 return Err(invalid(&format!("{field}.cgroup"), "must not be empty"));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_etcd(&self, etcd: &EtcdSpec) -> Result<(), ConfigError> {
+        if self.spec.policy.dir.is_some() {
+            return Err(invalid(
+                "spec.etcd",
+                "resources come from etcd or from spec.policy.dir, not both: remove one",
+            ));
+        }
+        if etcd.endpoints.is_empty() {
+            return Err(invalid(
+                "spec.etcd.endpoints",
+                "at least one endpoint, e.g. http://127.0.0.1:2379",
+            ));
+        }
+        for (index, endpoint) in etcd.endpoints.iter().enumerate() {
+            if let Some(problem) = crate::control::etcd::endpoint_problem(endpoint) {
+                return Err(invalid(&format!("spec.etcd.endpoints[{index}]"), problem));
+            }
+        }
+        if let Some(problem) = crate::control::keys::prefix_problem(&etcd.prefix) {
+            return Err(invalid("spec.etcd.prefix", problem));
+        }
+        if etcd.cache_file.as_os_str().is_empty() {
+            return Err(invalid("spec.etcd.cacheFile", "must not be empty"));
+        }
+        if etcd.dial_timeout.is_zero() {
+            return Err(invalid(
+                "spec.etcd.dialTimeout",
+                "must be greater than zero",
+            ));
+        }
+        if etcd.lease_ttl < Duration::from_secs(2) {
+            return Err(invalid("spec.etcd.leaseTtl", "must be at least 2s"));
+        }
+        let name = &self.metadata.name;
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if !name_ok {
+            return Err(invalid(
+                "metadata.name",
+                format!(
+                    "{name:?} must be a node name (lowercase letters, digits, `-`, `.`): in etcd \
+                     mode it names the node record"
+                ),
+            ));
         }
         Ok(())
     }
@@ -435,6 +534,39 @@ spec:
         );
         let message = error_of(&format!("{head}spec:\n  datapath:\n    pinDir: relative\n"));
         assert!(message.contains("spec.datapath.pinDir"), "{message}");
+    }
+
+    #[test]
+    fn etcd_mode_is_checked() {
+        let head =
+            format!("apiVersion: {API_VERSION}\nkind: AgentConfig\nmetadata: {{ name: node-a }}\n");
+        let config = parse(&format!(
+            "{head}spec:\n  etcd: {{ endpoints: [\"http://10.0.0.1:2379\"], dialTimeout: 1s }}\n"
+        ))
+        .expect("valid");
+        let etcd = config.spec.etcd.expect("etcd");
+        assert_eq!(etcd.prefix, "/mesh/v1");
+        assert_eq!(etcd.dial_timeout, Duration::from_secs(1));
+        assert_eq!(etcd.debounce, Duration::from_millis(100));
+        let cases = [
+            ("spec:\n  etcd: {}\n  policy: { dir: p }\n", "not both"),
+            ("spec:\n  etcd: { endpoints: [] }\n", "spec.etcd.endpoints"),
+            (
+                "spec:\n  etcd: { endpoints: [\"https://e:2379\"] }\n",
+                "spec.etcd.endpoints[0]: TLS",
+            ),
+            ("spec:\n  etcd: { prefix: mesh }\n", "spec.etcd.prefix"),
+            ("spec:\n  etcd: { leaseTtl: 1s }\n", "spec.etcd.leaseTtl"),
+            ("spec:\n  etcd: { typo: 1 }\n", "typo"),
+        ];
+        for (body, expected) in cases {
+            let message = error_of(&format!("{head}{body}"));
+            assert!(message.contains(expected), "{expected}: {message}");
+        }
+        let message = error_of(&format!(
+            "apiVersion: {API_VERSION}\nkind: AgentConfig\nmetadata: {{ name: Node_A }}\nspec:\n  etcd: {{}}\n"
+        ));
+        assert!(message.contains("metadata.name"), "{message}");
     }
 
     #[test]

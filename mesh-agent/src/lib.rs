@@ -7,6 +7,7 @@ pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod policy;
 pub mod proxy;

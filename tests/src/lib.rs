@@ -15,6 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod etcd;
+
 /// Prefix of every cgroup and pin folder the harness creates.
 pub const PREFIX: &str = "mesh-e2e";
 
@@ -364,6 +366,8 @@ pub struct AgentProcess {
     options: AgentOptions,
     /// Command prefix the agent runs under (e.g. `unshare --mount ...`), empty for none.
     launcher: Vec<String>,
+    /// etcd mode (`spec.etcd`) instead of a policy folder.
+    etcd: Option<etcd::AgentEtcd>,
 }
 
 impl AgentProcess {
@@ -378,6 +382,25 @@ impl AgentProcess {
         tree: &CgroupTree,
         options: AgentOptions,
         launcher: &[&str],
+    ) -> Result<Self, HarnessError> {
+        Self::start_full(tree, options, launcher, None)
+    }
+
+    /// As [`start`](Self::start), in etcd mode: resources come from etcd (`spec.etcd`), not
+    /// from `options.policy_dir` (which must be `None`).
+    pub fn start_with_etcd(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        etcd: etcd::AgentEtcd,
+    ) -> Result<Self, HarnessError> {
+        Self::start_full(tree, options, &[], Some(etcd))
+    }
+
+    fn start_full(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        launcher: &[&str],
+        etcd: Option<etcd::AgentEtcd>,
     ) -> Result<Self, HarnessError> {
         let name = unique_name("agent");
         let work_dir = std::env::temp_dir().join(&name);
@@ -395,6 +418,7 @@ impl AgentProcess {
             attach_dir: tree.dir(),
             options,
             launcher: launcher.iter().map(|part| (*part).to_owned()).collect(),
+            etcd,
         };
         agent.write_config(tree.relative())?;
         agent.spawn(tree)?;
@@ -442,6 +466,9 @@ impl AgentProcess {
                 "  policy:\n    dir: {}\n    reloadInterval: 100ms\n",
                 quote(&dir.to_string_lossy())
             ));
+        }
+        if let Some(etcd) = &self.etcd {
+            yaml.push_str(&etcd.yaml());
         }
         yaml.push_str("  workloads:\n");
         for (name, cgroup) in &self.options.workloads {

@@ -13,10 +13,16 @@ use anyhow::{Context, bail};
 use crate::util::{self, step, succeeds, workspace_root};
 
 /// (command that proves the package is there, Debian package).
-const DEBIAN_PACKAGES: [(&str, &[&str], &str); 12] = [
+const DEBIAN_PACKAGES: [(&str, &[&str], &str); 13] = [
     ("etcd", &["--version"], "etcd-server"),
     ("etcdctl", &["version"], "etcd-client"),
     ("protoc", &["--version"], "protobuf-compiler"),
+    // The well-known types (`google/protobuf/descriptor.proto`, ...) etcd-client's build imports.
+    (
+        "test",
+        &["-f", "/usr/include/google/protobuf/descriptor.proto"],
+        "libprotobuf-dev",
+    ),
     ("bpftool", &["version"], "bpftool"),
     ("ip", &["-V"], "iproute2"),
     ("haproxy", &["-v"], "haproxy"),

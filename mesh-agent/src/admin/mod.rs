@@ -29,6 +29,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// cgroup paths by id: finding one walks the hierarchy, so each is looked up once.
     pub cgroup_paths: Mutex<HashMap<u64, String>>,
+    /// The etcd control plane's state, in etcd mode.
+    pub control: Option<Arc<crate::control::ControlStatus>>,
 }
 
 impl AdminState {
@@ -133,5 +135,8 @@ fn render_metrics(state: &AdminState) -> Result<String, crate::datapath::Datapat
             content_hash: snapshot.content_hash(),
         },
     ));
+    if let Some(control) = &state.control {
+        text.push_str(&metrics::render_control(&control.sample()));
+    }
     Ok(text)
 }

@@ -1,6 +1,11 @@
 //! The policy store: the active [`PolicySnapshot`] behind an atomic pointer (readers never
 //! block), all-or-nothing reloads from a directory, the directory watcher used in standalone
 //! mode, and the reload counters and last errors shown by metrics and the admin endpoint.
+//!
+//! Every source of resources ends in [`PolicyStore::install`]: the policy folder (through
+//! [`PolicyStore::reload_dir`] and [`PolicyStore::watch_dir`]) and the etcd control plane
+//! (`crate::control`) both hand it the complete list of resources they currently hold; it
+//! compiles the list and swaps the snapshot in, or keeps the active one and counts a rejection.
 
 use std::{
     path::{Path, PathBuf},
@@ -16,7 +21,7 @@ use tokio::sync::watch;
 
 use super::{
     load::{dir_fingerprint, load_dir},
-    resources::Action,
+    resources::{Action, Resource},
     snapshot::PolicySnapshot,
 };
 
@@ -85,7 +90,21 @@ impl PolicyStore {
         dir: &Path,
         default_action: Action,
     ) -> Result<Arc<PolicySnapshot>, Vec<String>> {
-        self.apply(dir, compile_dir(dir, default_action))
+        self.apply(&dir.display().to_string(), compile_dir(dir, default_action))
+    }
+
+    /// Compiles `resources` (everything one source holds now) and swaps the result in if it
+    /// compiles; otherwise keeps the active snapshot, logs the problems and counts a rejected
+    /// reload. `source` names where the resources came from in logs (a folder, `etcd`).
+    pub fn install(
+        &self,
+        source: &str,
+        resources: &[Resource],
+        default_action: Action,
+    ) -> Result<Arc<PolicySnapshot>, Vec<String>> {
+        let compiled = PolicySnapshot::compile(resources, default_action)
+            .map_err(|errors| errors.iter().map(ToString::to_string).collect());
+        self.apply(source, compiled)
     }
 
     /// Polls `dir` every `interval` (file names, sizes and modification times) and reloads it
@@ -155,7 +174,7 @@ impl PolicyStore {
             let source = dir.clone();
             match tokio::task::spawn_blocking(move || compile_dir(&source, default_action)).await {
                 Ok(result) => {
-                    let _ = self.apply(&dir, result);
+                    let _ = self.apply(&dir.display().to_string(), result);
                 }
                 Err(error) => tracing::warn!(%error, "policy reload task failed"),
             }
@@ -165,13 +184,13 @@ impl PolicyStore {
 
     fn apply(
         &self,
-        dir: &Path,
+        source: &str,
         result: Result<PolicySnapshot, Vec<String>>,
     ) -> Result<Arc<PolicySnapshot>, Vec<String>> {
         match result {
             Ok(snapshot) => {
                 for warning in snapshot.warnings() {
-                    tracing::warn!(dir = %dir.display(), "{warning}");
+                    tracing::warn!(source, "{warning}");
                 }
                 let active = self.current.load();
                 let snapshot = if active.content_hash() == snapshot.content_hash()
@@ -179,14 +198,14 @@ impl PolicyStore {
                 {
                     tracing::debug!(
                         content_hash = format_args!("{:016x}", active.content_hash()),
-                        "policy directory changed but its content did not"
+                        "policy source changed but its content did not"
                     );
                     Arc::clone(&active)
                 } else {
                     let snapshot = Arc::new(snapshot);
                     self.current.store(Arc::clone(&snapshot));
                     tracing::info!(
-                        dir = %dir.display(),
+                        source,
                         generation = snapshot.generation(),
                         content_hash = format_args!("{:016x}", snapshot.content_hash()),
                         resources = snapshot.resource_count(),
@@ -203,11 +222,11 @@ impl PolicyStore {
             }
             Err(errors) => {
                 for error in &errors {
-                    tracing::warn!(dir = %dir.display(), "policy resource rejected: {error}");
+                    tracing::warn!(source, "policy resource rejected: {error}");
                 }
                 let active = self.current.load();
                 tracing::warn!(
-                    dir = %dir.display(),
+                    source,
                     rejected = errors.len(),
                     generation = active.generation(),
                     content_hash = format_args!("{:016x}", active.content_hash()),

@@ -246,12 +246,12 @@ pub fn render_l7(http: &HttpStatsSnapshot, policy: &PolicySample) -> String {
         ),
         (
             "mesh_policy_reloads_total",
-            "Policy folder reloads that replaced the active snapshot.",
+            "Policy reloads (folder or etcd) that compiled; the snapshot is replaced when its content changed.",
             policy.reloads_ok,
         ),
         (
             "mesh_policy_rejected_reloads_total",
-            "Policy folder changes refused (the last good snapshot stayed active).",
+            "Policy reloads (folder or etcd) refused (the last good snapshot stayed active).",
             policy.reloads_rejected,
         ),
     ];
@@ -273,6 +273,75 @@ pub fn render_l7(http: &HttpStatsSnapshot, policy: &PolicySample) -> String {
         "# HELP {name} Resources in the active policy snapshot, labelled with its content hash.\n# TYPE {name} gauge\n{name}{{hash=\"{:016x}\"}} {}",
         policy.content_hash, policy.resources
     );
+    out
+}
+
+/// The etcd control plane's state (etcd mode only).
+pub fn render_control(control: &crate::control::ControlStatusSample) -> String {
+    let mut out = String::new();
+    let gauges: [(&str, &str, String); 5] = [
+        (
+            "mesh_control_connected",
+            "1 while the agent is connected to etcd and watching.",
+            u8::from(control.connected).to_string(),
+        ),
+        (
+            "mesh_control_serving_cache",
+            "1 while the active resources come from the local cache file (etcd unreachable since start).",
+            u8::from(control.serving_cache).to_string(),
+        ),
+        (
+            "mesh_control_sync_revision",
+            "Highest etcd revision the agent's resources reflect.",
+            control.revision.to_string(),
+        ),
+        (
+            "mesh_control_snapshot_age_seconds",
+            "Seconds since the resources were last known to match etcd (grows while etcd is away); -1 before the first sync.",
+            control
+                .snapshot_age_seconds
+                .map_or_else(|| "-1".to_owned(), |age| format!("{age:.3}")),
+        ),
+        (
+            "mesh_control_invalid_resources",
+            "Keys in etcd whose current value is invalid (their last good version stays in force).",
+            control.invalid_resources.to_string(),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    }
+    let counters: [(&str, &str, u64); 4] = [
+        (
+            "mesh_control_rejected_updates_total",
+            "Updates from etcd refused: invalid values, or sets that do not compile.",
+            control.rejected_updates,
+        ),
+        (
+            "mesh_control_snapshots_total",
+            "Snapshots built from etcd.",
+            control.snapshots,
+        ),
+        (
+            "mesh_control_relists_total",
+            "Full listings of the resources (start, reconnection, compaction).",
+            control.relists,
+        ),
+        (
+            "mesh_control_connection_failures_total",
+            "Times etcd could not be reached or the watch broke.",
+            control.connection_failures,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
     out
 }
 

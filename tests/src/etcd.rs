@@ -1,0 +1,243 @@
+//! A real etcd for tests: Debian's `etcd` on free loopback ports with a data folder of its
+//! own, stopped (killed) and its folder removed on drop. It can be stopped and started again on
+//! the same ports and data (an outage), compacted with `etcdctl compact`, and queried with
+//! `etcdctl`. Also runs `meshctl` against it.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{HarnessError, free_port, io_error, target_profile_dir, unique_name};
+
+/// A running (or stopped) etcd member of its own one-node cluster.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Option<Child>,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    work_dir: PathBuf,
+    name: String,
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it answers.
+    pub fn start() -> Result<Self, HarnessError> {
+        let name = unique_name("etcd");
+        let work_dir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&work_dir).map_err(io_error("creating etcd's work folder"))?;
+        let mut server = EtcdServer {
+            child: None,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            data_dir: work_dir.join("data"),
+            log_path: work_dir.join("etcd.log"),
+            work_dir,
+            name,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// The client URL, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) -> Result<(), HarnessError> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .map_err(io_error("opening etcd's log"))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io_error("duplicating etcd's log"))?;
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen-client-urls", &self.endpoint()])
+            .args(["--advertise-client-urls", &self.endpoint()])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("{}={peer}", self.name)])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(io_error(
+                "starting etcd (install it with `cargo xtask setup`: Debian's etcd-server)",
+            ))?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if self.etcdctl(&["endpoint", "health"]).is_ok() {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
+                return Err(HarnessError::CommandFailed {
+                    command: "etcd".into(),
+                    output: format!("did not become healthy; its log:\n{}", self.log()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// etcd's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Kills etcd (an outage); the data folder stays for [`start_again`](Self::start_again).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports with the same data.
+    pub fn start_again(&mut self) -> Result<(), HarnessError> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// Runs `etcdctl` against this server; stdout on success.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String, HarnessError> {
+        let output = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .args(["--dial-timeout", "1s", "--command-timeout", "5s"])
+            .args(args)
+            .output()
+            .map_err(io_error("running etcdctl (Debian's etcd-client)"))?;
+        if !output.status.success() {
+            return Err(HarnessError::CommandFailed {
+                command: format!("etcdctl {}", args.join(" ")),
+                output: String::from_utf8_lossy(&output.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The store's current revision.
+    pub fn revision(&self) -> Result<i64, HarnessError> {
+        let text = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
+        let status: serde_json::Value =
+            serde_json::from_str(&text).map_err(|error| HarnessError::CommandFailed {
+                command: "etcdctl endpoint status -w json".into(),
+                output: format!("{error}: {text}"),
+            })?;
+        status[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .ok_or_else(|| HarnessError::CommandFailed {
+                command: "etcdctl endpoint status -w json".into(),
+                output: format!("no revision in {text}"),
+            })
+    }
+
+    /// Compacts the history up to the current revision (`etcdctl compact`); returns it.
+    pub fn compact(&self) -> Result<i64, HarnessError> {
+        let revision = self.revision()?;
+        self.etcdctl(&["compact", &revision.to_string(), "--physical"])?;
+        Ok(revision)
+    }
+
+    /// Runs `meshctl` with `--etcd` pointing here.
+    pub fn meshctl(&self, args: &[&str]) -> Result<Output, HarnessError> {
+        meshctl(&self.endpoint(), args)
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- etcd log ({}) ----\n{}",
+                self.log_path.display(),
+                tail(&self.log(), 40)
+            );
+        }
+        self.stop();
+        let _ = fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Path of the `meshctl` binary: `$MESHCTL_BIN`, or the one next to this executable.
+pub fn meshctl_binary() -> Result<PathBuf, HarnessError> {
+    let path = std::env::var_os("MESHCTL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_profile_dir().join("meshctl"));
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(HarnessError::MissingBinary(path))
+    }
+}
+
+/// Runs `meshctl --etcd ENDPOINT ARGS...` and returns its output (whatever the exit code).
+pub fn meshctl(endpoint: &str, args: &[&str]) -> Result<Output, HarnessError> {
+    Command::new(meshctl_binary()?)
+        .arg("--etcd")
+        .arg(endpoint)
+        .args(args)
+        .env_remove("MESH_ETCD")
+        .env_remove("MESH_PREFIX")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_error("running meshctl"))
+}
+
+/// The agent side of etcd mode, for [`crate::AgentProcess::start_with_etcd`].
+#[derive(Debug, Clone)]
+pub struct AgentEtcd {
+    pub endpoint: String,
+    pub cache_file: PathBuf,
+    pub dial_timeout: Duration,
+    pub debounce: Duration,
+    pub lease_ttl: Duration,
+}
+
+impl AgentEtcd {
+    /// Settings for `server`, with a cache file in `dir`.
+    pub fn new(server: &EtcdServer, dir: &Path) -> Self {
+        AgentEtcd {
+            endpoint: server.endpoint(),
+            cache_file: dir.join("etcd-cache.json"),
+            dial_timeout: Duration::from_secs(1),
+            debounce: Duration::from_millis(20),
+            lease_ttl: Duration::from_secs(5),
+        }
+    }
+
+    /// The `spec.etcd` section of an agent config (YAML, indented for `spec:`).
+    pub fn yaml(&self) -> String {
+        let quote = |text: &str| serde_json::Value::String(text.to_owned()).to_string();
+        format!(
+            "  etcd:\n    endpoints: [{}]\n    cacheFile: {}\n    dialTimeout: {}ms\n    debounce: {}ms\n    leaseTtl: {}s\n",
+            quote(&self.endpoint),
+            quote(&self.cache_file.to_string_lossy()),
+            self.dial_timeout.as_millis(),
+            self.debounce.as_millis(),
+            self.lease_ttl.as_secs()
+        )
+    }
+}
