@@ -101,20 +101,63 @@ def inspect(manifests, out_dir):
     config_text = config_map_of("config")["agent.yaml"]
     config = yaml.safe_load(config_text)
     spec = config["spec"]
-    policy_dir = spec["policy"]["dir"]
-    if policy_dir != mounts["policies"]["mountPath"]:
-        fail("policy.dir %s is not where the policies ConfigMap is mounted (%s)"
-             % (policy_dir, mounts["policies"]["mountPath"]))
     config_path = mounts["config"]["mountPath"] + "/agent.yaml"
-    if config_path not in agent["args"]:
-        fail("the agent is not started with %s: args %s" % (config_path, agent["args"]))
     os.makedirs(os.path.join(out_dir, "config"))
     os.makedirs(os.path.join(out_dir, "policies"))
-    with open(os.path.join(out_dir, "config", "agent.yaml"), "w") as handle:
-        handle.write(config_text.replace(policy_dir, os.path.join(out_dir, "policies")))
-    for name, text in config_map_of("policies").items():
-        with open(os.path.join(out_dir, "policies", name), "w") as handle:
-            handle.write(text)
+    local_config = os.path.join(out_dir, "config", "agent.yaml")
+    etcd = spec.get("etcd")
+    cache_mount = None
+    if etcd is None:
+        policy_dir = spec["policy"]["dir"]
+        if policy_dir != mounts["policies"]["mountPath"]:
+            fail("policy.dir %s is not where the policies ConfigMap is mounted (%s)"
+                 % (policy_dir, mounts["policies"]["mountPath"]))
+        if config_path not in agent["args"]:
+            fail("the agent is not started with %s: args %s" % (config_path, agent["args"]))
+        with open(local_config, "w") as handle:
+            handle.write(config_text.replace(policy_dir, os.path.join(out_dir, "policies")))
+        for name, text in config_map_of("policies").items():
+            with open(os.path.join(out_dir, "policies", name), "w") as handle:
+                handle.write(text)
+    else:
+        # etcd mode: no policy folder (the agent refuses both sources), the cache file on a
+        # writable hostPath, and metadata.name set to the node's name by the start script.
+        if "dir" in spec["policy"] or "policies" in mounts:
+            fail("etcd mode must not use the policy folder: %s, mounts %s" % (spec["policy"], sorted(mounts)))
+        cache_dir = os.path.dirname(etcd["cacheFile"])
+        cache_mount = [m for m in agent["volumeMounts"] if m["mountPath"] == cache_dir]
+        if len(cache_mount) != 1 or cache_mount[0].get("readOnly"):
+            fail("the folder of cacheFile %s must be a writable mount" % etcd["cacheFile"])
+        cache_volume = volumes[cache_mount[0]["name"]]
+        if cache_volume.get("hostPath", {}).get("type") != "DirectoryOrCreate":
+            fail("the cache folder must be a DirectoryOrCreate hostPath: %s" % cache_volume)
+        cache_mount = [cache_volume["hostPath"]["path"], cache_dir]
+        env = {e["name"]: e for e in agent.get("env", [])}
+        if env.get("NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
+            fail("etcd mode needs NODE_NAME from spec.nodeName: %s" % agent.get("env"))
+        if mounts["tmp"]["mountPath"] != "/tmp":
+            fail("the start script writes /tmp/agent.yaml: /tmp must be the emptyDir")
+        script = agent["command"][-1] == "-c" and agent["args"][-1]
+        if not script or config_path not in script:
+            fail("the agent must start through a script that reads %s: %s %s"
+                 % (config_path, agent["command"], agent["args"]))
+        source = os.path.join(out_dir, "configmap-agent.yaml")
+        with open(source, "w") as handle:
+            handle.write(config_text)
+        local_script = (script.replace(config_path, source)
+                        .replace("/tmp/agent.yaml", local_config)
+                        .replace("exec mesh-agent ", "exec echo mesh-agent "))
+        import subprocess
+        result = subprocess.run(["/bin/sh", "-c", local_script], capture_output=True, text=True,
+                                env={"PATH": os.environ["PATH"], "NODE_NAME": "node-a.example"})
+        if result.returncode != 0 or result.stdout.strip() != "mesh-agent run --config " + local_config:
+            fail("the start script failed or runs something else: %r %r" % (result.stdout, result.stderr))
+        with open(local_config) as handle:
+            generated = yaml.safe_load(handle)
+        if generated["metadata"]["name"] != "node-a.example":
+            fail("metadata.name is not the node's name: %s" % generated["metadata"])
+        if generated["spec"] != spec:
+            fail("the start script changed more than metadata.name")
 
     # Probes reach the admin endpoint the configuration binds.
     admin = spec["listeners"]["admin"]
@@ -193,6 +236,8 @@ def inspect(manifests, out_dir):
         "drainTimeout": drain,
         "pinDir": pin_dir,
         "kinds": sorted(by_kind),
+        "etcd": etcd,
+        "etcdCache": cache_mount,
     }
     print(json.dumps(digest, sort_keys=True))
 
@@ -366,28 +411,41 @@ fn kubernetes_manifests() -> Vec<PathBuf> {
     files
 }
 
-/// Values that turn on everything the chart can render.
-fn everything_on_values() -> String {
+/// The example policy file as JSON (a list of resources) for `policy.files`.
+fn example_policy_resources() -> String {
     let example = deploy_dir().join("config/policies/example.yaml");
-    let resources = run_ok(&mut python_helper(&[
+    run_ok(&mut python_helper(&[
         "yaml-to-json",
         example.to_str().unwrap(),
-    ]));
+    ]))
+}
+
+/// Values that turn on everything the chart can render: etcd mode (plain HTTP endpoints, the
+/// not-yet-read TLS Secret), the signer, telemetry.
+fn everything_on_values() -> String {
+    r#"{
+        "image": {"repository": "registry.example.com/mesh-agent", "tag": "test"},
+        "imagePullSecrets": [{"name": "registry"}],
+        "etcd": {"endpoints": ["http://etcd-0.etcd:2379", "http://10.0.0.6:2379"],
+                 "prefix": "/mesh/prod", "leaseTtl": "20s",
+                 "tls": {"secretName": "etcd-client-tls"}},
+        "telemetry": {"otlpEndpoint": "http://otel-collector:4317"},
+        "admin": {"bindAddress": "0.0.0.0"},
+        "proxy": {"drainTimeoutSeconds": 20},
+        "terminationGracePeriodSeconds": 45,
+        "policy": {"defaultAction": "Deny"},
+        "workloads": [{"name": "planner", "cgroup": "/agents.slice/planner.service"}],
+        "podAnnotations": {"prometheus.io/scrape": "true"},
+        "signer": {"enabled": true}
+    }"#
+    .to_owned()
+}
+
+/// Standalone values with a policy folder from `policy.files`.
+fn standalone_policy_values() -> String {
     format!(
-        r#"{{
-            "image": {{"repository": "registry.example.com/mesh-agent", "tag": "test"}},
-            "imagePullSecrets": [{{"name": "registry"}}],
-            "etcd": {{"endpoints": ["https://etcd-0:2379", "https://etcd-1:2379"],
-                      "tls": {{"secretName": "etcd-client-tls"}}}},
-            "telemetry": {{"otlpEndpoint": "http://otel-collector:4317"}},
-            "admin": {{"bindAddress": "0.0.0.0"}},
-            "proxy": {{"drainTimeoutSeconds": 20}},
-            "terminationGracePeriodSeconds": 45,
-            "policy": {{"defaultAction": "Deny", "files": {{"example.yaml": {resources}}}}},
-            "workloads": [{{"name": "planner", "cgroup": "/agents.slice/planner.service"}}],
-            "podAnnotations": {{"prometheus.io/scrape": "true"}},
-            "signer": {{"enabled": true}}
-        }}"#
+        r#"{{"policy": {{"defaultAction": "Deny", "files": {{"example.yaml": {}}}}}}}"#,
+        example_policy_resources()
     )
 }
 
@@ -464,16 +522,17 @@ fn kubernetes_config_is_accepted_by_the_agent_and_consistent() {
 
 #[test]
 fn helm_chart_lints_clean() {
-    run_ok(&mut python_helper(&[
-        "lint",
-        chart_dir().to_str().unwrap(),
-        "{}",
-    ]));
-    run_ok(&mut python_helper(&[
-        "lint",
-        chart_dir().to_str().unwrap(),
-        &everything_on_values(),
-    ]));
+    for values in [
+        "{}".to_owned(),
+        everything_on_values(),
+        standalone_policy_values(),
+    ] {
+        run_ok(&mut python_helper(&[
+            "lint",
+            chart_dir().to_str().unwrap(),
+            &values,
+        ]));
+    }
 }
 
 #[test]
@@ -526,10 +585,9 @@ fn helm_with_everything_on_renders_valid_manifests() {
     validate_against_schemas(std::slice::from_ref(&manifests));
     let rendered = fs::read_to_string(&manifests).unwrap();
     for expected in [
-        "kind: Deployment",                                            // the signer
-        "- ca",                                                        // its (future) subcommand
-        "secretName: etcd-client-tls",                                 // etcd TLS mounted
-        "#   etcd endpoints: https://etcd-0:2379,https://etcd-1:2379", // recorded, not read
+        "kind: Deployment",            // the signer
+        "- ca",                        // its (future) subcommand
+        "secretName: etcd-client-tls", // etcd TLS mounted (not read yet)
         "image: registry.example.com/mesh-agent:test",
         "admin: 0.0.0.0:15020",
         "prometheus.io/scrape",
@@ -539,18 +597,67 @@ fn helm_with_everything_on_renders_valid_manifests() {
             "missing {expected:?} in:\n{rendered}"
         );
     }
+    // etcd mode: the policy folder is neither rendered nor mounted (the inspector checks it).
     assert!(
-        notes.contains("etcd.endpoints is set, but this mesh-agent does not read it"),
+        !rendered.contains("agent-mesh-policies"),
+        "no policy ConfigMap in etcd mode:\n{rendered}"
+    );
+    assert!(
+        !notes.contains("does not read it") && notes.contains("L7 policy from etcd"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("meshctl --etcd http://etcd-0.etcd:2379,http://10.0.0.6:2379 --prefix /mesh/prod apply -f"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains(
+            "etcd.tls.secretName is mounted, but this mesh-agent does not support etcd TLS yet"
+        ),
         "{notes}"
     );
     assert!(
         notes.contains("`mesh-agent ca` does not exist yet"),
         "{notes}"
     );
-    // The policy files reach the agent intact: it loads them (3 resources) with the config.
+    // The agent accepts the configuration (with the node's name the pod sets at start), and
+    // the cache folder is a hostPath on the node.
     let digest = inspect_and_validate_config(&manifests, dir.path());
     assert_eq!(digest["drainTimeout"], 20);
     assert_eq!(digest["terminationGracePeriodSeconds"], 45);
+    assert_eq!(
+        digest["etcd"].to_string(),
+        r#"{"cacheFile":"/var/lib/agent-mesh/etcd-cache.json","dialTimeout":"5s","endpoints":["http://etcd-0.etcd:2379","http://10.0.0.6:2379"],"leaseTtl":"20s","prefix":"/mesh/prod"}"#
+    );
+    assert_eq!(
+        digest["etcdCache"].to_string(),
+        r#"["/var/lib/agent-mesh","/var/lib/agent-mesh"]"#
+    );
+    let agent = mesh_agent_binary().unwrap();
+    let output = run(Command::new(agent)
+        .args(["--log", "warn", "validate", "--config"])
+        .arg(dir.path().join("extracted/config/agent.yaml")));
+    let validated = text(&output.stdout);
+    assert!(
+        output.status.success()
+            && validated.contains("name: node-a.example")
+            && validated.contains("http://etcd-0.etcd:2379")
+            && validated.contains("prefix: /mesh/prod")
+            && !text(&output.stderr).contains("policy folder"),
+        "etcd mode as the agent reads it:\n{validated}\n{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn helm_policy_files_reach_the_agent() {
+    let dir = TempDir::new("deploy-helm-policies");
+    let (manifests, notes) = render_chart(&standalone_policy_values(), dir.path());
+    validate_against_schemas(std::slice::from_ref(&manifests));
+    assert!(notes.contains("-policies (reloaded live)"), "{notes}");
+    // The policy files reach the agent intact: it loads them (3 resources) with the config.
+    let digest = inspect_and_validate_config(&manifests, dir.path());
+    assert_eq!(digest["etcd"], serde_json::Value::Null);
     let policies = dir.path().join("extracted/policies/example.yaml");
     let agent = mesh_agent_binary().unwrap();
     let output = run(Command::new(agent)
@@ -583,6 +690,22 @@ fn helm_refuses_values_that_cannot_work() {
         (
             r#"{"policy": {"files": {"../evil.yaml": []}}}"#,
             "must be a file name ending in .yaml",
+        ),
+        (
+            r#"{"etcd": {"endpoints": ["http://etcd-0:2379", "https://etcd-1:2379"]}}"#,
+            "etcd.endpoints: https://etcd-1:2379 uses TLS, which mesh-agent does not support yet",
+        ),
+        (
+            r#"{"etcd": {"endpoints": ["etcd-0:2379"]}}"#,
+            "must be an http://HOST:PORT URL",
+        ),
+        (
+            r#"{"etcd": {"endpoints": ["http://etcd-0:2379"]}, "policy": {"files": {"a.yaml": []}}}"#,
+            "policy.files is not read in etcd mode",
+        ),
+        (
+            r#"{"etcd": {"endpoints": ["http://etcd-0:2379"], "cacheFile": "cache.json"}}"#,
+            "etcd.cacheFile must be an absolute path",
         ),
     ] {
         let output = run(&mut python_helper(&[
@@ -675,6 +798,9 @@ fn systemd_unit_grants_the_capabilities_and_outlasts_the_drain() {
     assert!(value_of("LimitNOFILE").parse::<u64>().unwrap() >= 65536);
     let read_write = value_of("ReadWritePaths");
     assert!(read_write.contains("/sys/fs/bpf") && read_write.contains("/sys/fs/cgroup"));
+    // etcd mode's default cacheFile (/var/lib/agent-mesh/etcd-cache.json) stays writable under
+    // ProtectSystem=strict and survives restarts.
+    assert_eq!(value_of("StateDirectory"), "agent-mesh");
     for forbidden in ["ProtectKernelTunables=yes", "ProtectControlGroups=yes"] {
         assert!(
             !unit.contains(forbidden),

@@ -58,11 +58,17 @@ app.kubernetes.io/component: node-agent
 {{/*
 The AgentConfig file (spec of mesh-agent 0.1.0: every field here is read by the agent).
 Its checksum rolls the DaemonSet when it changes; policy changes are reloaded live instead.
+Standalone (no etcd.endpoints): resources from the policy ConfigMap mounted at
+/etc/agent-mesh/policies. etcd mode: spec.etcd instead of spec.policy.dir (the agent refuses
+both), and the pod puts its node's name in metadata.name at start (agent-mesh.agentCommand).
 */}}
 {{- define "agent-mesh.agentConfig" -}}
 apiVersion: mesh.agentmesh.dev/v1alpha1
 kind: AgentConfig
 metadata:
+  {{- if .Values.etcd.endpoints }}
+  # Replaced by the node's name when the pod starts: it names the node record in etcd.
+  {{- end }}
   name: {{ include "agent-mesh.fullname" . }}
 spec:
   datapath:
@@ -83,15 +89,22 @@ spec:
     drainTimeout: {{ int .Values.proxy.drainTimeoutSeconds }}s
     l7: {{ .Values.proxy.l7 }}
   policy:
+    {{- if not .Values.etcd.endpoints }}
     dir: /etc/agent-mesh/policies
+    {{- end }}
     defaultAction: {{ .Values.policy.defaultAction }}
     reloadInterval: {{ .Values.policy.reloadInterval }}
   workloads: {{ toJson .Values.workloads }}
-{{- if or .Values.etcd.endpoints .Values.telemetry.otlpEndpoint }}
-# Recorded for when the agent reads them (NOT READ by this version, which runs standalone):
 {{- with .Values.etcd.endpoints }}
-#   etcd endpoints: {{ join "," . }}
+  etcd:
+    endpoints: {{ toJson . }}
+    prefix: {{ $.Values.etcd.prefix | quote }}
+    cacheFile: {{ $.Values.etcd.cacheFile }}
+    dialTimeout: {{ $.Values.etcd.dialTimeout }}
+    leaseTtl: {{ $.Values.etcd.leaseTtl }}
 {{- end }}
+{{- if or .Values.etcd.tls.secretName .Values.telemetry.otlpEndpoint }}
+# Recorded for when the agent reads them (NOT READ by this version):
 {{- with .Values.etcd.tls.secretName }}
 #   etcd TLS: Secret {{ . }}, mounted at /etc/agent-mesh/etcd-tls
 {{- end }}
@@ -102,6 +115,25 @@ spec:
 {{- end }}
 {{- end }}
 
+{{/*
+The agent container's command and args. etcd mode: a copy of the shared configuration with
+metadata.name set to the node's name (NODE_NAME, from spec.nodeName), so that every node has its
+own record under <prefix>/nodes/; /tmp is the pod's emptyDir.
+*/}}
+{{- define "agent-mesh.agentCommand" -}}
+{{- if .Values.etcd.endpoints }}
+command: ["nsenter", "--cgroup=/proc/1/ns/cgroup", "--", "/bin/sh", "-c"]
+args:
+  - |
+    set -eu
+    sed "0,/^  name: .*/s//  name: ${NODE_NAME}/" /etc/agent-mesh/config/agent.yaml > /tmp/agent.yaml
+    exec mesh-agent run --config /tmp/agent.yaml
+{{- else }}
+command: ["nsenter", "--cgroup=/proc/1/ns/cgroup", "--", "mesh-agent"]
+args: ["run", "--config", "/etc/agent-mesh/config/agent.yaml"]
+{{- end }}
+{{- end }}
+
 {{/* Fails the render on values that cannot work. */}}
 {{- define "agent-mesh.checkValues" -}}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int .Values.proxy.drainTimeoutSeconds) }}
@@ -109,6 +141,22 @@ spec:
 {{- end }}
 {{- if not (has .Values.policy.defaultAction (list "Allow" "Deny")) }}
 {{- fail (printf "policy.defaultAction must be Allow or Deny, not %v" .Values.policy.defaultAction) }}
+{{- end }}
+{{- range .Values.etcd.endpoints }}
+{{- if hasPrefix "https://" . }}
+{{- fail (printf "etcd.endpoints: %s uses TLS, which mesh-agent does not support yet (no TLS or auth to etcd): use http:// endpoints reachable over a trusted network; etcd.tls.secretName is not read yet" .) }}
+{{- end }}
+{{- if not (hasPrefix "http://" .) }}
+{{- fail (printf "etcd.endpoints: %s must be an http://HOST:PORT URL" .) }}
+{{- end }}
+{{- end }}
+{{- if .Values.etcd.endpoints }}
+{{- if .Values.policy.files }}
+{{- fail "policy.files is not read in etcd mode (etcd.endpoints is set): the agent takes its resources from etcd, write them with `meshctl --etcd URL apply -f FILE`; unset one of the two" }}
+{{- end }}
+{{- if not (isAbs .Values.etcd.cacheFile) }}
+{{- fail (printf "etcd.cacheFile must be an absolute path on the node, not %v" .Values.etcd.cacheFile) }}
+{{- end }}
 {{- end }}
 {{- if not (has .Values.log.format (list "json" "text")) }}
 {{- fail (printf "log.format must be json or text, not %v" .Values.log.format) }}
