@@ -700,6 +700,38 @@ pub fn write_all_flush(mut writer: impl Write, data: &[u8]) -> io::Result<()> {
     writer.flush()
 }
 
+/// Raises the soft limit on open files to `wanted` (and the hard limit too where allowed, as
+/// for root), else as far as the hard limit goes; returns the soft and hard limits in force.
+pub fn raise_open_files(wanted: u64) -> (u64, u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the rlimit it is given, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return (0, 0);
+    }
+    if limit.rlim_cur >= wanted {
+        return (limit.rlim_cur, limit.rlim_max);
+    }
+    for raised in [
+        libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: limit.rlim_max.max(wanted),
+        },
+        libc::rlimit {
+            rlim_cur: limit.rlim_max.min(wanted),
+            rlim_max: limit.rlim_max,
+        },
+    ] {
+        // SAFETY: setrlimit only reads the rlimit it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return (raised.rlim_cur, raised.rlim_max);
+        }
+    }
+    (limit.rlim_cur, limit.rlim_max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -769,14 +769,7 @@ fn datapath(args: &BenchArgs) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(&work_dir);
     let report = result?;
 
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("target/bench/datapath.json"));
-    if let Some(parent) = output.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    fs::write(&output, serde_json::to_string_pretty(&report)?)?;
+    let output = write_json_report(args.output.as_deref(), "datapath", &report)?;
 
     step(&format!(
         "datapath benchmark: median of {} round(s); (×) is the ratio to direct, or to haproxy \
@@ -809,4 +802,22 @@ fn datapath(args: &BenchArgs) -> anyhow::Result<()> {
     }
     step(&format!("JSON report: {}", output.display()));
     Ok(())
+}
+
+/// Writes a suite's JSON report to `output`, or to `target/bench/<suite>.json`; returns where.
+pub(crate) fn write_json_report(
+    output: Option<&Path>,
+    suite: &str,
+    report: &Value,
+) -> anyhow::Result<PathBuf> {
+    let output = output.map_or_else(
+        || workspace_root().join(format!("target/bench/{suite}.json")),
+        Path::to_path_buf,
+    );
+    if let Some(parent) = output.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(&output, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", output.display()))?;
+    Ok(output)
 }

@@ -36,8 +36,9 @@ use crate::{
     bench::{
         BenchArgs, Column, Guard, Metric, Tools, build_release, cpu_seconds, loadgen, medians,
         memory_mib, metric, number, spawn_haproxy, start_server, table, wait_listening,
+        write_json_report,
     },
-    util::{step, workspace_root},
+    util::step,
 };
 
 /// The ways the client reaches the upstream, in report order.
@@ -388,38 +389,6 @@ fn proxy_open_files_limit(root: u32) -> anyhow::Result<u64> {
         smallest = smallest.min(soft.parse().unwrap_or(u64::MAX));
     }
     Ok(smallest)
-}
-
-/// Raises this process's open-file limit (soft, and hard where allowed) so the proxies it
-/// starts inherit enough descriptors; returns the soft and hard limits in force.
-fn raise_open_files(wanted: u64) -> (u64, u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the rlimit it is given, which we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return (0, 0);
-    }
-    if limit.rlim_cur >= wanted {
-        return (limit.rlim_cur, limit.rlim_max);
-    }
-    for raised in [
-        libc::rlimit {
-            rlim_cur: wanted,
-            rlim_max: limit.rlim_max.max(wanted),
-        },
-        libc::rlimit {
-            rlim_cur: limit.rlim_max.min(wanted),
-            rlim_max: limit.rlim_max,
-        },
-    ] {
-        // SAFETY: setrlimit only reads the rlimit it is given.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            return (raised.rlim_cur, raised.rlim_max);
-        }
-    }
-    (limit.rlim_cur, limit.rlim_max)
 }
 
 fn read_number(path: &str) -> Option<u64> {
@@ -973,7 +942,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // The proxies (and the upstream, for direct) each hold every idle connection, and their
     // upstream side too; they inherit this limit.
     let wanted_files = (plan.idle_connections as u64 * 2 + 8192).max(65_536);
-    let (soft, hard) = raise_open_files(wanted_files);
+    let (soft, hard) = mesh_tests::raise_open_files(wanted_files);
     let file_max = read_number("/proc/sys/fs/file-max");
     let nr_open = read_number("/proc/sys/fs/nr_open");
     step(&format!(
@@ -1086,15 +1055,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(&work_dir);
     let report = result?;
 
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("target/bench/l7.json"));
-    if let Some(parent) = output.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    fs::write(&output, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", output.display()))?;
+    let output = write_json_report(args.output.as_deref(), "l7", &report)?;
     let markdown_path = output.with_extension("md");
     let (markdown, errors) = markdown(&report, &plan);
     fs::write(&markdown_path, &markdown)

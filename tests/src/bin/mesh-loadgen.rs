@@ -470,38 +470,6 @@ fn bulk_test(to: SocketAddr, streams: usize, duration: Duration) -> io::Result<s
     }))
 }
 
-/// Raises the soft limit on open files to `wanted` (and the hard limit too where allowed, as
-/// for root), else as far as the hard limit goes; returns the soft and hard limits in force.
-fn raise_open_files(wanted: u64) -> (u64, u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the rlimit it is given, which we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return (0, 0);
-    }
-    if limit.rlim_cur >= wanted {
-        return (limit.rlim_cur, limit.rlim_max);
-    }
-    for raised in [
-        libc::rlimit {
-            rlim_cur: wanted,
-            rlim_max: limit.rlim_max.max(wanted),
-        },
-        libc::rlimit {
-            rlim_cur: limit.rlim_max.min(wanted),
-            rlim_max: limit.rlim_max,
-        },
-    ] {
-        // SAFETY: setrlimit only reads the rlimit it is given.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            return (raised.rlim_cur, raised.rlim_max);
-        }
-    }
-    (limit.rlim_cur, limit.rlim_max)
-}
-
 /// The longest request or response head (start line and headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
@@ -756,7 +724,7 @@ fn serve_http_connection(stream: TcpStream, answers: &HttpAnswers) -> io::Result
 
 fn http_server(listen: SocketAddr) -> io::Result<()> {
     // Direct clients hold thousands of connections open here.
-    raise_open_files(1 << 16);
+    mesh_tests::raise_open_files(1 << 16);
     let listener = TcpListener::bind(listen)?;
     // A deeper accept queue than the standard library's, for bursts of connects; listen(2)
     // again on a listening socket only changes its backlog.
@@ -1054,7 +1022,7 @@ fn http_test(
     rate: f64,
     request: HttpRequest,
 ) -> io::Result<serde_json::Value> {
-    raise_open_files(connections as u64 + 1024);
+    mesh_tests::raise_open_files(connections as u64 + 1024);
     let request = Arc::new(request);
     let next = AtomicUsize::new(0);
     let interval = (rate > 0.0).then(|| Duration::from_secs_f64(connections as f64 / rate));
@@ -1087,7 +1055,7 @@ fn http_idle(
     threads: usize,
     request: HttpRequest,
 ) -> io::Result<serde_json::Value> {
-    let (soft, hard) = raise_open_files(count as u64 + 1024);
+    let (soft, hard) = mesh_tests::raise_open_files(count as u64 + 1024);
     if soft < count as u64 + 64 {
         return Err(io::Error::other(format!(
             "the open-file limit is {soft} (hard {hard}), too low for {count} connections: \
