@@ -74,7 +74,7 @@ pub use resources::{
 };
 pub use snapshot::{
     AgentEntry, Decision, Endpoint, PolicySnapshot, RateLimitRule, RequestAttributes, Route,
-    RouteRequest, TrafficSettings,
+    RouteRequest, TrafficSettings, Verdict,
 };
 pub use store::PolicyStore;
 

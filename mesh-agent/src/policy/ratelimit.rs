@@ -122,15 +122,70 @@ impl RateLimiter {
 }
 
 /// Unambiguous bucket key: length-prefixed parts.
+#[cfg(test)]
 fn bucket_key(source: &str, destination: &str, tool: Option<&str>) -> String {
-    let mut key = String::with_capacity(source.len() + destination.len() + 24);
+    let mut key = KeyBuf::default();
+    write_bucket_key(&mut key, source, destination, tool);
+    key.as_str().to_owned()
+}
+
+fn write_bucket_key(key: &mut KeyBuf, source: &str, destination: &str, tool: Option<&str>) {
     for part in [Some(source), Some(destination), tool]
         .into_iter()
         .flatten()
     {
         let _ = write!(key, "{}:{part}", part.len());
     }
-    key
+}
+
+/// Room for a bucket key on the stack: looking up a bucket allocates nothing unless the key
+/// is longer than this (only a new bucket's key is copied to the heap).
+const INLINE_KEY: usize = 192;
+
+/// A bucket key being built: inline while it fits, else on the heap.
+enum KeyBuf {
+    Inline { bytes: [u8; INLINE_KEY], len: usize },
+    Heap(String),
+}
+
+impl Default for KeyBuf {
+    fn default() -> Self {
+        KeyBuf::Inline {
+            bytes: [0; INLINE_KEY],
+            len: 0,
+        }
+    }
+}
+
+impl KeyBuf {
+    fn as_str(&self) -> &str {
+        match self {
+            // Only whole `&str`s are ever copied in, so the bytes are UTF-8.
+            KeyBuf::Inline { bytes, len } => std::str::from_utf8(&bytes[..*len]).unwrap_or(""),
+            KeyBuf::Heap(text) => text,
+        }
+    }
+}
+
+impl fmt::Write for KeyBuf {
+    fn write_str(&mut self, part: &str) -> fmt::Result {
+        match self {
+            KeyBuf::Inline { bytes, len } => {
+                let end = *len + part.len();
+                if end <= INLINE_KEY {
+                    bytes[*len..end].copy_from_slice(part.as_bytes());
+                    *len = end;
+                } else {
+                    let mut text = String::with_capacity(end);
+                    text.push_str(std::str::from_utf8(&bytes[..*len]).unwrap_or(""));
+                    text.push_str(part);
+                    *self = KeyBuf::Heap(text);
+                }
+            }
+            KeyBuf::Heap(text) => text.push_str(part),
+        }
+        Ok(())
+    }
 }
 
 /// Makes room in a full shard: idle buckets first, else the least recently used sixteenth.
@@ -174,22 +229,24 @@ impl RateLimit for RateLimiter {
             .unwrap_or(Duration::MAX);
 
         let tool = rule.tool.as_ref().and(key.tool);
-        let id = bucket_key(key.source, key.destination, tool);
+        let mut id = KeyBuf::default();
+        write_bucket_key(&mut id, key.source, key.destination, tool);
+        let id = id.as_str();
         let mut buckets = self
-            .shard(&id)
+            .shard(id)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if !buckets.contains_key(id.as_str()) {
+        if !buckets.contains_key(id) {
             make_room(&mut buckets, self.max_keys_per_shard, now);
             buckets.insert(
-                id.clone().into_boxed_str(),
+                Box::from(id),
                 Bucket {
                     tat: now,
                     last_seen: now,
                 },
             );
         }
-        let Some(bucket) = buckets.get_mut(id.as_str()) else {
+        let Some(bucket) = buckets.get_mut(id) else {
             return Ok(());
         };
         bucket.last_seen = bucket.last_seen.max(now);
@@ -390,6 +447,21 @@ mod tests {
                 let _ = limiter.check(&s, &key("b", None), t0);
             }
         }
+    }
+
+    #[test]
+    fn long_keys_spill_to_the_heap_and_still_find_their_bucket() {
+        let limiter = RateLimiter::default();
+        let s = settings(&[("*", None, 1.0, 1)]);
+        let t0 = Instant::now();
+        let long = "w".repeat(INLINE_KEY * 2);
+        assert!(bucket_key(&long, "tools", None).starts_with(&format!("{}:w", long.len())));
+        assert!(limiter.check(&s, &key(&long, None), t0).is_ok());
+        assert!(limiter.check(&s, &key(&long, None), t0).is_err());
+        let edge = "e".repeat(INLINE_KEY - "192:".len() - "5:tools".len());
+        assert!(limiter.check(&s, &key(&edge, None), t0).is_ok());
+        assert!(limiter.check(&s, &key(&edge, None), t0).is_err());
+        assert_eq!(limiter.len(), 2);
     }
 
     #[test]

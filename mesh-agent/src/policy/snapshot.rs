@@ -114,6 +114,59 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// The outcome of [`PolicySnapshot::check`]: borrowed from the snapshot, no text built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict<'s> {
+    pub allowed: bool,
+    /// `namespace/name` of the policy that decided and the index of its rule; `None` when no
+    /// rule did.
+    pub rule: Option<(&'s str, usize)>,
+    basis: Basis,
+}
+
+/// What a [`Verdict`] rests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Basis {
+    /// A rule of the policy in [`Verdict::rule`] matched.
+    Rule,
+    /// Allow policies target the destination and none of their rules matched.
+    NoRuleAllows,
+    /// No Allow policy targets the destination and the default action is Deny.
+    DefaultDeny,
+    /// No Allow policy targets the destination: it is open.
+    Open,
+}
+
+impl Verdict<'_> {
+    /// The full [`Decision`], with its reason, for `request` (the one this verdict is about).
+    pub fn decision(&self, request: &RequestAttributes<'_>) -> Decision {
+        let destination = request.destination.unwrap_or("an unregistered destination");
+        let reason = match (self.basis, self.rule) {
+            (Basis::Rule, Some((policy, rule))) if self.allowed => {
+                format!("allowed by AccessPolicy {policy} rule {rule}")
+            }
+            (Basis::Rule, Some((policy, rule))) => format!(
+                "denied by AccessPolicy {policy} rule {rule}: {} may not call {destination}",
+                request.source
+            ),
+            (Basis::NoRuleAllows | Basis::Rule, _) => format!(
+                "no AccessPolicy rule allows {} to call {destination} with this request",
+                request.source
+            ),
+            (Basis::DefaultDeny, _) => {
+                format!("no AccessPolicy allows calls to {destination} and the default is Deny")
+            }
+            (Basis::Open, _) => format!("no AccessPolicy restricts calls to {destination}"),
+        };
+        Decision {
+            allowed: self.allowed,
+            policy: self.rule.map(|(policy, _)| policy.to_owned()),
+            rule: self.rule.map(|(_, rule)| rule),
+            reason,
+        }
+    }
+}
+
 /// A compiled rate limit of a [`TrafficSettings`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitRule {
@@ -772,18 +825,20 @@ impl PolicySnapshot {
 
     /// Decides whether a request may proceed (see the module documentation for the semantics).
     pub fn authorize(&self, request: &RequestAttributes<'_>) -> Decision {
-        let destination = request.destination.unwrap_or("an unregistered destination");
+        self.check(request).decision(request)
+    }
+
+    /// [`authorize`](Self::authorize) without building the decision's texts: the per-request
+    /// form, which allocates nothing. [`Verdict::decision`] gives the texts when they are
+    /// wanted (a denial to log and answer).
+    pub fn check(&self, request: &RequestAttributes<'_>) -> Verdict<'_> {
         for index in self.deny.applicable(request.destination) {
             let policy = &self.policies[index];
             if let Some(rule) = policy.first_match(request) {
-                return Decision {
+                return Verdict {
                     allowed: false,
-                    policy: Some(policy.id.clone()),
-                    rule: Some(rule),
-                    reason: format!(
-                        "denied by AccessPolicy {} rule {rule}: {} may not call {destination}",
-                        policy.id, request.source
-                    ),
+                    rule: Some((policy.id.as_str(), rule)),
+                    basis: Basis::Rule,
                 };
             }
         }
@@ -792,38 +847,24 @@ impl PolicySnapshot {
             restricted = true;
             let policy = &self.policies[index];
             if let Some(rule) = policy.first_match(request) {
-                return Decision {
+                return Verdict {
                     allowed: true,
-                    policy: Some(policy.id.clone()),
-                    rule: Some(rule),
-                    reason: format!("allowed by AccessPolicy {} rule {rule}", policy.id),
+                    rule: Some((policy.id.as_str(), rule)),
+                    basis: Basis::Rule,
                 };
             }
         }
-        let (allowed, reason) = if restricted {
-            (
-                false,
-                format!(
-                    "no AccessPolicy rule allows {} to call {destination} with this request",
-                    request.source
-                ),
-            )
+        let (allowed, basis) = if restricted {
+            (false, Basis::NoRuleAllows)
         } else if self.default_action == Action::Deny {
-            (
-                false,
-                format!("no AccessPolicy allows calls to {destination} and the default is Deny"),
-            )
+            (false, Basis::DefaultDeny)
         } else {
-            (
-                true,
-                format!("no AccessPolicy restricts calls to {destination}"),
-            )
+            (true, Basis::Open)
         };
-        Decision {
+        Verdict {
             allowed,
-            policy: None,
             rule: None,
-            reason,
+            basis,
         }
     }
 

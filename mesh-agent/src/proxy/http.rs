@@ -34,6 +34,7 @@ use super::{
     dedup::{self, Deduplicator, Role, follow},
     jsonrpc::{self, JsonRpcRequest, Message},
     priority::{Admission, PRIORITY_HEADER, class_of},
+    upstream::{Http1Pool, PooledBody, SendError},
 };
 use crate::policy::{
     AgentEntry, PolicySnapshot, PolicyStore, RateLimit, RateLimitKey, RateLimiter,
@@ -47,6 +48,8 @@ pub type ProxyBody = BoxBody<Bytes, BodyError>;
 
 /// Longest idle time of a pooled upstream connection.
 const POOL_IDLE: Duration = Duration::from_secs(90);
+/// Idle upstream connections kept per endpoint.
+const POOL_MAX_IDLE_PER_ENDPOINT: usize = 256;
 /// Window over which the retry budget compares retries with requests.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 /// Retries always allowed per window, so a quiet destination can still retry.
@@ -166,16 +169,63 @@ impl RetryBudget {
     }
 }
 
+/// Whose retry budget: a registered agent's, or an unregistered destination address's.
+#[derive(Debug, Clone, Copy)]
+enum BudgetKey<'a> {
+    Agent(&'a str),
+    Address(SocketAddr),
+}
+
+/// Retry budgets of every destination; looking one up allocates nothing once it exists.
+#[derive(Debug, Default)]
+struct RetryBudgets {
+    agents: std::collections::HashMap<Box<str>, RetryBudget>,
+    addresses: std::collections::HashMap<SocketAddr, RetryBudget>,
+}
+
+impl RetryBudgets {
+    /// Destinations remembered before idle ones are forgotten.
+    const MAX: usize = 65_536;
+
+    /// The budget of `key`, made when missing (`None` cannot happen: it is there once
+    /// inserted).
+    fn get(&mut self, key: BudgetKey<'_>, now: Instant) -> Option<&mut RetryBudget> {
+        if self.agents.len() + self.addresses.len() > Self::MAX {
+            // Bounded memory: forget idle destinations.
+            let live =
+                |budget: &mut RetryBudget| now.duration_since(budget.window_start) < BUDGET_WINDOW;
+            self.agents.retain(|_, budget| live(budget));
+            self.addresses.retain(|_, budget| live(budget));
+        }
+        match key {
+            BudgetKey::Agent(name) => {
+                // Only a new destination's name is copied.
+                if !self.agents.contains_key(name) {
+                    self.agents.insert(Box::from(name), RetryBudget::new(now));
+                }
+                self.agents.get_mut(name)
+            }
+            BudgetKey::Address(address) => Some(
+                self.addresses
+                    .entry(address)
+                    .or_insert_with(|| RetryBudget::new(now)),
+            ),
+        }
+    }
+}
+
 /// The L7 proxy shared by all captured HTTP connections.
 pub struct HttpProxy {
     policy: Arc<PolicyStore>,
     limiter: RateLimiter,
     http1: Client<HttpConnector, ProxyBody>,
     http2: Client<HttpConnector, ProxyBody>,
+    /// HTTP/1.1 upstream connections (HTTP/2 and upgrades go through `http1`/`http2`).
+    pool: Http1Pool,
     balancer: Balancer,
     admission: Arc<Admission>,
     dedup: Arc<Deduplicator>,
-    budgets: Mutex<std::collections::HashMap<String, RetryBudget>>,
+    budgets: Mutex<RetryBudgets>,
     stats: HttpStats,
 }
 
@@ -234,7 +284,7 @@ impl HttpProxy {
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(POOL_IDLE)
-            .pool_max_idle_per_host(256)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_ENDPOINT)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new());
         let http1 = builder.build(connector.clone());
@@ -244,10 +294,11 @@ impl HttpProxy {
             limiter: RateLimiter::default(),
             http1,
             http2,
+            pool: Http1Pool::new(connect_timeout, POOL_IDLE, POOL_MAX_IDLE_PER_ENDPOINT),
             balancer: Balancer::default(),
             admission: Arc::new(Admission::default()),
             dedup: Arc::new(Deduplicator::default()),
-            budgets: Mutex::new(std::collections::HashMap::new()),
+            budgets: Mutex::new(RetryBudgets::default()),
             stats: HttpStats::default(),
         }
     }
@@ -270,7 +321,12 @@ impl HttpProxy {
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let proxy = Arc::clone(&self);
             let caller = Arc::clone(&caller);
-            async move { Ok::<_, Infallible>(proxy.handle(&caller, request, version).await) }
+            // Boxed: hyper keeps room for one in-flight future per connection for the
+            // connection's whole life, so an idle keep-alive connection would hold a
+            // request's worth of state (about 3 KiB) it does not use.
+            Box::pin(
+                async move { Ok::<_, Infallible>(proxy.handle(&caller, request, version).await) },
+            )
         });
         let io = TokioIo::new(stream);
         match version {
@@ -301,9 +357,7 @@ impl HttpProxy {
     ) -> Response<ProxyBody> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let snapshot = self.policy.current();
-        let host = request_host(&request);
-        let destination = host
-            .as_deref()
+        let destination = request_host(&request)
             .and_then(|host| snapshot.agent_by_host(host))
             .or_else(|| snapshot.agent_by_address(caller.original_dst));
         let traffic = snapshot.traffic(destination.map_or("", |agent| agent.name.as_str()));
@@ -335,8 +389,10 @@ impl HttpProxy {
             return response;
         }
         // Identical requests reach the upstream once; duplicates share the answer.
-        let admission_key =
-            destination_name.map_or_else(|| caller.original_dst.to_string(), ToOwned::to_owned);
+        let admission_key: std::borrow::Cow<'_, str> = match destination_name {
+            Some(name) => name.into(),
+            None => caller.original_dst.to_string().into(),
+        };
         let leader = match dedup_key(caller, &admission_key, &parts, &body, &facts)
             .filter(|_| !traffic.dedup.window.is_zero() && client_upgrade.is_none())
         {
@@ -377,12 +433,17 @@ impl HttpProxy {
                 .get(PRIORITY_HEADER)
                 .and_then(|value| value.to_str().ok()),
         );
-        let admitted = tokio::time::timeout(
-            traffic.timeouts.request,
-            self.admission
-                .admit(&admission_key, class, &traffic.priority),
-        )
-        .await;
+        let admitted = if traffic.priority.max_concurrent == 0 {
+            // No limit: admitted at once, no queue to wait in.
+            Ok(Ok(None))
+        } else {
+            tokio::time::timeout(
+                traffic.timeouts.request,
+                self.admission
+                    .admit(&admission_key, class, &traffic.priority),
+            )
+            .await
+        };
         let slot = match admitted {
             Ok(Ok(slot)) => slot,
             Ok(Err(shed)) => return self.shed(caller, &admission_key, &facts, &shed.to_string()),
@@ -487,35 +548,35 @@ impl HttpProxy {
             .as_ref()
             .map_or(&[], |request| request.messages.as_slice());
         // Every message of a batch must be allowed; a body without messages is checked once.
-        let mut checks = Vec::with_capacity(messages.len().max(1));
-        if messages.is_empty() {
-            checks.push(attributes);
-        }
-        for message in messages {
+        let checks = messages
+            .iter()
+            .map(Some)
+            .chain(messages.is_empty().then_some(None));
+        for message in checks {
             attributes.mcp_method = None;
             attributes.mcp_tool = None;
             attributes.a2a_method = None;
-            match message.protocol {
-                jsonrpc::Family::Mcp => {
-                    attributes.mcp_method = message.method.as_deref();
-                    attributes.mcp_tool = message.tool.as_deref();
+            if let Some(message) = message {
+                match message.protocol {
+                    jsonrpc::Family::Mcp => {
+                        attributes.mcp_method = message.method.as_deref();
+                        attributes.mcp_tool = message.tool.as_deref();
+                    }
+                    jsonrpc::Family::A2a => attributes.a2a_method = message.method.as_deref(),
+                    jsonrpc::Family::Unknown => {}
                 }
-                jsonrpc::Family::A2a => attributes.a2a_method = message.method.as_deref(),
-                jsonrpc::Family::Unknown => {}
             }
-            checks.push(attributes);
-        }
-        for check in &checks {
-            let decision = snapshot.authorize(check);
-            if !decision.allowed {
+            let verdict = snapshot.check(&attributes);
+            if !verdict.allowed {
+                let decision = verdict.decision(&attributes);
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
                 warn!(
                     source = %caller.source,
                     destination = destination.unwrap_or("(unregistered)"),
                     original_dst = %caller.original_dst,
                     method, path,
-                    mcp_method = check.mcp_method, mcp_tool = check.mcp_tool,
-                    a2a_method = check.a2a_method,
+                    mcp_method = attributes.mcp_method, mcp_tool = attributes.mcp_tool,
+                    a2a_method = attributes.a2a_method,
                     policy = decision.policy.as_deref().unwrap_or("(default)"),
                     reason = %decision.reason,
                     "request denied by policy"
@@ -581,11 +642,10 @@ impl HttpProxy {
     ) -> Response<ProxyBody> {
         let retryable_request = body.is_buffered()
             && (is_idempotent(&parts.method) || parts.headers.contains_key("idempotency-key"));
-        let budget_key = destination.map_or_else(
-            || caller.original_dst.to_string(),
-            |agent| agent.name.clone(),
-        );
-        self.with_budget(&budget_key, |budget| budget.record_request(Instant::now()));
+        let budget_key = destination.map_or(BudgetKey::Address(caller.original_dst), |agent| {
+            BudgetKey::Agent(&agent.name)
+        });
+        self.with_budget(budget_key, |budget| budget.record_request(Instant::now()));
         // An L7 route of the destination's traffic policy may send the request elsewhere.
         let message = facts.first();
         let routed = traffic.route(
@@ -723,7 +783,7 @@ impl HttpProxy {
             let can_retry = retry_on_error
                 && safe
                 && attempt < traffic.retries.attempts
-                && self.with_budget(&budget_key, |budget| {
+                && self.with_budget(budget_key, |budget| {
                     budget.try_retry(Instant::now(), traffic.retries.budget_percent)
                 });
             if !can_retry {
@@ -807,7 +867,54 @@ impl HttpProxy {
         endpoint: SocketAddr,
         timeout: Duration,
         http2: bool,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let sent = if http2 || parts.method == Method::CONNECT {
+            self.send_legacy(parts, body, endpoint, timeout, http2)
+                .await?
+        } else {
+            // HTTP/1.1 through the endpoint-keyed pool: origin-form target, `Host` kept.
+            let mut request = Request::new(body.into_proxy_body());
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = origin_form(&parts.uri);
+            *request.headers_mut() = forwarded_headers(&parts.headers, false);
+            if !request.headers().contains_key(header::HOST) {
+                let host = parts
+                    .uri
+                    .authority()
+                    .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+                    .or_else(|| HeaderValue::from_str(&host_of(endpoint)).ok());
+                if let Some(host) = host {
+                    request.headers_mut().insert(header::HOST, host);
+                }
+            }
+            match tokio::time::timeout(timeout, self.pool.send(endpoint, request)).await {
+                Err(_) => return Err(UpstreamError::Timeout { endpoint, timeout }),
+                Ok(Ok(response)) => response,
+                Ok(Err(SendError::Connect(reason))) => {
+                    return Err(UpstreamError::Connect { endpoint, reason });
+                }
+                Ok(Err(SendError::Failed(error))) => {
+                    return Err(UpstreamError::Failed {
+                        endpoint,
+                        reason: error_chain(&error),
+                    });
+                }
+            }
+        };
+        let (mut parts, body) = sent.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// HTTP/2 (h2c, gRPC) and `CONNECT` go through hyper-util's pooled client.
+    async fn send_legacy(
+        &self,
+        parts: &http::request::Parts,
+        body: Body,
+        endpoint: SocketAddr,
+        timeout: Duration,
+        http2: bool,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
         let mut request = Request::builder()
             .method(parts.method.clone())
             .uri(upstream_uri(parts, endpoint))
@@ -828,11 +935,7 @@ impl HttpProxy {
         let sent = tokio::time::timeout(timeout, client.request(request)).await;
         match sent {
             Err(_) => Err(UpstreamError::Timeout { endpoint, timeout }),
-            Ok(Ok(response)) => {
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, body))
-            }
+            Ok(Ok(response)) => Ok(response.map(PooledBody::unpooled)),
             Ok(Err(error)) if error.is_connect() => Err(UpstreamError::Connect {
                 endpoint,
                 reason: error_chain(&error),
@@ -943,20 +1046,16 @@ impl HttpProxy {
         Response::from_parts(parts, empty_body())
     }
 
-    fn with_budget<T>(&self, key: &str, action: impl FnOnce(&mut RetryBudget) -> T) -> T {
+    fn with_budget<T>(&self, key: BudgetKey<'_>, action: impl FnOnce(&mut RetryBudget) -> T) -> T {
         let now = Instant::now();
         let mut budgets = self
             .budgets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if budgets.len() > 65_536 {
-            // Bounded memory: forget idle destinations.
-            budgets.retain(|_, budget| now.duration_since(budget.window_start) < BUDGET_WINDOW);
+        match budgets.get(key, now) {
+            Some(budget) => action(budget),
+            None => action(&mut RetryBudget::new(now)),
         }
-        let budget = budgets
-            .entry(key.to_owned())
-            .or_insert_with(|| RetryBudget::new(now));
-        action(budget)
     }
 }
 
@@ -1020,7 +1119,7 @@ async fn inspect_body(
 }
 
 enum Attempt {
-    Status(Response<Incoming>),
+    Status(Response<PooledBody>),
     Error(UpstreamError),
 }
 
@@ -1078,7 +1177,7 @@ impl Body {
     }
 }
 
-fn empty_body() -> ProxyBody {
+pub(crate) fn empty_body() -> ProxyBody {
     http_body_util::Empty::new()
         .map_err(|never| match never {})
         .boxed()
@@ -1150,17 +1249,17 @@ fn dedup_key(
 }
 
 /// The host a request names, without port: `Host` for HTTP/1.1, `:authority` for HTTP/2.
-fn request_host<B>(request: &Request<B>) -> Option<String> {
+fn request_host<B>(request: &Request<B>) -> Option<&str> {
     request
         .uri()
         .authority()
-        .map(|authority| authority.host().to_owned())
+        .map(http::uri::Authority::host)
         .or_else(|| {
             request
                 .headers()
                 .get(header::HOST)
                 .and_then(|value| value.to_str().ok())
-                .map(|host| host_without_port(host).to_owned())
+                .map(host_without_port)
         })
 }
 
@@ -1252,6 +1351,24 @@ fn is_gateway_failure(status: StatusCode) -> bool {
     )
 }
 
+/// The request target in origin form (path and query), as an HTTP/1.1 upstream expects it
+/// from a client that is not a forward proxy.
+fn origin_form(uri: &http::Uri) -> http::Uri {
+    match uri.path_and_query() {
+        Some(path) if path.as_str() != "/" => http::Uri::from(path.clone()),
+        _ => http::Uri::default(),
+    }
+}
+
+/// `Host` for an endpoint when the caller named none: the address, without the default port.
+fn host_of(endpoint: SocketAddr) -> String {
+    match (endpoint.port(), endpoint) {
+        (80, SocketAddr::V4(v4)) => v4.ip().to_string(),
+        (80, SocketAddr::V6(v6)) => format!("[{}]", v6.ip()),
+        _ => endpoint.to_string(),
+    }
+}
+
 fn upstream_uri(parts: &http::request::Parts, endpoint: SocketAddr) -> String {
     let path = parts
         .uri
@@ -1273,6 +1390,13 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there is none: one pass over the names, no lookup by (parsed) name.
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(&name.as_str()))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

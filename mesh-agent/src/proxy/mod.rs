@@ -1,6 +1,6 @@
 //! Listeners and the forwarding of captured connections: protocol detection on the first
 //! client bytes, the L7 path for HTTP/1.1 and HTTP/2 (MCP, A2A, gRPC, WebSocket), and opaque
-//! TCP (spliced) for everything else.
+//! TCP (spliced) for everything else; pooled HTTP/1.1 connections to upstreams (`upstream`).
 
 pub mod balance;
 pub mod dedup;
@@ -12,5 +12,6 @@ pub mod priority;
 pub mod sniff;
 pub mod splice;
 pub mod sse;
+pub mod upstream;
 
 pub use outbound::{OutboundProxy, PROTOCOL_LABELS, ProxyStats, ProxyStatsSnapshot};

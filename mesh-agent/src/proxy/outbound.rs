@@ -286,8 +286,10 @@ impl OutboundProxy {
             };
             debug!(%peer, %workload, dst = %captured.original_dst, ?version, "serving captured connection at L7");
             // Keep only the bytes read, not the detector's whole window, for the life of the
-            // connection.
+            // connection: the buffer itself is dropped here, or it would live in this future
+            // until the connection ends.
             let stream = PrefixedStream::new(bytes::Bytes::copy_from_slice(&prefix), client);
+            drop(prefix);
             if let Err(error) = Arc::clone(&self.http)
                 .serve_connection(stream, version, caller)
                 .await
@@ -425,18 +427,19 @@ impl OutboundProxy {
                     upstream,
                 });
             }
-            let start = prefix.len();
-            prefix.resize(MAX_SNIFF, 0);
-            let read = client.try_read(&mut prefix[start..]);
+            if prefix.len() == prefix.capacity() {
+                // Grow by doubling, never past the detector's window.
+                let wanted = (prefix.len() * 2).clamp(1024, MAX_SNIFF);
+                prefix.reserve_exact(wanted - prefix.len());
+            }
+            // Into the spare capacity, without zeroing it first.
+            let room = MAX_SNIFF - prefix.len();
+            let read = client.try_read_buf(&mut bytes::BufMut::limit(&mut prefix, room));
             let count = match read {
                 Ok(count) => count,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                    prefix.truncate(start);
-                    continue;
-                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(error) => return Err(error),
             };
-            prefix.truncate(start + count);
             let protocol = if count == 0 {
                 // The client finished sending (or never sent): whatever it sent is opaque.
                 Protocol::Opaque

@@ -36,6 +36,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for PrefixedStream<S> {
             let count = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..count]);
             self.prefix.advance(count);
+            if self.prefix.is_empty() {
+                // Replayed in full: free it rather than keep it for the connection's life.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

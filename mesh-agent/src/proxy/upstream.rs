@@ -1,0 +1,500 @@
+//! Pooled HTTP/1.1 connections to upstream endpoints, keyed by endpoint address, on hyper's
+//! low-level client (`hyper::client::conn::http1`).
+//!
+//! The request goes out in origin form as the caller sent it: no absolute URI is formatted and
+//! parsed again, no pool key is built, and a connection goes back to the pool when its
+//! response body has been passed on in full (when the response body is dropped), not from a
+//! task spawned per request. Each connection is driven by its own task, which also notices an
+//! upstream that closes an idle connection. A request that a reused connection refused
+//! before sending a byte (it closed meanwhile) is sent again on a fresh one, as the pooled
+//! client of `hyper-util` does; anything else is the caller's to retry.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError, Weak},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::http1::SendRequest,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::http::ProxyBody;
+
+/// Why an upstream request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made: nothing was sent, so any request may be sent again.
+    #[error("{0}")]
+    Connect(String),
+    /// The connection failed after the request was (or may have been) sent.
+    #[error(transparent)]
+    Failed(hyper::Error),
+}
+
+/// One idle connection.
+struct Idle {
+    sender: SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// Idle connections by endpoint, most recently used last.
+#[derive(Default)]
+struct IdleSet {
+    by_endpoint: HashMap<SocketAddr, Vec<Idle>>,
+    count: usize,
+    last_sweep: Option<Instant>,
+}
+
+impl IdleSet {
+    /// Drops expired and closed connections everywhere (at most every `every`).
+    fn sweep(&mut self, now: Instant, idle_timeout: Duration, every: Duration) {
+        if self
+            .last_sweep
+            .is_some_and(|last| now.duration_since(last) < every)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        let mut count = 0;
+        self.by_endpoint.retain(|_, idle| {
+            idle.retain(|conn| {
+                !conn.sender.is_closed() && now.duration_since(conn.since) < idle_timeout
+            });
+            count += idle.len();
+            !idle.is_empty()
+        });
+        self.count = count;
+    }
+}
+
+/// The shared part of a [`Http1Pool`]; pooled bodies hold it weakly.
+struct PoolInner {
+    idle: Mutex<IdleSet>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_endpoint: usize,
+}
+
+impl PoolInner {
+    fn put_back(&self, endpoint: SocketAddr, sender: SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.sweep(now, self.idle_timeout, self.idle_timeout / 4);
+        let list = idle.by_endpoint.entry(endpoint).or_default();
+        if list.len() >= self.max_idle_per_endpoint {
+            // Full: the oldest goes (dropping its sender closes the connection).
+            list.remove(0);
+            idle.count -= 1;
+        }
+        if let Some(list) = idle.by_endpoint.get_mut(&endpoint) {
+            list.push(Idle { sender, since: now });
+            idle.count += 1;
+        }
+    }
+
+    /// The most recently used idle connection to `endpoint` still open and within the idle
+    /// timeout.
+    fn take(&self, endpoint: SocketAddr) -> Option<SendRequest<ProxyBody>> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.by_endpoint.get_mut(&endpoint)?;
+        let mut taken = None;
+        let mut dropped = 0;
+        while let Some(conn) = list.pop() {
+            dropped += 1;
+            if !conn.sender.is_closed() && now.duration_since(conn.since) < self.idle_timeout {
+                taken = Some(conn.sender);
+                break;
+            }
+        }
+        if list.is_empty() {
+            idle.by_endpoint.remove(&endpoint);
+        }
+        idle.count -= dropped;
+        taken
+    }
+}
+
+/// HTTP/1.1 connections to upstream endpoints, reused across requests and callers.
+pub struct Http1Pool {
+    inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for Http1Pool {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let idle = self
+            .inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .count;
+        formatter
+            .debug_struct("Http1Pool")
+            .field("idle", &idle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Http1Pool {
+    pub fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle_per_endpoint: usize,
+    ) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                idle: Mutex::new(IdleSet::default()),
+                connect_timeout,
+                idle_timeout,
+                max_idle_per_endpoint,
+            }),
+        }
+    }
+
+    /// Idle connections held now.
+    pub fn idle(&self) -> usize {
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .count
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set) to `endpoint` on an idle connection, or
+    /// a new one. The connection returns to the pool when the response body is dropped after
+    /// its end.
+    pub async fn send(
+        &self,
+        endpoint: SocketAddr,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let mut request = Some(request);
+        // Reused connections first; one that turns out closed gives the request back. One
+        // still busy (its request body still going out after the response ended) is not
+        // waited for: it goes back to the pool afterwards.
+        let mut busy = Vec::new();
+        let sent = loop {
+            let Some(unsent) = request.take() else {
+                break None;
+            };
+            let Some(mut sender) = self.inner.take(endpoint) else {
+                request = Some(unsent);
+                break None;
+            };
+            match std::future::poll_fn(|cx| Poll::Ready(sender.poll_ready(cx))).await {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(error)) => {
+                    debug!(%endpoint, %error, "pooled upstream connection closed");
+                    request = Some(unsent);
+                    continue;
+                }
+                Poll::Pending => {
+                    busy.push(sender);
+                    request = Some(unsent);
+                    continue;
+                }
+            }
+            match sender.try_send_request(unsent).await {
+                Ok(response) => break Some(Ok(self.pooled(endpoint, sender, response))),
+                Err(mut error) => match error.take_message() {
+                    // Never sent: the connection closed meanwhile; try another.
+                    Some(unsent) => {
+                        debug!(%endpoint, error = %error.error(), "pooled upstream connection refused the request; trying another");
+                        request = Some(unsent);
+                    }
+                    None => break Some(Err(SendError::Failed(error.into_error()))),
+                },
+            }
+        };
+        for sender in busy {
+            self.inner.put_back(endpoint, sender);
+        }
+        if let Some(sent) = sent {
+            return sent;
+        }
+        // The loop ends without an answer only with the request back in hand.
+        let Some(request) = request else {
+            return Err(SendError::Connect("no request left to send".to_owned()));
+        };
+        let mut sender = self.connect(endpoint).await?;
+        match sender.send_request(request).await {
+            Ok(response) => Ok(self.pooled(endpoint, sender, response)),
+            Err(error) => Err(SendError::Failed(error)),
+        }
+    }
+
+    fn pooled(
+        &self,
+        endpoint: SocketAddr,
+        sender: SendRequest<ProxyBody>,
+        response: Response<Incoming>,
+    ) -> Response<PooledBody> {
+        response.map(|body| PooledBody {
+            inner: body,
+            back: Some(Back {
+                pool: Arc::downgrade(&self.inner),
+                endpoint,
+                sender,
+            }),
+        })
+    }
+
+    async fn connect(&self, endpoint: SocketAddr) -> Result<SendRequest<ProxyBody>, SendError> {
+        let stream = tokio::time::timeout(self.inner.connect_timeout, TcpStream::connect(endpoint))
+            .await
+            .map_err(|_| {
+                SendError::Connect(format!(
+                    "connect timed out after {:?}",
+                    self.inner.connect_timeout
+                ))
+            })?
+            .map_err(|error| SendError::Connect(format!("tcp connect error: {error}")))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|error| SendError::Connect(format!("setting TCP_NODELAY: {error}")))?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, ProxyBody>(TokioIo::new(stream))
+            .await
+            .map_err(|error| SendError::Connect(format!("HTTP/1.1 handshake: {error}")))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%endpoint, %error, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Where a finished response's connection goes back to.
+struct Back {
+    pool: Weak<PoolInner>,
+    endpoint: SocketAddr,
+    sender: SendRequest<ProxyBody>,
+}
+
+/// A response body from the pool: the upstream's body, and the connection it came on, which
+/// goes back to the pool once the body has ended (dropped before its end, the connection
+/// closes: its state is unknown).
+pub struct PooledBody {
+    inner: Incoming,
+    back: Option<Back>,
+}
+
+impl PooledBody {
+    /// A body not tied to a pooled connection.
+    pub fn unpooled(inner: Incoming) -> Self {
+        Self { inner, back: None }
+    }
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("PooledBody")
+            .field("pooled", &self.back.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if let Some(back) = self.back.take()
+            && self.inner.is_end_stream()
+            && let Some(pool) = back.pool.upgrade()
+        {
+            pool.put_back(back.endpoint, back.sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            // A failed body: its connection is not to be reused.
+            self.back = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A keep-alive upstream that answers every request on a connection with `body`, and
+    /// counts the connections it accepted.
+    async fn upstream(body: &'static str) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        let read = match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => read,
+                        };
+                        seen.extend_from_slice(&buffer[..read]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let reply = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if stream.write_all(reply.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (address, accepted)
+    }
+
+    fn get() -> Request<ProxyBody> {
+        let mut request = Request::new(super::super::http::empty_body());
+        *request.uri_mut() = http::Uri::from_static("/hello");
+        request
+            .headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("up"));
+        request
+    }
+
+    async fn body_text(response: Response<PooledBody>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_finished_response_returns_its_connection_for_the_next_request() {
+        let (address, accepted) = upstream("hello").await;
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90), 8);
+        for _ in 0..5 {
+            let response = pool.send(address, get()).await.unwrap();
+            assert_eq!(body_text(response).await, "hello");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_body_does_not_return_its_connection() {
+        let (address, accepted) = upstream("hello").await;
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90), 8);
+        // Status and headers only; the body is dropped before its end was seen.
+        let response = pool.send(address, get()).await.unwrap();
+        drop(response);
+        assert_eq!(pool.idle(), 0);
+        let response = pool.send(address, get()).await.unwrap();
+        assert_eq!(body_text(response).await, "hello");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // Answers one request per connection, then closes it.
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 4096];
+                    let _ = stream.read(&mut buffer).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90), 8);
+        for _ in 0..3 {
+            let response = pool.send(address, get()).await.unwrap();
+            assert_eq!(body_text(response).await, "ok");
+            // Let the connection's task see the close.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_its_request_body_is_not_waited_for() {
+        let (address, accepted) = upstream("hello").await;
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90), 8);
+        // A request body that never ends: the upstream answers after the head anyway.
+        let endless = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, super::super::http::BodyError>,
+        >());
+        let mut request = get();
+        *request.method_mut() = http::Method::POST;
+        *request.body_mut() = endless.boxed();
+        let response = pool.send(address, request).await.unwrap();
+        assert_eq!(body_text(response).await, "hello");
+        let next = tokio::time::timeout(Duration::from_secs(2), pool.send(address, get()))
+            .await
+            .expect("a busy pooled connection must not hold up the next request")
+            .unwrap();
+        assert_eq!(body_text(next).await, "hello");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn connect_failures_are_reported_as_such() {
+        let unused = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90), 8);
+        let error = pool.send(unused, get()).await.unwrap_err();
+        assert!(matches!(error, SendError::Connect(_)), "{error}");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_timeout_are_not_reused() {
+        let (address, accepted) = upstream("hello").await;
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_millis(30), 8);
+        let response = pool.send(address, get()).await.unwrap();
+        assert_eq!(body_text(response).await, "hello");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let response = pool.send(address, get()).await.unwrap();
+        assert_eq!(body_text(response).await, "hello");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+}
