@@ -448,6 +448,10 @@ spec:
     - from: \"*\"
       requestsPerSecond: 10000000
       burst: 10000000
+  # The load generator repeats one request (same id and body): deduplication would answer
+  # nearly all of them from the first one's response and measure the cache, not forwarding.
+  dedup:
+    window: 0s
   maxRequestBodyBytes: 1048576
 "
     )
