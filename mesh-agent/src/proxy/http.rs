@@ -699,19 +699,9 @@ impl HttpProxy {
                 (None, None) => Some(caller.original_dst),
             };
             let Some(endpoint) = endpoint else {
-                // Every endpoint of this agent failed: fail over to its fallback, once.
-                if !failed_over
-                    && let Some(fallback) = agent
-                        .and_then(|agent| agent.fallback.as_deref())
-                        .and_then(|name| snapshot.agent(name))
-                {
-                    info!(
-                        from = agent.map_or("", |agent| agent.name.as_str()),
-                        to = %fallback.name,
-                        "failing over to the fallback agent"
-                    );
+                // No endpoint of this agent is available: fail over to its fallback, once.
+                if let Some(fallback) = fallback_once(snapshot, caller, agent, &mut failed_over) {
                     agent = Some(fallback);
-                    failed_over = true;
                     tried.clear();
                     continue;
                 }
@@ -789,22 +779,11 @@ impl HttpProxy {
             if !can_retry {
                 // Out of tries here: an agent's fallback (same capability, named by policy)
                 // gets the request when the failure left it safe to send again.
-                let fallback = agent
-                    .and_then(|agent| agent.fallback.as_deref())
-                    .and_then(|name| snapshot.agent(name));
-                if let Some(fallback) = fallback
-                    && retry_on_error
+                if retry_on_error
                     && safe
-                    && !failed_over
+                    && let Some(fallback) = fallback_once(snapshot, caller, agent, &mut failed_over)
                 {
-                    info!(
-                        source = %caller.source,
-                        from = agent.map_or("", |agent| agent.name.as_str()),
-                        to = %fallback.name,
-                        "failing over to the fallback agent"
-                    );
                     agent = Some(fallback);
-                    failed_over = true;
                     tried.clear();
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     continue;
@@ -1340,6 +1319,29 @@ fn backoff(attempt: u32, traffic: &TrafficSettings) -> Duration {
         .min(traffic.retries.backoff_max);
     let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(rand::rng().random_range(0..=nanos))
+}
+
+/// The fallback agent of `agent` (same capability, named by policy), at most once per
+/// request: `failed_over` records that it was used.
+fn fallback_once<'s>(
+    snapshot: &'s PolicySnapshot,
+    caller: &CallerContext,
+    agent: Option<&AgentEntry>,
+    failed_over: &mut bool,
+) -> Option<&'s AgentEntry> {
+    if *failed_over {
+        return None;
+    }
+    let agent = agent?;
+    let fallback = snapshot.agent(agent.fallback.as_deref()?)?;
+    info!(
+        source = %caller.source,
+        from = %agent.name,
+        to = %fallback.name,
+        "failing over to the fallback agent"
+    );
+    *failed_over = true;
+    Some(fallback)
 }
 
 /// Statuses that say the endpoint (or what stands behind it) is failing, for outlier
