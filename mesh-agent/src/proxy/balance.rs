@@ -40,6 +40,9 @@ pub struct EndpointHealth {
     ewma_nanos: AtomicU64,
     /// When the last sample came, in nanoseconds since `epoch`.
     sampled_at: AtomicU64,
+    /// No response measured yet (new, or back from ejection): such an endpoint costs nothing
+    /// in the draws, so it is tried at once instead of being starved by faster known ones.
+    unsampled: std::sync::atomic::AtomicBool,
     epoch: Instant,
     in_flight: AtomicU32,
     consecutive_failures: AtomicU32,
@@ -64,6 +67,7 @@ impl EndpointHealth {
             address,
             ewma_nanos: AtomicU64::new(INITIAL_LATENCY_NANOS),
             sampled_at: AtomicU64::new(0),
+            unsampled: std::sync::atomic::AtomicBool::new(true),
             epoch: Instant::now(),
             in_flight: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -82,6 +86,9 @@ impl EndpointHealth {
     /// The latency average as of `now`: it fades toward the neutral value while no sample
     /// comes.
     fn latency_nanos(&self, now: Instant) -> u64 {
+        if self.unsampled.load(Ordering::Relaxed) {
+            return 1;
+        }
         let ewma = self.ewma_nanos.load(Ordering::Relaxed);
         let age = self
             .nanos_since_epoch(now)
@@ -93,8 +100,12 @@ impl EndpointHealth {
     }
 
     fn add_sample(&self, sample_nanos: u64, now: Instant) {
-        let old = self.latency_nanos(now);
-        let new = old - (old >> EWMA_SHIFT) + (sample_nanos >> EWMA_SHIFT);
+        let new = if self.unsampled.swap(false, Ordering::Relaxed) {
+            sample_nanos
+        } else {
+            let old = self.latency_nanos(now);
+            old - (old >> EWMA_SHIFT) + (sample_nanos >> EWMA_SHIFT)
+        };
         self.ewma_nanos.store(new.max(1), Ordering::Relaxed);
         self.sampled_at
             .store(self.nanos_since_epoch(now), Ordering::Relaxed);
@@ -277,6 +288,7 @@ impl Balancer {
                     health
                         .ewma_nanos
                         .store(INITIAL_LATENCY_NANOS, Ordering::Relaxed);
+                    health.unsampled.store(true, Ordering::Relaxed);
                     tracing::info!(endpoint = %health.address, "endpoint recovered; back in service");
                 }
                 *state = Ejection::default();
@@ -417,6 +429,7 @@ mod tests {
         // Load counts too: many requests in flight on 2 make 1 the cheaper again.
         slow.ewma_nanos.store(2_000_000, Ordering::Relaxed);
         let fast = balancer.endpoint(SocketAddr::from(([127, 0, 0, 1], 2)));
+        fast.add_sample(1_000_000, Instant::now());
         fast.ewma_nanos.store(1_000_000, Ordering::Relaxed);
         let held: Vec<Pick> = (0..4)
             .map(|_| {
@@ -426,6 +439,30 @@ mod tests {
             })
             .collect();
         assert!(held.iter().any(|pick| port(pick) == 1), "{held:?}");
+    }
+
+    #[test]
+    fn an_untried_endpoint_wins_the_draw_until_its_first_answer() {
+        let balancer = Balancer::default();
+        let agent = agent(&[(1, 1), (2, 1)]);
+        let breaker = breaker(0, 50);
+        let known = balancer.endpoint(SocketAddr::from(([127, 0, 0, 1], 1)));
+        known.add_sample(100_000, Instant::now());
+        let pick = balancer
+            .pick(&agent, &[], &breaker, Instant::now())
+            .unwrap();
+        assert_eq!(port(&pick), 2, "the new endpoint is tried first");
+        balancer.record(pick, Outcome::Success, &breaker);
+        assert!(
+            !balancer
+                .endpoint(pick_address(2))
+                .unsampled
+                .load(Ordering::Relaxed)
+        );
+    }
+
+    fn pick_address(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     #[test]
