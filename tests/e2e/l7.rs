@@ -954,3 +954,43 @@ spec:
         "the mesh cut it, not curl's own 20 s limit"
     );
 }
+
+#[test]
+fn an_mcp_session_stays_on_the_instance_that_issued_it() {
+    // Two instances of a stateful MCP server: each knows only the sessions it created.
+    let (_first, first) = start_mcp_server();
+    let (_second, second) = start_mcp_server();
+    let resources = format!(
+        "apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata:
+  name: tools
+spec:
+  hosts: [tools.mesh]
+  protocol: Mcp
+  endpoints:
+    - address: \"{first}\"
+    - address: \"{second}\"
+"
+    );
+    let mesh = Mesh::start("l7-affinity", &resources);
+    let url = format!("http://{first}/mcp");
+    for round in 0..4 {
+        let report = mcp_probe(
+            &mesh,
+            &url,
+            "legacy",
+            &[
+                r#"add={"a":1,"b":1}"#,
+                r#"search={"query":"x"}"#,
+                r#"count_slowly={"n":2}"#,
+            ],
+        );
+        for tool in ["add", "search", "count_slowly"] {
+            assert_eq!(
+                report["calls"][tool]["ok"], true,
+                "round {round}: every request of a session reached its instance: {report}"
+            );
+        }
+    }
+}

@@ -266,6 +266,34 @@ impl Balancer {
         })
     }
 
+    /// A pick of one given endpoint of `agent` (session affinity), if it serves: listed
+    /// with a weight above 0, not tried yet, and not ejected.
+    pub fn pick_pinned(
+        &self,
+        agent: &AgentEntry,
+        address: SocketAddr,
+        tried: &[SocketAddr],
+        now: Instant,
+    ) -> Option<Pick> {
+        let listed = agent
+            .endpoints
+            .iter()
+            .any(|endpoint| endpoint.address == address && endpoint.weight > 0);
+        if !listed || tried.contains(&address) {
+            return None;
+        }
+        let health = self.health(address);
+        if health.ejection().until.is_some() {
+            return None;
+        }
+        health.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(Pick {
+            health,
+            started: now,
+            finished: false,
+        })
+    }
+
     /// Records how a request ended: updates the latency average, and ejects or restores the
     /// endpoint.
     pub fn record(&self, mut pick: Pick, outcome: Outcome, breaker: &CircuitBreaker) {

@@ -223,6 +223,7 @@ pub struct HttpProxy {
     /// HTTP/1.1 upstream connections (HTTP/2 and upgrades go through `http1`/`http2`).
     pool: Http1Pool,
     balancer: Balancer,
+    sessions: SessionAffinity,
     admission: Arc<Admission>,
     dedup: Arc<Deduplicator>,
     budgets: Mutex<RetryBudgets>,
@@ -296,6 +297,7 @@ impl HttpProxy {
             http2,
             pool: Http1Pool::new(connect_timeout, POOL_IDLE, POOL_MAX_IDLE_PER_ENDPOINT),
             balancer: Balancer::default(),
+            sessions: SessionAffinity::default(),
             admission: Arc::new(Admission::default()),
             dedup: Arc::new(Deduplicator::default()),
             budgets: Mutex::new(RetryBudgets::default()),
@@ -686,12 +688,24 @@ impl HttpProxy {
         let mut body = Some(body);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
+        let session = parts
+            .headers
+            .get(MCP_SESSION_HEADER)
+            .and_then(|value| value.to_str().ok());
         let mut agent = destination;
         let mut failed_over = false;
         loop {
-            let pick = agent.and_then(|agent| {
+            // An MCP session stays on the instance that issued it, while that one serves.
+            let pinned = agent.zip(session).and_then(|(agent, session)| {
+                let address = self.sessions.endpoint(&agent.name, session)?;
                 self.balancer
-                    .pick(agent, &tried, &traffic.circuit_breaker, Instant::now())
+                    .pick_pinned(agent, address, &tried, Instant::now())
+            });
+            let pick = pinned.or_else(|| {
+                agent.and_then(|agent| {
+                    self.balancer
+                        .pick(agent, &tried, &traffic.circuit_breaker, Instant::now())
+                })
             });
             let endpoint = match (&pick, agent) {
                 (Some(pick), _) => Some(pick.address()),
@@ -738,6 +752,10 @@ impl HttpProxy {
                     _ => Outcome::Failure,
                 };
                 self.balancer.record(pick, health, &traffic.circuit_breaker);
+            }
+            if let (Some(agent), Ok(response)) = (agent, &outcome) {
+                self.sessions
+                    .observe(&agent.name, &parts.method, session, response, endpoint);
             }
             let failure = match outcome {
                 Ok(response) => {
@@ -1319,6 +1337,65 @@ fn backoff(attempt: u32, traffic: &TrafficSettings) -> Duration {
         .min(traffic.retries.backoff_max);
     let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(rand::rng().random_range(0..=nanos))
+}
+
+/// The MCP session header (Streamable HTTP, 2025-11-25).
+const MCP_SESSION_HEADER: &str = "mcp-session-id";
+/// Sessions remembered at most; past this the oldest half is forgotten (their requests are
+/// then balanced like any other, which a stateless server handles and a stateful one answers
+/// with its own "unknown session" error).
+const MAX_SESSIONS: usize = 65_536;
+
+/// Which endpoint issued each MCP session: a stateful MCP server only knows its own sessions,
+/// so a session's requests go back to the instance that created it.
+#[derive(Debug, Default)]
+struct SessionAffinity {
+    sessions: Mutex<std::collections::HashMap<(String, String), (SocketAddr, Instant)>>,
+}
+
+impl SessionAffinity {
+    fn endpoint(&self, agent: &str, session: &str) -> Option<SocketAddr> {
+        let sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sessions
+            .get(&(agent.to_owned(), session.to_owned()))
+            .map(|(address, _)| *address)
+    }
+
+    /// Learns a session from a response that issues one; forgets it when the client ends it
+    /// (DELETE) or the server no longer knows it (404).
+    fn observe<B>(
+        &self,
+        agent: &str,
+        method: &Method,
+        sent_session: Option<&str>,
+        response: &Response<B>,
+        endpoint: SocketAddr,
+    ) {
+        let issued = response
+            .headers()
+            .get(MCP_SESSION_HEADER)
+            .and_then(|value| value.to_str().ok());
+        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(session) = sent_session
+            && (*method == Method::DELETE || response.status() == StatusCode::NOT_FOUND)
+        {
+            sessions.remove(&(agent.to_owned(), session.to_owned()));
+            return;
+        }
+        let Some(issued) = issued.filter(|_| response.status().is_success()) else {
+            return;
+        };
+        if sessions.len() >= MAX_SESSIONS {
+            let mut by_age: Vec<Instant> = sessions.values().map(|(_, at)| *at).collect();
+            by_age.sort_unstable();
+            let cutoff = by_age[by_age.len() / 2];
+            sessions.retain(|_, (_, at)| *at > cutoff);
+        }
+        sessions.insert(
+            (agent.to_owned(), issued.to_owned()),
+            (endpoint, Instant::now()),
+        );
+    }
 }
 
 /// The fallback agent of `agent` (same capability, named by policy), at most once per
