@@ -1355,7 +1355,10 @@ struct SessionAffinity {
 
 impl SessionAffinity {
     fn endpoint(&self, agent: &str, session: &str) -> Option<SocketAddr> {
-        let sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sessions = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         sessions
             .get(&(agent.to_owned(), session.to_owned()))
             .map(|(address, _)| *address)
@@ -1375,7 +1378,10 @@ impl SessionAffinity {
             .headers()
             .get(MCP_SESSION_HEADER)
             .and_then(|value| value.to_str().ok());
-        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sessions = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(session) = sent_session
             && (*method == Method::DELETE || response.status() == StatusCode::NOT_FOUND)
         {
