@@ -140,12 +140,7 @@ pub fn render(
             proxy.bytes_to_upstream,
         ),
     ];
-    for (name, help, value) in proxy_counters {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
-    }
+    write_counters(&mut out, &proxy_counters);
     let name = "mesh_proxy_downstream_bytes_total";
     let _ = writeln!(
         out,
@@ -255,12 +250,7 @@ pub fn render_l7(http: &HttpStatsSnapshot, policy: &PolicySample) -> String {
             policy.reloads_rejected,
         ),
     ];
-    for (name, help, value) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
-    }
+    write_counters(&mut out, &counters);
     let name = "mesh_jsonrpc_requests_total";
     let _ = writeln!(
         out,
@@ -336,13 +326,18 @@ pub fn render_control(control: &crate::control::ControlStatusSample) -> String {
             control.connection_failures,
         ),
     ];
+    write_counters(&mut out, &counters);
+    out
+}
+
+/// Writes unlabelled counters: `(name, help, value)` each.
+fn write_counters(out: &mut String, counters: &[(&str, &str, u64)]) {
     for (name, help, value) in counters {
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
-    out
 }
 
 #[cfg(test)]
