@@ -12,9 +12,9 @@ use std::{
 use super::{
     Fnv64, PolicyError,
     resources::{
-        AccessPolicy, Action, Agent, Capabilities, CircuitBreaker, DEFAULT_MAX_REQUEST_BODY_BYTES,
-        Dedup, Kind, Pattern, Priority, Protocol, Resource, ResourceKey, Retries, Timeouts,
-        TrafficPolicy, normalize_host,
+        AccessPolicy, Action, Agent, Capabilities, CircuitBreaker, Dedup, Kind, Pattern, Priority,
+        Protocol, Resource, ResourceKey, Retries, Timeouts, TrafficPolicy, TrafficPolicySpec,
+        normalize_host,
     },
 };
 
@@ -193,18 +193,9 @@ pub struct TrafficSettings {
 }
 
 impl Default for TrafficSettings {
+    /// What applies where no `TrafficPolicy` does: the defaults of the resource itself.
     fn default() -> Self {
-        TrafficSettings {
-            policy: None,
-            timeouts: Timeouts::default(),
-            retries: Retries::default(),
-            rate_limits: Vec::new(),
-            priority: Priority::default(),
-            circuit_breaker: CircuitBreaker::default(),
-            dedup: Dedup::default(),
-            routes: Vec::new(),
-            max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
-        }
+        TrafficSettings::from_spec(&TrafficPolicySpec::default(), None)
     }
 }
 
@@ -315,7 +306,12 @@ impl TrafficSettings {
 
 impl TrafficSettings {
     fn from_resource(policy: &TrafficPolicy) -> Self {
-        let spec = &policy.spec;
+        let name = format!("{}/{}", policy.metadata.namespace, policy.metadata.name);
+        TrafficSettings::from_spec(&policy.spec, Some(name))
+    }
+
+    /// Compiles a traffic policy's spec; `policy` names the resource it came from.
+    fn from_spec(spec: &TrafficPolicySpec, policy: Option<String>) -> Self {
         let limits: Vec<RateLimitRule> = spec
             .rate_limits
             .iter()
@@ -330,10 +326,7 @@ impl TrafficSettings {
             })
             .collect();
         TrafficSettings {
-            policy: Some(format!(
-                "{}/{}",
-                policy.metadata.namespace, policy.metadata.name
-            )),
+            policy,
             timeouts: spec.timeouts,
             retries: spec.retries.clone(),
             rate_limits: limits,
