@@ -297,6 +297,34 @@ pub fn python_script(script: &str) -> Result<(PathBuf, PathBuf), HarnessError> {
     Ok((python, root.join("tests/python").join(script)))
 }
 
+/// Starts a server script of `tests/python/` as `script PORT ARGS...` on a free loopback port
+/// and waits until it listens; stopped on drop. `quiet` discards its stderr (for the demo);
+/// otherwise it goes to this process's stderr, where a failing test shows it.
+pub fn start_python_server(
+    script: &str,
+    args: &[&str],
+    quiet: bool,
+) -> Result<(KillOnDrop, std::net::SocketAddr), HarnessError> {
+    let (python, path) = python_script(script)?;
+    let port = free_port()?;
+    let child = Command::new(python)
+        .arg(path)
+        .arg(port.to_string())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(if quiet {
+            Stdio::null()
+        } else {
+            Stdio::inherit()
+        })
+        .spawn()
+        .map_err(io_error(format!("starting {script}")))?;
+    let server = KillOnDrop(child);
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_port(address, Duration::from_secs(30))?;
+    Ok((server, address))
+}
+
 /// A child process killed (and reaped) on drop, so a failing test leaves no server behind.
 #[derive(Debug)]
 pub struct KillOnDrop(pub Child);

@@ -20,8 +20,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use mesh_tests::{
-    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, attached_programs, free_port,
-    python_script, unique_name, wait_for_port,
+    AgentOptions, AgentProcess, CgroupTree, attached_programs, free_port, python_script,
+    unique_name,
 };
 
 use crate::util::{build, step};
@@ -159,28 +159,12 @@ spec:
     )
 }
 
-/// An MCP tool server from the test clients (the `mcp` SDK's Streamable HTTP server).
-fn start_mcp_server() -> anyhow::Result<(KillOnDrop, SocketAddr)> {
-    let (python, script) = python_script("mcp_tools_server.py")?;
-    let port = free_port()?;
-    let child = Command::new(python)
-        .arg(script)
-        .arg(port.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting the MCP tool server")?;
-    let server = KillOnDrop(child);
-    let address = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_for_port(address, Duration::from_secs(30))?;
-    Ok((server, address))
-}
-
 pub fn run() -> anyhow::Result<()> {
     build(false)?;
     let server = DemoServer::start()?;
     let url = format!("http://{}/", server.address);
-    let (mcp_server, mcp_address) = start_mcp_server()?;
+    let (mcp_server, mcp_address) =
+        mesh_tests::start_python_server("mcp_tools_server.py", &[], true)?;
     let policy_dir = std::env::temp_dir().join(unique_name("demo-policies"));
     std::fs::create_dir_all(&policy_dir)?;
     let _remove_policies = RemoveOnDrop(policy_dir.clone());

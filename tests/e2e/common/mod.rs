@@ -10,15 +10,12 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use mesh_tests::{
-    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, free_port, python_script, unique_name,
-    wait_for_port,
-};
+use mesh_tests::{AgentOptions, AgentProcess, CgroupTree, KillOnDrop, python_script, unique_name};
 use serde_json::Value;
 
 /// A cgroup tree with an agent and one enrolled workload named "planner", and the folder of
@@ -171,38 +168,13 @@ pub fn agent_resource(name: &str, hosts: &[&str], endpoint: SocketAddr, protocol
 /// with the port as its first argument and `args` after it; waits until it accepts
 /// connections. The server is killed when the returned guard drops.
 pub fn start_python_server(script: &str, args: &[&str]) -> (KillOnDrop, SocketAddr) {
-    let (python, path) = python_script(script).expect("test virtualenv");
-    let port = free_port().expect("free port");
-    let child = Command::new(python)
-        .arg(path)
-        .arg(port.to_string())
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|error| panic!("start {script}: {error}"));
-    let server = KillOnDrop(child);
-    let address = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_for_port(address, Duration::from_secs(30))
-        .unwrap_or_else(|error| panic!("{script} never listened: {error}"));
-    (server, address)
+    mesh_tests::start_python_server(script, args, false)
+        .unwrap_or_else(|error| panic!("{script}: {error}"))
 }
 
 /// An MCP tool server (the `mcp` SDK) on a free port, stopped on drop.
 pub fn start_mcp_server() -> (KillOnDrop, SocketAddr) {
-    let (python, script) = python_script("mcp_tools_server.py").expect("test virtualenv");
-    let port = free_port().expect("free port");
-    let child = Command::new(python)
-        .arg(script)
-        .arg(port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the MCP server");
-    let server = KillOnDrop(child);
-    let address = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_for_port(address, Duration::from_secs(30)).expect("MCP server up");
-    (server, address)
+    start_python_server("mcp_tools_server.py", &[])
 }
 
 /// Runs the `mcp` SDK client in the planner's cgroup and returns its JSON report.
