@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod identity;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;

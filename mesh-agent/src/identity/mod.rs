@@ -1,0 +1,60 @@
+//! Workload and node identity: SPIFFE IDs, the certificates that prove them, and the rustls
+//! configurations built from those certificates.
+//!
+//! Every workload has a SPIFFE ID (`spiffe://<trust-domain>/agent/<name>` on bare metal,
+//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>` on Kubernetes); every node
+//! agent has one too (`spiffe://<trust-domain>/node/<name>`). The rest of the agent sees
+//! identity only through [`TlsCredentials`]: the node-to-node tunnel asks it for a server
+//! configuration (the node's own certificate, client certificates required) and for a client
+//! configuration presenting a given workload's certificate. Peer identities are read from the
+//! verified certificate with [`spiffe_id_of_certificate`].
+
+mod spiffe;
+
+pub use spiffe::{SpiffeId, SpiffeIdError, spiffe_id_of_certificate};
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+/// Why credentials could not be provided.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no certificate for {identity} yet: {reason}")]
+    NotIssued { identity: String, reason: String },
+    #[error("identity {identity} is outside the trust domain {trust_domain}")]
+    ForeignTrustDomain {
+        identity: String,
+        trust_domain: String,
+    },
+    #[error("cannot build the TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A boxed future, so [`TlsCredentials`] stays object safe.
+pub type CredentialsFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, IdentityError>> + Send + 'a>>;
+
+/// What the transport needs from identity: rustls configurations that always reflect the
+/// current certificates and trust bundle (rotation swaps what these return; connections already
+/// open keep the configuration they started with).
+pub trait TlsCredentials: Send + Sync + std::fmt::Debug {
+    /// The trust domain every peer must belong to.
+    fn trust_domain(&self) -> &str;
+
+    /// This node's SPIFFE ID.
+    fn node_identity(&self) -> &SpiffeId;
+
+    /// Server side of the node-to-node tunnel: presents this node's certificate, requires a
+    /// client certificate that chains to the current trust bundle and carries exactly one
+    /// SPIFFE ID of the trust domain. ALPN `h2`.
+    fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError>;
+
+    /// Client side: presents `source`'s certificate (issued on first use, then rotated), and
+    /// accepts only a server certificate that chains to the trust bundle and names a node of
+    /// the trust domain. ALPN `h2`.
+    fn client_config<'a>(
+        &'a self,
+        source: &'a SpiffeId,
+    ) -> CredentialsFuture<'a, Arc<rustls::ClientConfig>>;
+}
