@@ -226,13 +226,17 @@ pub struct AgentSpec {
 }
 
 /// One instance of an agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointSpec {
     pub address: SocketAddr,
     /// Relative load-balancing weight; 0 drains the instance.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// The mesh node the instance runs on (its `Node` record's name). Absent: reachable
+    /// directly from every node (an address outside the mesh, or a single-node mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 fn default_weight() -> u32 {

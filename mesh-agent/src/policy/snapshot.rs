@@ -6,7 +6,10 @@ use std::{
     collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
     net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use super::{
@@ -22,11 +25,13 @@ use super::{
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// One instance of an agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub address: SocketAddr,
     /// Relative weight; 0 = drained.
     pub weight: u32,
+    /// The mesh node the instance runs on; `None` when reachable directly from every node.
+    pub node: Option<Arc<str>>,
 }
 
 /// A registered agent, as the proxy sees it.
@@ -74,6 +79,7 @@ impl AgentEntry {
                 .map(|e| Endpoint {
                     address: e.address,
                     weight: e.weight,
+                    node: e.node.as_deref().map(Arc::from),
                 })
                 .collect(),
             protocol: agent.spec.protocol,

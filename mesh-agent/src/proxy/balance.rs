@@ -401,6 +401,7 @@ mod tests {
                 .map(|(port, weight)| Endpoint {
                     address: SocketAddr::from(([127, 0, 0, 1], *port)),
                     weight: *weight,
+                    node: None,
                 })
                 .collect(),
             protocol: Protocol::default(),
