@@ -192,6 +192,7 @@ pub fn etcd_settings(spec: &EtcdSpec) -> EtcdSettings {
         prefix: spec.prefix.clone(),
         dial_timeout: spec.dial_timeout,
         request_timeout: spec.dial_timeout.max(Duration::from_secs(1)) * 2,
+        tls: spec.tls.as_ref().map(|tls| tls.settings()),
     }
 }
 

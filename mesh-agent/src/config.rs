@@ -85,8 +85,12 @@ pub struct AgentSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct EtcdSpec {
-    /// Client URLs (`http://host:2379`); TLS to etcd is not supported yet.
+    /// Client URLs: `http://host:2379`, or `https://host:2379` with `tls`.
     pub endpoints: Vec<String>,
+    /// TLS to etcd: the CA of etcd's serving certificate and, when etcd runs with
+    /// `--client-cert-auth`, this node's client certificate. Paths relative to the config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EtcdTlsSpec>,
     /// Key prefix of the mesh's resources.
     pub prefix: String,
     /// Last-known-good resources, served at start while etcd is unreachable; relative to
@@ -103,10 +107,40 @@ pub struct EtcdSpec {
     pub lease_ttl: Duration,
 }
 
+/// `spec.etcd.tls`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EtcdTlsSpec {
+    /// PEM CA certificate(s) that signed etcd's serving certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate, with `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `certFile` (keep it mode 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Name expected in etcd's certificate, when it differs from the endpoints' host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+impl EtcdTlsSpec {
+    /// The client-side settings.
+    pub fn settings(&self) -> crate::control::EtcdTls {
+        crate::control::EtcdTls {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            server_name: self.server_name.clone(),
+        }
+    }
+}
+
 impl Default for EtcdSpec {
     fn default() -> Self {
         Self {
             endpoints: vec!["http://127.0.0.1:2379".to_owned()],
+            tls: None,
             prefix: crate::control::keys::DEFAULT_PREFIX.to_owned(),
             cache_file: PathBuf::from("/var/lib/agent-mesh/etcd-cache.json"),
             dial_timeout: Duration::from_secs(5),
@@ -276,10 +310,25 @@ impl AgentConfig {
             config.spec.policy.dir = Some(parent.join(dir));
         }
         if let Some(etcd) = &mut config.spec.etcd
-            && etcd.cache_file.is_relative()
             && let Some(parent) = path.parent()
         {
-            etcd.cache_file = parent.join(&etcd.cache_file);
+            if etcd.cache_file.is_relative() {
+                etcd.cache_file = parent.join(&etcd.cache_file);
+            }
+            if let Some(tls) = &mut etcd.tls {
+                for file in [
+                    Some(&mut tls.ca_file),
+                    tls.cert_file.as_mut(),
+                    tls.key_file.as_mut(),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    if file.is_relative() {
+                        *file = parent.join(&*file);
+                    }
+                }
+            }
         }
         config.validate()?;
         Ok(config)
@@ -384,8 +433,21 @@ impl AgentConfig {
             ));
         }
         for (index, endpoint) in etcd.endpoints.iter().enumerate() {
-            if let Some(problem) = crate::control::etcd::endpoint_problem(endpoint) {
+            if let Some(problem) =
+                crate::control::etcd::endpoint_problem(endpoint, etcd.tls.is_some())
+            {
                 return Err(invalid(&format!("spec.etcd.endpoints[{index}]"), problem));
+            }
+        }
+        if let Some(tls) = &etcd.tls {
+            if tls.ca_file.as_os_str().is_empty() {
+                return Err(invalid("spec.etcd.tls.caFile", "must not be empty"));
+            }
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return Err(invalid(
+                    "spec.etcd.tls",
+                    "certFile and keyFile go together: give both, or neither",
+                ));
             }
         }
         if let Some(problem) = crate::control::keys::prefix_problem(&etcd.prefix) {

@@ -713,3 +713,71 @@ fn an_agent_rides_out_compaction_and_etcd_outages_and_starts_from_its_cache() {
     );
     assert!(Path::new(&mesh.cache_file()).is_file());
 }
+
+#[test]
+fn etcd_over_tls_with_client_certificates_serves_meshctl_and_agents() {
+    let etcd = EtcdServer::start_tls().expect("start etcd with TLS");
+    let files_tls = etcd.tls.clone().expect("TLS files");
+    let backend = start_backend();
+    let files = Files::new();
+    let registry = files.write(
+        "registry.yaml",
+        &[agent_doc("tools", "tools.mesh", backend)],
+    );
+    // meshctl with the CA and a client certificate: applies and reads back.
+    ctl(&etcd, &["apply", "-f", &registry], 0);
+    let (stdout, _) = ctl(&etcd, &["get", "agents"], 0);
+    assert!(stdout.contains("tools"), "{stdout}");
+
+    // Without a client certificate etcd refuses the handshake: nothing is read.
+    let ca = format!("--etcd-ca={}", files_tls.ca.display());
+    let (status, stdout, stderr) =
+        text(&meshctl(&etcd.endpoint(), &[&ca, "--timeout=2s", "get", "agents"]).unwrap());
+    assert_ne!(status, 0, "no client certificate: {stdout}");
+    assert!(!stdout.contains("tools"), "{stdout}");
+    assert!(!stderr.is_empty());
+    // An https endpoint without TLS settings is a usage error naming the fix.
+    let (status, _, stderr) = text(&meshctl(&etcd.endpoint(), &["get", "agents"]).unwrap());
+    assert_eq!(status, 2, "{stderr}");
+    assert!(stderr.contains("--etcd-ca"), "{stderr}");
+    // A CA that did not sign etcd's certificate: the server is not trusted.
+    let other = std::env::temp_dir().join(unique_name("other-ca"));
+    fs::create_dir_all(&other).unwrap();
+    let other_files = mesh_tests::etcd::EtcdTlsFiles::generate(&other).unwrap();
+    let (status, stdout, _) = text(
+        &meshctl(
+            &etcd.endpoint(),
+            &[
+                &format!("--etcd-ca={}", other_files.ca.display()),
+                &format!("--etcd-cert={}", files_tls.client_cert.display()),
+                &format!("--etcd-key={}", files_tls.client_key.display()),
+                "--timeout=2s",
+                "get",
+                "agents",
+            ],
+        )
+        .unwrap(),
+    );
+    let _ = fs::remove_dir_all(&other);
+    assert_ne!(status, 0, "untrusted etcd certificate: {stdout}");
+
+    // An agent configured with spec.etcd.tls syncs over TLS and enforces what meshctl applies.
+    let mesh = EtcdMesh::start("control-tls", &etcd);
+    assert_eq!(mesh.metric("mesh_control_connected"), 1.0);
+    assert_eq!(mesh.call(backend, "search"), 200);
+    let policy = files.write(
+        "policy.yaml",
+        &[policy_doc(
+            "planner-tools",
+            "tools",
+            "Allow",
+            "planner",
+            "add",
+        )],
+    );
+    ctl(&etcd, &["apply", "-f", &policy], 0);
+    mesh.wait_for("the policy to be enforced", Duration::from_secs(30), || {
+        mesh.call(backend, "search") == 403
+    });
+    assert_eq!(mesh.call(backend, "add"), 200);
+}

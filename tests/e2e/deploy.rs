@@ -420,13 +420,13 @@ fn example_policy_resources() -> String {
     ]))
 }
 
-/// Values that turn on everything the chart can render: etcd mode (plain HTTP endpoints, the
-/// not-yet-read TLS Secret), the signer, telemetry.
+/// Values that turn on everything the chart can render: etcd mode over TLS with a client
+/// certificate Secret, the signer, telemetry.
 fn everything_on_values() -> String {
     r#"{
         "image": {"repository": "registry.example.com/mesh-agent", "tag": "test"},
         "imagePullSecrets": [{"name": "registry"}],
-        "etcd": {"endpoints": ["http://etcd-0.etcd:2379", "http://10.0.0.6:2379"],
+        "etcd": {"endpoints": ["https://etcd-0.etcd:2379", "https://10.0.0.6:2379"],
                  "prefix": "/mesh/prod", "leaseTtl": "20s",
                  "tls": {"secretName": "etcd-client-tls"}},
         "telemetry": {"otlpEndpoint": "http://otel-collector:4317"},
@@ -585,9 +585,10 @@ fn helm_with_everything_on_renders_valid_manifests() {
     validate_against_schemas(std::slice::from_ref(&manifests));
     let rendered = fs::read_to_string(&manifests).unwrap();
     for expected in [
-        "kind: Deployment",            // the signer
-        "- ca",                        // its (future) subcommand
-        "secretName: etcd-client-tls", // etcd TLS mounted (not read yet)
+        "kind: Deployment",                        // the signer
+        "- ca",                                    // its (future) subcommand
+        "secretName: etcd-client-tls",             // etcd TLS Secret mounted
+        "caFile: /etc/agent-mesh/etcd-tls/ca.crt", // and read by the agent
         "image: registry.example.com/mesh-agent:test",
         "admin: 0.0.0.0:15020",
         "prometheus.io/scrape",
@@ -607,12 +608,12 @@ fn helm_with_everything_on_renders_valid_manifests() {
         "{notes}"
     );
     assert!(
-        notes.contains("meshctl --etcd http://etcd-0.etcd:2379,http://10.0.0.6:2379 --prefix /mesh/prod apply -f"),
+        notes.contains("meshctl --etcd https://etcd-0.etcd:2379,https://10.0.0.6:2379 --prefix /mesh/prod apply -f"),
         "{notes}"
     );
     assert!(
         notes.contains(
-            "etcd.tls.secretName is mounted, but this mesh-agent does not support etcd TLS yet"
+            "etcd over TLS: the agents present the client certificate of Secret etcd-client-tls"
         ),
         "{notes}"
     );
@@ -627,7 +628,7 @@ fn helm_with_everything_on_renders_valid_manifests() {
     assert_eq!(digest["terminationGracePeriodSeconds"], 45);
     assert_eq!(
         digest["etcd"].to_string(),
-        r#"{"cacheFile":"/var/lib/agent-mesh/etcd-cache.json","dialTimeout":"5s","endpoints":["http://etcd-0.etcd:2379","http://10.0.0.6:2379"],"leaseTtl":"20s","prefix":"/mesh/prod"}"#
+        r#"{"cacheFile":"/var/lib/agent-mesh/etcd-cache.json","dialTimeout":"5s","endpoints":["https://etcd-0.etcd:2379","https://10.0.0.6:2379"],"leaseTtl":"20s","prefix":"/mesh/prod","tls":{"caFile":"/etc/agent-mesh/etcd-tls/ca.crt","certFile":"/etc/agent-mesh/etcd-tls/tls.crt","keyFile":"/etc/agent-mesh/etcd-tls/tls.key"}}"#
     );
     assert_eq!(
         digest["etcdCache"].to_string(),
@@ -641,7 +642,8 @@ fn helm_with_everything_on_renders_valid_manifests() {
     assert!(
         output.status.success()
             && validated.contains("name: node-a.example")
-            && validated.contains("http://etcd-0.etcd:2379")
+            && validated.contains("https://etcd-0.etcd:2379")
+            && validated.contains("caFile: /etc/agent-mesh/etcd-tls/ca.crt")
             && validated.contains("prefix: /mesh/prod")
             && !text(&output.stderr).contains("policy folder"),
         "etcd mode as the agent reads it:\n{validated}\n{}",
@@ -693,7 +695,11 @@ fn helm_refuses_values_that_cannot_work() {
         ),
         (
             r#"{"etcd": {"endpoints": ["http://etcd-0:2379", "https://etcd-1:2379"]}}"#,
-            "etcd.endpoints: https://etcd-1:2379 uses TLS, which mesh-agent does not support yet",
+            "etcd.endpoints: https://etcd-1:2379 uses TLS: set etcd.tls.secretName",
+        ),
+        (
+            r#"{"etcd": {"endpoints": ["http://etcd-0:2379"], "tls": {"secretName": "etcd-tls"}}}"#,
+            "etcd.endpoints: http://etcd-0:2379 must be an https://HOST:PORT URL",
         ),
         (
             r#"{"etcd": {"endpoints": ["etcd-0:2379"]}}"#,

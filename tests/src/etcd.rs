@@ -12,10 +12,81 @@ use std::{
 
 use crate::{HarnessError, free_port, io_error, target_profile_dir, unique_name};
 
+/// PEM files of an etcd that serves TLS and requires client certificates: a CA made for the
+/// test, etcd's serving certificate (127.0.0.1 and localhost), and a client certificate.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdTlsFiles {
+    /// Makes a fresh CA and the server and client certificates it signs, in `dir`.
+    pub fn generate(dir: &Path) -> Result<Self, HarnessError> {
+        let failed = |what: &str, error: rcgen::Error| HarnessError::CommandFailed {
+            command: format!("rcgen ({what})"),
+            output: error.to_string(),
+        };
+        let ca_key = rcgen::KeyPair::generate().map_err(|e| failed("CA key", e))?;
+        let mut ca_params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| failed("CA", e))?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "etcd test CA");
+        let ca_cert = ca_params
+            .self_signed(&ca_key)
+            .map_err(|e| failed("CA", e))?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose| {
+            let key = rcgen::KeyPair::generate().map_err(|e| failed("leaf key", e))?;
+            let mut params = rcgen::CertificateParams::new(names).map_err(|e| failed("leaf", e))?;
+            params.extended_key_usages = vec![usage];
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "etcd test");
+            let cert = params
+                .signed_by(&key, &issuer)
+                .map_err(|e| failed("leaf", e))?;
+            Ok::<_, HarnessError>((cert.pem(), key.serialize_pem()))
+        };
+        let (server_cert, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+        let (client_cert, client_key) = leaf(
+            vec!["mesh-client".into()],
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        let files = EtcdTlsFiles {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        };
+        for (path, text) in [
+            (&files.ca, ca_cert.pem()),
+            (&files.server_cert, server_cert),
+            (&files.server_key, server_key),
+            (&files.client_cert, client_cert),
+            (&files.client_key, client_key),
+        ] {
+            fs::write(path, text).map_err(io_error("writing a test certificate"))?;
+        }
+        Ok(files)
+    }
+}
+
 /// A running (or stopped) etcd member of its own one-node cluster.
 #[derive(Debug)]
 pub struct EtcdServer {
     child: Option<Child>,
+    /// Set when etcd serves TLS and requires client certificates.
+    pub tls: Option<EtcdTlsFiles>,
     pub client_port: u16,
     pub peer_port: u16,
     pub data_dir: PathBuf,
@@ -27,11 +98,27 @@ pub struct EtcdServer {
 impl EtcdServer {
     /// Starts etcd and waits until it answers.
     pub fn start() -> Result<Self, HarnessError> {
+        Self::start_with(false)
+    }
+
+    /// Starts etcd serving TLS on its client port, with `--client-cert-auth` (certificates
+    /// made for this server by [`EtcdTlsFiles::generate`]).
+    pub fn start_tls() -> Result<Self, HarnessError> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Result<Self, HarnessError> {
         let name = unique_name("etcd");
         let work_dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&work_dir).map_err(io_error("creating etcd's work folder"))?;
+        let tls = if tls {
+            Some(EtcdTlsFiles::generate(&work_dir)?)
+        } else {
+            None
+        };
         let mut server = EtcdServer {
             child: None,
+            tls,
             client_port: free_port()?,
             peer_port: free_port()?,
             data_dir: work_dir.join("data"),
@@ -43,9 +130,22 @@ impl EtcdServer {
         Ok(server)
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`.
+    /// The client URL, `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Client TLS flags shared by etcdctl and meshctl (`--cacert`/`--etcd-ca` spelling aside).
+    fn client_tls_args(&self, ca: &str, cert: &str, key: &str) -> Vec<String> {
+        match &self.tls {
+            Some(files) => vec![
+                format!("{ca}={}", files.ca.display()),
+                format!("{cert}={}", files.client_cert.display()),
+                format!("{key}={}", files.client_key.display()),
+            ],
+            None => Vec::new(),
+        }
     }
 
     fn spawn(&mut self) -> Result<(), HarnessError> {
@@ -58,7 +158,18 @@ impl EtcdServer {
             .try_clone()
             .map_err(io_error("duplicating etcd's log"))?;
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(files) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&files.server_cert)
+                .arg("--key-file")
+                .arg(&files.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&files.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name")
             .arg(&self.name)
             .arg("--data-dir")
@@ -121,6 +232,7 @@ impl EtcdServer {
             .arg("--endpoints")
             .arg(self.endpoint())
             .args(["--dial-timeout", "1s", "--command-timeout", "5s"])
+            .args(self.client_tls_args("--cacert", "--cert", "--key"))
             .args(args)
             .output()
             .map_err(io_error("running etcdctl (Debian's etcd-client)"))?;
@@ -158,7 +270,10 @@ impl EtcdServer {
 
     /// Runs `meshctl` with `--etcd` pointing here.
     pub fn meshctl(&self, args: &[&str]) -> Result<Output, HarnessError> {
-        meshctl(&self.endpoint(), args)
+        let tls = self.client_tls_args("--etcd-ca", "--etcd-cert", "--etcd-key");
+        let mut all: Vec<&str> = tls.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        meshctl(&self.endpoint(), &all)
     }
 }
 
@@ -210,6 +325,8 @@ pub fn meshctl(endpoint: &str, args: &[&str]) -> Result<Output, HarnessError> {
 #[derive(Debug, Clone)]
 pub struct AgentEtcd {
     pub endpoint: String,
+    /// TLS to etcd (CA, client certificate and key), when the server has it.
+    pub tls: Option<EtcdTlsFiles>,
     pub cache_file: PathBuf,
     pub dial_timeout: Duration,
     pub debounce: Duration,
@@ -221,6 +338,7 @@ impl AgentEtcd {
     pub fn new(server: &EtcdServer, dir: &Path) -> Self {
         AgentEtcd {
             endpoint: server.endpoint(),
+            tls: server.tls.clone(),
             cache_file: dir.join("etcd-cache.json"),
             dial_timeout: Duration::from_secs(1),
             debounce: Duration::from_millis(20),
@@ -231,13 +349,22 @@ impl AgentEtcd {
     /// The `spec.etcd` section of an agent config (YAML, indented for `spec:`).
     pub fn yaml(&self) -> String {
         let quote = |text: &str| serde_json::Value::String(text.to_owned()).to_string();
-        format!(
+        let mut yaml = format!(
             "  etcd:\n    endpoints: [{}]\n    cacheFile: {}\n    dialTimeout: {}ms\n    debounce: {}ms\n    leaseTtl: {}s\n",
             quote(&self.endpoint),
             quote(&self.cache_file.to_string_lossy()),
             self.dial_timeout.as_millis(),
             self.debounce.as_millis(),
             self.lease_ttl.as_secs()
-        )
+        );
+        if let Some(files) = &self.tls {
+            yaml.push_str(&format!(
+                "    tls:\n      caFile: {}\n      certFile: {}\n      keyFile: {}\n",
+                quote(&files.ca.to_string_lossy()),
+                quote(&files.client_cert.to_string_lossy()),
+                quote(&files.client_key.to_string_lossy())
+            ));
+        }
+        yaml
     }
 }

@@ -17,7 +17,7 @@ use crate::policy::{
 
 use super::{
     ControlError,
-    etcd::{Etcd, EtcdSettings},
+    etcd::{Etcd, EtcdSettings, EtcdTls},
     keys,
     node::NodeRecord,
     ops::{self, Stored},
@@ -41,6 +41,15 @@ pub struct Meshctl {
         value_delimiter = ','
     )]
     pub etcd: Vec<String>,
+    /// CA certificate (PEM) of etcd's serving certificate; turns TLS on (https:// endpoints).
+    #[arg(long, global = true, env = "MESH_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth, with --etcd-key.
+    #[arg(long, global = true, env = "MESH_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, global = true, env = "MESH_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
     /// Key prefix of the mesh's resources.
     #[arg(long, global = true, env = "MESH_PREFIX", default_value = keys::DEFAULT_PREFIX)]
     pub prefix: String,
@@ -152,6 +161,12 @@ impl Meshctl {
             prefix: self.prefix.clone(),
             dial_timeout: self.timeout,
             request_timeout: self.timeout,
+            tls: self.etcd_ca.as_ref().map(|ca| EtcdTls {
+                ca_file: ca.clone(),
+                cert_file: self.etcd_cert.clone(),
+                key_file: self.etcd_key.clone(),
+                server_name: None,
+            }),
         }
     }
 }

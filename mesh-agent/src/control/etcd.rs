@@ -3,9 +3,16 @@
 //! "unreachable" (retry, serve the last good state, exit code 4) and the rest, and a consistent
 //! listing of several kinds at one revision.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
+    TxnOpResponse,
+};
 
 use crate::policy::Kind;
 
@@ -22,6 +29,62 @@ pub struct EtcdSettings {
     pub dial_timeout: Duration,
     /// Time allowed for one request (a connection included).
     pub request_timeout: Duration,
+    /// TLS to etcd (`https://` endpoints); `None` for plain `http://`.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS settings for etcd: the CA that signed etcd's serving certificate, and a client
+/// certificate when etcd requires one (`--client-cert-auth`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EtcdTls {
+    /// PEM file with the CA certificate(s) to trust for etcd's server certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate (chain), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Name to verify in etcd's certificate instead of the endpoint's host.
+    pub server_name: Option<String>,
+}
+
+impl EtcdTls {
+    /// Reads the files into etcd-client's TLS options; the error names the file and the fix.
+    fn options(&self) -> Result<TlsOptions, EtcdError> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path).map_err(|error| EtcdError::Tls {
+                problem: format!("cannot read the etcd {what} {}: {error}", path.display()),
+            })
+        };
+        let ca = read(&self.ca_file, "CA file")?;
+        if !String::from_utf8_lossy(&ca).contains("-----BEGIN CERTIFICATE-----") {
+            return Err(EtcdError::Tls {
+                problem: format!(
+                    "the etcd CA file {} holds no PEM certificate",
+                    self.ca_file.display()
+                ),
+            });
+        }
+        let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                let identity =
+                    Identity::from_pem(read(cert, "client certificate")?, read(key, "client key")?);
+                options = options.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(EtcdError::Tls {
+                    problem: "an etcd client certificate needs both its certificate file and its \
+                              key file"
+                        .to_owned(),
+                });
+            }
+        }
+        if let Some(name) = &self.server_name {
+            options = options.domain_name(name.clone());
+        }
+        Ok(options)
+    }
 }
 
 impl EtcdSettings {
@@ -32,6 +95,7 @@ impl EtcdSettings {
             prefix: keys::DEFAULT_PREFIX.to_owned(),
             dial_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 
@@ -63,6 +127,9 @@ pub enum EtcdError {
     /// An endpoint that cannot be used.
     #[error("invalid etcd endpoint {endpoint:?}: {problem}")]
     Endpoint { endpoint: String, problem: String },
+    /// TLS settings that cannot be used.
+    #[error("etcd TLS: {problem}")]
+    Tls { problem: String },
 }
 
 impl EtcdError {
@@ -72,24 +139,41 @@ impl EtcdError {
     }
 }
 
-/// Why an endpoint cannot be used, if it cannot.
-pub fn endpoint_problem(endpoint: &str) -> Option<String> {
-    if endpoint.starts_with("https://") {
-        return Some(
-            "TLS to etcd is not supported yet; use an http:// endpoint (e.g. a local etcd \
-             proxy or grpc-proxy that terminates TLS)"
-                .to_owned(),
-        );
-    }
-    let rest = endpoint.strip_prefix("http://").unwrap_or(endpoint);
+/// Why an endpoint cannot be used, if it cannot. `tls` says whether TLS settings are given:
+/// `https://` needs them (the CA to trust), `http://` must not have them (a plaintext
+/// endpoint with TLS settings is a mistake that would silently send secrets in clear).
+pub fn endpoint_problem(endpoint: &str, tls: bool) -> Option<String> {
+    let rest = if let Some(rest) = endpoint.strip_prefix("https://") {
+        if !tls {
+            return Some(
+                "an https:// endpoint needs TLS settings: the CA that signed etcd's certificate \
+                 (spec.etcd.tls.caFile, or meshctl --etcd-ca)"
+                    .to_owned(),
+            );
+        }
+        rest
+    } else if let Some(rest) = endpoint.strip_prefix("http://") {
+        if tls {
+            return Some(
+                "TLS settings are given but this endpoint is plain http://: use https://"
+                    .to_owned(),
+            );
+        }
+        rest
+    } else {
+        endpoint
+    };
     let rest = rest.trim_end_matches('/');
+    let scheme = if tls { "https" } else { "http" };
     if rest.is_empty() || rest.contains('/') || rest.contains("://") {
-        return Some("expected http://HOST:PORT".to_owned());
+        return Some(format!("expected {scheme}://HOST:PORT"));
     }
     let port = rest.rsplit_once(':').map(|(_, port)| port);
     match port.map(str::parse::<u16>) {
         Some(Ok(port)) if port != 0 => None,
-        _ => Some("expected http://HOST:PORT with a port (etcd's client port is 2379)".to_owned()),
+        _ => Some(format!(
+            "expected {scheme}://HOST:PORT with a port (etcd's client port is 2379)"
+        )),
     }
 }
 
@@ -148,7 +232,7 @@ impl Etcd {
             });
         }
         for endpoint in &settings.endpoints {
-            if let Some(problem) = endpoint_problem(endpoint) {
+            if let Some(problem) = endpoint_problem(endpoint, settings.tls.is_some()) {
                 return Err(EtcdError::Endpoint {
                     endpoint: endpoint.clone(),
                     problem,
@@ -161,10 +245,13 @@ impl Etcd {
                 problem: format!("key prefix {problem}"),
             });
         }
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(settings.dial_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = &settings.tls {
+            options = options.with_tls(tls.options()?);
+        }
         let connect = Client::connect(&settings.endpoints, Some(options));
         let client = match tokio::time::timeout(settings.request_timeout, connect).await {
             Ok(Ok(client)) => client,
@@ -319,15 +406,56 @@ mod tests {
 
     #[test]
     fn endpoints_are_checked() {
-        assert_eq!(endpoint_problem("http://127.0.0.1:2379"), None);
-        assert_eq!(endpoint_problem("127.0.0.1:2379"), None);
-        assert_eq!(endpoint_problem("http://etcd-1.example:2379/"), None);
-        assert_eq!(endpoint_problem("http://[::1]:2379"), None);
-        assert!(endpoint_problem("https://etcd:2379").is_some_and(|p| p.contains("TLS")));
-        assert!(endpoint_problem("http://etcd").is_some());
-        assert!(endpoint_problem("http://etcd:0").is_some());
-        assert!(endpoint_problem("http://etcd:2379/v3").is_some());
-        assert!(endpoint_problem("").is_some());
+        assert_eq!(endpoint_problem("http://127.0.0.1:2379", false), None);
+        assert_eq!(endpoint_problem("127.0.0.1:2379", false), None);
+        assert_eq!(endpoint_problem("http://etcd-1.example:2379/", false), None);
+        assert_eq!(endpoint_problem("http://[::1]:2379", false), None);
+        assert!(endpoint_problem("https://etcd:2379", false).is_some_and(|p| p.contains("TLS")));
+        assert!(endpoint_problem("http://etcd", false).is_some());
+        assert!(endpoint_problem("http://etcd:0", false).is_some());
+        assert!(endpoint_problem("http://etcd:2379/v3", false).is_some());
+        assert!(endpoint_problem("", false).is_some());
+        // With TLS settings: https (or no scheme) only.
+        assert_eq!(endpoint_problem("https://etcd:2379", true), None);
+        assert_eq!(endpoint_problem("etcd:2379", true), None);
+        assert!(endpoint_problem("http://etcd:2379", true).is_some_and(|p| p.contains("https")));
+        assert!(endpoint_problem("https://etcd", true).is_some_and(|p| p.contains("https://")));
+    }
+
+    #[tokio::test]
+    async fn unusable_tls_files_are_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = EtcdSettings::new(vec!["https://127.0.0.1:2379".to_owned()]);
+        settings.tls = Some(EtcdTls {
+            ca_file: dir.path().join("missing-ca.pem"),
+            ..EtcdTls::default()
+        });
+        let error = Etcd::connect(settings.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("missing-ca.pem"), "{error}");
+
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        settings.tls = Some(EtcdTls {
+            ca_file: ca.clone(),
+            ..EtcdTls::default()
+        });
+        let error = Etcd::connect(settings.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no PEM certificate"), "{error}");
+
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        settings.tls = Some(EtcdTls {
+            ca_file: ca,
+            cert_file: Some(dir.path().join("client.pem")),
+            ..EtcdTls::default()
+        });
+        let error = Etcd::connect(settings).await.unwrap_err().to_string();
+        assert!(error.contains("key file"), "{error}");
     }
 
     #[tokio::test]

@@ -44,7 +44,7 @@ pub mod node;
 pub mod ops;
 pub mod sync;
 
-pub use etcd::{Etcd, EtcdError, EtcdSettings};
+pub use etcd::{Etcd, EtcdError, EtcdSettings, EtcdTls};
 pub use sync::{ControlStatus, ControlStatusSample, InitialSource, SyncOptions, Syncer};
 
 /// A `meshctl` failure, with the exit code it maps to.
@@ -78,7 +78,8 @@ impl ControlError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ControlError::Etcd(EtcdError::Unreachable { .. }) => 4,
-            ControlError::Etcd(EtcdError::Endpoint { .. }) | ControlError::Usage(_) => 2,
+            ControlError::Etcd(EtcdError::Endpoint { .. } | EtcdError::Tls { .. })
+            | ControlError::Usage(_) => 2,
             ControlError::Invalid { .. } => 3,
             ControlError::Etcd(EtcdError::Failed { .. })
             | ControlError::NotFound(_)

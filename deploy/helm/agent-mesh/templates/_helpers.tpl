@@ -102,12 +102,19 @@ spec:
     cacheFile: {{ $.Values.etcd.cacheFile }}
     dialTimeout: {{ $.Values.etcd.dialTimeout }}
     leaseTtl: {{ $.Values.etcd.leaseTtl }}
+    {{- if $.Values.etcd.tls.secretName }}
+    # Secret {{ $.Values.etcd.tls.secretName }}, mounted read-only at /etc/agent-mesh/etcd-tls.
+    tls:
+      caFile: /etc/agent-mesh/etcd-tls/ca.crt
+      certFile: /etc/agent-mesh/etcd-tls/tls.crt
+      keyFile: /etc/agent-mesh/etcd-tls/tls.key
+      {{- with $.Values.etcd.tls.serverName }}
+      serverName: {{ . | quote }}
+      {{- end }}
+    {{- end }}
 {{- end }}
-{{- if or .Values.etcd.tls.secretName .Values.telemetry.otlpEndpoint }}
+{{- if .Values.telemetry.otlpEndpoint }}
 # Recorded for when the agent reads them (NOT READ by this version):
-{{- with .Values.etcd.tls.secretName }}
-#   etcd TLS: Secret {{ . }}, mounted at /etc/agent-mesh/etcd-tls
-{{- end }}
 {{- with .Values.telemetry.otlpEndpoint }}
 #   OTLP endpoint: {{ . }}
 {{- end }}
@@ -143,11 +150,17 @@ args: ["run", "--config", "/etc/agent-mesh/config/agent.yaml"]
 {{- fail (printf "policy.defaultAction must be Allow or Deny, not %v" .Values.policy.defaultAction) }}
 {{- end }}
 {{- range .Values.etcd.endpoints }}
+{{- if $.Values.etcd.tls.secretName }}
+{{- if not (hasPrefix "https://" .) }}
+{{- fail (printf "etcd.endpoints: %s must be an https://HOST:PORT URL: etcd.tls.secretName is set, and TLS settings with a plaintext endpoint would send the mesh's state in clear" .) }}
+{{- end }}
+{{- else }}
 {{- if hasPrefix "https://" . }}
-{{- fail (printf "etcd.endpoints: %s uses TLS, which mesh-agent does not support yet (no TLS or auth to etcd): use http:// endpoints reachable over a trusted network; etcd.tls.secretName is not read yet" .) }}
+{{- fail (printf "etcd.endpoints: %s uses TLS: set etcd.tls.secretName to a Secret with ca.crt, tls.crt and tls.key" .) }}
 {{- end }}
 {{- if not (hasPrefix "http://" .) }}
 {{- fail (printf "etcd.endpoints: %s must be an http://HOST:PORT URL" .) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if .Values.etcd.endpoints }}
