@@ -93,6 +93,8 @@ pub struct EtcdServer {
     pub log_path: PathBuf,
     work_dir: PathBuf,
     name: String,
+    /// `--initial-cluster` when this is one member of several; else a cluster of itself.
+    initial_cluster: Option<String>,
 }
 
 impl EtcdServer {
@@ -108,6 +110,33 @@ impl EtcdServer {
     }
 
     fn start_with(tls: bool) -> Result<Self, HarnessError> {
+        let mut server = Self::prepare(tls)?;
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts a cluster of `members` etcd members on loopback (plain HTTP), and waits until
+    /// every member answers. Each member can be stopped and started again on its own.
+    pub fn start_cluster(members: usize) -> Result<Vec<Self>, HarnessError> {
+        let mut servers = (0..members)
+            .map(|_| Self::prepare(false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let initial_cluster = servers
+            .iter()
+            .map(|server| format!("{}=http://127.0.0.1:{}", server.name, server.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for server in &mut servers {
+            server.initial_cluster = Some(initial_cluster.clone());
+            server.launch()?;
+        }
+        for server in &mut servers {
+            server.wait_healthy()?;
+        }
+        Ok(servers)
+    }
+
+    fn prepare(tls: bool) -> Result<Self, HarnessError> {
         let name = unique_name("etcd");
         let work_dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&work_dir).map_err(io_error("creating etcd's work folder"))?;
@@ -116,7 +145,7 @@ impl EtcdServer {
         } else {
             None
         };
-        let mut server = EtcdServer {
+        Ok(EtcdServer {
             child: None,
             tls,
             client_port: free_port()?,
@@ -125,9 +154,8 @@ impl EtcdServer {
             log_path: work_dir.join("etcd.log"),
             work_dir,
             name,
-        };
-        server.spawn()?;
-        Ok(server)
+            initial_cluster: None,
+        })
     }
 
     /// The client URL, `http://127.0.0.1:PORT` (`https://` with TLS).
@@ -149,6 +177,11 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) -> Result<(), HarnessError> {
+        self.launch()?;
+        self.wait_healthy()
+    }
+
+    fn launch(&mut self) -> Result<(), HarnessError> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -178,7 +211,13 @@ impl EtcdServer {
             .args(["--advertise-client-urls", &self.endpoint()])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("{}={peer}", self.name)])
+            .args([
+                "--initial-cluster",
+                &self
+                    .initial_cluster
+                    .clone()
+                    .unwrap_or_else(|| format!("{}={peer}", self.name)),
+            ])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -187,6 +226,10 @@ impl EtcdServer {
                 "starting etcd (install it with `cargo xtask setup`: Debian's etcd-server)",
             ))?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_healthy(&mut self) -> Result<(), HarnessError> {
         let start = Instant::now();
         loop {
             if self.etcdctl(&["endpoint", "health"]).is_ok() {
@@ -324,6 +367,7 @@ pub fn meshctl(endpoint: &str, args: &[&str]) -> Result<Output, HarnessError> {
 /// The agent side of etcd mode, for [`crate::AgentProcess::start_with_etcd`].
 #[derive(Debug, Clone)]
 pub struct AgentEtcd {
+    /// Client URL(s), comma-separated.
     pub endpoint: String,
     /// TLS to etcd (CA, client certificate and key), when the server has it.
     pub tls: Option<EtcdTlsFiles>,
@@ -351,7 +395,11 @@ impl AgentEtcd {
         let quote = |text: &str| serde_json::Value::String(text.to_owned()).to_string();
         let mut yaml = format!(
             "  etcd:\n    endpoints: [{}]\n    cacheFile: {}\n    dialTimeout: {}ms\n    debounce: {}ms\n    leaseTtl: {}s\n",
-            quote(&self.endpoint),
+            self.endpoint
+                .split(',')
+                .map(quote)
+                .collect::<Vec<_>>()
+                .join(", "),
             quote(&self.cache_file.to_string_lossy()),
             self.dial_timeout.as_millis(),
             self.debounce.as_millis(),
