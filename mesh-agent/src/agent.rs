@@ -24,6 +24,7 @@ use crate::{
         node::NodeRegistration,
     },
     datapath::{Datapath, DatapathError, DatapathSettings},
+    kube::{KubeSettings, PodEnroller, PodEnrolmentSettings},
     policy::{Action, PolicySnapshot, PolicyStore},
     proxy::OutboundProxy,
 };
@@ -49,6 +50,8 @@ pub enum AgentError {
     },
     #[error("etcd settings: {0}")]
     Etcd(EtcdError),
+    #[error("pod enrolment (spec.kubernetes): {0}")]
+    Kubernetes(#[from] crate::kube::KubeError),
 }
 
 /// Where the agent's mesh resources come from. Both sources end in [`PolicyStore::install`].
@@ -185,6 +188,11 @@ pub async fn policy_source(
     })
 }
 
+/// The trust domain of workload identities.
+fn trust_domain(_config: &AgentConfig) -> &'static str {
+    "mesh.local"
+}
+
 /// Client settings for `spec.etcd`.
 pub fn etcd_settings(spec: &EtcdSpec) -> EtcdSettings {
     EtcdSettings {
@@ -265,6 +273,34 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
     }
 
+    let pod_enroller = match &config.spec.kubernetes {
+        Some(spec) => Some(Arc::new(PodEnroller::new(
+            PodEnrolmentSettings {
+                client: KubeSettings {
+                    api_server: spec.api_server()?,
+                    token_file: spec.token_file.clone(),
+                    ca_file: spec.ca_file.clone(),
+                    request_timeout: spec.request_timeout,
+                },
+                node_name: spec
+                    .node_name
+                    .clone()
+                    .or_else(|| {
+                        std::env::var("NODE_NAME")
+                            .ok()
+                            .filter(|name| !name.is_empty())
+                    })
+                    .unwrap_or_else(|| config.metadata.name.clone()),
+                label_selector: spec.label_selector.clone(),
+                trust_domain: trust_domain(&config).to_owned(),
+                cgroup_root: datapath.attach_cgroup().dir.clone(),
+            },
+            Arc::clone(&datapath),
+            Arc::clone(&proxy),
+        )?)),
+        None => None,
+    };
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let admin = Arc::new(AdminState {
         datapath: Arc::clone(&datapath),
@@ -272,6 +308,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         ready: AtomicBool::new(false),
         cgroup_paths: Default::default(),
         control,
+        pods: pod_enroller.as_ref().map(|enroller| enroller.status()),
     });
     let admin_server = match admin_listener {
         Some((address, listener)) => {
@@ -285,6 +322,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         None => None,
     };
     let mut servers = source.spawn(&config, Arc::clone(&policy), shutdown_rx.clone());
+    if let Some(enroller) = pod_enroller {
+        servers.push(tokio::spawn(enroller.run(shutdown_rx.clone())));
+    }
     for (address, listener) in outbound_listeners {
         info!(%address, "outbound capture listener ready");
         servers.push(tokio::spawn(Arc::clone(&proxy).serve(

@@ -78,6 +78,70 @@ pub struct AgentSpec {
     /// The control plane: with it, mesh resources come from etcd instead of `policy.dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdSpec>,
+    /// Kubernetes: enrol this node's pods (watched through the API server) by their cgroups,
+    /// named by their service accounts' SPIFFE IDs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesSpec>,
+}
+
+/// `spec.kubernetes`: pod enrolment. In a pod, the defaults find the API server and the
+/// service account's token and CA where Kubernetes puts them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesSpec {
+    /// The node whose pods are enrolled; default `$NODE_NAME` (the downward API's
+    /// `spec.nodeName`, as the DaemonSet sets it), else `metadata.name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// `https://host:port`; default from `KUBERNETES_SERVICE_HOST` and `_PORT`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_server: Option<String>,
+    /// Bearer token file, re-read for every request (projected tokens rotate).
+    pub token_file: PathBuf,
+    /// CA certificate(s) of the API server.
+    pub ca_file: PathBuf,
+    /// Only pods matching this label selector join the mesh, e.g.
+    /// `mesh.agentmesh.dev/enrol=true`; absent: every pod of the node (host-network pods never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_selector: Option<String>,
+    /// Time allowed to connect and get an answer's headers.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for KubernetesSpec {
+    fn default() -> Self {
+        Self {
+            node_name: None,
+            api_server: None,
+            token_file: PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+            ca_file: PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"),
+            label_selector: None,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl KubernetesSpec {
+    /// The API server address: the configured one, else the in-cluster service's.
+    pub fn api_server(&self) -> Result<String, ConfigError> {
+        if let Some(address) = &self.api_server {
+            return Ok(address.clone());
+        }
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
+            invalid(
+                "spec.kubernetes.apiServer",
+                "not set, and KUBERNETES_SERVICE_HOST is not in the environment (outside a pod, \
+                 give the API server's https:// address)",
+            )
+        })?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".to_owned());
+        Ok(if host.contains(':') {
+            format!("https://[{host}]:{port}")
+        } else {
+            format!("https://{host}:{port}")
+        })
+    }
 }
 
 /// etcd mode: resources are listed and watched under `prefix`, the last good set is cached in
@@ -400,6 +464,32 @@ impl AgentConfig {
         if let Some(etcd) = &self.spec.etcd {
             self.validate_etcd(etcd)?;
         }
+        if let Some(kubernetes) = &self.spec.kubernetes {
+            if let Some(address) = &kubernetes.api_server
+                && !address.starts_with("https://")
+            {
+                return Err(invalid(
+                    "spec.kubernetes.apiServer",
+                    format!("{address:?}: the API server is reached over https:// only"),
+                ));
+            }
+            let node = kubernetes
+                .node_name
+                .as_deref()
+                .unwrap_or(&self.metadata.name);
+            if node.is_empty() {
+                return Err(invalid(
+                    "spec.kubernetes.nodeName",
+                    "the node whose pods to enrol: set it, or metadata.name",
+                ));
+            }
+            if kubernetes.request_timeout.is_zero() {
+                return Err(invalid(
+                    "spec.kubernetes.requestTimeout",
+                    "must be greater than zero",
+                ));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (index, workload) in self.spec.workloads.iter().enumerate() {
             let field = format!("spec.workloads[{index}]");
@@ -615,7 +705,15 @@ spec:
             ("spec:\n  etcd: { endpoints: [] }\n", "spec.etcd.endpoints"),
             (
                 "spec:\n  etcd: { endpoints: [\"https://e:2379\"] }\n",
-                "spec.etcd.endpoints[0]: TLS",
+                "spec.etcd.endpoints[0]: an https:// endpoint needs TLS settings",
+            ),
+            (
+                "spec:\n  etcd: { endpoints: [\"http://e:2379\"], tls: { caFile: ca.pem } }\n",
+                "use https://",
+            ),
+            (
+                "spec:\n  etcd: { endpoints: [\"https://e:2379\"], tls: { caFile: ca.pem, certFile: c.pem } }\n",
+                "certFile and keyFile go together",
             ),
             ("spec:\n  etcd: { prefix: mesh }\n", "spec.etcd.prefix"),
             ("spec:\n  etcd: { leaseTtl: 1s }\n", "spec.etcd.leaseTtl"),
@@ -629,6 +727,38 @@ spec:
             "apiVersion: {API_VERSION}\nkind: AgentConfig\nmetadata: {{ name: Node_A }}\nspec:\n  etcd: {{}}\n"
         ));
         assert!(message.contains("metadata.name"), "{message}");
+        let config = parse(&format!(
+            "{head}spec:\n  etcd: {{ endpoints: [\"https://e:2379\"], tls: {{ caFile: ca.pem, certFile: c.pem, keyFile: k.pem, serverName: etcd.local }} }}\n"
+        ))
+        .expect("TLS settings are valid");
+        let tls = config.spec.etcd.and_then(|etcd| etcd.tls).expect("tls");
+        assert_eq!(tls.server_name.as_deref(), Some("etcd.local"));
+    }
+
+    #[test]
+    fn kubernetes_pod_enrolment_is_checked() {
+        let head =
+            format!("apiVersion: {API_VERSION}\nkind: AgentConfig\nmetadata: {{ name: node-a }}\n");
+        let config = parse(&format!(
+            "{head}spec:\n  kubernetes: {{ labelSelector: \"mesh.agentmesh.dev/enrol=true\" }}\n"
+        ))
+        .expect("valid");
+        let kubernetes = config.spec.kubernetes.expect("kubernetes");
+        assert_eq!(
+            kubernetes.token_file,
+            PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
+        let message = error_of(&format!(
+            "{head}spec:\n  kubernetes: {{ apiServer: \"http://10.96.0.1\" }}\n"
+        ));
+        assert!(message.contains("spec.kubernetes.apiServer"), "{message}");
+        let message = error_of(&format!(
+            "{head}spec:\n  kubernetes: {{ requestTimeout: 0s }}\n"
+        ));
+        assert!(
+            message.contains("spec.kubernetes.requestTimeout"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod identity;
+pub mod kube;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;

@@ -396,6 +396,8 @@ pub struct AgentProcess {
     launcher: Vec<String>,
     /// etcd mode (`spec.etcd`) instead of a policy folder.
     etcd: Option<etcd::AgentEtcd>,
+    /// More of the config's `spec` (YAML indented for `spec:`), e.g. `spec.kubernetes`.
+    extra_spec: String,
 }
 
 impl AgentProcess {
@@ -424,11 +426,31 @@ impl AgentProcess {
         Self::start_full(tree, options, &[], Some(etcd))
     }
 
+    /// As [`start`](Self::start), with more of the config's `spec`: `extra_spec` is YAML
+    /// indented for `spec:` (two spaces), appended to the generated config.
+    pub fn start_with_spec(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        extra_spec: &str,
+    ) -> Result<Self, HarnessError> {
+        Self::start_full_with(tree, options, &[], None, extra_spec)
+    }
+
     fn start_full(
         tree: &CgroupTree,
         options: AgentOptions,
         launcher: &[&str],
         etcd: Option<etcd::AgentEtcd>,
+    ) -> Result<Self, HarnessError> {
+        Self::start_full_with(tree, options, launcher, etcd, "")
+    }
+
+    fn start_full_with(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        launcher: &[&str],
+        etcd: Option<etcd::AgentEtcd>,
+        extra_spec: &str,
     ) -> Result<Self, HarnessError> {
         let name = unique_name("agent");
         let work_dir = std::env::temp_dir().join(&name);
@@ -447,6 +469,7 @@ impl AgentProcess {
             options,
             launcher: launcher.iter().map(|part| (*part).to_owned()).collect(),
             etcd,
+            extra_spec: extra_spec.to_owned(),
         };
         agent.write_config(tree.relative())?;
         agent.spawn(tree)?;
@@ -498,6 +521,7 @@ impl AgentProcess {
         if let Some(etcd) = &self.etcd {
             yaml.push_str(&etcd.yaml());
         }
+        yaml.push_str(&self.extra_spec);
         yaml.push_str("  workloads:\n");
         for (name, cgroup) in &self.options.workloads {
             yaml.push_str(&format!(

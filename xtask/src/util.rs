@@ -81,7 +81,7 @@ pub fn lint() -> anyhow::Result<()> {
 }
 
 /// Fuzz targets under `fuzz/`, each with committed seeds in `fuzz/seeds/<target>`.
-pub const FUZZ_TARGETS: [&str; 7] = [
+pub const FUZZ_TARGETS: [&str; 8] = [
     "http1_l7",
     "agent_config",
     "mountinfo",
@@ -89,6 +89,7 @@ pub const FUZZ_TARGETS: [&str; 7] = [
     "policy_resources",
     "jsonrpc_extract",
     "sse_parse",
+    "kube_watch_event",
 ];
 
 /// Runs every fuzz target for `seconds` (new inputs go to a scratch corpus under target/).

@@ -31,6 +31,8 @@ pub struct AdminState {
     pub cgroup_paths: Mutex<HashMap<u64, String>>,
     /// The etcd control plane's state, in etcd mode.
     pub control: Option<Arc<crate::control::ControlStatus>>,
+    /// Pod enrolment's state, on Kubernetes.
+    pub pods: Option<Arc<crate::kube::PodEnrolmentStatus>>,
 }
 
 impl AdminState {
@@ -137,6 +139,9 @@ fn render_metrics(state: &AdminState) -> Result<String, crate::datapath::Datapat
     ));
     if let Some(control) = &state.control {
         text.push_str(&metrics::render_control(&control.sample()));
+    }
+    if let Some(pods) = &state.pods {
+        text.push_str(&metrics::render_pods(&pods.sample()));
     }
     Ok(text)
 }

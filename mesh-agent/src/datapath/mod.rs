@@ -254,6 +254,13 @@ impl Datapath {
         Ok(cgroup)
     }
 
+    /// Removes a cgroup from capture by id (its directory may be gone already).
+    pub fn unenrol_id(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        self.maps.unenrol(cgroup_id)?;
+        info!(cgroup_id, "workload unenrolled");
+        Ok(())
+    }
+
     fn check_enrollable(&self, cgroup: &Cgroup) -> Result<(), DatapathError> {
         if !cgroup::is_within(&cgroup.path, &self.attach.path) {
             return Err(DatapathError::OutsideAttachCgroup {

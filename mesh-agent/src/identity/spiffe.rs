@@ -45,6 +45,11 @@ pub enum SpiffeIdError {
 impl SpiffeId {
     /// `spiffe://<trust_domain>/<segments joined by '/'>`, validated.
     pub fn new(trust_domain: &str, segments: &[&str]) -> Result<Self, SpiffeIdError> {
+        // Each segment is one path segment: a '/' inside one would forge another identity
+        // (a namespace "prod/sa/admin").
+        if segments.iter().any(|segment| segment.contains('/')) {
+            return Err(SpiffeIdError::PathSegment(segments.join("/")));
+        }
         let mut uri = String::with_capacity(SCHEME.len() + trust_domain.len() + 32);
         uri.push_str(SCHEME);
         uri.push_str(trust_domain);
@@ -222,6 +227,8 @@ mod tests {
         );
         assert_eq!(id.node_name(), None);
         assert_eq!(id.short_name(), id.as_str());
+        assert!(SpiffeId::for_service_account("td", "prod/sa/admin", "x").is_err());
+        assert!(SpiffeId::for_agent("td", "a/b").is_err());
     }
 
     #[test]

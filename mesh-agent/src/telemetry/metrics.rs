@@ -330,6 +330,55 @@ pub fn render_control(control: &crate::control::ControlStatusSample) -> String {
     out
 }
 
+/// Pod enrolment's state (Kubernetes only).
+pub fn render_pods(pods: &crate::kube::PodEnrolmentSample) -> String {
+    let mut out = String::new();
+    let gauges: [(&str, &str, u64); 3] = [
+        (
+            "mesh_kubernetes_connected",
+            "1 while the agent lists and watches its node's pods.",
+            u64::from(pods.connected),
+        ),
+        (
+            "mesh_kubernetes_pods_enrolled",
+            "Pods of this node in the mesh (their cgroups captured).",
+            pods.enrolled,
+        ),
+        (
+            "mesh_kubernetes_pods_pending",
+            "Selected pods whose cgroup has not appeared yet.",
+            pods.pending,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    }
+    write_counters(
+        &mut out,
+        &[
+            (
+                "mesh_kubernetes_lists_total",
+                "Full listings of the node's pods (start, expired watches, reconnections).",
+                pods.lists,
+            ),
+            (
+                "mesh_kubernetes_failures_total",
+                "Times the API server could not be reached or a watch broke.",
+                pods.failures,
+            ),
+            (
+                "mesh_kubernetes_enrol_errors_total",
+                "Pods the datapath refused to enrol (e.g. the agent's own pod).",
+                pods.enrol_errors,
+            ),
+        ],
+    );
+    out
+}
+
 /// Writes unlabelled counters: `(name, help, value)` each.
 fn write_counters(out: &mut String, counters: &[(&str, &str, u64)]) {
     for (name, help, value) in counters {

@@ -95,6 +95,12 @@ spec:
     defaultAction: {{ .Values.policy.defaultAction }}
     reloadInterval: {{ .Values.policy.reloadInterval }}
   workloads: {{ toJson .Values.workloads }}
+  {{- if .Values.podEnrolment.enabled }}
+  kubernetes:
+    {{- with .Values.podEnrolment.labelSelector }}
+    labelSelector: {{ . }}
+    {{- end }}
+  {{- end }}
 {{- with .Values.etcd.endpoints }}
   etcd:
     endpoints: {{ toJson . }}

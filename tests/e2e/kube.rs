@@ -1,0 +1,373 @@
+//! End-to-end tests of pod enrolment: a real agent lists and watches the pods of its node
+//! through the Kubernetes API's wire protocol (HTTPS, bearer token, list + chunked watch,
+//! 410 Gone), finds their cgroups laid out as the kubelet lays them out (under a cgroup tree of
+//! the test's own), captures their connections with the real eBPF programs and names them by
+//! their service accounts' SPIFFE IDs, which policies match.
+//!
+//! The API server is `tests/python/kube_api.py`: no kube-apiserver can be installed from the
+//! package registries the tests reach, so the pod resource is served by a small server that
+//! speaks the same protocol. Everything else is real.
+
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, etcd::EtcdTlsFiles, free_port,
+    start_python_server, unique_name,
+};
+
+const HEAD: &str = "apiVersion: mesh.agentmesh.dev/v1alpha1\n";
+const NODE: &str = "node-a";
+
+/// The API server, its control port and the files it was started with.
+struct FakeApi {
+    _server: KillOnDrop,
+    address: SocketAddr,
+    control: SocketAddr,
+    dir: PathBuf,
+    tls: EtcdTlsFiles,
+}
+
+impl FakeApi {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(unique_name("kube-api"));
+        fs::create_dir_all(&dir).unwrap();
+        let tls = EtcdTlsFiles::generate(&dir).unwrap();
+        fs::write(dir.join("token"), "token-1\n").unwrap();
+        let control_port = free_port().unwrap();
+        let (server, address) = start_python_server(
+            "kube_api.py",
+            &[
+                "--control-port",
+                &control_port.to_string(),
+                "--cert",
+                tls.server_cert.to_str().unwrap(),
+                "--key",
+                tls.server_key.to_str().unwrap(),
+                "--token-file",
+                dir.join("token").to_str().unwrap(),
+            ],
+            false,
+        )
+        .expect("start the API server");
+        FakeApi {
+            _server: server,
+            address,
+            control: SocketAddr::from(([127, 0, 0, 1], control_port)),
+            dir,
+            tls,
+        }
+    }
+
+    fn control(&self, method: &str, path: &str, body: &str) -> String {
+        let mut stream = TcpStream::connect(self.control).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nhost: control\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "{method} {path}: {answer}"
+        );
+        answer
+    }
+
+    fn put_pod(&self, uid: &str, namespace: &str, account: &str, enrol: bool) {
+        let labels = if enrol {
+            r#"{"app": "demo", "mesh.agentmesh.dev/enrol": "true"}"#
+        } else {
+            r#"{"app": "demo"}"#
+        };
+        let pod = format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "pod-{account}", "namespace": "{namespace}", "uid": "{uid}", "labels": {labels}}}, "spec": {{"nodeName": "{NODE}", "serviceAccountName": "{account}", "containers": [{{"name": "main", "image": "demo"}}]}}, "status": {{"phase": "Running"}}}}"#
+        );
+        self.control("PUT", "/pods", &pod);
+    }
+
+    fn requests(&self) -> String {
+        self.control("GET", "/requests", "")
+    }
+
+    /// `spec.kubernetes` for an agent of node `NODE`.
+    fn agent_spec(&self) -> String {
+        format!(
+            "  kubernetes:\n    nodeName: {NODE}\n    apiServer: \"https://{}\"\n    tokenFile: \"{}\"\n    caFile: \"{}\"\n    labelSelector: \"mesh.agentmesh.dev/enrol=true\"\n    requestTimeout: 5s\n",
+            self.address,
+            self.dir.join("token").display(),
+            self.tls.ca.display()
+        )
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An HTTP server answering 200 "ok" to anything, in this process.
+fn start_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+                );
+            });
+        }
+    });
+    address
+}
+
+/// The cgroup the kubelet (systemd driver, burstable QoS) makes for a pod, with one container.
+fn pod_container_cgroup(tree: &CgroupTree, uid: &str) -> PathBuf {
+    tree.child(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{}.scope",
+        uid.replace('-', "_"),
+        &uid[..8]
+    ))
+    .unwrap()
+}
+
+/// curl's status for `GET http://address/` from a process in `cgroup`.
+fn call_from(tree: &CgroupTree, cgroup: &Path, address: SocketAddr) -> u16 {
+    let output = tree
+        .run_in(
+            cgroup,
+            Command::new("curl").args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+                &format!("http://{address}/"),
+            ]),
+        )
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+fn metric(agent: &AgentProcess, name: &str) -> f64 {
+    let mut stream = TcpStream::connect(("127.0.0.1", agent.admin_port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|value| value.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+fn wait_for(agent: &AgentProcess, what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}; agent log:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn pods_of_the_node_are_enrolled_by_cgroup_and_named_by_service_account() {
+    let api = FakeApi::start();
+    let backend = start_backend();
+    let tree = CgroupTree::create("kube-pods").expect("create cgroup tree");
+    let agent_cgroup = tree.child("agent").unwrap();
+    let policy_dir = std::env::temp_dir().join(unique_name("kube-policies"));
+    fs::create_dir_all(&policy_dir).unwrap();
+    // Only the planner's service account may call the backend.
+    fs::write(
+        policy_dir.join("mesh.yaml"),
+        format!(
+            "{HEAD}kind: Agent\nmetadata: {{name: backend}}\nspec:\n  endpoints: [{{address: \"{backend}\"}}]\n---\n{HEAD}kind: AccessPolicy\nmetadata: {{name: backend-access}}\nspec:\n  targetAgent: backend\n  action: Allow\n  rules:\n    - from: [\"spiffe://mesh.local/ns/prod/sa/planner\"]\n"
+        ),
+    )
+    .unwrap();
+
+    let planner_uid = "0a1b2c3d-0000-4000-8000-000000000001";
+    let intruder_uid = "0a1b2c3d-0000-4000-8000-000000000002";
+    let outsider_uid = "0a1b2c3d-0000-4000-8000-000000000003";
+    let late_uid = "0a1b2c3d-0000-4000-8000-000000000004";
+    let planner = pod_container_cgroup(&tree, planner_uid);
+    let intruder = pod_container_cgroup(&tree, intruder_uid);
+    let outsider = pod_container_cgroup(&tree, outsider_uid);
+    api.put_pod(planner_uid, "prod", "planner", true);
+    api.put_pod(intruder_uid, "prod", "intruder", true);
+    // Not labelled for the mesh: never enrolled.
+    api.put_pod(outsider_uid, "prod", "intruder", false);
+
+    let agent = AgentProcess::start_with_spec(
+        &tree,
+        AgentOptions {
+            accelerate: false,
+            workloads: vec![],
+            exclude_ports: vec![],
+            exclude_cidrs: vec![],
+            agent_cgroup,
+            log_filter: "info,mesh_agent=debug".into(),
+            agent_binary: None,
+            policy_dir: Some(policy_dir.clone()),
+        },
+        &api.agent_spec(),
+    )
+    .expect("start agent");
+    wait_for(&agent, "two pods enrolled", || {
+        metric(&agent, "mesh_kubernetes_pods_enrolled") == 2.0
+    });
+    // The agent asked for this node's pods with the selector, and authenticated.
+    let requests = api.requests();
+    assert!(
+        requests.contains("fieldSelector=spec.nodeName%3Dnode-a")
+            && requests.contains("labelSelector=mesh.agentmesh.dev%2Fenrol%3Dtrue")
+            && requests.contains("watch=1"),
+        "{requests}"
+    );
+
+    // The planner pod's container is captured and allowed as its service account; the
+    // intruder's is captured and refused; the unlabelled pod is not in the mesh at all.
+    assert_eq!(call_from(&tree, &planner, backend), 200);
+    assert_eq!(call_from(&tree, &intruder, backend), 403);
+    assert_eq!(call_from(&tree, &outsider, backend), 200);
+    let log = agent.log();
+    assert!(
+        log.contains("spiffe://mesh.local/ns/prod/sa/planner") && log.contains("pod enrolled"),
+        "{log}"
+    );
+
+    // A pod whose cgroup appears after the pod (the runtime is slower than the watch).
+    api.put_pod(late_uid, "prod", "planner", true);
+    wait_for(&agent, "the late pod pending", || {
+        metric(&agent, "mesh_kubernetes_pods_pending") == 1.0
+    });
+    let late = pod_container_cgroup(&tree, late_uid);
+    wait_for(&agent, "the late pod enrolled", || {
+        metric(&agent, "mesh_kubernetes_pods_enrolled") == 3.0
+    });
+    assert_eq!(call_from(&tree, &late, backend), 200);
+
+    // Deleted: the intruder's pod leaves the mesh (its traffic is no longer captured).
+    api.control("DELETE", &format!("/pods/{intruder_uid}"), "");
+    wait_for(&agent, "the deleted pod to leave", || {
+        metric(&agent, "mesh_kubernetes_pods_enrolled") == 2.0
+    });
+    assert_eq!(call_from(&tree, &intruder, backend), 200);
+
+    // Relabelled into the mesh: the outsider joins (a MODIFIED event).
+    api.put_pod(outsider_uid, "prod", "intruder", true);
+    wait_for(&agent, "the relabelled pod", || {
+        metric(&agent, "mesh_kubernetes_pods_enrolled") == 3.0
+    });
+    assert_eq!(call_from(&tree, &outsider, backend), 403);
+
+    // The watch history is compacted and the watches dropped: the resumed watch gets 410 Gone,
+    // the agent lists again and converges on what changed meanwhile.
+    let lists = metric(&agent, "mesh_kubernetes_lists_total");
+    api.control("POST", "/compact", "");
+    api.control("DELETE", &format!("/pods/{outsider_uid}"), "");
+    api.control("POST", "/compact", "");
+    api.control("POST", "/drop-watches", "");
+    wait_for(&agent, "a relist", || {
+        metric(&agent, "mesh_kubernetes_lists_total") > lists
+    });
+    wait_for(&agent, "convergence after the relist", || {
+        metric(&agent, "mesh_kubernetes_pods_enrolled") == 2.0
+    });
+    assert_eq!(call_from(&tree, &outsider, backend), 200);
+    assert_eq!(call_from(&tree, &planner, backend), 200);
+    assert!(agent.log().contains("410 Gone"), "{}", agent.log());
+    let _ = fs::remove_dir_all(&policy_dir);
+}
+
+#[test]
+fn a_wrong_token_or_an_untrusted_api_server_enrols_nothing_and_says_why() {
+    let api = FakeApi::start();
+    let tree = CgroupTree::create("kube-refused").expect("create cgroup tree");
+    let agent_cgroup = tree.child("agent").unwrap();
+    let uid = "0a1b2c3d-0000-4000-8000-0000000000aa";
+    let _container = pod_container_cgroup(&tree, uid);
+    api.put_pod(uid, "prod", "planner", true);
+    fs::write(api.dir.join("token"), "token-2\n").unwrap();
+    let spec = api.agent_spec();
+    // The server now expects token-2; the agent's token file says token-1.
+    let agent_token = api.dir.join("agent-token");
+    fs::write(&agent_token, "token-1\n").unwrap();
+    let spec = spec.replace(
+        &api.dir.join("token").display().to_string(),
+        &agent_token.display().to_string(),
+    );
+    let options = || AgentOptions {
+        accelerate: false,
+        workloads: vec![],
+        exclude_ports: vec![],
+        exclude_cidrs: vec![],
+        agent_cgroup: agent_cgroup.clone(),
+        log_filter: "info,mesh_agent=debug".into(),
+        agent_binary: None,
+        policy_dir: None,
+    };
+    let agent = AgentProcess::start_with_spec(&tree, options(), &spec).expect("start agent");
+    wait_for(&agent, "the refusal to be logged", || {
+        agent.log().contains("401")
+    });
+    assert_eq!(metric(&agent, "mesh_kubernetes_pods_enrolled"), 0.0);
+    assert!(metric(&agent, "mesh_kubernetes_failures_total") >= 1.0);
+    // The token is re-read for every request: fixing the file is enough.
+    fs::write(&agent_token, "token-2\n").unwrap();
+    wait_for(&agent, "enrolment after the token fix", || {
+        metric(&agent, "mesh_kubernetes_pods_enrolled") == 1.0
+    });
+    drop(agent);
+
+    // An API server whose certificate the configured CA did not sign: nothing is trusted.
+    let other = std::env::temp_dir().join(unique_name("kube-other-ca"));
+    fs::create_dir_all(&other).unwrap();
+    let other_ca = EtcdTlsFiles::generate(&other).unwrap().ca;
+    let spec = spec.replace(
+        &api.tls.ca.display().to_string(),
+        &other_ca.display().to_string(),
+    );
+    let agent = AgentProcess::start_with_spec(&tree, options(), &spec).expect("start agent");
+    wait_for(&agent, "the TLS refusal to be logged", || {
+        agent.log().contains("TLS")
+    });
+    assert_eq!(metric(&agent, "mesh_kubernetes_pods_enrolled"), 0.0);
+    let _ = fs::remove_dir_all(&other);
+}
