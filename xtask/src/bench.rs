@@ -63,12 +63,15 @@ pub enum Suite {
     Datapath,
     /// HTTP/1.1 and MCP tools/call through the mesh's L7 path, nginx and haproxy.
     L7,
+    /// The control plane: apply-to-enforcement on three agents, sync cost at 10k resources.
+    Control,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match args.suite {
         Suite::Datapath => datapath(args),
         Suite::L7 => crate::bench_l7::run(args),
+        Suite::Control => crate::bench_control::run(args),
     }
 }
 

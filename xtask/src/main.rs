@@ -5,6 +5,7 @@
 //! this machine, `bench` measures the datapath and the L7 path against reference proxies.
 
 mod bench;
+mod bench_control;
 mod bench_l7;
 mod demo;
 mod setup;
