@@ -10,8 +10,12 @@
 //! verified certificate with [`spiffe_id_of_certificate`].
 
 mod spiffe;
+pub mod verify;
 
 pub use spiffe::{SpiffeId, SpiffeIdError, spiffe_id_of_certificate};
+pub use verify::{
+    SharedBundle, SpiffeClientVerifier, SpiffeServerVerifier, TrustBundle, VerifyError,
+};
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
