@@ -9,6 +9,7 @@
 //! configuration presenting a given workload's certificate. Peer identities are read from the
 //! verified certificate with [`spiffe_id_of_certificate`].
 
+pub mod ca;
 mod spiffe;
 pub mod verify;
 
