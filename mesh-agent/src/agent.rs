@@ -271,6 +271,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         ready: AtomicBool::new(false),
         cgroup_paths: Default::default(),
         control,
+        identity: Default::default(),
     });
     let admin_server = match admin_listener {
         Some((address, listener)) => {
@@ -291,6 +292,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             shutdown_rx.clone(),
             config.spec.proxy.drain_timeout,
         )));
+    }
+    // Workload identity (spec.identity): the node certificate is issued before the agent
+    // reports ready (in etcd mode after the node record is written, which the signer checks).
+    // A failure is logged and leaves mTLS unavailable; plain capture serves regardless. The
+    // node-to-node transport takes `Identities::credentials_handle()`.
+    let identities = crate::identity::start_for_agent(&config).await;
+    if let Some(identities) = &identities {
+        let _ = admin.identity.set(identities.clone());
     }
     admin.set_ready(true);
     info!(node = %config.metadata.name, accelerated = datapath.accelerated(), "agent running");

@@ -31,6 +31,8 @@ pub struct AdminState {
     pub cgroup_paths: Mutex<HashMap<u64, String>>,
     /// The etcd control plane's state, in etcd mode.
     pub control: Option<Arc<crate::control::ControlStatus>>,
+    /// Workload identity, once started (`spec.identity`).
+    pub identity: std::sync::OnceLock<crate::identity::Identities>,
 }
 
 impl AdminState {
@@ -49,6 +51,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
+        .route("/identity", get(identity_handler))
         .with_state(state);
     let stopping = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
@@ -67,6 +70,17 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
+}
+
+/// Per identity: certificate expiry, serial, issuance count and the last error (JSON).
+async fn identity_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let statuses = state
+        .identity
+        .get()
+        .map(crate::identity::Identities::status)
+        .unwrap_or_default();
+    let body = serde_json::to_string_pretty(&statuses).unwrap_or_else(|_| "[]".to_owned());
+    (StatusCode::OK, [("content-type", "application/json")], body)
 }
 
 async fn metrics_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
@@ -137,6 +151,9 @@ fn render_metrics(state: &AdminState) -> Result<String, crate::datapath::Datapat
     ));
     if let Some(control) = &state.control {
         text.push_str(&metrics::render_control(&control.sample()));
+    }
+    if let Some(identity) = state.identity.get() {
+        text.push_str(&identity.render_metrics());
     }
     Ok(text)
 }

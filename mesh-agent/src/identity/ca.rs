@@ -38,8 +38,7 @@ use arc_swap::ArcSwap;
 use rand::RngCore;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -100,7 +99,8 @@ pub struct IssuedCertificate {
 impl IssuedCertificate {
     /// Reads validity from the leaf of a PEM chain (as the etcd signer returns it).
     pub fn from_pem_chain(pem: &str) -> Result<Self, CaError> {
-        let chain = parse_certificates_pem(pem).map_err(|error| CaError::Signing(error.to_string()))?;
+        let chain =
+            parse_certificates_pem(pem).map_err(|error| CaError::Signing(error.to_string()))?;
         let leaf = chain
             .first()
             .ok_or_else(|| CaError::Signing("the signed chain holds no certificate".to_owned()))?;
@@ -145,8 +145,7 @@ pub struct SigningRequest {
 /// `EtcdCa` in a cluster.
 pub trait CertificateAuthority: Send + Sync + std::fmt::Debug {
     /// Gets `request` signed.
-    fn sign<'a>(&'a self, request: &'a SigningRequest)
-    -> CredentialsFuture<'a, IssuedCertificate>;
+    fn sign<'a>(&'a self, request: &'a SigningRequest) -> CredentialsFuture<'a, IssuedCertificate>;
 
     /// The trust bundle, kept current by the CA (read it at every use).
     fn trust_bundle(&self) -> SharedBundle;
@@ -228,8 +227,8 @@ impl CaDir {
             problem,
         };
         let key_pem = fs::read_to_string(&key_path).map_err(io("reading", &key_path))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|error| invalid(format!("{KEY_FILE}: {error}")))?;
+        let key =
+            KeyPair::from_pem(&key_pem).map_err(|error| invalid(format!("{KEY_FILE}: {error}")))?;
         let cert_path = dir.join(CERT_FILE);
         let cert_pem = fs::read_to_string(&cert_path).map_err(io("reading", &cert_path))?;
         let certificate = parse_certificates_pem(&cert_pem)
@@ -372,12 +371,10 @@ impl CaDir {
         }
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            identity
-                .as_str()
-                .try_into()
-                .map_err(|error| CaError::BadRequest(format!("{identity}: {error}")))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(identity.as_str().try_into().map_err(
+                |error| CaError::BadRequest(format!("{identity}: {error}")),
+            )?)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -419,12 +416,10 @@ pub fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, CaErr
 pub fn certificate_request(identity: &SpiffeId, key: &KeyPair) -> Result<String, IdentityError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(
-        identity
-            .as_str()
-            .try_into()
-            .map_err(|error| IdentityError::Other(format!("{identity}: {error}")))?,
-    )];
+    params.subject_alt_names =
+        vec![SanType::URI(identity.as_str().try_into().map_err(
+            |error| IdentityError::Other(format!("{identity}: {error}")),
+        )?)];
     params
         .serialize_request(key)
         .and_then(|request| request.pem())
@@ -463,11 +458,10 @@ fn new_ca(id: &SpiffeId) -> Result<(KeyPair, rcgen::Certificate), CaError> {
         ),
     );
     params.distinguished_name = name;
-    params.subject_alt_names = vec![SanType::URI(
-        id.as_str()
-            .try_into()
-            .map_err(|error| CaError::Signing(format!("{id}: {error}")))?,
-    )];
+    params.subject_alt_names =
+        vec![SanType::URI(id.as_str().try_into().map_err(|error| {
+            CaError::Signing(format!("{id}: {error}"))
+        })?)];
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -532,10 +526,7 @@ impl LocalCa {
 }
 
 impl CertificateAuthority for LocalCa {
-    fn sign<'a>(
-        &'a self,
-        request: &'a SigningRequest,
-    ) -> CredentialsFuture<'a, IssuedCertificate> {
+    fn sign<'a>(&'a self, request: &'a SigningRequest) -> CredentialsFuture<'a, IssuedCertificate> {
         Box::pin(async move {
             self.ca
                 .issue(&request.csr_pem, &request.identity, self.ttl)
@@ -605,7 +596,10 @@ mod tests {
         let (_key, csr) = request(&id);
         let issued = ca.issue(&csr, &id, Duration::from_secs(600)).unwrap();
         let lifetime = issued.not_after.duration_since(issued.not_before).unwrap();
-        assert!(lifetime <= Duration::from_secs(600) + CLOCK_SKEW, "{lifetime:?}");
+        assert!(
+            lifetime <= Duration::from_secs(600) + CLOCK_SKEW,
+            "{lifetime:?}"
+        );
         let bundle = ca.trust_bundle().unwrap();
         let verified = bundle
             .verify_peer(
@@ -636,14 +630,18 @@ mod tests {
         assert!(error.to_string().contains("not only"), "{error}");
         // Another trust domain.
         let foreign = SpiffeId::for_node("other.local", "node-a").unwrap();
-        let error = ca.issue(&csr, &foreign, DEFAULT_CERTIFICATE_TTL).unwrap_err();
+        let error = ca
+            .issue(&csr, &foreign, DEFAULT_CERTIFICATE_TTL)
+            .unwrap_err();
         assert!(error.to_string().contains("trust domain"), "{error}");
         // A tampered CSR: its signature no longer verifies.
         let mut bytes = pem_der(&csr);
         let position = bytes.len() / 3;
         bytes[position] ^= 0x01;
         let tampered = super::super::verify::pem_block("CERTIFICATE REQUEST", &bytes);
-        let error = ca.issue(&tampered, &node, DEFAULT_CERTIFICATE_TTL).unwrap_err();
+        let error = ca
+            .issue(&tampered, &node, DEFAULT_CERTIFICATE_TTL)
+            .unwrap_err();
         assert!(matches!(error, CaError::BadRequest(_)), "{error}");
         assert!(ca.issue("garbage", &node, DEFAULT_CERTIFICATE_TTL).is_err());
     }

@@ -395,7 +395,6 @@ pub(crate) mod tests {
 
     pub(crate) struct Leaf {
         pub cert: CertificateDer<'static>,
-        pub key: KeyPair,
     }
 
     pub(crate) fn leaf_with(
@@ -421,7 +420,6 @@ pub(crate) mod tests {
         let cert = params.signed_by(&key, &ca.issuer).unwrap();
         Leaf {
             cert: cert.der().clone(),
-            key,
         }
     }
 
