@@ -10,12 +10,16 @@
 //! verified certificate with [`spiffe_id_of_certificate`].
 
 pub mod ca;
+pub mod etcd_ca;
+pub mod resources;
 pub mod setup;
+pub mod signer;
 mod spiffe;
 pub mod store;
 pub mod verify;
 
 pub use ca::{CaDir, CaError, CertificateAuthority, IssuedCertificate, LocalCa, SigningRequest};
+pub use etcd_ca::EtcdCa;
 pub use setup::start_for_agent;
 pub use spiffe::{SpiffeId, SpiffeIdError, spiffe_id_of_certificate};
 pub use store::{Identities, IdentityStatus, RenewalSettings};

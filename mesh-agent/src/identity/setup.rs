@@ -8,7 +8,7 @@ use tracing::{error, info};
 
 use crate::config::AgentConfig;
 
-use super::{CertificateAuthority, Identities, IdentityError, LocalCa, RenewalSettings};
+use super::{CertificateAuthority, EtcdCa, Identities, IdentityError, LocalCa, RenewalSettings};
 
 /// Starts the agent's identities and waits (at most `spec.identity.issueTimeout`) for the
 /// node's certificate. `None` when identity is not configured or its CA cannot be used;
@@ -53,10 +53,23 @@ async fn build(config: &AgentConfig) -> Result<Identities, IdentityError> {
             );
             Arc::new(ca)
         }
-        Some(_) => {
-            return Err(IdentityError::Other(
-                "the etcd signer is not available in this build".to_owned(),
-            ));
+        Some(etcd_spec) => {
+            let etcd = crate::control::Etcd::connect(crate::agent::etcd_settings(etcd_spec))
+                .await
+                .map_err(|error| IdentityError::Other(format!("etcd: {error}")))?;
+            info!(
+                trust_domain = %spec.trust_domain,
+                "certificates from the signer through etcd"
+            );
+            Arc::new(
+                EtcdCa::start(
+                    etcd,
+                    &config.metadata.name,
+                    &spec.trust_domain,
+                    spec.request_timeout,
+                )
+                .await,
+            )
         }
     };
     Identities::start(&config.metadata.name, ca, RenewalSettings::default())

@@ -110,6 +110,16 @@ impl TrustBundle {
         })
     }
 
+    /// A bundle that trusts nothing (refuses every peer): what a node holds until the signer
+    /// has published the real one.
+    pub fn empty(trust_domain: &str) -> Self {
+        TrustBundle {
+            trust_domain: trust_domain.to_owned(),
+            certificates: Vec::new(),
+            anchors: Vec::new(),
+        }
+    }
+
     /// A bundle from PEM text holding one or more `CERTIFICATE` blocks.
     pub fn from_pem(trust_domain: &str, pem: &str) -> Result<Self, VerifyError> {
         Self::new(trust_domain, parse_certificates_pem(pem)?)
