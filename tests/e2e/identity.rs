@@ -328,6 +328,17 @@ fn the_signer_answers_only_what_the_registry_and_node_records_grant() {
         "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".to_owned();
     let reason = submit(&etcd, &garbage).unwrap_err();
     assert!(reason.contains("signing request is invalid"), "{reason}");
+
+    // meshctl shows both kinds.
+    let output = etcd.meshctl(&["get", "trustbundles"]).unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("mesh-system") && text.contains("mesh.local"),
+        "{text}"
+    );
+    let output = etcd.meshctl(&["get", "csr", "-n", "default"]).unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("Issued") && text.contains("Denied: replay"), "{text}");
 }
 
 #[test]

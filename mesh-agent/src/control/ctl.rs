@@ -73,7 +73,8 @@ pub enum CtlCommand {
     },
     /// List resources of a kind, or show one.
     Get {
-        /// agents, accesspolicies (ap), trafficpolicies (tp); singular or plural.
+        /// agents, accesspolicies (ap), trafficpolicies (tp), trustbundles,
+        /// certificaterequests (csr); singular or plural.
         kind: String,
         name: Option<String>,
         #[command(flatten)]
@@ -372,6 +373,23 @@ pub async fn execute(cli: Meshctl, out: &mut dyn Write) -> Result<u8, ControlErr
                     }
                 }
             };
+            write_out(out, &text)?;
+            Ok(0)
+        }
+        CtlCommand::Get { kind, name, scope }
+            if crate::identity::resources::IdentityKind::parse(kind).is_some() =>
+        {
+            use crate::identity::resources::{Format, IdentityKind, render_get};
+            let identity_kind = IdentityKind::parse(kind)
+                .ok_or_else(|| ControlError::Usage(format!("unknown kind `{kind}`")))?;
+            let etcd = Etcd::connect(cli.settings()).await?;
+            let format = match output {
+                Output::Table => Format::Table,
+                Output::Json => Format::Json,
+                Output::Yaml => Format::Yaml,
+            };
+            let namespace = scope.namespace.as_deref();
+            let text = render_get(&etcd, identity_kind, namespace, name.as_deref(), format).await?;
             write_out(out, &text)?;
             Ok(0)
         }

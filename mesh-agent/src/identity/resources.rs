@@ -233,6 +233,130 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
+/// The identity kinds `meshctl get` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    TrustBundle,
+    CertificateRequest,
+}
+
+impl IdentityKind {
+    /// `trustbundle(s)`, `certificaterequest(s)`, `csr` (case-insensitive).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "trustbundle" | "trustbundles" => Some(IdentityKind::TrustBundle),
+            "certificaterequest" | "certificaterequests" | "csr" => {
+                Some(IdentityKind::CertificateRequest)
+            }
+            _ => None,
+        }
+    }
+
+    fn segment(self) -> &'static str {
+        match self {
+            IdentityKind::TrustBundle => TRUST_BUNDLES_SEGMENT,
+            IdentityKind::CertificateRequest => CERTIFICATE_REQUESTS_SEGMENT,
+        }
+    }
+}
+
+/// How `meshctl get` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// `meshctl get trustbundles|certificaterequests [NAME] [-n NS]`: every namespace unless one
+/// is given. Values that do not decode are listed as such, never hidden.
+pub async fn render_get(
+    etcd: &crate::control::Etcd,
+    kind: IdentityKind,
+    namespace: Option<&str>,
+    name: Option<&str>,
+    format: Format,
+) -> Result<String, crate::control::EtcdError> {
+    let mut prefix = format!("{}/{}/", trimmed(etcd.prefix()), kind.segment());
+    if let Some(namespace) = namespace {
+        prefix.push_str(namespace);
+        prefix.push('/');
+    }
+    let listing = etcd.list_prefix(&prefix).await?;
+    let entries: Vec<_> = listing
+        .entries
+        .iter()
+        .filter(|entry| name.is_none_or(|name| entry.key.rsplit('/').next() == Some(name)))
+        .collect();
+    let documents: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|entry| {
+            serde_json::from_slice(&entry.value).unwrap_or_else(
+                |error| serde_json::json!({"key": entry.key, "invalid": error.to_string()}),
+            )
+        })
+        .collect();
+    Ok(match format {
+        Format::Json => serde_json::to_string_pretty(&documents).unwrap_or_default() + "\n",
+        Format::Yaml => serde_yaml::to_string(&documents).unwrap_or_default(),
+        Format::Table => {
+            let (headers, rows): (&[&str], Vec<Vec<String>>) = match kind {
+                IdentityKind::TrustBundle => (
+                    &["NAMESPACE", "NAME", "TRUST DOMAIN", "CAS"],
+                    entries
+                        .iter()
+                        .map(|entry| match TrustBundleResource::decode(&entry.value) {
+                            Ok(bundle) => vec![
+                                bundle.metadata.namespace,
+                                bundle.metadata.name,
+                                bundle.spec.trust_domain,
+                                super::verify::parse_certificates_pem(&bundle.spec.certificates)
+                                    .map_or_else(|_| "invalid".to_owned(), |c| c.len().to_string()),
+                            ],
+                            Err(error) => vec![entry.key.clone(), format!("invalid: {error}")],
+                        })
+                        .collect(),
+                ),
+                IdentityKind::CertificateRequest => (
+                    &["NAMESPACE", "NAME", "IDENTITY", "NODE", "CREATED", "STATUS"],
+                    entries
+                        .iter()
+                        .map(|entry| match CertificateRequest::decode(&entry.value) {
+                            Ok(request) => {
+                                let status = match &request.status {
+                                    Some(CertificateRequestStatus {
+                                        denied: Some(reason),
+                                        ..
+                                    }) => format!("Denied: {reason}"),
+                                    Some(CertificateRequestStatus {
+                                        certificate: Some(_),
+                                        ..
+                                    }) => "Issued".to_owned(),
+                                    _ => "Pending".to_owned(),
+                                };
+                                vec![
+                                    request.metadata.namespace,
+                                    request.metadata.name,
+                                    request.spec.identity,
+                                    request.spec.node,
+                                    request.spec.creation_time,
+                                    status,
+                                ]
+                            }
+                            Err(error) => vec![entry.key.clone(), format!("invalid: {error}")],
+                        })
+                        .collect(),
+                ),
+            };
+            if rows.is_empty() {
+                String::new()
+            } else {
+                crate::control::ctl::table(headers, &rows)
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, PoisonError, Weak},
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -100,6 +103,8 @@ struct Slot {
     counters: Mutex<Counters>,
     /// Bumped after every attempt, so first users can wait for its outcome.
     attempts: watch::Sender<u64>,
+    /// Unix seconds of the last `client_config` call for this identity.
+    last_used: AtomicU64,
 }
 
 impl Slot {
@@ -149,6 +154,9 @@ pub struct RenewalSettings {
     pub jitter: f64,
     pub retry_base: Duration,
     pub retry_cap: Duration,
+    /// A workload identity no `client_config` call asked for this long is dropped (its key
+    /// and certificate forgotten, renewal stopped) instead of renewed; the node's never is.
+    pub idle_after: Duration,
 }
 
 impl Default for RenewalSettings {
@@ -158,6 +166,7 @@ impl Default for RenewalSettings {
             jitter: 0.05,
             retry_base: Duration::from_millis(500),
             retry_cap: Duration::from_secs(30),
+            idle_after: Duration::from_secs(3600),
         }
     }
 }
@@ -345,6 +354,7 @@ impl Identities {
             current: ArcSwapOption::empty(),
             counters: Mutex::new(Counters::default()),
             attempts,
+            last_used: AtomicU64::new(unix_seconds(SystemTime::now())),
         });
         slots.insert(identity.clone(), Arc::clone(&slot));
         tokio::spawn(keep_issued(
@@ -366,6 +376,8 @@ impl Identities {
             });
         }
         let slot = self.slot(source);
+        slot.last_used
+            .store(unix_seconds(SystemTime::now()), Ordering::Relaxed);
         let mut attempts = slot.attempts.subscribe();
         if let Some(current) = slot.current.load_full() {
             return Ok(current);
@@ -467,6 +479,20 @@ async fn keep_issued(inner: Weak<Inner>, mut stop: watch::Receiver<()>, slot: Ar
             return;
         };
         let settings = strong.renewal.clone();
+        let idle =
+            unix_seconds(SystemTime::now()).saturating_sub(slot.last_used.load(Ordering::Relaxed));
+        let issued_once = slot.current.load().is_some();
+        if slot.identity != strong.node && issued_once && idle > settings.idle_after.as_secs() {
+            strong
+                .slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&slot.identity);
+            info!(identity = %slot.identity, "identity unused for a while: certificate dropped");
+            // Wake anyone waiting on this slot; later callers get a new one.
+            slot.attempts.send_modify(|count| *count += 1);
+            return;
+        }
         let outcome = strong.issue(&slot.identity).await;
         drop(strong);
         let delay = match outcome {
@@ -820,6 +846,34 @@ mod tests {
             &first_server
         ));
         assert!(identities.status()[0].issued >= 2);
+    }
+
+    #[tokio::test]
+    async fn unused_workload_identities_are_dropped_not_renewed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = flaky(dir.path(), Duration::from_secs(2), false);
+        let settings = RenewalSettings {
+            idle_after: Duration::ZERO,
+            ..fast()
+        };
+        let identities = Identities::start("node-a", ca, settings).unwrap();
+        let workload = SpiffeId::for_agent("mesh.local", "planner").unwrap();
+        identities.client_config(&workload).await.unwrap();
+        let slot = identities.slot(&workload);
+        let mut attempts = slot.attempts.subscribe();
+        // The renewal at about 1 s finds the identity unused for more than zero seconds.
+        while identities.credentials(&workload).is_some() {
+            attempts.changed().await.unwrap();
+        }
+        assert!(
+            identities
+                .status()
+                .iter()
+                .all(|s| s.identity != workload.as_str())
+        );
+        // The node's own identity stays; the workload's comes back on demand.
+        assert!(identities.credentials(identities.node_identity()).is_some());
+        identities.client_config(&workload).await.unwrap();
     }
 
     #[test]
