@@ -338,7 +338,10 @@ fn the_signer_answers_only_what_the_registry_and_node_records_grant() {
     );
     let output = etcd.meshctl(&["get", "csr", "-n", "default"]).unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(text.contains("Issued") && text.contains("Denied: replay"), "{text}");
+    assert!(
+        text.contains("Issued") && text.contains("Denied: replay"),
+        "{text}"
+    );
 }
 
 #[test]

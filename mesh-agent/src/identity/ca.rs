@@ -75,7 +75,7 @@ pub enum CaError {
     Exists { path: PathBuf, trust_domain: String },
     #[error("the CA folder {path} is unusable: {problem}")]
     Invalid { path: PathBuf, problem: String },
-    #[error("the CA key file {path} is readable by others (mode {mode:o}); chmod 600 it")]
+    #[error("the CA key file {path} is open to others (mode {mode:o}); chmod 600 it")]
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("the certificate signing request is invalid: {0}")]
     BadRequest(String),
@@ -216,7 +216,9 @@ impl CaDir {
             .permissions()
             .mode()
             & 0o777;
-        if mode & 0o077 != 0 {
+        // Owner-only (0600/0400), or group-readable for a Kubernetes Secret mounted with an
+        // fsGroup (0440); never writable by the group, never open to others.
+        if mode & 0o027 != 0 {
             return Err(CaError::KeyPermissions {
                 path: key_path,
                 mode,

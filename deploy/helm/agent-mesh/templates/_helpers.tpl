@@ -103,6 +103,10 @@ spec:
     dialTimeout: {{ $.Values.etcd.dialTimeout }}
     leaseTtl: {{ $.Values.etcd.leaseTtl }}
 {{- end }}
+{{- if and .Values.etcd.endpoints .Values.signer.enabled }}
+  identity:
+    trustDomain: {{ .Values.trustDomain | quote }}
+{{- end }}
 {{- if or .Values.etcd.tls.secretName .Values.telemetry.otlpEndpoint }}
 # Recorded for when the agent reads them (NOT READ by this version):
 {{- with .Values.etcd.tls.secretName }}
