@@ -134,6 +134,10 @@ struct SignerProcess {
 
 impl SignerProcess {
     fn start(etcd: &EtcdServer, ttl: &str) -> Self {
+        Self::start_with(etcd, ttl, &[])
+    }
+
+    fn start_with(etcd: &EtcdServer, ttl: &str, extra: &[&str]) -> Self {
         let work = TempDir::new("signer");
         let dir = work.path().join("ca");
         let output = Command::new(mesh_agent_binary().unwrap())
@@ -146,6 +150,7 @@ impl SignerProcess {
         let file = fs::File::create(&log).unwrap();
         let child = Command::new(mesh_agent_binary().unwrap())
             .args(["ca", "run", "--etcd", &etcd.endpoint(), "--resync", "1s"])
+            .args(extra)
             .args(["--certificate-ttl", ttl, "--dir"])
             .arg(&dir)
             .env("NO_COLOR", "1")
@@ -342,6 +347,24 @@ fn the_signer_answers_only_what_the_registry_and_node_records_grant() {
         text.contains("Issued") && text.contains("Denied: replay"),
         "{text}"
     );
+}
+
+#[test]
+fn answered_requests_nobody_deleted_are_collected() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let _signer = SignerProcess::start_with(&etcd, "1h", &["--max-request-age", "1s"]);
+    let tools = SpiffeId::for_agent("mesh.local", "tools").unwrap();
+    // Answered (denied: no node record), then left behind as by a node that died.
+    let request = request_for(&tools, "ghost", &new_key());
+    let reason = submit(&etcd, &request).unwrap_err();
+    assert!(reason.contains("no live Node record"), "{reason}");
+    let key = request_key("/mesh/v1", "default", &request.metadata.name);
+    wait_for("the signer to delete the old answered request", || {
+        etcd.etcdctl(&["get", &key, "--keys-only"])
+            .unwrap()
+            .trim()
+            .is_empty()
+    });
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! (the local CA folder standalone, the etcd signer in etcd mode) and the node certificate
 //! issued before the agent reports ready.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tracing::{error, info};
 
@@ -57,6 +57,16 @@ async fn build(config: &AgentConfig) -> Result<Identities, IdentityError> {
             let etcd = crate::control::Etcd::connect(crate::agent::etcd_settings(etcd_spec))
                 .await
                 .map_err(|error| IdentityError::Other(format!("etcd: {error}")))?;
+            // The signer wants this node's record: give its registration a moment to land
+            // (it starts with the agent), so the first request is not refused for lack of it.
+            let record = crate::control::keys::node_key(etcd.prefix(), &config.metadata.name);
+            let deadline =
+                tokio::time::Instant::now() + spec.issue_timeout.min(Duration::from_secs(5));
+            while tokio::time::Instant::now() < deadline
+                && !matches!(etcd.get(&record).await, Ok(Some(_)))
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             info!(
                 trust_domain = %spec.trust_domain,
                 "certificates from the signer through etcd"

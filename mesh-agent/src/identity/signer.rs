@@ -102,8 +102,18 @@ pub enum Decision {
         certificate: String,
         nonce: String,
         fingerprint: String,
-        serial_hint: String,
+        /// For the log line.
+        summary: IssuedSummary,
     },
+}
+
+/// What the log says about an issued certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedSummary {
+    pub identity: String,
+    pub node: String,
+    pub serial: String,
+    pub not_after: String,
 }
 
 /// The signer. See the module documentation.
@@ -209,6 +219,12 @@ impl Signer {
             .await
             .map_err(|error| error.to_string())?;
         for entry in &listing.entries {
+            if self
+                .collect_garbage(&entry.key, &entry.value, entry.mod_revision)
+                .await
+            {
+                continue;
+            }
             self.handle(&entry.key, &entry.value, entry.mod_revision)
                 .await?;
         }
@@ -254,6 +270,51 @@ impl Signer {
         }
     }
 
+    /// Deletes an answered request its node did not delete (it died or timed out) once it is
+    /// older than twice the request window. True when deleted.
+    async fn collect_garbage(&self, key: &str, value: &[u8], mod_revision: i64) -> bool {
+        let Ok(request) = CertificateRequest::decode(value) else {
+            return false;
+        };
+        let Some(status) = &request.status else {
+            return false;
+        };
+        let Ok(answered) = humantime::parse_rfc3339_weak(&status.answer_time) else {
+            return false;
+        };
+        let old = SystemTime::now()
+            .duration_since(answered)
+            .is_ok_and(|age| age > self.settings.max_request_age * 2);
+        if !old {
+            return false;
+        }
+        let delete_key = key.to_owned();
+        let deleted = self
+            .etcd
+            .call(
+                "deleting an old certificate request",
+                |mut client| async move {
+                    client
+                        .txn(
+                            Txn::new()
+                                .when([Compare::mod_revision(
+                                    delete_key.as_str(),
+                                    CompareOp::Equal,
+                                    mod_revision,
+                                )])
+                                .and_then([TxnOp::delete(delete_key.as_str(), None)]),
+                        )
+                        .await
+                },
+            )
+            .await;
+        let done = deleted.is_ok_and(|response| response.succeeded());
+        if done {
+            debug!(request = key, "old answered certificate request deleted");
+        }
+        done
+    }
+
     /// Answers the request stored at `key` (if it needs an answer). An `Err` is an etcd
     /// failure (the session starts again); refusals are answers.
     async fn handle(&self, key: &str, value: &[u8], mod_revision: i64) -> Result<(), String> {
@@ -265,10 +326,17 @@ impl Signer {
                     warn!(request = key, %reason, "certificate request denied");
                     self.answer(key, value, mod_revision, &decision).await?
                 }
-                Decision::Sign { serial_hint, .. } => {
+                Decision::Sign { summary, .. } => {
                     let written = self.answer(key, value, mod_revision, &decision).await?;
                     if written {
-                        info!(request = key, serial = %serial_hint, "certificate issued");
+                        info!(
+                            request = key,
+                            identity = %summary.identity,
+                            node = %summary.node,
+                            serial = %summary.serial,
+                            not_after = %summary.not_after,
+                            "certificate issued"
+                        );
                     }
                     written
                 }
@@ -461,17 +529,17 @@ impl Signer {
             .ca
             .issue(&spec.request, &identity, self.settings.certificate_ttl)
             .map_err(|error| error.to_string())?;
-        let serial_hint = format!(
-            "{} for {identity} on {}, until {}",
-            short_serial(&issued.chain[0]),
-            spec.node,
-            humantime::format_rfc3339_seconds(issued.not_after)
-        );
+        let summary = IssuedSummary {
+            identity: identity.to_string(),
+            node: spec.node.clone(),
+            serial: short_serial(&issued.chain[0]),
+            not_after: humantime::format_rfc3339_seconds(issued.not_after).to_string(),
+        };
         Ok(Decision::Sign {
             certificate: certificates_to_pem(&issued.chain),
             nonce: spec.nonce.clone(),
             fingerprint,
-            serial_hint,
+            summary,
         })
     }
 
