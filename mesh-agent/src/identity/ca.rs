@@ -352,6 +352,17 @@ impl CaDir {
             )));
         }
         let request = parse_csr(csr_pem)?;
+        let algorithm = request.public_key.algorithm();
+        let accepted = [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ];
+        if !accepted.contains(&algorithm) {
+            return Err(CaError::BadRequest(format!(
+                "its key type ({algorithm:?}) is not accepted: use ECDSA P-256, P-384 or Ed25519"
+            )));
+        }
         let named: Vec<&SanType> = request.params.subject_alt_names.iter().collect();
         for name in named {
             match name {
@@ -646,6 +657,10 @@ mod tests {
             .unwrap_err();
         assert!(matches!(error, CaError::BadRequest(_)), "{error}");
         assert!(ca.issue("garbage", &node, DEFAULT_CERTIFICATE_TTL).is_err());
+        // Ed25519 is accepted too.
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let csr = certificate_request(&node, &key).unwrap();
+        assert!(ca.issue(&csr, &node, DEFAULT_CERTIFICATE_TTL).is_ok());
     }
 
     fn pem_der(pem: &str) -> Vec<u8> {

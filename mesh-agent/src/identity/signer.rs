@@ -471,6 +471,15 @@ impl Signer {
             ));
         }
         let spec = &request.spec;
+        let node_name_ok = !spec.node.is_empty()
+            && spec.node.len() <= 253
+            && spec
+                .node
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !node_name_ok {
+            return Err(format!("{:?} is not a node name", spec.node));
+        }
         self.check_fresh(&spec.creation_time)?;
         let identity: SpiffeId = spec
             .identity
