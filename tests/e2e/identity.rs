@@ -103,6 +103,30 @@ fn a_standalone_agent_gets_its_node_certificate_from_the_local_ca() {
     assert_ne!(status[0]["serial"].as_str().unwrap(), first_serial);
 }
 
+#[test]
+fn an_unusable_local_ca_is_reported_and_capture_serves_on() {
+    let tree = CgroupTree::create("identity-broken-ca").expect("cgroup tree");
+    let agent_cgroup = tree.child("agent").unwrap();
+    let work = TempDir::new("identity-broken-ca");
+    // A regular file where the CA folder should be.
+    let blocker = work.path().join("not-a-folder");
+    fs::write(&blocker, "x").unwrap();
+    let spec = format!(
+        "  identity:\n    localCa:\n      dir: {}\n",
+        quote(&blocker.join("ca").to_string_lossy())
+    );
+    let agent = AgentProcess::start_with_spec(&tree, options(agent_cgroup), None, &spec)
+        .expect("the agent runs without identity");
+    let log = agent.log();
+    assert!(
+        log.contains("workload identity unavailable") && log.contains("local CA"),
+        "{log}"
+    );
+    let (status, _) = agent.admin_get("/readyz").unwrap();
+    assert_eq!(status, 200);
+    assert!(identity_status(&agent).is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // etcd mode: the signer process, agents and requests written by hand.
 
@@ -347,6 +371,35 @@ fn the_signer_answers_only_what_the_registry_and_node_records_grant() {
         text.contains("Issued") && text.contains("Denied: replay"),
         "{text}"
     );
+}
+
+#[test]
+fn without_a_signer_the_agent_serves_and_reports_the_missing_certificate() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let tree = CgroupTree::create("identity-no-signer").expect("cgroup tree");
+    let agent_cgroup = tree.child("agent").unwrap();
+    let work = TempDir::new("identity-no-signer");
+    let agent = AgentProcess::start_with_spec(
+        &tree,
+        options(agent_cgroup),
+        Some(AgentEtcd::new(&etcd, work.path())),
+        "  identity:\n    requestTimeout: 1s\n    issueTimeout: 2s\n",
+    )
+    .expect("the agent runs without its certificate");
+    let log = agent.log();
+    assert!(log.contains("no node certificate yet"), "{log}");
+    assert!(log.contains("no trust bundle in etcd yet"), "{log}");
+    let (status, _) = agent.admin_get("/readyz").unwrap();
+    assert_eq!(status, 200);
+    let status = identity_status(&agent);
+    assert!(
+        status[0]["lastError"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not answer"),
+        "{status:?}"
+    );
+    assert!(status[0]["serial"].is_null());
 }
 
 #[test]
