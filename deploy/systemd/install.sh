@@ -12,7 +12,7 @@
 # install    copies the binary to ROOT/usr/local/bin/mesh-agent, the configuration to
 #            ROOT/etc/agent-mesh/ (agent.yaml and policies/; an existing file is never
 #            overwritten) and the units to ROOT/etc/systemd/system/ (mesh-agent.service, and
-#            mesh-agent-ca.service for the future CA signer, installed but not enabled). Every
+#            mesh-agent-ca.service for the CA signer, installed but not enabled). Every
 #            path it creates is listed in ROOT/var/lib/agent-mesh/installed. It enables and
 #            starts mesh-agent.service only when ROOT is /, systemd is running, the checks
 #            pass and --no-start is not given. Running it again upgrades the binary and units.

@@ -188,11 +188,6 @@ pub async fn policy_source(
     })
 }
 
-/// The trust domain of workload identities.
-fn trust_domain(_config: &AgentConfig) -> &'static str {
-    "mesh.local"
-}
-
 /// Client settings for `spec.etcd`.
 pub fn etcd_settings(spec: &EtcdSpec) -> EtcdSettings {
     EtcdSettings {
@@ -292,7 +287,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     })
                     .unwrap_or_else(|| config.metadata.name.clone()),
                 label_selector: spec.label_selector.clone(),
-                trust_domain: trust_domain(&config).to_owned(),
+                trust_domain: config.trust_domain().to_owned(),
                 cgroup_root: datapath.attach_cgroup().dir.clone(),
             },
             Arc::clone(&datapath),
@@ -309,6 +304,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         cgroup_paths: Default::default(),
         control,
         pods: pod_enroller.as_ref().map(|enroller| enroller.status()),
+        identity: Default::default(),
     });
     let admin_server = match admin_listener {
         Some((address, listener)) => {
@@ -332,6 +328,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             shutdown_rx.clone(),
             config.spec.proxy.drain_timeout,
         )));
+    }
+    // Workload identity (spec.identity): the node certificate is issued before the agent
+    // reports ready (in etcd mode after the node record is written, which the signer checks).
+    // A failure is logged and leaves mTLS unavailable; plain capture serves regardless. The
+    // node-to-node transport takes `Identities::credentials_handle()`.
+    let identities = crate::identity::start_for_agent(&config).await;
+    if let Some(identities) = &identities {
+        let _ = admin.identity.set(identities.clone());
     }
     admin.set_ready(true);
     info!(node = %config.metadata.name, accelerated = datapath.accelerated(), "agent running");

@@ -74,6 +74,63 @@ pub enum Command {
         #[command(flatten)]
         pins: PinArgs,
     },
+    /// The certificate authority: create, run the etcd signer, rotate.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+/// `mesh-agent ca ...`.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a CA (key mode 0600, self-signed certificate, trust bundle) in a new folder.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// SPIFFE trust domain (`spiffe://<trust-domain>/...`).
+        #[arg(long, default_value = "mesh.local")]
+        trust_domain: String,
+    },
+    /// Publish the trust bundle to etcd and answer certificate requests until stopped.
+    Run {
+        /// etcd client URLs, comma-separated.
+        #[arg(
+            long,
+            env = "MESH_ETCD",
+            default_value = "http://127.0.0.1:2379",
+            value_delimiter = ','
+        )]
+        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd_tls: crate::control::ctl::EtcdTlsArgs,
+        /// Key prefix of the mesh's resources.
+        #[arg(long, env = "MESH_PREFIX", default_value = crate::control::keys::DEFAULT_PREFIX)]
+        prefix: String,
+        /// The CA folder (`mesh-agent ca init`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Lifetime of issued certificates (10s to 30d).
+        #[arg(long, default_value = "4h", value_parser = humantime::parse_duration)]
+        certificate_ttl: std::time::Duration,
+        /// Requests older than this are refused as stale.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        max_request_age: std::time::Duration,
+        /// How often requests are listed again and the CA folder re-read.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        resync: std::time::Duration,
+    },
+    /// Make a new signing CA next to the old one (both stay trusted until `prune`).
+    Rotate {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Drop every CA but the signing one from the trust bundle (after a rotation, once every
+    /// certificate of the old CA has expired).
+    Prune {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -219,6 +276,9 @@ pub async fn execute(command: Command) -> Result<(), CliFailure> {
             let datapath = Datapath::open_pinned(&pins.pin_dir)?;
             print_counters(&datapath, output)?;
         }
+        Command::Ca { command } => crate::identity::signer::execute(command)
+            .await
+            .map_err(|(code, error)| CliFailure { code, error })?,
         Command::Detach { pins } => {
             let report = datapath::detach(&pins.pin_dir)?;
             println!(

@@ -585,9 +585,11 @@ fn helm_with_everything_on_renders_valid_manifests() {
     validate_against_schemas(std::slice::from_ref(&manifests));
     let rendered = fs::read_to_string(&manifests).unwrap();
     for expected in [
-        "kind: Deployment",                        // the signer
-        "- ca",                                    // its (future) subcommand
-        "secretName: etcd-client-tls",             // etcd TLS Secret mounted
+        "kind: Deployment", // the signer
+        "- ca",             // its subcommand: ca run
+        "- --certificate-ttl=4h",
+        "trustDomain: \"cluster.local\"", // agents ask the signer for certificates
+        "secretName: etcd-client-tls",    // etcd TLS Secret mounted
         "caFile: /etc/agent-mesh/etcd-tls/ca.crt", // and read by the agent
         "image: registry.example.com/mesh-agent:test",
         "admin: 0.0.0.0:15020",
@@ -618,7 +620,7 @@ fn helm_with_everything_on_renders_valid_manifests() {
         "{notes}"
     );
     assert!(
-        notes.contains("`mesh-agent ca` does not exist yet"),
+        notes.contains("The CA signer runs from Secret agent-mesh-ca"),
         "{notes}"
     );
     // The agent accepts the configuration (with the node's name the pod sets at start), and

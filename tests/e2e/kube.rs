@@ -246,6 +246,7 @@ fn pods_of_the_node_are_enrolled_by_cgroup_and_named_by_service_account() {
             agent_binary: None,
             policy_dir: Some(policy_dir.clone()),
         },
+        None,
         &api.agent_spec(),
     )
     .expect("start agent");
@@ -343,12 +344,12 @@ fn a_wrong_token_or_an_untrusted_api_server_enrols_nothing_and_says_why() {
         agent_binary: None,
         policy_dir: None,
     };
-    let agent = AgentProcess::start_with_spec(&tree, options(), &spec).expect("start agent");
-    wait_for(&agent, "the refusal to be logged", || {
-        agent.log().contains("401")
+    let agent = AgentProcess::start_with_spec(&tree, options(), None, &spec).expect("start agent");
+    wait_for(&agent, "the refusal", || {
+        metric(&agent, "mesh_kubernetes_failures_total") >= 1.0
     });
+    assert!(agent.log().contains("answered 401"), "{}", agent.log());
     assert_eq!(metric(&agent, "mesh_kubernetes_pods_enrolled"), 0.0);
-    assert!(metric(&agent, "mesh_kubernetes_failures_total") >= 1.0);
     // The token is re-read for every request: fixing the file is enough.
     fs::write(&agent_token, "token-2\n").unwrap();
     wait_for(&agent, "enrolment after the token fix", || {
@@ -364,10 +365,15 @@ fn a_wrong_token_or_an_untrusted_api_server_enrols_nothing_and_says_why() {
         &api.tls.ca.display().to_string(),
         &other_ca.display().to_string(),
     );
-    let agent = AgentProcess::start_with_spec(&tree, options(), &spec).expect("start agent");
-    wait_for(&agent, "the TLS refusal to be logged", || {
-        agent.log().contains("TLS")
+    let agent = AgentProcess::start_with_spec(&tree, options(), None, &spec).expect("start agent");
+    wait_for(&agent, "the TLS refusal", || {
+        metric(&agent, "mesh_kubernetes_failures_total") >= 1.0
     });
+    assert!(
+        agent.log().contains("TLS: invalid peer certificate"),
+        "{}",
+        agent.log()
+    );
     assert_eq!(metric(&agent, "mesh_kubernetes_pods_enrolled"), 0.0);
     let _ = fs::remove_dir_all(&other);
 }

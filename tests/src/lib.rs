@@ -396,7 +396,7 @@ pub struct AgentProcess {
     launcher: Vec<String>,
     /// etcd mode (`spec.etcd`) instead of a policy folder.
     etcd: Option<etcd::AgentEtcd>,
-    /// More of the config's `spec` (YAML indented for `spec:`), e.g. `spec.kubernetes`.
+    /// More `spec` sections, YAML indented for `spec:` (e.g. `  identity: {}\n`).
     extra_spec: String,
 }
 
@@ -413,7 +413,7 @@ impl AgentProcess {
         options: AgentOptions,
         launcher: &[&str],
     ) -> Result<Self, HarnessError> {
-        Self::start_full(tree, options, launcher, None)
+        Self::start_full(tree, options, launcher, None, "")
     }
 
     /// As [`start`](Self::start), in etcd mode: resources come from etcd (`spec.etcd`), not
@@ -423,29 +423,22 @@ impl AgentProcess {
         options: AgentOptions,
         etcd: etcd::AgentEtcd,
     ) -> Result<Self, HarnessError> {
-        Self::start_full(tree, options, &[], Some(etcd))
+        Self::start_full(tree, options, &[], Some(etcd), "")
     }
 
-    /// As [`start`](Self::start), with more of the config's `spec`: `extra_spec` is YAML
-    /// indented for `spec:` (two spaces), appended to the generated config.
+    /// As [`start`](Self::start) (or [`start_with_etcd`](Self::start_with_etcd) with
+    /// `etcd`), adding `extra_spec` to the config's `spec` (YAML indented by two spaces, e.g.
+    /// `"  identity: {}\n"`).
     pub fn start_with_spec(
         tree: &CgroupTree,
         options: AgentOptions,
+        etcd: Option<etcd::AgentEtcd>,
         extra_spec: &str,
     ) -> Result<Self, HarnessError> {
-        Self::start_full_with(tree, options, &[], None, extra_spec)
+        Self::start_full(tree, options, &[], etcd, extra_spec)
     }
 
     fn start_full(
-        tree: &CgroupTree,
-        options: AgentOptions,
-        launcher: &[&str],
-        etcd: Option<etcd::AgentEtcd>,
-    ) -> Result<Self, HarnessError> {
-        Self::start_full_with(tree, options, launcher, etcd, "")
-    }
-
-    fn start_full_with(
         tree: &CgroupTree,
         options: AgentOptions,
         launcher: &[&str],
@@ -692,6 +685,29 @@ impl AgentProcess {
     /// The attach cgroup's directory.
     pub fn attach_dir(&self) -> &Path {
         &self.attach_dir
+    }
+
+    /// `GET path` on the admin endpoint: (status code, body).
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String), HarnessError> {
+        let address = SocketAddr::from(([127, 0, 0, 1], self.admin_port));
+        let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+            .map_err(io_error("connecting to the admin endpoint"))?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(io_error("writing to the admin endpoint"))?;
+        let mut response = String::new();
+        io::Read::read_to_string(&mut stream, &mut response)
+            .map_err(io_error("reading the admin endpoint"))?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        Ok((status, body.to_owned()))
     }
 }
 

@@ -41,15 +41,8 @@ pub struct Meshctl {
         value_delimiter = ','
     )]
     pub etcd: Vec<String>,
-    /// CA certificate (PEM) of etcd's serving certificate; turns TLS on (https:// endpoints).
-    #[arg(long, global = true, env = "MESH_ETCD_CA")]
-    pub etcd_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd's --client-cert-auth, with --etcd-key.
-    #[arg(long, global = true, env = "MESH_ETCD_CERT", requires = "etcd_key")]
-    pub etcd_cert: Option<PathBuf>,
-    /// Private key (PEM) of --etcd-cert.
-    #[arg(long, global = true, env = "MESH_ETCD_KEY", requires = "etcd_cert")]
-    pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub etcd_tls: EtcdTlsArgs,
     /// Key prefix of the mesh's resources.
     #[arg(long, global = true, env = "MESH_PREFIX", default_value = keys::DEFAULT_PREFIX)]
     pub prefix: String,
@@ -61,6 +54,32 @@ pub struct Meshctl {
     pub output: Output,
     #[command(subcommand)]
     pub command: CtlCommand,
+}
+
+/// TLS to etcd, as command-line flags (meshctl, `mesh-agent ca run`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EtcdTlsArgs {
+    /// CA certificate (PEM) of etcd's serving certificate; turns TLS on (https:// endpoints).
+    #[arg(long, global = true, env = "MESH_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth, with --etcd-key.
+    #[arg(long, global = true, env = "MESH_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, global = true, env = "MESH_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The client TLS settings, when --etcd-ca is given.
+    pub fn settings(&self) -> Option<EtcdTls> {
+        self.etcd_ca.as_ref().map(|ca| EtcdTls {
+            ca_file: ca.clone(),
+            cert_file: self.etcd_cert.clone(),
+            key_file: self.etcd_key.clone(),
+            server_name: None,
+        })
+    }
 }
 
 /// Output formats.
@@ -82,7 +101,8 @@ pub enum CtlCommand {
     },
     /// List resources of a kind, or show one.
     Get {
-        /// agents, accesspolicies (ap), trafficpolicies (tp); singular or plural.
+        /// agents, accesspolicies (ap), trafficpolicies (tp), trustbundles,
+        /// certificaterequests (csr); singular or plural.
         kind: String,
         name: Option<String>,
         #[command(flatten)]
@@ -161,12 +181,7 @@ impl Meshctl {
             prefix: self.prefix.clone(),
             dial_timeout: self.timeout,
             request_timeout: self.timeout,
-            tls: self.etcd_ca.as_ref().map(|ca| EtcdTls {
-                ca_file: ca.clone(),
-                cert_file: self.etcd_cert.clone(),
-                key_file: self.etcd_key.clone(),
-                server_name: None,
-            }),
+            tls: self.etcd_tls.settings(),
         }
     }
 }
@@ -387,6 +402,23 @@ pub async fn execute(cli: Meshctl, out: &mut dyn Write) -> Result<u8, ControlErr
                     }
                 }
             };
+            write_out(out, &text)?;
+            Ok(0)
+        }
+        CtlCommand::Get { kind, name, scope }
+            if crate::identity::resources::IdentityKind::parse(kind).is_some() =>
+        {
+            use crate::identity::resources::{Format, IdentityKind, render_get};
+            let identity_kind = IdentityKind::parse(kind)
+                .ok_or_else(|| ControlError::Usage(format!("unknown kind `{kind}`")))?;
+            let etcd = Etcd::connect(cli.settings()).await?;
+            let format = match output {
+                Output::Table => Format::Table,
+                Output::Json => Format::Json,
+                Output::Yaml => Format::Yaml,
+            };
+            let namespace = scope.namespace.as_deref();
+            let text = render_get(&etcd, identity_kind, namespace, name.as_deref(), format).await?;
             write_out(out, &text)?;
             Ok(0)
         }

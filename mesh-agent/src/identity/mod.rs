@@ -8,10 +8,35 @@
 //! configuration (the node's own certificate, client certificates required) and for a client
 //! configuration presenting a given workload's certificate. Peer identities are read from the
 //! verified certificate with [`spiffe_id_of_certificate`].
+//!
+//! | module | owns |
+//! |---|---|
+//! | `spiffe` | the SPIFFE ID type and reading it from a certificate |
+//! | [`verify`] | the trust bundle and the rustls verifiers (chain, validity, one SPIFFE ID) |
+//! | [`ca`] | the CA folder, issuing certificates from CSRs, the [`CertificateAuthority`] seam, [`LocalCa`] |
+//! | [`store`] | [`Identities`]: in-memory keys, CSRs, renewal, cached rustls configs |
+//! | [`etcd_ca`] | [`EtcdCa`]: requests through etcd, the watched trust bundle |
+//! | [`resources`] | the `CertificateRequest` and `TrustBundle` documents and their keys |
+//! | [`signer`] | `mesh-agent ca run`: validation, signing, exactly-once answers |
+//! | [`setup`] | the agent's identities from `spec.identity` |
 
+pub mod ca;
+pub mod etcd_ca;
+pub mod resources;
+pub mod setup;
+pub mod signer;
 mod spiffe;
+pub mod store;
+pub mod verify;
 
+pub use ca::{CaDir, CaError, CertificateAuthority, IssuedCertificate, LocalCa, SigningRequest};
+pub use etcd_ca::EtcdCa;
+pub use setup::start_for_agent;
 pub use spiffe::{SpiffeId, SpiffeIdError, spiffe_id_of_certificate};
+pub use store::{Identities, IdentityStatus, RenewalSettings};
+pub use verify::{
+    SharedBundle, SpiffeClientVerifier, SpiffeServerVerifier, TrustBundle, VerifyError,
+};
 
 use std::{future::Future, pin::Pin, sync::Arc};
 

@@ -119,6 +119,10 @@ spec:
       {{- end }}
     {{- end }}
 {{- end }}
+{{- if and .Values.etcd.endpoints .Values.signer.enabled }}
+  identity:
+    trustDomain: {{ .Values.trustDomain | quote }}
+{{- end }}
 {{- if .Values.telemetry.otlpEndpoint }}
 # Recorded for when the agent reads them (NOT READ by this version):
 {{- with .Values.telemetry.otlpEndpoint }}
