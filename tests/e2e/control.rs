@@ -656,6 +656,10 @@ fn an_agent_rides_out_compaction_and_etcd_outages_and_starts_from_its_cache() {
         || mesh.call(backend, "add") == 200,
     );
     assert!(mesh.metric("mesh_control_sync_revision") as i64 > compacted);
+    assert!(
+        mesh.metric("mesh_control_snapshot_revision") as i64 > compacted,
+        "the enforced snapshot was built after the compaction"
+    );
     assert_eq!(mesh.call(backend, "search"), 403);
     println!("compacted at revision {compacted}; the agent converged past it");
 

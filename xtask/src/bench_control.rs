@@ -2,8 +2,9 @@
 //! loopback, its own data folder) and real agents in etcd mode (release build).
 //!
 //! - **apply → enforcement on three agents**: `meshctl apply` of a changed AccessPolicy, then
-//!   the time until each agent's snapshot reflects the revision the write produced (its
-//!   `mesh_control_sync_revision`; requests read the snapshot, so that is when it is enforced).
+//!   the time until each agent's active snapshot was built from the revision the write
+//!   produced (its `mesh_control_snapshot_revision`; requests are checked against that
+//!   snapshot, so that is when the change is enforced).
 //!   Measured from when `meshctl apply` returned; `meshctl apply` itself is reported apart.
 //! - **scale**: 10k `Agent`s and 10k `AccessPolicy`s written into etcd, then one agent started:
 //!   time to its first snapshot (start to ready), its memory, and the time one more change
@@ -98,7 +99,7 @@ fn wait_revision(
     while delays.iter().any(Option::is_none) {
         for (index, agent) in agents.iter().enumerate() {
             if delays[index].is_none()
-                && agent_metric(agent, "mesh_control_sync_revision")? as i64 >= revision
+                && agent_metric(agent, "mesh_control_snapshot_revision")? as i64 >= revision
             {
                 delays[index] = Some(since.elapsed().as_secs_f64() * 1000.0);
             }

@@ -87,6 +87,8 @@ pub struct ControlStatus {
     connected: AtomicBool,
     serving_cache: AtomicBool,
     revision: AtomicI64,
+    /// Revision of the resources the active snapshot was built from (what is enforced).
+    snapshot_revision: AtomicI64,
     /// Wall-clock time (ms since the epoch) the resources were last known to match etcd.
     synced_at_ms: AtomicU64,
     invalid_resources: AtomicU64,
@@ -102,6 +104,8 @@ pub struct ControlStatusSample {
     pub connected: bool,
     pub serving_cache: bool,
     pub revision: i64,
+    /// Revision of the resources the active snapshot was built from.
+    pub snapshot_revision: i64,
     /// Seconds since the resources were last known to match etcd; `None` before the first
     /// list (or cache).
     pub snapshot_age_seconds: Option<f64>,
@@ -128,6 +132,7 @@ impl ControlStatus {
             connected: self.connected.load(Ordering::Relaxed),
             serving_cache: self.serving_cache.load(Ordering::Relaxed),
             revision: self.revision.load(Ordering::Relaxed),
+            snapshot_revision: self.snapshot_revision.load(Ordering::Relaxed),
             snapshot_age_seconds: (synced != 0).then(|| now.saturating_sub(synced) as f64 / 1000.0),
             invalid_resources: self.invalid_resources.load(Ordering::Relaxed),
             rejected_updates: self.rejected_updates.load(Ordering::Relaxed),
@@ -785,6 +790,9 @@ impl Syncer {
             }
         };
         self.status.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.status
+            .snapshot_revision
+            .fetch_max(self.state.revision(), Ordering::Relaxed);
         self.status.serving_cache.store(false, Ordering::Relaxed);
         debug!(
             revision = self.state.revision(),

@@ -269,7 +269,7 @@ pub fn render_l7(http: &HttpStatsSnapshot, policy: &PolicySample) -> String {
 /// The etcd control plane's state (etcd mode only).
 pub fn render_control(control: &crate::control::ControlStatusSample) -> String {
     let mut out = String::new();
-    let gauges: [(&str, &str, String); 5] = [
+    let gauges: [(&str, &str, String); 6] = [
         (
             "mesh_control_connected",
             "1 while the agent is connected to etcd and watching.",
@@ -282,8 +282,13 @@ pub fn render_control(control: &crate::control::ControlStatusSample) -> String {
         ),
         (
             "mesh_control_sync_revision",
-            "Highest etcd revision the agent's resources reflect.",
+            "Highest etcd revision the agent has seen (events and progress notifications).",
             control.revision.to_string(),
+        ),
+        (
+            "mesh_control_snapshot_revision",
+            "etcd revision of the resources the active snapshot was built from: what requests are checked against.",
+            control.snapshot_revision.to_string(),
         ),
         (
             "mesh_control_snapshot_age_seconds",
