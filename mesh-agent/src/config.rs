@@ -78,6 +78,89 @@ pub struct AgentSpec {
     /// The control plane: with it, mesh resources come from etcd instead of `policy.dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdSpec>,
+    /// The local registration API (unix socket) and the health probes of registered instances.
+    #[serde(default)]
+    pub registration: RegistrationSpec,
+}
+
+/// The local registration API: where its socket is, which cgroups may register which names,
+/// and how registered instances are probed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistrationSpec {
+    /// Unix socket of the API; none to turn registration off.
+    pub socket: Option<PathBuf>,
+    /// File mode of the socket, octal (`"0666"`): who may connect. Access is decided by
+    /// attestation (the caller's cgroup), not by the mode.
+    pub socket_mode: String,
+    /// cgroups (relative to the cgroup2 mount) whose direct children may register the name of
+    /// their directory (`/agents.slice` lets `/agents.slice/tools/...` register `tools`).
+    pub cgroup_parents: Vec<PathBuf>,
+    /// Trust domain of the identities assigned (`spiffe://<trustDomain>/agent/<name>`).
+    pub trust_domain: String,
+    /// Address instances are published with when they register only a port (another node
+    /// reaches them through this node's agent).
+    pub advertise_address: IpAddr,
+    /// etcd mode: TTL of the lease holding this node's instance records.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Active health probes of the registered instances.
+    pub health: HealthCheckSpec,
+}
+
+impl Default for RegistrationSpec {
+    fn default() -> Self {
+        Self {
+            socket: Some(PathBuf::from("/run/mesh/agent.sock")),
+            socket_mode: "0666".to_owned(),
+            cgroup_parents: Vec::new(),
+            trust_domain: "cluster.local".to_owned(),
+            advertise_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            lease_ttl: Duration::from_secs(10),
+            health: HealthCheckSpec::default(),
+        }
+    }
+}
+
+impl RegistrationSpec {
+    /// The socket mode as a number (validated by [`AgentConfig::validate`]).
+    pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
+        let text = self.socket_mode.trim_start_matches("0o");
+        u32::from_str_radix(text, 8)
+            .ok()
+            .filter(|mode| *mode <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "spec.registration.socketMode",
+                    format!("{:?} is not an octal file mode such as \"0660\"", self.socket_mode),
+                )
+            })
+    }
+}
+
+/// How registered instances are probed: a TCP connect, or an HTTP GET of the path they
+/// registered, every `interval`; `unhealthyThreshold` failures in a row mark an instance
+/// unhealthy (no traffic, not discovered), `healthyThreshold` successes bring it back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheckSpec {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 1,
+            unhealthy_threshold: 2,
+        }
+    }
 }
 
 /// etcd mode: resources are listed and watched under `prefix`, the last good set is cached in
@@ -351,6 +434,7 @@ impl AgentConfig {
         if let Some(etcd) = &self.spec.etcd {
             self.validate_etcd(etcd)?;
         }
+        self.validate_registration()?;
         let mut names = std::collections::HashSet::new();
         for (index, workload) in self.spec.workloads.iter().enumerate() {
             let field = format!("spec.workloads[{index}]");
@@ -366,6 +450,60 @@ impl AgentConfig {
             if workload.cgroup.as_os_str().is_empty() {
                 return Err(invalid(&format!("{field}.cgroup"), "must not be empty"));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_registration(&self) -> Result<(), ConfigError> {
+        let registration = &self.spec.registration;
+        registration.socket_mode_bits()?;
+        if let Some(socket) = &registration.socket
+            && (socket.as_os_str().is_empty() || socket.as_os_str().len() > 100)
+        {
+            return Err(invalid(
+                "spec.registration.socket",
+                "must be a path of 1 to 100 bytes (a unix socket address)",
+            ));
+        }
+        for (index, parent) in registration.cgroup_parents.iter().enumerate() {
+            if !parent.is_absolute()
+                || parent
+                    .components()
+                    .any(|part| matches!(part, std::path::Component::ParentDir))
+            {
+                return Err(invalid(
+                    &format!("spec.registration.cgroupParents[{index}]"),
+                    "must be an absolute cgroup path (relative to the cgroup2 mount) without `..`",
+                ));
+            }
+        }
+        if let Err(error) =
+            crate::identity::SpiffeId::for_agent(&registration.trust_domain, "x")
+        {
+            return Err(invalid("spec.registration.trustDomain", error.to_string()));
+        }
+        let address = registration.advertise_address;
+        if address.is_unspecified() || address.is_multicast() {
+            return Err(invalid(
+                "spec.registration.advertiseAddress",
+                "must be a unicast address of this node",
+            ));
+        }
+        if registration.lease_ttl < Duration::from_secs(2) {
+            return Err(invalid("spec.registration.leaseTtl", "must be at least 2s"));
+        }
+        let health = &registration.health;
+        if health.interval.is_zero() || health.timeout.is_zero() {
+            return Err(invalid(
+                "spec.registration.health",
+                "interval and timeout must be greater than zero",
+            ));
+        }
+        if health.healthy_threshold == 0 || health.unhealthy_threshold == 0 {
+            return Err(invalid(
+                "spec.registration.health",
+                "healthyThreshold and unhealthyThreshold must be at least 1",
+            ));
         }
         Ok(())
     }

@@ -264,6 +264,7 @@ fn resource_rows(
     headers.extend(match kind {
         Some(Kind::AccessPolicy) => &["TARGET", "ACTION", "RULES", "FROM"][..],
         Some(Kind::TrafficPolicy) => &["TARGET", "TIMEOUT", "RETRIES", "RATE-LIMITS", "ROUTES"][..],
+        Some(Kind::AgentInstance) => &["AGENT", "NODE", "ADDRESS", "HEALTH", "AGE"][..],
         _ => &["PROTOCOL", "HOSTS", "ENDPOINTS", "FALLBACK"][..],
     });
     let rows = resources
@@ -309,11 +310,29 @@ fn resource_rows(
                     row.push(policy.spec.rate_limits.len().to_string());
                     row.push(policy.spec.routes.len().to_string());
                 }
+                Resource::AgentInstance(instance) => {
+                    row.push(instance.spec.agent.clone());
+                    row.push(instance.spec.node.clone());
+                    row.push(instance.spec.address.to_string());
+                    row.push(instance.spec.health.as_str().to_owned());
+                    row.push(age(instance.spec.registered_at.as_deref()));
+                }
             }
             row
         })
         .collect();
     (headers, rows)
+}
+
+/// How long ago an RFC 3339 time was, as `3m12s`; `-` when unknown.
+fn age(since: Option<&str>) -> String {
+    since
+        .and_then(|text| humantime::parse_rfc3339_weak(text).ok())
+        .and_then(|then| SystemTime::now().duration_since(then).ok())
+        .map(|elapsed| {
+            humantime::format_duration(Duration::from_secs(elapsed.as_secs())).to_string()
+        })
+        .unwrap_or_else(|| "-".to_owned())
 }
 
 /// Prints a list of problems read from etcd, and turns them into the command's error.

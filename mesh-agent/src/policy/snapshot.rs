@@ -1,6 +1,16 @@
 //! The compiled policy snapshot: an immutable, indexed view of the registry (agents by name,
 //! host and address), the access policies (authorization per request) and the traffic settings
 //! per agent. Built once per configuration change, shared in an `Arc`, read per request.
+//!
+//! # Registered instances
+//!
+//! `AgentInstance` records (written by node agents for the workloads that registered with
+//! them) are merged into the agents here, the one place every source of resources goes
+//! through: an instance adds an endpoint (`node` set to its node; weight 1 when it is
+//! `Healthy`, 0 = no traffic otherwise) to the agent of its name, whose capabilities become
+//! the union of both; a name with no `Agent` resource becomes an agent of its own. An
+//! instance never makes the set fail to compile: one whose name another agent claims as a
+//! host, or whose address another agent already serves, is left out with a warning.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,7 +25,8 @@ use std::{
 use super::{
     Fnv64, PolicyError,
     resources::{
-        AccessPolicy, Action, Agent, Capabilities, CircuitBreaker, Dedup, Kind, Pattern, Priority,
+        AccessPolicy, Action, Agent, AgentInstance, Capabilities, CircuitBreaker, Dedup, Kind,
+        Pattern, Priority,
         Protocol, Resource, ResourceKey, Retries, Timeouts, TrafficPolicy, TrafficPolicySpec,
         normalize_host,
     },
@@ -516,6 +527,8 @@ pub struct PolicySnapshot {
     traffic_wildcard: Option<TrafficSettings>,
     traffic_default: TrafficSettings,
     warnings: Vec<String>,
+    /// Registered instances merged into `agents`, in key order.
+    instances: Vec<AgentInstance>,
 }
 
 impl Default for PolicySnapshot {
@@ -545,6 +558,7 @@ impl PolicySnapshot {
             traffic_wildcard: None,
             traffic_default: TrafficSettings::default(),
             warnings: Vec::new(),
+            instances: Vec::new(),
         }
     }
 
@@ -632,6 +646,28 @@ impl PolicySnapshot {
                 }
             }
             snapshot.agents.push(entry);
+        }
+        // Registered instances, before hosts: an agent made of instances gets its name as a
+        // host like any other.
+        let instances: Vec<&AgentInstance> = sorted
+            .iter()
+            .filter_map(|r| match r {
+                Resource::AgentInstance(instance) => Some(instance),
+                _ => None,
+            })
+            .collect();
+        if !instances.is_empty() {
+            let claimed: HashSet<String> = agents
+                .iter()
+                .flat_map(|agent| agent.spec.hosts.iter().map(|host| normalize_host(host)))
+                .collect();
+            for instance in instances {
+                if let Some(warning) = snapshot.merge_instance(instance, &claimed) {
+                    warnings.push(warning);
+                } else {
+                    snapshot.instances.push((*instance).clone());
+                }
+            }
         }
         // Hosts after names, so a host may not shadow another agent's name in either order.
         for (index, agent) in snapshot.agents.iter().enumerate() {
@@ -756,6 +792,116 @@ impl PolicySnapshot {
         } else {
             Err(errors)
         }
+    }
+
+    /// Merges one registered instance into its agent (see the module documentation). Returns
+    /// why it was left out, if it was.
+    fn merge_instance(
+        &mut self,
+        instance: &AgentInstance,
+        claimed_hosts: &HashSet<String>,
+    ) -> Option<String> {
+        let spec = &instance.spec;
+        let this = format!(
+            "AgentInstance {}/{}",
+            instance.metadata.namespace, instance.metadata.name
+        );
+        let node: Arc<str> = Arc::from(spec.node.as_str());
+        let endpoint = Endpoint {
+            address: spec.address,
+            weight: u32::from(spec.health.is_healthy()),
+            node: Some(Arc::clone(&node)),
+        };
+        let index = match self.by_name.get(&spec.agent) {
+            Some(&index) => index,
+            None => {
+                if claimed_hosts.contains(&spec.agent) {
+                    return Some(format!(
+                        "{this}: left out: `{}` is a host name of another agent",
+                        spec.agent
+                    ));
+                }
+                let index = self.agents.len();
+                self.agents.push(AgentEntry {
+                    name: spec.agent.clone(),
+                    namespace: instance.metadata.namespace.clone(),
+                    hosts: Vec::new(),
+                    endpoints: Vec::new(),
+                    protocol: spec.protocol,
+                    capabilities: Capabilities::default(),
+                    fallback: None,
+                });
+                self.by_name.insert(spec.agent.clone(), index);
+                index
+            }
+        };
+        match self.by_address.get(&spec.address) {
+            Some(&owner) if owner != index => {
+                let owner = self.agents[owner].name.clone();
+                self.drop_empty_agent(index);
+                return Some(format!(
+                    "{this}: left out: {} is an endpoint of agent {owner}",
+                    spec.address
+                ));
+            }
+            Some(_) => {
+                let agent = &self.agents[index];
+                let same = agent
+                    .endpoints
+                    .iter()
+                    .any(|e| e.address == spec.address && e.node.as_deref() == Some(&*node));
+                if same || agent.endpoints.iter().any(|e| e.node.is_none() && e.address == spec.address)
+                {
+                    return Some(format!(
+                        "{this}: left out: agent {} already has the endpoint {}",
+                        spec.agent, spec.address
+                    ));
+                }
+            }
+            None => {
+                self.by_address.insert(spec.address, index);
+            }
+        }
+        let agent = &mut self.agents[index];
+        agent.endpoints.push(endpoint);
+        let capabilities = &mut agent.capabilities;
+        for tool in &spec.capabilities.mcp_tools {
+            if !capabilities.mcp_tools.contains(tool) {
+                capabilities.mcp_tools.push(tool.clone());
+            }
+        }
+        for skill in &spec.capabilities.a2a_skills {
+            if !capabilities.a2a_skills.contains(skill) {
+                capabilities.a2a_skills.push(skill.clone());
+            }
+        }
+        None
+    }
+
+    /// Removes an agent just created for an instance that was then left out (always the last).
+    fn drop_empty_agent(&mut self, index: usize) {
+        if index + 1 == self.agents.len() && self.agents[index].endpoints.is_empty() {
+            let agent = self.agents.remove(index);
+            self.by_name.remove(&agent.name);
+        }
+    }
+
+    /// Registered instances (merged into [`agents`](Self::agents)), in key order.
+    pub fn instances(&self) -> &[AgentInstance] {
+        &self.instances
+    }
+
+    /// Healthy registered instances that offer this MCP tool or A2A skill.
+    pub fn healthy_instances_with_capability(&self, tool_or_skill: &str) -> Vec<&AgentInstance> {
+        self.instances
+            .iter()
+            .filter(|instance| {
+                let caps = &instance.spec.capabilities;
+                instance.spec.health.is_healthy()
+                    && (caps.mcp_tools.iter().any(|tool| tool == tool_or_skill)
+                        || caps.a2a_skills.iter().any(|skill| skill == tool_or_skill))
+            })
+            .collect()
     }
 
     /// Process-wide sequence number of this snapshot (later snapshots have higher numbers).
