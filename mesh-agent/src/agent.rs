@@ -49,6 +49,8 @@ pub enum AgentError {
     },
     #[error("etcd settings: {0}")]
     Etcd(EtcdError),
+    #[error(transparent)]
+    Registration(#[from] crate::registry::RegistryError),
 }
 
 /// Where the agent's mesh resources come from. Both sources end in [`PolicyStore::install`].
@@ -235,6 +237,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         )),
         None => None,
     };
+    let registration_listener = crate::registry::bind_configured(&config)?;
     // Policy before the datapath: a folder that does not load stops the agent here, before
     // any connection is served under a policy nobody wrote. In etcd mode the agent starts
     // closed (every request denied) until etcd or the cache provides resources.
@@ -284,6 +287,22 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         None => None,
     };
     let mut servers = source.spawn(&config, Arc::clone(&policy), shutdown_rx.clone());
+    if let Some(listener) = registration_listener {
+        let enroller = Arc::new(crate::registry::DatapathEnroller {
+            datapath: Arc::clone(&datapath),
+            proxy: Arc::clone(&proxy),
+        });
+        let tasks = crate::registry::spawn(
+            &config,
+            listener,
+            Arc::clone(&policy),
+            enroller,
+            shutdown_rx.clone(),
+        )
+        .await
+        .map_err(AgentError::Etcd)?;
+        servers.extend(tasks);
+    }
     for (address, listener) in outbound_listeners {
         info!(%address, "outbound capture listener ready");
         servers.push(tokio::spawn(Arc::clone(&proxy).serve(

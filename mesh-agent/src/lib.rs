@@ -12,4 +12,5 @@ pub mod datapath;
 pub mod identity;
 pub mod policy;
 pub mod proxy;
+pub mod registry;
 pub mod telemetry;

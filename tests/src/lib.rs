@@ -269,6 +269,11 @@ pub fn testpeer_binary() -> Result<PathBuf, HarnessError> {
     binary("MESH_TESTPEER_BIN", "mesh-testpeer")
 }
 
+/// The `mesh-register` workload client (registration API).
+pub fn register_binary() -> Result<PathBuf, HarnessError> {
+    binary("MESH_REGISTER_BIN", "mesh-register")
+}
+
 fn binary(variable: &str, name: &str) -> Result<PathBuf, HarnessError> {
     let path = std::env::var_os(variable)
         .map(PathBuf::from)
@@ -396,6 +401,8 @@ pub struct AgentProcess {
     launcher: Vec<String>,
     /// etcd mode (`spec.etcd`) instead of a policy folder.
     etcd: Option<etcd::AgentEtcd>,
+    /// Extra lines of `spec.registration` (indented for it), besides the socket.
+    registration: String,
 }
 
 impl AgentProcess {
@@ -424,11 +431,34 @@ impl AgentProcess {
         Self::start_full(tree, options, &[], Some(etcd))
     }
 
+    /// As [`start`](Self::start) (or [`start_with_etcd`](Self::start_with_etcd) with `etcd`),
+    /// with extra `spec.registration` settings: YAML lines indented by four spaces (e.g.
+    /// `"    cgroupParents: [\"/x\"]\n"`). Every agent's registration socket is its own
+    /// ([`registration_socket`](Self::registration_socket)).
+    pub fn start_with_registration(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        etcd: Option<etcd::AgentEtcd>,
+        registration: &str,
+    ) -> Result<Self, HarnessError> {
+        Self::start_configured(tree, options, &[], etcd, registration)
+    }
+
     fn start_full(
         tree: &CgroupTree,
         options: AgentOptions,
         launcher: &[&str],
         etcd: Option<etcd::AgentEtcd>,
+    ) -> Result<Self, HarnessError> {
+        Self::start_configured(tree, options, launcher, etcd, "")
+    }
+
+    fn start_configured(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        launcher: &[&str],
+        etcd: Option<etcd::AgentEtcd>,
+        registration: &str,
     ) -> Result<Self, HarnessError> {
         let name = unique_name("agent");
         let work_dir = std::env::temp_dir().join(&name);
@@ -447,6 +477,7 @@ impl AgentProcess {
             options,
             launcher: launcher.iter().map(|part| (*part).to_owned()).collect(),
             etcd,
+            registration: registration.to_owned(),
         };
         agent.write_config(tree.relative())?;
         agent.spawn(tree)?;
@@ -498,6 +529,11 @@ impl AgentProcess {
         if let Some(etcd) = &self.etcd {
             yaml.push_str(&etcd.yaml());
         }
+        yaml.push_str(&format!(
+            "  registration:\n    socket: {}\n{}",
+            quote(&self.registration_socket().to_string_lossy()),
+            self.registration
+        ));
         yaml.push_str("  workloads:\n");
         for (name, cgroup) in &self.options.workloads {
             yaml.push_str(&format!(
@@ -577,6 +613,11 @@ impl AgentProcess {
     /// The agent's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The agent's registration socket (in its own work folder).
+    pub fn registration_socket(&self) -> PathBuf {
+        self.work_dir.join("agent.sock")
     }
 
     /// The agent's outbound listener.
