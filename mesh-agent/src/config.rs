@@ -132,7 +132,10 @@ impl RegistrationSpec {
             .ok_or_else(|| {
                 invalid(
                     "spec.registration.socketMode",
-                    format!("{:?} is not an octal file mode such as \"0660\"", self.socket_mode),
+                    format!(
+                        "{:?} is not an octal file mode such as \"0660\"",
+                        self.socket_mode
+                    ),
                 )
             })
     }
@@ -477,9 +480,7 @@ impl AgentConfig {
                 ));
             }
         }
-        if let Err(error) =
-            crate::identity::SpiffeId::for_agent(&registration.trust_domain, "x")
-        {
+        if let Err(error) = crate::identity::SpiffeId::for_agent(&registration.trust_domain, "x") {
             return Err(invalid("spec.registration.trustDomain", error.to_string()));
         }
         let address = registration.advertise_address;

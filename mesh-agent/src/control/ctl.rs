@@ -92,7 +92,8 @@ pub enum CtlCommand {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
-    /// The agent registry: names, hosts, endpoints, protocol, tools and skills.
+    /// The agent registry: names, hosts, endpoints, protocol, tools and skills; then the
+    /// registered instances (node, address, health, age).
     Agents {
         #[command(flatten)]
         scope: Scope,
@@ -456,6 +457,15 @@ pub async fn execute(cli: Meshctl, out: &mut dyn Write) -> Result<u8, ControlErr
             let etcd = Etcd::connect(cli.settings()).await?;
             let namespace = scope.namespace.as_deref();
             let stored = ops::get(&etcd, Kind::Agent, namespace, None).await?;
+            let stored_instances = ops::get(&etcd, Kind::AgentInstance, namespace, None).await?;
+            let instances: Vec<&crate::policy::AgentInstance> = stored_instances
+                .resources
+                .values()
+                .filter_map(|(_, resource)| match resource {
+                    Resource::AgentInstance(instance) => Some(instance),
+                    _ => None,
+                })
+                .collect();
             let agents: Vec<&crate::policy::Agent> = stored
                 .resources
                 .values()
@@ -480,7 +490,7 @@ pub async fn execute(cli: Meshctl, out: &mut dyn Write) -> Result<u8, ControlErr
                             ]
                         })
                         .collect();
-                    table(
+                    let mut text = table(
                         &[
                             "NAME",
                             "NAMESPACE",
@@ -491,14 +501,52 @@ pub async fn execute(cli: Meshctl, out: &mut dyn Write) -> Result<u8, ControlErr
                             "SKILLS",
                         ],
                         &rows,
-                    )
+                    );
+                    if !instances.is_empty() {
+                        let rows: Vec<Vec<String>> = instances
+                            .iter()
+                            .map(|instance| {
+                                let spec = &instance.spec;
+                                vec![
+                                    instance.metadata.name.clone(),
+                                    spec.agent.clone(),
+                                    instance.metadata.namespace.clone(),
+                                    spec.node.clone(),
+                                    spec.address.to_string(),
+                                    spec.health.as_str().to_owned(),
+                                    age(spec.registered_at.as_deref()),
+                                    list(&spec.capabilities.mcp_tools),
+                                    list(&spec.capabilities.a2a_skills),
+                                ]
+                            })
+                            .collect();
+                        text.push('\n');
+                        text.push_str(&table(
+                            &[
+                                "INSTANCE",
+                                "AGENT",
+                                "NAMESPACE",
+                                "NODE",
+                                "ADDRESS",
+                                "HEALTH",
+                                "AGE",
+                                "TOOLS",
+                                "SKILLS",
+                            ],
+                            &rows,
+                        ));
+                    }
+                    text
                 }
-                Output::Json => to_json(&agents)?,
-                Output::Yaml => serde_yaml::to_string(&agents)
-                    .map_err(|error| ControlError::Failed(error.to_string()))?,
+                Output::Json => to_json(&json!({"agents": agents, "instances": instances}))?,
+                Output::Yaml => {
+                    serde_yaml::to_string(&json!({"agents": agents, "instances": instances}))
+                        .map_err(|error| ControlError::Failed(error.to_string()))?
+                }
             };
             write_out(out, &text)?;
             stored_problems(&stored)?;
+            stored_problems(&stored_instances)?;
             Ok(0)
         }
         CtlCommand::Check {

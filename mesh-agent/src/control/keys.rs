@@ -111,9 +111,7 @@ pub fn parse_kind_argument(text: &str) -> Option<Kind> {
         "agent" | "agents" => Some(Kind::Agent),
         "accesspolicy" | "accesspolicies" | "ap" => Some(Kind::AccessPolicy),
         "trafficpolicy" | "trafficpolicies" | "tp" => Some(Kind::TrafficPolicy),
-        "agentinstance" | "agentinstances" | "instance" | "instances" => {
-            Some(Kind::AgentInstance)
-        }
+        "agentinstance" | "agentinstances" | "instance" | "instances" => Some(Kind::AgentInstance),
         _ => None,
     }
 }

@@ -231,7 +231,9 @@ fn header(value: &serde_yaml::Value) -> Option<Result<(Kind, String), PolicyErro
         Some(kind) => Some(Ok((kind, label))),
         None => parse(
             &label,
-            format!("kind: unknown kind `{kind}` (expected Agent, AccessPolicy, TrafficPolicy or AgentInstance)"),
+            format!(
+                "kind: unknown kind `{kind}` (expected Agent, AccessPolicy, TrafficPolicy or AgentInstance)"
+            ),
         ),
     }
 }

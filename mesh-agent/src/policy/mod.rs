@@ -67,12 +67,11 @@ pub use load::{
 pub use ratelimit::{DEFAULT_MAX_KEYS, RateLimit, RateLimitKey, RateLimiter};
 pub use resources::{
     A2aMatch, API_VERSION, AccessPolicy, AccessPolicySpec, Action, Agent, AgentInstance,
-    AgentInstanceSpec, AgentSpec, Capabilities, Health,
-    CircuitBreaker, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_NAMESPACE, Dedup, EndpointSpec,
-    HeaderMatch, HttpMatch, Kind, MAX_RETRY_ATTEMPTS, McpMatch, Metadata, Pattern, Priority,
-    PriorityClass, PrioritySource, Protocol, RateLimitSpec, Resource, ResourceKey, Retries,
-    RetryOn, RouteBackend, RouteMatch, RouteSpec, Rule, Timeouts, TrafficPolicy, TrafficPolicySpec,
-    TypedResource,
+    AgentInstanceSpec, AgentSpec, Capabilities, CircuitBreaker, DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_NAMESPACE, Dedup, EndpointSpec, HeaderMatch, Health, HttpMatch, Kind,
+    MAX_RETRY_ATTEMPTS, McpMatch, Metadata, Pattern, Priority, PriorityClass, PrioritySource,
+    Protocol, RateLimitSpec, Resource, ResourceKey, Retries, RetryOn, RouteBackend, RouteMatch,
+    RouteSpec, Rule, Timeouts, TrafficPolicy, TrafficPolicySpec, TypedResource,
 };
 pub use snapshot::{
     AgentEntry, Decision, Endpoint, PolicySnapshot, RateLimitRule, RequestAttributes, Route,

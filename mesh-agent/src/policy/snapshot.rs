@@ -26,9 +26,8 @@ use super::{
     Fnv64, PolicyError,
     resources::{
         AccessPolicy, Action, Agent, AgentInstance, Capabilities, CircuitBreaker, Dedup, Kind,
-        Pattern, Priority,
-        Protocol, Resource, ResourceKey, Retries, Timeouts, TrafficPolicy, TrafficPolicySpec,
-        normalize_host,
+        Pattern, Priority, Protocol, Resource, ResourceKey, Retries, Timeouts, TrafficPolicy,
+        TrafficPolicySpec, normalize_host,
     },
 };
 
@@ -850,7 +849,11 @@ impl PolicySnapshot {
                     .endpoints
                     .iter()
                     .any(|e| e.address == spec.address && e.node.as_deref() == Some(&*node));
-                if same || agent.endpoints.iter().any(|e| e.node.is_none() && e.address == spec.address)
+                if same
+                    || agent
+                        .endpoints
+                        .iter()
+                        .any(|e| e.node.is_none() && e.address == spec.address)
                 {
                     return Some(format!(
                         "{this}: left out: agent {} already has the endpoint {}",

@@ -176,9 +176,7 @@ impl PolicyStore {
         sources.node = node.to_owned();
         sources.local = instances;
         let (source, resources, default_action) = match &sources.base {
-            Some((source, resources, action)) => {
-                (source.clone(), Arc::clone(resources), *action)
-            }
+            Some((source, resources, action)) => (source.clone(), Arc::clone(resources), *action),
             None => (
                 "registered instances".to_owned(),
                 Arc::new(Vec::new()),

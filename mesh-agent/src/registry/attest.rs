@@ -50,12 +50,11 @@ pub fn attest(socket: &impl AsFd) -> Result<Peer, AttestError> {
             (pid, pidfd_open(pid)?)
         }
     };
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|error| {
-        AttestError::Cgroup {
+    let text =
+        fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|error| AttestError::Cgroup {
             pid,
             reason: error.to_string(),
-        }
-    })?;
+        })?;
     let cgroup = parse_proc_cgroup(&text).map_err(|reason| AttestError::Cgroup { pid, reason })?;
     if exited(&pidfd) {
         return Err(AttestError::Exited { pid });
@@ -113,7 +112,9 @@ fn pid_of_pidfd(pidfd: &OwnedFd) -> Result<u32, AttestError> {
         .map_err(|error| AttestError::Peer(format!("reading {path}: {error}")))?;
     match parse_fdinfo_pid(&text) {
         Some(pid) if pid > 0 => u32::try_from(pid).map_err(|_| AttestError::Peer(path)),
-        Some(_) => Err(AttestError::Peer("the calling process has exited".to_owned())),
+        Some(_) => Err(AttestError::Peer(
+            "the calling process has exited".to_owned(),
+        )),
         None => Err(AttestError::Peer(format!("{path} has no Pid line"))),
     }
 }
@@ -350,7 +351,11 @@ mod tests {
                 .authorize(Path::new("/agents.slice"), "agents.slice")
                 .is_err()
         );
-        assert!(rules.authorize(Path::new("/other/search"), "search").is_err());
+        assert!(
+            rules
+                .authorize(Path::new("/other/search"), "search")
+                .is_err()
+        );
         assert!(rules.authorize(Path::new("/"), "search").is_err());
         assert!(rules.is_workload(Path::new("/agents.slice/x")));
         assert!(rules.is_workload(Path::new("/apps/tools")));

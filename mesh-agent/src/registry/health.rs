@@ -12,7 +12,11 @@ use tokio::{
 use crate::{config::HealthCheckSpec, policy::Health};
 
 /// One probe: `Ok(())` healthy, `Err(reason)` not.
-pub async fn probe(address: SocketAddr, path: Option<&str>, timeout: Duration) -> Result<(), String> {
+pub async fn probe(
+    address: SocketAddr,
+    path: Option<&str>,
+    timeout: Duration,
+) -> Result<(), String> {
     let attempt = async {
         let mut stream = TcpStream::connect(address)
             .await

@@ -92,7 +92,9 @@ impl LocalRegistry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LocalInstance>> {
-        self.instances.lock().unwrap_or_else(PoisonError::into_inner)
+        self.instances
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The records, in name order.

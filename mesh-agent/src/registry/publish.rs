@@ -55,7 +55,11 @@ impl InstancePublisher {
         let mut dirty = true;
         let mut failing = false;
         loop {
-            let retry = tokio::time::sleep(if dirty { RETRY } else { Duration::from_secs(3600) });
+            let retry = tokio::time::sleep(if dirty {
+                RETRY
+            } else {
+                Duration::from_secs(3600)
+            });
             tokio::select! {
                 _ = renew.tick() => {
                     if let Some(current) = lease.as_mut() {
@@ -194,9 +198,10 @@ impl InstancePublisher {
         let id = granted.id();
         let (keeper, responses) = self
             .etcd
-            .call("keeping the instance lease alive", |mut client| async move {
-                client.lease_keep_alive(id).await
-            })
+            .call(
+                "keeping the instance lease alive",
+                |mut client| async move { client.lease_keep_alive(id).await },
+            )
             .await?;
         info!(lease = id, ttl_seconds = ttl, "instance lease granted");
         Ok(Lease {
@@ -229,9 +234,10 @@ impl InstancePublisher {
 
     async fn reopen(&self, id: i64) -> Option<Lease> {
         self.etcd
-            .call("keeping the instance lease alive", |mut client| async move {
-                client.lease_keep_alive(id).await
-            })
+            .call(
+                "keeping the instance lease alive",
+                |mut client| async move { client.lease_keep_alive(id).await },
+            )
             .await
             .ok()
             .map(|(keeper, responses)| Lease {

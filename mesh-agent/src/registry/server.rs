@@ -18,7 +18,8 @@ use std::{
 
 use mesh_proto::registry::v1::{
     self as api, DeregisterRequest, DeregisterResponse, DiscoverRequest, DiscoverResponse,
-    RegisterRequest, RegistrationEvent, discover_request::Selector,
+    RegisterRequest, RegistrationEvent,
+    discover_request::Selector,
     registration_event::Event,
     registry_server::{Registry, RegistryServer as RegistryService},
 };
@@ -234,7 +235,9 @@ impl RegistryServer {
                     "the caller could not be attested: {error}"
                 )))
             }
-            None => Err(Status::permission_denied("the caller could not be attested")),
+            None => Err(Status::permission_denied(
+                "the caller could not be attested",
+            )),
         }
     }
 
@@ -249,11 +252,14 @@ impl RegistryServer {
         };
         let address = match (request.port, request.address.is_empty()) {
             (0, true) => {
-                return Err(Status::invalid_argument("give the instance's port or address"));
+                return Err(Status::invalid_argument(
+                    "give the instance's port or address",
+                ));
             }
             (port, true) => {
-                let port = u16::try_from(port)
-                    .map_err(|_| Status::invalid_argument(format!("port {port} is out of range")))?;
+                let port = u16::try_from(port).map_err(|_| {
+                    Status::invalid_argument(format!("port {port} is out of range"))
+                })?;
                 SocketAddr::new(settings.advertise_address, port)
             }
             (0, false) => {
@@ -273,7 +279,9 @@ impl RegistryServer {
                 address
             }
             (_, false) => {
-                return Err(Status::invalid_argument("give the port or the address, not both"));
+                return Err(Status::invalid_argument(
+                    "give the port or the address, not both",
+                ));
             }
         };
         if request.mcp_tools.len() > MAX_CAPABILITIES || request.a2a_skills.len() > MAX_CAPABILITIES
@@ -362,7 +370,8 @@ impl Drop for SessionGuard {
     }
 }
 
-type EventStream = Pin<Box<dyn futures_util::Stream<Item = Result<RegistrationEvent, Status>> + Send>>;
+type EventStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<RegistrationEvent, Status>> + Send>>;
 
 fn health_of(health: Health) -> i32 {
     match health {

@@ -14,7 +14,10 @@ use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, Parser)]
-#[command(name = "mesh-register", about = "Register with the node agent, discover instances")]
+#[command(
+    name = "mesh-register",
+    about = "Register with the node agent, discover instances"
+)]
 struct Cli {
     /// The agent's registration socket.
     #[arg(long, default_value = "/run/mesh/agent.sock")]
