@@ -1374,6 +1374,205 @@ spec:
         assert!(snapshot.agent_by_host("").is_none());
     }
 
+    fn instance(
+        agent: &str,
+        node: &str,
+        id: &str,
+        address: &str,
+        health: &str,
+        tools: &str,
+    ) -> String {
+        format!(
+            "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentInstance\nmetadata: {{name: {agent}.{node}.{id}}}\nspec:\n  agent: {agent}\n  node: {node}\n  address: \"{address}\"\n  protocol: A2a\n  identity: spiffe://td/agent/{agent}\n  health: {health}\n  capabilities: {{mcpTools: [{tools}]}}\n"
+        )
+    }
+
+    #[test]
+    fn instances_merge_into_their_agents() {
+        let documents = [
+            // Two instances of `tools` (which has static endpoints) on two nodes, same port.
+            instance(
+                "tools",
+                "node-a",
+                "1",
+                "127.0.0.1:9000",
+                "Healthy",
+                "fs_read, new_tool",
+            ),
+            instance(
+                "tools",
+                "node-b",
+                "2",
+                "127.0.0.1:9000",
+                "Unhealthy",
+                "other",
+            ),
+            // A name without an Agent resource: an agent of its own.
+            instance("search", "node-a", "3", "127.0.0.1:9100", "Healthy", "find"),
+        ];
+        let snapshot = compile(&documents.join("---\n"), Action::Allow);
+        assert!(snapshot.warnings().is_empty(), "{:?}", snapshot.warnings());
+        let tools = snapshot.agent("tools").unwrap();
+        assert_eq!(tools.endpoints.len(), 4);
+        let registered: Vec<(String, u32, Option<&str>)> = tools.endpoints[2..]
+            .iter()
+            .map(|e| (e.address.to_string(), e.weight, e.node.as_deref()))
+            .collect();
+        assert_eq!(
+            registered,
+            [
+                ("127.0.0.1:9000".to_owned(), 1, Some("node-a")),
+                // Unhealthy: in the registry, but no traffic.
+                ("127.0.0.1:9000".to_owned(), 0, Some("node-b")),
+            ]
+        );
+        // Capabilities: the union, the Agent's own first.
+        assert_eq!(
+            tools.capabilities.mcp_tools,
+            ["fs_read", "search", "new_tool", "other"]
+        );
+        // The Agent's protocol and hosts stay.
+        assert_eq!(tools.protocol, Protocol::Mcp);
+        assert_eq!(
+            snapshot.agent_by_host("tools.mesh.local").unwrap().name,
+            "tools"
+        );
+        let search = snapshot.agent("search").unwrap();
+        assert_eq!(search.protocol, Protocol::A2a);
+        assert_eq!(search.endpoints.len(), 1);
+        assert_eq!(snapshot.agent_by_host("search").unwrap().name, "search");
+        assert_eq!(
+            snapshot
+                .agent_by_address("127.0.0.1:9100".parse().unwrap())
+                .unwrap()
+                .name,
+            "search"
+        );
+        assert_eq!(snapshot.instances().len(), 3);
+        assert_eq!(snapshot.resource_count(), 6);
+        // Discovery sees healthy instances only.
+        let found: Vec<&str> = snapshot
+            .healthy_instances_with_capability("new_tool")
+            .iter()
+            .map(|i| i.metadata.name.as_str())
+            .collect();
+        assert_eq!(found, ["tools.node-a.1"]);
+        assert!(
+            snapshot
+                .healthy_instances_with_capability("other")
+                .is_empty()
+        );
+        // A health change is a content change.
+        let healthier = compile(
+            &[
+                instance(
+                    "tools",
+                    "node-a",
+                    "1",
+                    "127.0.0.1:9000",
+                    "Healthy",
+                    "fs_read, new_tool",
+                ),
+                instance("tools", "node-b", "2", "127.0.0.1:9000", "Healthy", "other"),
+                instance("search", "node-a", "3", "127.0.0.1:9100", "Healthy", "find"),
+            ]
+            .join("---\n"),
+            Action::Allow,
+        );
+        assert_ne!(healthier.content_hash(), snapshot.content_hash());
+    }
+
+    #[test]
+    fn an_instance_never_breaks_the_set() {
+        let documents = [
+            // Its name is another agent's host.
+            instance(
+                "tools.mesh.local",
+                "node-a",
+                "1",
+                "127.0.0.1:9000",
+                "Healthy",
+                "x",
+            ),
+            // Its address is another agent's endpoint.
+            instance("thief", "node-a", "2", "10.0.0.7:8080", "Healthy", "x"),
+            // The same address and node twice for one agent.
+            instance("dup", "node-a", "3", "127.0.0.1:9200", "Healthy", "x"),
+            instance("dup", "node-a", "4", "127.0.0.1:9200", "Healthy", "x"),
+        ];
+        let snapshot = compile(&documents.join("---\n"), Action::Allow);
+        let warnings = snapshot.warnings().join("\n");
+        assert!(
+            warnings.contains("is a host name of another agent"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("is an endpoint of agent tools-backup"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("already has the endpoint 127.0.0.1:9200"),
+            "{warnings}"
+        );
+        assert_eq!(
+            snapshot.agent_by_host("tools.mesh.local").unwrap().name,
+            "tools"
+        );
+        assert!(snapshot.agent("thief").is_none());
+        assert_eq!(
+            snapshot
+                .agent_by_address("10.0.0.7:8080".parse().unwrap())
+                .unwrap()
+                .name,
+            "tools-backup"
+        );
+        assert_eq!(snapshot.agent("dup").unwrap().endpoints.len(), 1);
+        assert_eq!(snapshot.instances().len(), 1);
+    }
+
+    #[test]
+    fn invalid_instances_are_rejected_with_their_field() {
+        let cases = [
+            (
+                instance("tools", "node-a", "1", "127.0.0.1:0", "Healthy", "x"),
+                "spec.address: port 0",
+            ),
+            (
+                instance("tools", "node-a", "1", "0.0.0.0:80", "Healthy", "x"),
+                "spec.address: must be a unicast address",
+            ),
+            (
+                instance("tools", "node-a", "1", "127.0.0.1:80", "Healthy", "x")
+                    .replace("name: tools.node-a.1", "name: other.node-a.1"),
+                "metadata.name: must be `<agent>.<node>.<id>`",
+            ),
+            (
+                instance("tools", "node-a", "1", "127.0.0.1:80", "Healthy", "x")
+                    .replace("spiffe://td/agent/tools", "spiffe://td/agent/planner"),
+                "spec.identity: must be spiffe://<trust-domain>/agent/tools",
+            ),
+            (
+                instance("tools", "node-a", "1", "127.0.0.1:80", "Healthy", "x").replace(
+                    "health: Healthy",
+                    "health: Healthy\n  healthCheckPath: health",
+                ),
+                "spec.healthCheckPath",
+            ),
+            (
+                instance("tools", "Node_A", "1", "127.0.0.1:80", "Healthy", "x"),
+                "spec.node",
+            ),
+        ];
+        for (text, expected) in cases {
+            let report = parse_documents(&text, "i.yaml");
+            let messages: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+            assert!(
+                messages.iter().any(|m| m.contains(expected)),
+                "expected `{expected}` in {messages:#?}"
+            );
+        }
+    }
+
     #[test]
     fn registry_lookups() {
         let snapshot = compile("", Action::Allow);

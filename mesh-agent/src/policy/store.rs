@@ -444,6 +444,67 @@ mod tests {
             .unwrap();
     }
 
+    fn local(agent: &str, node: &str, id: &str, port: u16) -> AgentInstance {
+        let text = format!(
+            "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentInstance\nmetadata: {{name: {agent}.{node}.{id}}}\nspec: {{agent: {agent}, node: {node}, address: '127.0.0.1:{port}', identity: 'spiffe://td/agent/{agent}', health: Healthy}}\n"
+        );
+        match crate::policy::parse_documents(&text, "t")
+            .resources
+            .remove(0)
+            .resource
+        {
+            Resource::AgentInstance(instance) => instance,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn local_instances_join_every_install_and_replace_this_nodes_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), AGENT).unwrap();
+        let store = PolicyStore::default();
+        // Before any source: compiled alone, with the active default action.
+        let snapshot = store
+            .set_local_instances("node-a", vec![local("search", "node-a", "1", 9000)])
+            .unwrap();
+        assert!(snapshot.agent("search").is_some());
+        // The folder's resources plus the local instance.
+        let snapshot = store.reload_dir(dir.path(), Action::Allow).unwrap();
+        assert!(snapshot.agent("tools").is_some() && snapshot.agent("search").is_some());
+        // A source holding a stale copy of this node's instance and another node's: the stale
+        // copy is replaced, the other node's kept.
+        let mut stale = local("search", "node-a", "1", 9000);
+        stale.spec.health = crate::policy::Health::Unhealthy;
+        let gone = local("search", "node-a", "9", 9009);
+        let other = local("search", "node-b", "2", 9000);
+        let resources = vec![
+            Resource::AgentInstance(stale),
+            Resource::AgentInstance(gone),
+            Resource::AgentInstance(other),
+        ];
+        let snapshot = store.install("etcd", &resources, Action::Allow).unwrap();
+        let names: Vec<&str> = snapshot
+            .instances()
+            .iter()
+            .map(|i| i.metadata.name.as_str())
+            .collect();
+        assert_eq!(names, ["search.node-a.1", "search.node-b.2"]);
+        assert!(
+            snapshot
+                .instances()
+                .iter()
+                .all(|i| i.spec.health.is_healthy())
+        );
+        // The instance goes: compiled again from the last source's resources.
+        let snapshot = store.set_local_instances("node-a", Vec::new()).unwrap();
+        let names: Vec<&str> = snapshot
+            .instances()
+            .iter()
+            .map(|i| i.metadata.name.as_str())
+            .collect();
+        assert_eq!(names, ["search.node-b.2"]);
+    }
+
     #[tokio::test]
     async fn watch_stops_when_sender_dropped() {
         let dir = tempfile::tempdir().unwrap();
