@@ -300,7 +300,7 @@ const UNHEALTHY: i64 = 2;
 
 #[test]
 fn standalone_register_route_discover_health_and_deregister() {
-    let mesh = Mesh::start("registry-standalone", None);
+    let mut mesh = Mesh::start("registry-standalone", None);
     let mut instance = Instance::start("tools");
     let port = instance.address.port().to_string();
     let tools_cgroup = mesh.workload_cgroup("tools");
@@ -377,8 +377,19 @@ fn standalone_register_route_discover_health_and_deregister() {
         mesh.discover(&["--agent", "tools"]).is_empty()
     });
     assert!(mesh.agent.log().contains("instance deregistered"));
-    // The first session (unhealthy) is still open; end it too.
-    session.process().kill().unwrap();
+
+    // The first session (unhealthy) is still open: a graceful stop of the agent ends it and
+    // removes the socket.
+    let socket = mesh.agent.registration_socket();
+    assert!(socket.exists());
+    let status = mesh.agent.stop().unwrap();
+    assert!(
+        status.success(),
+        "agent exit: {status:?}\n{}",
+        mesh.agent.log()
+    );
+    assert_eq!(session.next_change()["event"], "ended");
+    assert!(!socket.exists(), "the socket is removed on stop");
     instance.stop();
 }
 

@@ -48,6 +48,8 @@ use super::{
 
 /// Heartbeat events on a session stream.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a stopping agent waits for registration connections to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// At most this many MCP tools or A2A skills per instance.
 const MAX_CAPABILITIES: usize = 1024;
 
@@ -204,21 +206,26 @@ impl RegistryServer {
                 }
             }
         });
-        let signal = async move {
-            while !*shutdown.borrow_and_update() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
+        let mut stopping = shutdown.clone();
+        let signal = async move { stopped(&mut shutdown).await };
         info!(socket = %socket.display(), "registration API ready");
-        let served = tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(RegistryService::new(self))
-            .serve_with_incoming_shutdown(incoming, signal)
-            .await;
-        if let Err(error) = served {
-            warn!(%error, "registration API stopped with an error");
+            .serve_with_incoming_shutdown(incoming, signal);
+        // Sessions end on shutdown, which lets connections close; a client that keeps its
+        // connection open anyway does not hold the agent's stop for more than this.
+        let grace = async move {
+            stopped(&mut stopping).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            served = server => {
+                if let Err(error) = served {
+                    warn!(%error, "registration API stopped with an error");
+                }
+            }
+            () = grace => debug!("registration connections still open at stop; closing them"),
         }
         if let Err(error) = std::fs::remove_file(&socket) {
             debug!(%error, socket = %socket.display(), "registration socket not removed");
@@ -644,6 +651,15 @@ impl Registry for RegistryServer {
             })
             .collect();
         Ok(Response::new(DiscoverResponse { instances }))
+    }
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
     }
 }
 
