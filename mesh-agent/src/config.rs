@@ -709,6 +709,54 @@ spec:
     }
 
     #[test]
+    fn registration_is_checked() {
+        let head = format!("apiVersion: {API_VERSION}\nkind: AgentConfig\n");
+        let config = parse(&format!(
+            "{head}spec:\n  registration:\n    cgroupParents: [/agents.slice]\n    socketMode: \"0660\"\n    health: {{ interval: 2s }}\n"
+        ))
+        .expect("valid");
+        let registration = &config.spec.registration;
+        assert_eq!(registration.socket_mode_bits().unwrap(), 0o660);
+        assert_eq!(
+            registration.socket,
+            Some(PathBuf::from("/run/mesh/agent.sock"))
+        );
+        assert_eq!(registration.health.interval, Duration::from_secs(2));
+        assert_eq!(registration.health.unhealthy_threshold, 2);
+        let off = parse(&format!(
+            "{head}spec:\n  registration: {{ socket: null }}\n"
+        ))
+        .unwrap();
+        assert_eq!(off.spec.registration.socket, None);
+        let cases = [
+            ("socketMode: \"0999\"", "spec.registration.socketMode"),
+            (
+                "cgroupParents: [relative]",
+                "spec.registration.cgroupParents[0]",
+            ),
+            (
+                "cgroupParents: [/a/../b]",
+                "spec.registration.cgroupParents[0]",
+            ),
+            ("trustDomain: Bad_Domain", "spec.registration.trustDomain"),
+            (
+                "advertiseAddress: 0.0.0.0",
+                "spec.registration.advertiseAddress",
+            ),
+            ("leaseTtl: 1s", "spec.registration.leaseTtl"),
+            (
+                "health: { healthyThreshold: 0 }",
+                "spec.registration.health",
+            ),
+            ("health: { timeout: 0s }", "spec.registration.health"),
+        ];
+        for (body, expected) in cases {
+            let message = error_of(&format!("{head}spec:\n  registration:\n    {body}\n"));
+            assert!(message.contains(expected), "{expected}: {message}");
+        }
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let message = error_of(&format!(
             "apiVersion: {API_VERSION}\nkind: AgentConfig\nspec:\n  typo: 1\n"

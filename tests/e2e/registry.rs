@@ -370,7 +370,39 @@ fn standalone_register_route_discover_health_and_deregister() {
     });
     assert_eq!(mesh.get("tools"), (200, "hello from tools".to_owned()));
 
+    // Deregister: refused to another cgroup, done for the registering one (its stream ends).
+    let second_id = mesh
+        .discover(&["--agent", "tools"])
+        .first()
+        .and_then(|found| found["instanceId"].as_str().map(str::to_owned))
+        .unwrap();
+    let (code, _, stderr) = mesh.run(&mesh.client, &["deregister", "--id", &second_id]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("only the cgroup that registered"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = mesh.run(&tools_cgroup, &["deregister", "--id", &second_id]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(session_two.next_change()["event"], "ended");
+    assert!(mesh.discover(&["--agent", "tools"]).is_empty());
+
     // Killing the registered process ends its session: the record goes at once.
+    let mut session_two = mesh.register(
+        &tools_cgroup,
+        &[
+            "--name",
+            "tools",
+            "--port",
+            &instance.address.port().to_string(),
+            "--tool",
+            "search",
+        ],
+    );
+    assert_eq!(session_two.next_event()["health"], HEALTHY);
+    mesh.wait_for("the third instance in discovery", || {
+        mesh.discover(&["--agent", "tools"]).len() == 1
+    });
     session_two.process().kill().unwrap();
     session_two.process().wait().unwrap();
     mesh.wait_for("the killed instance to leave discovery", || {

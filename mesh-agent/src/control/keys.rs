@@ -156,6 +156,10 @@ mod tests {
                 key(Kind::TrafficPolicy, "default", "all"),
                 "/mesh/v1/trafficpolicies/default/all",
             ),
+            (
+                key(Kind::AgentInstance, "default", "tools.node-a.0c32d4d0"),
+                "/mesh/v1/agentinstances/default/tools.node-a.0c32d4d0",
+            ),
         ];
         for (resource, text) in cases {
             assert_eq!(resource_key(DEFAULT_PREFIX, &resource), text);
@@ -217,6 +221,7 @@ mod tests {
             Some(Kind::AccessPolicy)
         );
         assert_eq!(parse_kind_argument("tp"), Some(Kind::TrafficPolicy));
+        assert_eq!(parse_kind_argument("instances"), Some(Kind::AgentInstance));
         assert_eq!(parse_kind_argument("pods"), None);
     }
 }
