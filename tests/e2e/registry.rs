@@ -133,6 +133,10 @@ struct Mesh {
 
 impl Mesh {
     fn start(label: &str, etcd: Option<AgentEtcd>) -> Self {
+        Self::start_node(label, etcd, "e2e")
+    }
+
+    fn start_node(label: &str, etcd: Option<AgentEtcd>, node: &str) -> Self {
         let tree = CgroupTree::create(label).expect("create cgroup tree");
         let agent_cgroup = tree.child("agent").unwrap();
         let client = tree.child("client").unwrap();
@@ -154,6 +158,7 @@ impl Mesh {
                 policy_dir: None,
             },
             etcd,
+            node,
             &registration,
         )
         .expect("start agent");
@@ -540,6 +545,58 @@ fn etcd_records_under_a_lease_vanish_with_the_session_and_the_agent() {
     let gone = mesh.wait_for("the lease to expire", || instance_keys(&etcd).is_empty());
     eprintln!("records gone {gone:?} after the agent was killed (lease TTL 3s)");
     // The session saw its agent go.
+    session.process().kill().unwrap();
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn discovery_spans_the_nodes_of_one_etcd() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let work = std::env::temp_dir().join(unique_name("registry-nodes"));
+    std::fs::create_dir_all(&work).unwrap();
+    let node_a = Mesh::start_node(
+        "registry-node-a",
+        Some(AgentEtcd::new(&etcd, &work.join("a"))),
+        "node-a",
+    );
+    let mut node_b = Mesh::start_node(
+        "registry-node-b",
+        Some(AgentEtcd::new(&etcd, &work.join("b"))),
+        "node-b",
+    );
+    let instance = Instance::start("tools");
+    let tools_cgroup = node_b.workload_cgroup("tools");
+    let mut session = node_b.register(
+        &tools_cgroup,
+        &[
+            "--name",
+            "tools",
+            "--port",
+            &instance.address.port().to_string(),
+            "--skill",
+            "summarize",
+        ],
+    );
+    let id = session.next_event()["instanceId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Asked on node A: the instance registered on node B, by A2A skill.
+    node_a.wait_for("node B's instance on node A", || {
+        !node_a.discover(&["--skill", "summarize"]).is_empty()
+    });
+    let found = node_a.discover(&["--skill", "summarize"]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["node"], "node-b");
+    assert_eq!(found[0]["instanceId"], id.as_str());
+    assert_eq!(found[0]["identity"], "spiffe://cluster.local/agent/tools");
+
+    // Node B dies: its lease expires and node A forgets the instance.
+    node_b.agent.kill();
+    node_a.wait_for("node B's instance to expire on node A", || {
+        node_a.discover(&["--skill", "summarize"]).is_empty()
+    });
     session.process().kill().unwrap();
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -403,6 +403,8 @@ pub struct AgentProcess {
     etcd: Option<etcd::AgentEtcd>,
     /// Extra lines of `spec.registration` (indented for it), besides the socket.
     registration: String,
+    /// `metadata.name`: the node's name.
+    node: String,
 }
 
 impl AgentProcess {
@@ -433,15 +435,17 @@ impl AgentProcess {
 
     /// As [`start`](Self::start) (or [`start_with_etcd`](Self::start_with_etcd) with `etcd`),
     /// with extra `spec.registration` settings: YAML lines indented by four spaces (e.g.
-    /// `"    cgroupParents: [\"/x\"]\n"`). Every agent's registration socket is its own
+    /// `"    cgroupParents: [\"/x\"]\n"`), and `node` as the node's name (`metadata.name`;
+    /// the other constructors use `e2e`). Every agent's registration socket is its own
     /// ([`registration_socket`](Self::registration_socket)).
     pub fn start_with_registration(
         tree: &CgroupTree,
         options: AgentOptions,
         etcd: Option<etcd::AgentEtcd>,
+        node: &str,
         registration: &str,
     ) -> Result<Self, HarnessError> {
-        Self::start_configured(tree, options, &[], etcd, registration)
+        Self::start_configured(tree, options, &[], etcd, (node, registration))
     }
 
     fn start_full(
@@ -450,7 +454,7 @@ impl AgentProcess {
         launcher: &[&str],
         etcd: Option<etcd::AgentEtcd>,
     ) -> Result<Self, HarnessError> {
-        Self::start_configured(tree, options, launcher, etcd, "")
+        Self::start_configured(tree, options, launcher, etcd, ("e2e", ""))
     }
 
     fn start_configured(
@@ -458,7 +462,7 @@ impl AgentProcess {
         options: AgentOptions,
         launcher: &[&str],
         etcd: Option<etcd::AgentEtcd>,
-        registration: &str,
+        (node, registration): (&str, &str),
     ) -> Result<Self, HarnessError> {
         let name = unique_name("agent");
         let work_dir = std::env::temp_dir().join(&name);
@@ -478,6 +482,7 @@ impl AgentProcess {
             launcher: launcher.iter().map(|part| (*part).to_owned()).collect(),
             etcd,
             registration: registration.to_owned(),
+            node: node.to_owned(),
         };
         agent.write_config(tree.relative())?;
         agent.spawn(tree)?;
@@ -488,7 +493,10 @@ impl AgentProcess {
         let quote = |text: &str| serde_json::Value::String(text.to_owned()).to_string();
         let mut yaml = String::new();
         yaml.push_str("apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentConfig\n");
-        yaml.push_str("metadata:\n  name: e2e\nspec:\n  datapath:\n");
+        yaml.push_str(&format!(
+            "metadata:\n  name: {}\nspec:\n  datapath:\n",
+            quote(&self.node)
+        ));
         yaml.push_str(&format!(
             "    pinDir: {}\n",
             quote(&self.pin_dir.to_string_lossy())

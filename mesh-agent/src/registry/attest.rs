@@ -226,6 +226,13 @@ impl NameRules {
                 ));
             };
             if first.to_str() == Some(name) {
+                // A configured workload's name is its own: no other cgroup may take it.
+                if let Some((_, path)) = self.workloads.iter().find(|(other, _)| other == name) {
+                    return Err(format!(
+                        "`{name}` is the configured workload at {}",
+                        normal(path).display()
+                    ));
+                }
                 return Ok(Grant {
                     cgroup: parent.join(first),
                     rule: format!("registration parent {}", parent.display()),
@@ -357,6 +364,14 @@ mod tests {
                 .is_err()
         );
         assert!(rules.authorize(Path::new("/"), "search").is_err());
+        // A configured workload's name cannot be taken below a parent.
+        let error = rules
+            .authorize(Path::new("/agents.slice/planner"), "planner")
+            .unwrap_err();
+        assert!(
+            error.contains("configured workload at /apps/planner"),
+            "{error}"
+        );
         assert!(rules.is_workload(Path::new("/agents.slice/x")));
         assert!(rules.is_workload(Path::new("/apps/tools")));
         assert!(!rules.is_workload(Path::new("/agents.slice")));

@@ -110,6 +110,14 @@ impl LocalRegistry {
         self.lock().get(name).cloned()
     }
 
+    /// How many instances processes of `cgroup` registered.
+    pub fn records_count_of(&self, cgroup: &std::path::Path) -> usize {
+        self.lock()
+            .values()
+            .filter(|instance| instance.cgroup == cgroup)
+            .count()
+    }
+
     /// Whether a record name is taken.
     pub fn contains(&self, name: &str) -> bool {
         self.lock().contains_key(name)

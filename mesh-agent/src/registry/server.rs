@@ -50,6 +50,8 @@ use super::{
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long a stopping agent waits for registration connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// At most this many live registrations per cgroup.
+const MAX_INSTANCES_PER_CGROUP: usize = 64;
 /// At most this many MCP tools or A2A skills per instance.
 const MAX_CAPABILITIES: usize = 1024;
 
@@ -421,6 +423,13 @@ impl Registry for RegistryServer {
                 )));
             }
         };
+        let held = self.inner.registry.records_count_of(&peer.cgroup);
+        if held >= MAX_INSTANCES_PER_CGROUP {
+            return Err(Status::resource_exhausted(format!(
+                "cgroup {} already holds {held} registrations (at most {MAX_INSTANCES_PER_CGROUP})",
+                peer.cgroup.display()
+            )));
+        }
         let id = self.new_id(&name);
         let mut record = self.record(&request, &id)?;
         let snapshot = self.inner.registry.store.current();
