@@ -237,7 +237,6 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         )),
         None => None,
     };
-    let registration_listener = crate::registry::bind_configured(&config)?;
     // Policy before the datapath: a folder that does not load stops the agent here, before
     // any connection is served under a policy nobody wrote. In etcd mode the agent starts
     // closed (every request denied) until etcd or the cache provides resources.
@@ -250,6 +249,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let (mut source, control) = policy_source(&config, &policy).await?;
     source.load(&config, &policy).await?;
     let datapath = Arc::new(Datapath::start(&settings)?);
+    // After the datapath: its privilege check and pin-folder lock speak first (a second agent
+    // on the same pins is refused there, not by the socket).
+    let registration_listener = crate::registry::bind_configured(&config)?;
     let proxy = Arc::new(OutboundProxy::new(
         Arc::clone(&datapath),
         config.spec.proxy.connect_timeout,

@@ -185,8 +185,7 @@ impl server::Enroller for DatapathEnroller {
     }
 }
 
-/// Binds the configured registration socket (`None` when registration is off). Done before
-/// the datapath starts, like the other listeners.
+/// Binds the configured registration socket (`None` when registration is off).
 pub fn bind_configured(
     config: &crate::config::AgentConfig,
 ) -> Result<Option<tokio::net::UnixListener>, RegistryError> {
