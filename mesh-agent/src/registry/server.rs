@@ -151,7 +151,13 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, RegistryError> {
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
             .map_err(socket_error)?;
     }
-    if std::fs::symlink_metadata(path).is_ok() {
+    if let Ok(existing) = std::fs::symlink_metadata(path) {
+        if !std::os::unix::fs::FileTypeExt::is_socket(&existing.file_type()) {
+            return Err(socket_error(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way (not removed)",
+            )));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(RegistryError::SocketInUse {
                 path: path.to_path_buf(),
@@ -679,5 +685,34 @@ async fn process_exit(pidfd: Option<&AsyncFd<OwnedFd>>) {
             let _ = fd.readable().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_removes_stale_sockets_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/mesh/agent.sock");
+        // The folder is created; the mode applied.
+        let listener = bind(&path, 0o660).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        // Served: a second bind is refused and leaves it alone.
+        assert!(matches!(
+            bind(&path, 0o660),
+            Err(RegistryError::SocketInUse { .. })
+        ));
+        assert!(path.exists());
+        // Stale (nobody listens): removed and bound again.
+        drop(listener);
+        let _listener = bind(&path, 0o666).unwrap();
+        // Not a socket: never removed.
+        let file = dir.path().join("file");
+        std::fs::write(&file, "keep").unwrap();
+        assert!(bind(&file, 0o660).is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
     }
 }
