@@ -300,6 +300,19 @@ impl Session {
     }
 }
 
+/// The body of a GET on the agent's admin endpoint.
+fn admin_get(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
 const HEALTHY: i64 = 1;
 const UNHEALTHY: i64 = 2;
 
@@ -355,6 +368,11 @@ fn standalone_register_route_discover_health_and_deregister() {
     assert!(mesh.discover(&["--agent", "tools"]).is_empty());
     let (status, _) = mesh.get("tools");
     assert_ne!(status, 200);
+    let metrics = admin_get(mesh.agent.admin_port, "/metrics");
+    assert!(
+        metrics.contains("mesh_registry_instances{health=\"Unhealthy\"} 1"),
+        "{metrics}"
+    );
 
     // Back: healthy again, discovered again.
     let mut instance = Instance::start("tools");
