@@ -534,7 +534,9 @@ impl Registry for RegistryServer {
                         let beat = RegistrationEvent {
                             event: Some(Event::Heartbeat(api::Heartbeat { sequence })),
                         };
-                        if events.send(Ok(beat)).await.is_err() {
+                        // Never wait for a client that does not read: a full queue drops the
+                        // event (the record, not the stream, is what the mesh goes by).
+                        if matches!(events.try_send(Ok(beat)), Err(mpsc::error::TrySendError::Closed(_))) {
                             break;
                         }
                     }
@@ -553,7 +555,7 @@ impl Registry for RegistryServer {
                                     reason,
                                 })),
                             };
-                            if events.send(Ok(event)).await.is_err() {
+                            if matches!(events.try_send(Ok(event)), Err(mpsc::error::TrySendError::Closed(_))) {
                                 break;
                             }
                         }
