@@ -209,6 +209,9 @@ pub async fn spawn(
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, crate::control::EtcdError> {
     let registration = &config.spec.registration;
     let registry = Arc::new(LocalRegistry::new(&config.metadata.name, store));
+    // From now on the records of this node's instances come from here only: copies a previous
+    // run left in etcd (alive until their lease expires) are not served.
+    registry.publish();
     let settings = ServerSettings {
         socket: registration.socket.clone().unwrap_or_default(),
         socket_mode: registration.socket_mode_bits().unwrap_or(0o660),
@@ -235,4 +238,47 @@ pub async fn spawn(
     let server = RegistryServer::new(settings, registry, enroller, shutdown);
     tasks.push(tokio::spawn(server.serve(listener)));
     Ok(tasks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Action, PolicySnapshot, Resource, parse_documents};
+
+    fn record(agent: &str, id: &str, port: u16) -> AgentInstance {
+        let text = format!(
+            "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentInstance\nmetadata: {{name: {agent}.node-a.{id}}}\nspec: {{agent: {agent}, node: node-a, address: '127.0.0.1:{port}', identity: 'spiffe://td/agent/{agent}', health: Healthy}}\n"
+        );
+        match parse_documents(&text, "t").resources.remove(0).resource {
+            Resource::AgentInstance(instance) => instance,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn changes_reach_the_store_and_the_publisher() {
+        let store = Arc::new(PolicyStore::new(PolicySnapshot::empty(Action::Allow)));
+        let registry = LocalRegistry::new("node-a", Arc::clone(&store));
+        let changes = registry.subscribe();
+        registry.add(LocalInstance {
+            record: record("tools", "1", 9000),
+            cgroup: PathBuf::from("/agents/tools"),
+        });
+        assert!(store.current().agent("tools").is_some());
+        assert_eq!(
+            registry.records_count_of(std::path::Path::new("/agents/tools")),
+            1
+        );
+        assert!(changes.has_changed().unwrap());
+        // Health: only a change is published.
+        let generation = store.current().generation();
+        assert!(!registry.set_health("tools.node-a.1", Health::Healthy));
+        assert_eq!(store.current().generation(), generation);
+        assert!(registry.set_health("tools.node-a.1", Health::Unhealthy));
+        let tools = store.current();
+        assert_eq!(tools.agent("tools").unwrap().endpoints[0].weight, 0);
+        assert!(registry.remove("tools.node-a.1"));
+        assert!(!registry.remove("tools.node-a.1"));
+        assert!(store.current().agent("tools").is_none());
+    }
 }
