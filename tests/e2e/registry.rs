@@ -30,6 +30,8 @@ use mesh_tests::{
 struct Instance {
     address: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// While set, everything but `/healthz` is answered 503.
+    failing: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -39,15 +41,18 @@ impl Instance {
         listener.set_nonblocking(true).unwrap();
         let address = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let failing = Arc::new(AtomicBool::new(false));
         let body = format!("hello from {name}");
         let flag = Arc::clone(&stop);
+        let fail = Arc::clone(&failing);
         let thread = thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         let flag = Arc::clone(&flag);
+                        let fail = Arc::clone(&fail);
                         let body = body.clone();
-                        thread::spawn(move || serve(stream, &body, &flag));
+                        thread::spawn(move || serve(stream, &body, &flag, &fail));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
@@ -56,6 +61,7 @@ impl Instance {
         Instance {
             address,
             stop,
+            failing,
             thread: Some(thread),
         }
     }
@@ -74,7 +80,7 @@ impl Drop for Instance {
     }
 }
 
-fn serve(stream: TcpStream, body: &str, stop: &AtomicBool) {
+fn serve(stream: TcpStream, body: &str, stop: &AtomicBool, failing: &AtomicBool) {
     stream
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
@@ -111,9 +117,15 @@ fn serve(stream: TcpStream, body: &str, stop: &AtomicBool) {
         if reader.read_exact(&mut request_body).is_err() {
             return;
         }
-        let answer = if path == "/healthz" { "ok" } else { body };
+        let (status, answer) = if path == "/healthz" {
+            ("200 OK", "ok")
+        } else if failing.load(Ordering::Relaxed) {
+            ("503 Service Unavailable", "failing")
+        } else {
+            ("200 OK", body)
+        };
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{answer}",
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{answer}",
             answer.len()
         );
         if writer.write_all(response.as_bytes()).is_err() {
@@ -617,4 +629,40 @@ fn discovery_spans_the_nodes_of_one_etcd() {
     });
     session.process().kill().unwrap();
     let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn failed_requests_through_the_mesh_mark_an_instance_unhealthy() {
+    let mesh = Mesh::start("registry-passive", None);
+    let instance = Instance::start("tools");
+    let tools_cgroup = mesh.workload_cgroup("tools");
+    // The active probe is a TCP connect, which keeps succeeding.
+    let mut session = mesh.register(
+        &tools_cgroup,
+        &[
+            "--name",
+            "tools",
+            "--port",
+            &instance.address.port().to_string(),
+            "--tool",
+            "search",
+        ],
+    );
+    assert_eq!(session.next_event()["health"], HEALTHY);
+    assert_eq!(mesh.get("tools").0, 200);
+
+    // Requests start failing: the balancer ejects the endpoint, and the registry takes that
+    // passive result as the instance's health.
+    instance.failing.store(true, Ordering::Relaxed);
+    mesh.wait_for("the failing instance to leave discovery", || {
+        let (status, _) = mesh.get("tools");
+        assert_ne!(status, 200);
+        mesh.discover(&["--tool", "search"]).is_empty()
+    });
+    let change = session.next_change();
+    assert_eq!(change["health"], UNHEALTHY, "{change}");
+    assert!(
+        change["reason"].as_str().unwrap().contains("ejected"),
+        "{change}"
+    );
 }

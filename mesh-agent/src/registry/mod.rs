@@ -183,6 +183,10 @@ impl server::Enroller for DatapathEnroller {
         self.proxy.name_workload(enrolled.id, name);
         Ok(())
     }
+
+    fn ejected(&self, address: std::net::SocketAddr) -> bool {
+        self.proxy.endpoint_ejected(address)
+    }
 }
 
 /// Binds the configured registration socket (`None` when registration is off).

@@ -55,11 +55,17 @@ const MAX_INSTANCES_PER_CGROUP: usize = 64;
 /// At most this many MCP tools or A2A skills per instance.
 const MAX_CAPABILITIES: usize = 1024;
 
-/// Enrols a registered workload's cgroup for capture and names it (the datapath and the
-/// proxy, in the agent).
+/// What the registry needs from the data plane: enrol a registered workload's cgroup for
+/// capture and name it, and the passive health of its endpoints (the datapath and the proxy,
+/// in the agent).
 pub trait Enroller: Send + Sync + fmt::Debug {
     /// Enrols `cgroup` (relative to the cgroup2 mount) as the workload `name`.
     fn enrol(&self, cgroup: &Path, name: &str) -> Result<(), String>;
+
+    /// Whether this node's data plane ejected the endpoint after failed requests.
+    fn ejected(&self, _address: SocketAddr) -> bool {
+        false
+    }
 }
 
 /// What the server needs from the configuration.
@@ -504,6 +510,7 @@ impl Registry for RegistryServer {
             }))
             .await;
         let mut shutdown = self.inner.shutdown.clone();
+        let dataplane = Arc::clone(&self.inner.enroller);
         let exit = peer.pidfd.try_clone().ok().and_then(|fd| {
             // SAFETY: the AsyncFd owns this duplicate of the pidfd; it stays open and the same
             // descriptor until the AsyncFd is dropped.
@@ -541,7 +548,14 @@ impl Registry for RegistryServer {
                         }
                     }
                     _ = probes.tick() => {
-                        let result = probe(address, path.as_deref(), health_spec.timeout).await;
+                        let mut result = probe(address, path.as_deref(), health_spec.timeout).await;
+                        // Passive results: an instance that answers the probe but fails real
+                        // requests (ejected by this node's balancer) is not healthy either.
+                        if result.is_ok() && dataplane.ejected(address) {
+                            result = Err(
+                                "ejected by the data plane after failed requests".to_owned(),
+                            );
+                        }
                         let reason = match &result {
                             Ok(()) => "probe succeeded".to_owned(),
                             Err(reason) => reason.clone(),
