@@ -13,9 +13,9 @@
 //! 2. The record joins the policy store at once (merged into the agent of its name, see
 //!    `crate::policy`), and in etcd mode is written under this node's instance lease, so every
 //!    node sees it.
-//! 3. While the `Register` stream is open the agent probes the instance every interval and
-//!    rewrites its `health` when it changes; unhealthy instances get no traffic and are not
-//!    discovered.
+//! 3. While the `Register` stream is open the agent probes the instance every interval (and
+//!    counts an ejection by this node's balancer as a failure: passive results) and rewrites
+//!    its `health` when it changes; unhealthy instances get no traffic and are not discovered.
 //! 4. The stream ending (the client closing it, its process exiting), `Deregister`, or the
 //!    process's pidfd signalling its exit removes the record at once. If the node agent itself
 //!    dies, the lease expires and etcd removes every record of the node within its TTL.
