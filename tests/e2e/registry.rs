@@ -521,7 +521,7 @@ fn etcd_records_under_a_lease_vanish_with_the_session_and_the_agent() {
     let work = std::env::temp_dir().join(unique_name("registry-etcd"));
     std::fs::create_dir_all(&work).unwrap();
     let mut mesh = Mesh::start("registry-etcd", Some(AgentEtcd::new(&etcd, &work)));
-    let instance = Instance::start("tools");
+    let mut instance = Instance::start("tools");
     let port = instance.address.port().to_string();
     let tools_cgroup = mesh.workload_cgroup("tools");
 
@@ -532,9 +532,13 @@ fn etcd_records_under_a_lease_vanish_with_the_session_and_the_agent() {
     let registered = session.next_event();
     let id = registered["instanceId"].as_str().unwrap().to_owned();
     let key = format!("/mesh/v1/agentinstances/default/tools.e2e.{id}");
-    mesh.wait_for("the record in etcd", || {
+    let in_etcd = mesh.wait_for("the record in etcd", || {
         instance_keys(&etcd) == [key.clone()]
     });
+    eprintln!(
+        "registered in {} ms (client side), in etcd {in_etcd:?} after the registered event",
+        registered["elapsedMs"]
+    );
     let stored: serde_json::Value =
         serde_json::from_str(&etcd.etcdctl(&["get", &key, "-w", "json"]).unwrap()).unwrap();
     let lease = stored["kvs"][0]["lease"].as_i64().unwrap_or(0);
@@ -556,6 +560,16 @@ fn etcd_records_under_a_lease_vanish_with_the_session_and_the_agent() {
     let table = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(table.contains(&format!("tools.e2e.{id}")), "{table}");
     assert!(table.contains("Healthy"), "{table}");
+
+    // The server stops: the record in etcd says so (rewritten on the change).
+    instance.stop();
+    mesh.wait_for("the record to turn unhealthy", || {
+        let value = etcd.etcdctl(&["get", &key, "--print-value-only"]).unwrap();
+        serde_json::from_str::<serde_json::Value>(value.trim())
+            .is_ok_and(|record| record["spec"]["health"] == "Unhealthy")
+    });
+    let instance = Instance::start("tools");
+    let port = instance.address.port().to_string();
 
     // The session ends (the process is killed): the record goes at once.
     session.process().kill().unwrap();

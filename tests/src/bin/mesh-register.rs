@@ -125,6 +125,7 @@ async fn main() -> ExitCode {
                 a2a_skills: skills,
                 health_check_path: health_path.unwrap_or_default(),
             };
+            let started = std::time::Instant::now();
             let mut stream = match client.register(request).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => return refused(&status),
@@ -141,6 +142,9 @@ async fn main() -> ExitCode {
                                 "address": registered.address,
                                 "record": registered.record,
                                 "health": registered.health,
+                                // From the call to this event (attestation, enrolment, the
+                                // first probe, publication).
+                                "elapsedMs": started.elapsed().as_secs_f64() * 1000.0,
                             }),
                             Some(Event::Health(health)) => json!({
                                 "event": "health", "health": health.health, "reason": health.reason,
