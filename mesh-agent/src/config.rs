@@ -460,6 +460,24 @@ impl AgentConfig {
     fn validate_registration(&self) -> Result<(), ConfigError> {
         let registration = &self.spec.registration;
         registration.socket_mode_bits()?;
+        let name = &self.metadata.name;
+        let edge =
+            |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let valid = name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && edge(name.chars().next())
+            && edge(name.chars().next_back());
+        if registration.socket.is_some() && !name.is_empty() && !valid {
+            return Err(invalid(
+                "metadata.name",
+                format!(
+                    "{name:?} must be a node name (lowercase letters, digits, `-`, `.`): it names \
+                     this node in the records of registered instances"
+                ),
+            ));
+        }
         if let Some(socket) = &registration.socket
             && (socket.as_os_str().is_empty() || socket.as_os_str().len() > 100)
         {
@@ -728,6 +746,15 @@ spec:
         ))
         .unwrap();
         assert_eq!(off.spec.registration.socket, None);
+        let message = error_of(&format!(
+            "apiVersion: {API_VERSION}\nkind: AgentConfig\nmetadata: {{ name: Node_A }}\n"
+        ));
+        assert!(message.contains("metadata.name"), "{message}");
+        // Without the API, a standalone name is free-form as before.
+        parse(&format!(
+            "apiVersion: {API_VERSION}\nkind: AgentConfig\nmetadata: {{ name: Node_A }}\nspec:\n  registration: {{ socket: null }}\n"
+        ))
+        .unwrap();
         let cases = [
             ("socketMode: \"0999\"", "spec.registration.socketMode"),
             (

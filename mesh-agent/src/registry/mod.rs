@@ -212,7 +212,12 @@ pub async fn spawn(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, crate::control::EtcdError> {
     let registration = &config.spec.registration;
-    let registry = Arc::new(LocalRegistry::new(&config.metadata.name, store));
+    // The node's name (etcd mode requires one); a standalone file may leave it out.
+    let node = match config.metadata.name.as_str() {
+        "" => "standalone",
+        name => name,
+    };
+    let registry = Arc::new(LocalRegistry::new(node, store));
     // From now on the records of this node's instances come from here only: copies a previous
     // run left in etcd (alive until their lease expires) are not served.
     registry.publish();
