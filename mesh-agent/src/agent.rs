@@ -52,6 +52,8 @@ pub enum AgentError {
     Etcd(EtcdError),
     #[error("pod enrolment (spec.kubernetes): {0}")]
     Kubernetes(#[from] crate::kube::KubeError),
+    #[error(transparent)]
+    Registration(#[from] crate::registry::RegistryError),
 }
 
 /// Where the agent's mesh resources come from. Both sources end in [`PolicyStore::install`].
@@ -251,6 +253,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let (mut source, control) = policy_source(&config, &policy).await?;
     source.load(&config, &policy).await?;
     let datapath = Arc::new(Datapath::start(&settings)?);
+    // After the datapath: its privilege check and pin-folder lock speak first (a second agent
+    // on the same pins is refused there, not by the socket).
+    let registration_listener = crate::registry::bind_configured(&config)?;
     let proxy = Arc::new(OutboundProxy::new(
         Arc::clone(&datapath),
         config.spec.proxy.connect_timeout,
@@ -320,6 +325,22 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let mut servers = source.spawn(&config, Arc::clone(&policy), shutdown_rx.clone());
     if let Some(enroller) = pod_enroller {
         servers.push(tokio::spawn(enroller.run(shutdown_rx.clone())));
+    }
+    if let Some(listener) = registration_listener {
+        let enroller = Arc::new(crate::registry::DatapathEnroller {
+            datapath: Arc::clone(&datapath),
+            proxy: Arc::clone(&proxy),
+        });
+        let tasks = crate::registry::spawn(
+            &config,
+            listener,
+            Arc::clone(&policy),
+            enroller,
+            shutdown_rx.clone(),
+        )
+        .await
+        .map_err(AgentError::Etcd)?;
+        servers.extend(tasks);
     }
     for (address, listener) in outbound_listeners {
         info!(%address, "outbound capture listener ready");

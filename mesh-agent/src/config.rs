@@ -85,6 +85,9 @@ pub struct AgentSpec {
     /// Workload identity (SPIFFE certificates for mTLS between nodes); absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentitySpec>,
+    /// The local registration API (unix socket) and the health probes of registered instances.
+    #[serde(default)]
+    pub registration: RegistrationSpec,
 }
 
 /// Workload identity: the node's SPIFFE certificate, and its workloads', issued by the local CA
@@ -121,6 +124,42 @@ impl Default for IdentitySpec {
             issue_timeout: Duration::from_secs(15),
             local_ca: None,
             request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The local registration API: where its socket is, which cgroups may register which names,
+/// and how registered instances are probed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistrationSpec {
+    /// Unix socket of the API; none to turn registration off.
+    pub socket: Option<PathBuf>,
+    /// File mode of the socket, octal (`"0666"`): who may connect. Access is decided by
+    /// attestation (the caller's cgroup), not by the mode.
+    pub socket_mode: String,
+    /// cgroups (relative to the cgroup2 mount) whose direct children may register the name of
+    /// their directory (`/agents.slice` lets `/agents.slice/tools/...` register `tools`).
+    pub cgroup_parents: Vec<PathBuf>,
+    /// Address instances are published with when they register only a port (another node
+    /// reaches them through this node's agent).
+    pub advertise_address: IpAddr,
+    /// etcd mode: TTL of the lease holding this node's instance records.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Active health probes of the registered instances.
+    pub health: HealthCheckSpec,
+}
+
+impl Default for RegistrationSpec {
+    fn default() -> Self {
+        Self {
+            socket: Some(PathBuf::from("/run/mesh/agent.sock")),
+            socket_mode: "0666".to_owned(),
+            cgroup_parents: Vec::new(),
+            advertise_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            lease_ttl: Duration::from_secs(10),
+            health: HealthCheckSpec::default(),
         }
     }
 }
@@ -198,6 +237,50 @@ impl KubernetesSpec {
         } else {
             format!("https://{host}:{port}")
         })
+    }
+}
+
+impl RegistrationSpec {
+    /// The socket mode as a number (validated by [`AgentConfig::validate`]).
+    pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
+        let text = self.socket_mode.trim_start_matches("0o");
+        u32::from_str_radix(text, 8)
+            .ok()
+            .filter(|mode| *mode <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "spec.registration.socketMode",
+                    format!(
+                        "{:?} is not an octal file mode such as \"0660\"",
+                        self.socket_mode
+                    ),
+                )
+            })
+    }
+}
+
+/// How registered instances are probed: a TCP connect, or an HTTP GET of the path they
+/// registered, every `interval`; `unhealthyThreshold` failures in a row mark an instance
+/// unhealthy (no traffic, not discovered), `healthyThreshold` successes bring it back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheckSpec {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 1,
+            unhealthy_threshold: 2,
+        }
     }
 }
 
@@ -569,6 +652,7 @@ impl AgentConfig {
         if let Some(identity) = &self.spec.identity {
             self.validate_identity(identity)?;
         }
+        self.validate_registration()?;
         let mut names = std::collections::HashSet::new();
         for (index, workload) in self.spec.workloads.iter().enumerate() {
             let field = format!("spec.workloads[{index}]");
@@ -625,6 +709,73 @@ impl AgentConfig {
             }
             _ => Ok(()),
         }
+    }
+
+    fn validate_registration(&self) -> Result<(), ConfigError> {
+        let registration = &self.spec.registration;
+        registration.socket_mode_bits()?;
+        let name = &self.metadata.name;
+        let edge =
+            |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let valid = name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && edge(name.chars().next())
+            && edge(name.chars().next_back());
+        if registration.socket.is_some() && !name.is_empty() && !valid {
+            return Err(invalid(
+                "metadata.name",
+                format!(
+                    "{name:?} must be a node name (lowercase letters, digits, `-`, `.`): it names \
+                     this node in the records of registered instances"
+                ),
+            ));
+        }
+        if let Some(socket) = &registration.socket
+            && (socket.as_os_str().is_empty() || socket.as_os_str().len() > 100)
+        {
+            return Err(invalid(
+                "spec.registration.socket",
+                "must be a path of 1 to 100 bytes (a unix socket address)",
+            ));
+        }
+        for (index, parent) in registration.cgroup_parents.iter().enumerate() {
+            if !parent.is_absolute()
+                || parent
+                    .components()
+                    .any(|part| matches!(part, std::path::Component::ParentDir))
+            {
+                return Err(invalid(
+                    &format!("spec.registration.cgroupParents[{index}]"),
+                    "must be an absolute cgroup path (relative to the cgroup2 mount) without `..`",
+                ));
+            }
+        }
+        let address = registration.advertise_address;
+        if address.is_unspecified() || address.is_multicast() {
+            return Err(invalid(
+                "spec.registration.advertiseAddress",
+                "must be a unicast address of this node",
+            ));
+        }
+        if registration.lease_ttl < Duration::from_secs(2) {
+            return Err(invalid("spec.registration.leaseTtl", "must be at least 2s"));
+        }
+        let health = &registration.health;
+        if health.interval.is_zero() || health.timeout.is_zero() {
+            return Err(invalid(
+                "spec.registration.health",
+                "interval and timeout must be greater than zero",
+            ));
+        }
+        if health.healthy_threshold == 0 || health.unhealthy_threshold == 0 {
+            return Err(invalid(
+                "spec.registration.health",
+                "healthyThreshold and unhealthyThreshold must be at least 1",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_etcd(&self, etcd: &EtcdSpec) -> Result<(), ConfigError> {
@@ -917,6 +1068,62 @@ spec:
             message.contains("spec.kubernetes.requestTimeout"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn registration_is_checked() {
+        let head = format!("apiVersion: {API_VERSION}\nkind: AgentConfig\n");
+        let config = parse(&format!(
+            "{head}spec:\n  registration:\n    cgroupParents: [/agents.slice]\n    socketMode: \"0660\"\n    health: {{ interval: 2s }}\n"
+        ))
+        .expect("valid");
+        let registration = &config.spec.registration;
+        assert_eq!(registration.socket_mode_bits().unwrap(), 0o660);
+        assert_eq!(
+            registration.socket,
+            Some(PathBuf::from("/run/mesh/agent.sock"))
+        );
+        assert_eq!(registration.health.interval, Duration::from_secs(2));
+        assert_eq!(registration.health.unhealthy_threshold, 2);
+        let off = parse(&format!(
+            "{head}spec:\n  registration: {{ socket: null }}\n"
+        ))
+        .unwrap();
+        assert_eq!(off.spec.registration.socket, None);
+        let message = error_of(&format!(
+            "apiVersion: {API_VERSION}\nkind: AgentConfig\nmetadata: {{ name: Node_A }}\n"
+        ));
+        assert!(message.contains("metadata.name"), "{message}");
+        // Without the API, a standalone name is free-form as before.
+        parse(&format!(
+            "apiVersion: {API_VERSION}\nkind: AgentConfig\nmetadata: {{ name: Node_A }}\nspec:\n  registration: {{ socket: null }}\n"
+        ))
+        .unwrap();
+        let cases = [
+            ("socketMode: \"0999\"", "spec.registration.socketMode"),
+            (
+                "cgroupParents: [relative]",
+                "spec.registration.cgroupParents[0]",
+            ),
+            (
+                "cgroupParents: [/a/../b]",
+                "spec.registration.cgroupParents[0]",
+            ),
+            (
+                "advertiseAddress: 0.0.0.0",
+                "spec.registration.advertiseAddress",
+            ),
+            ("leaseTtl: 1s", "spec.registration.leaseTtl"),
+            (
+                "health: { healthyThreshold: 0 }",
+                "spec.registration.health",
+            ),
+            ("health: { timeout: 0s }", "spec.registration.health"),
+        ];
+        for (body, expected) in cases {
+            let message = error_of(&format!("{head}spec:\n  registration:\n    {body}\n"));
+            assert!(message.contains(expected), "{expected}: {message}");
+        }
     }
 
     #[test]

@@ -13,4 +13,5 @@ pub mod identity;
 pub mod kube;
 pub mod policy;
 pub mod proxy;
+pub mod registry;
 pub mod telemetry;

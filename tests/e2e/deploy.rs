@@ -1136,8 +1136,9 @@ fn install_script_uninstall_detaches_capture_pinned_under_the_root() {
             "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentConfig\nspec:\n  datapath:\n    \
              pinDir: {pins:?}\n    attachCgroup: {:?}\n  listeners:\n    outbound: \
              127.0.0.1:{outbound}\n    outboundV6: null\n    admin: 127.0.0.1:{admin}\n  \
-             proxy:\n    drainTimeout: 1s\n",
-            cgroups.relative()
+             proxy:\n    drainTimeout: 1s\n  registration:\n    socket: {:?}\n",
+            cgroups.relative(),
+            work.path().join("agent.sock")
         ),
     )
     .unwrap();

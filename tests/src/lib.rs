@@ -269,6 +269,11 @@ pub fn testpeer_binary() -> Result<PathBuf, HarnessError> {
     binary("MESH_TESTPEER_BIN", "mesh-testpeer")
 }
 
+/// The `mesh-register` workload client (registration API).
+pub fn register_binary() -> Result<PathBuf, HarnessError> {
+    binary("MESH_REGISTER_BIN", "mesh-register")
+}
+
 fn binary(variable: &str, name: &str) -> Result<PathBuf, HarnessError> {
     let path = std::env::var_os(variable)
         .map(PathBuf::from)
@@ -398,6 +403,10 @@ pub struct AgentProcess {
     etcd: Option<etcd::AgentEtcd>,
     /// More `spec` sections, YAML indented for `spec:` (e.g. `  identity: {}\n`).
     extra_spec: String,
+    /// Extra lines of `spec.registration` (indented for it), besides the socket.
+    registration: String,
+    /// `metadata.name`: the node's name.
+    node: String,
 }
 
 impl AgentProcess {
@@ -438,12 +447,37 @@ impl AgentProcess {
         Self::start_full(tree, options, &[], etcd, extra_spec)
     }
 
+    /// As [`start`](Self::start) (or [`start_with_etcd`](Self::start_with_etcd) with `etcd`),
+    /// with extra `spec.registration` settings: YAML lines indented by four spaces (e.g.
+    /// `"    cgroupParents: [\"/x\"]\n"`), and `node` as the node's name (`metadata.name`;
+    /// the other constructors use `e2e`). Every agent's registration socket is its own
+    /// ([`registration_socket`](Self::registration_socket)).
+    pub fn start_with_registration(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        etcd: Option<etcd::AgentEtcd>,
+        node: &str,
+        registration: &str,
+    ) -> Result<Self, HarnessError> {
+        Self::start_configured(tree, options, &[], etcd, (node, registration, ""))
+    }
+
     fn start_full(
         tree: &CgroupTree,
         options: AgentOptions,
         launcher: &[&str],
         etcd: Option<etcd::AgentEtcd>,
         extra_spec: &str,
+    ) -> Result<Self, HarnessError> {
+        Self::start_configured(tree, options, launcher, etcd, ("e2e", "", extra_spec))
+    }
+
+    fn start_configured(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        launcher: &[&str],
+        etcd: Option<etcd::AgentEtcd>,
+        (node, registration, extra_spec): (&str, &str, &str),
     ) -> Result<Self, HarnessError> {
         let name = unique_name("agent");
         let work_dir = std::env::temp_dir().join(&name);
@@ -463,6 +497,8 @@ impl AgentProcess {
             launcher: launcher.iter().map(|part| (*part).to_owned()).collect(),
             etcd,
             extra_spec: extra_spec.to_owned(),
+            registration: registration.to_owned(),
+            node: node.to_owned(),
         };
         agent.write_config(tree.relative())?;
         agent.spawn(tree)?;
@@ -473,7 +509,10 @@ impl AgentProcess {
         let quote = |text: &str| serde_json::Value::String(text.to_owned()).to_string();
         let mut yaml = String::new();
         yaml.push_str("apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentConfig\n");
-        yaml.push_str("metadata:\n  name: e2e\nspec:\n  datapath:\n");
+        yaml.push_str(&format!(
+            "metadata:\n  name: {}\nspec:\n  datapath:\n",
+            quote(&self.node)
+        ));
         yaml.push_str(&format!(
             "    pinDir: {}\n",
             quote(&self.pin_dir.to_string_lossy())
@@ -515,6 +554,11 @@ impl AgentProcess {
             yaml.push_str(&etcd.yaml());
         }
         yaml.push_str(&self.extra_spec);
+        yaml.push_str(&format!(
+            "  registration:\n    socket: {}\n{}",
+            quote(&self.registration_socket().to_string_lossy()),
+            self.registration
+        ));
         yaml.push_str("  workloads:\n");
         for (name, cgroup) in &self.options.workloads {
             yaml.push_str(&format!(
@@ -594,6 +638,11 @@ impl AgentProcess {
     /// The agent's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The agent's registration socket (in its own work folder).
+    pub fn registration_socket(&self) -> PathBuf {
+        self.work_dir.join("agent.sock")
     }
 
     /// The agent's outbound listener.

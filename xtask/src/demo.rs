@@ -2,14 +2,16 @@
 //! agent in a fresh private cgroup tree with a folder of mesh resources, enrols a demo
 //! workload, and shows it calling through the kernel capture: a local HTTP server by address
 //! and by registry name, a path the policy denies, an MCP tool server (the real `mcp` SDK) with
-//! an allowed and a denied tool, and a bystander that is not captured; then prints what the
-//! agent logged, its L7 metrics and the kernel's per-workload counters, and removes everything.
+//! an allowed and a denied tool, a workload that registers itself over the registration API
+//! (kernel-attested) and is then reached by its name and discovered, and a bystander that is
+//! not captured; then prints what the agent logged, its L7 metrics and the kernel's
+//! per-workload counters, and removes everything.
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener},
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,8 +22,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use mesh_tests::{
-    AgentOptions, AgentProcess, CgroupTree, attached_programs, free_port, python_script,
-    unique_name,
+    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, attached_programs, free_port,
+    python_script, register_binary, unique_name,
 };
 
 use crate::util::{build, step};
@@ -177,6 +179,10 @@ pub fn run() -> anyhow::Result<()> {
     let agent_cgroup = tree.child("agent")?;
     let workload = tree.child("workload")?;
     let bystander = tree.child("bystander")?;
+    // Children of this cgroup may register the name of their directory.
+    let registration_parent = tree.child("agents")?;
+    let greeter = registration_parent.join("greeter");
+    std::fs::create_dir_all(tree.absolute(&greeter))?;
     step(&format!(
         "cgroups: {} (attach point), agent in {}, enrolled workload {}, bystander {}",
         tree.relative().display(),
@@ -185,7 +191,7 @@ pub fn run() -> anyhow::Result<()> {
         bystander.display()
     ));
 
-    let agent = AgentProcess::start(
+    let agent = AgentProcess::start_with_registration(
         &tree,
         AgentOptions {
             accelerate: false,
@@ -197,6 +203,12 @@ pub fn run() -> anyhow::Result<()> {
             agent_binary: None,
             policy_dir: Some(policy_dir.clone()),
         },
+        None,
+        "demo",
+        &format!(
+            "    cgroupParents: [{}]\n    health: {{interval: 1s}}\n",
+            serde_json::Value::String(registration_parent.to_string_lossy().into_owned())
+        ),
     )?;
     step(&format!(
         "agent running (pid {:?}), outbound listener {}, resources from {}",
@@ -251,6 +263,67 @@ pub fn run() -> anyhow::Result<()> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    let greeter_server = DemoServer::start()?;
+    step(&format!(
+        "a workload in {} registers itself as `greeter` (port {}) over {}: the agent attests \
+         its cgroup from the kernel, enrols it and publishes the instance",
+        greeter.display(),
+        greeter_server.address.port(),
+        agent.registration_socket().display()
+    ));
+    let socket = agent.registration_socket();
+    let mut register = Command::new(register_binary()?);
+    register
+        .arg("--socket")
+        .arg(&socket)
+        .args(["register", "--name", "greeter", "--port"])
+        .arg(greeter_server.address.port().to_string())
+        .args(["--protocol", "http", "--tool", "greet"])
+        .stdout(Stdio::piped());
+    let mut session = KillOnDrop(tree.spawn_in(&greeter, &mut register)?);
+    let mut events = BufReader::new(session.0.stdout.take().context("session stdout")?);
+    let mut registered = String::new();
+    events.read_line(&mut registered)?;
+    eprint!("{}", indent(registered.trim_end()));
+    let port = free_port()?;
+    let by_name = format!("http://greeter:{port}/hello");
+    step(&format!(
+        "the enrolled workload calls {by_name} (nothing listens on port {port}): routed by the registered name"
+    ));
+    let resolve = format!("greeter:{port}:127.0.0.1");
+    eprint!(
+        "{}",
+        indent(&curl(&tree, &workload, &by_name, &["--resolve", &resolve])?)
+    );
+    step("it asks the registry which healthy instances offer the MCP tool `greet` (Discover)");
+    let discovered = tree.run_in(
+        &workload,
+        Command::new(register_binary()?)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["discover", "--tool", "greet"]),
+    )?;
+    eprint!(
+        "{}",
+        indent(String::from_utf8_lossy(&discovered.stdout).trim_end())
+    );
+    step("a bystander cgroup (not allowed to) tries to register `greeter`: refused");
+    let refused = tree.run_in(
+        &bystander,
+        Command::new(register_binary()?)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["register", "--name", "greeter", "--port", "1"]),
+    )?;
+    eprint!(
+        "{}",
+        indent(String::from_utf8_lossy(&refused.stderr).trim_end())
+    );
+    step("the registered process exits: its instance is gone at once");
+    let _ = session.0.kill();
+    let _ = session.0.wait();
+    drop(greeter_server);
+
     step(&format!(
         "bystander (not enrolled) calls {url}: untouched by the mesh"
     ));
@@ -265,6 +338,9 @@ pub fn run() -> anyhow::Result<()> {
                 || line.contains("forwarding captured")
                 || line.contains("request denied by policy")
                 || line.contains("policy loaded")
+                || line.contains("registration refused")
+                || line.contains("instance registered")
+                || line.contains("instance deregistered")
         })
         .collect();
     eprint!("{}", indent(&interesting.join("\n")));
@@ -278,6 +354,7 @@ pub fn run() -> anyhow::Result<()> {
                 && (line.starts_with("mesh_http_")
                     || line.starts_with("mesh_jsonrpc_")
                     || line.starts_with("mesh_policy_")
+                    || line.starts_with("mesh_registry_")
                     || line.starts_with("mesh_proxy_connections_by_protocol"))
         })
         .collect();

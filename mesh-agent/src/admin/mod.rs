@@ -151,6 +151,7 @@ fn render_metrics(state: &AdminState) -> Result<String, crate::datapath::Datapat
             content_hash: snapshot.content_hash(),
         },
     ));
+    text.push_str(&metrics::render_instances(snapshot.instances()));
     if let Some(control) = &state.control {
         text.push_str(&metrics::render_control(&control.sample()));
     }

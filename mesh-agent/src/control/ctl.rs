@@ -121,7 +121,8 @@ pub enum CtlCommand {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
-    /// The agent registry: names, hosts, endpoints, protocol, tools and skills.
+    /// The agent registry: names, hosts, endpoints, protocol, tools and skills; then the
+    /// registered instances (node, address, health, age).
     Agents {
         #[command(flatten)]
         scope: Scope,
@@ -294,6 +295,7 @@ fn resource_rows(
     headers.extend(match kind {
         Some(Kind::AccessPolicy) => &["TARGET", "ACTION", "RULES", "FROM"][..],
         Some(Kind::TrafficPolicy) => &["TARGET", "TIMEOUT", "RETRIES", "RATE-LIMITS", "ROUTES"][..],
+        Some(Kind::AgentInstance) => &["AGENT", "NODE", "ADDRESS", "HEALTH", "AGE"][..],
         _ => &["PROTOCOL", "HOSTS", "ENDPOINTS", "FALLBACK"][..],
     });
     let rows = resources
@@ -339,11 +341,29 @@ fn resource_rows(
                     row.push(policy.spec.rate_limits.len().to_string());
                     row.push(policy.spec.routes.len().to_string());
                 }
+                Resource::AgentInstance(instance) => {
+                    row.push(instance.spec.agent.clone());
+                    row.push(instance.spec.node.clone());
+                    row.push(instance.spec.address.to_string());
+                    row.push(instance.spec.health.as_str().to_owned());
+                    row.push(age(instance.spec.registered_at.as_deref()));
+                }
             }
             row
         })
         .collect();
     (headers, rows)
+}
+
+/// How long ago an RFC 3339 time was, as `3m12s`; `-` when unknown.
+fn age(since: Option<&str>) -> String {
+    since
+        .and_then(|text| humantime::parse_rfc3339_weak(text).ok())
+        .and_then(|then| SystemTime::now().duration_since(then).ok())
+        .map(|elapsed| {
+            humantime::format_duration(Duration::from_secs(elapsed.as_secs())).to_string()
+        })
+        .unwrap_or_else(|| "-".to_owned())
 }
 
 /// Prints a list of problems read from etcd, and turns them into the command's error.
@@ -484,6 +504,15 @@ pub async fn execute(cli: Meshctl, out: &mut dyn Write) -> Result<u8, ControlErr
             let etcd = Etcd::connect(cli.settings()).await?;
             let namespace = scope.namespace.as_deref();
             let stored = ops::get(&etcd, Kind::Agent, namespace, None).await?;
+            let stored_instances = ops::get(&etcd, Kind::AgentInstance, namespace, None).await?;
+            let instances: Vec<&crate::policy::AgentInstance> = stored_instances
+                .resources
+                .values()
+                .filter_map(|(_, resource)| match resource {
+                    Resource::AgentInstance(instance) => Some(instance),
+                    _ => None,
+                })
+                .collect();
             let agents: Vec<&crate::policy::Agent> = stored
                 .resources
                 .values()
@@ -508,7 +537,7 @@ pub async fn execute(cli: Meshctl, out: &mut dyn Write) -> Result<u8, ControlErr
                             ]
                         })
                         .collect();
-                    table(
+                    let mut text = table(
                         &[
                             "NAME",
                             "NAMESPACE",
@@ -519,14 +548,52 @@ pub async fn execute(cli: Meshctl, out: &mut dyn Write) -> Result<u8, ControlErr
                             "SKILLS",
                         ],
                         &rows,
-                    )
+                    );
+                    if !instances.is_empty() {
+                        let rows: Vec<Vec<String>> = instances
+                            .iter()
+                            .map(|instance| {
+                                let spec = &instance.spec;
+                                vec![
+                                    instance.metadata.name.clone(),
+                                    spec.agent.clone(),
+                                    instance.metadata.namespace.clone(),
+                                    spec.node.clone(),
+                                    spec.address.to_string(),
+                                    spec.health.as_str().to_owned(),
+                                    age(spec.registered_at.as_deref()),
+                                    list(&spec.capabilities.mcp_tools),
+                                    list(&spec.capabilities.a2a_skills),
+                                ]
+                            })
+                            .collect();
+                        text.push('\n');
+                        text.push_str(&table(
+                            &[
+                                "INSTANCE",
+                                "AGENT",
+                                "NAMESPACE",
+                                "NODE",
+                                "ADDRESS",
+                                "HEALTH",
+                                "AGE",
+                                "TOOLS",
+                                "SKILLS",
+                            ],
+                            &rows,
+                        ));
+                    }
+                    text
                 }
-                Output::Json => to_json(&agents)?,
-                Output::Yaml => serde_yaml::to_string(&agents)
-                    .map_err(|error| ControlError::Failed(error.to_string()))?,
+                Output::Json => to_json(&json!({"agents": agents, "instances": instances}))?,
+                Output::Yaml => {
+                    serde_yaml::to_string(&json!({"agents": agents, "instances": instances}))
+                        .map_err(|error| ControlError::Failed(error.to_string()))?
+                }
             };
             write_out(out, &text)?;
             stored_problems(&stored)?;
+            stored_problems(&stored_instances)?;
             Ok(0)
         }
         CtlCommand::Check {

@@ -7,7 +7,7 @@
 //!
 //! `<prefix>` is `/mesh/v1` unless configured otherwise; `<segment>` is the kind in lower case
 //! and plural, as in a Kubernetes API path: `agents`, `accesspolicies`, `trafficpolicies`,
-//! `nodes`. One segment per kind lets every reader list or watch exactly the kinds it needs
+//! `agentinstances` (registered instances, each held by its node's lease), `nodes`. One segment per kind lets every reader list or watch exactly the kinds it needs
 //! (agents never see node heartbeats or, later, certificate requests). Names and namespaces
 //! are validated names (lowercase letters, digits, `-`, `.`), so they never contain `/`.
 
@@ -20,7 +20,12 @@ pub const DEFAULT_PREFIX: &str = "/mesh/v1";
 pub const NODES_SEGMENT: &str = "nodes";
 
 /// Kinds the agent compiles into its policy snapshot, in key order of their segments.
-pub const SYNCED_KINDS: [Kind; 3] = [Kind::AccessPolicy, Kind::Agent, Kind::TrafficPolicy];
+pub const SYNCED_KINDS: [Kind; 4] = [
+    Kind::AccessPolicy,
+    Kind::AgentInstance,
+    Kind::Agent,
+    Kind::TrafficPolicy,
+];
 
 /// The key segment of a resource kind.
 pub fn segment(kind: Kind) -> &'static str {
@@ -28,6 +33,7 @@ pub fn segment(kind: Kind) -> &'static str {
         Kind::Agent => "agents",
         Kind::AccessPolicy => "accesspolicies",
         Kind::TrafficPolicy => "trafficpolicies",
+        Kind::AgentInstance => "agentinstances",
     }
 }
 
@@ -87,7 +93,7 @@ pub fn parse_resource_key(prefix: &str, key: &str) -> Option<ResourceKey> {
     if parts.next().is_some() || namespace.is_empty() || name.is_empty() {
         return None;
     }
-    let kind = [Kind::Agent, Kind::AccessPolicy, Kind::TrafficPolicy]
+    let kind = SYNCED_KINDS
         .into_iter()
         .find(|kind| segment(*kind) == segment_name)?;
     Some(ResourceKey {
@@ -99,12 +105,13 @@ pub fn parse_resource_key(prefix: &str, key: &str) -> Option<ResourceKey> {
 
 /// Parses a kind as operators type it: `Agent`, `agent`, `agents`, `AccessPolicy`,
 /// `accesspolicy`, `accesspolicies`, `ap`, `TrafficPolicy`, `trafficpolicy`,
-/// `trafficpolicies`, `tp` (case-insensitive).
+/// `trafficpolicies`, `tp`, `AgentInstance`, `agentinstances`, `instances` (case-insensitive).
 pub fn parse_kind_argument(text: &str) -> Option<Kind> {
     match text.to_ascii_lowercase().as_str() {
         "agent" | "agents" => Some(Kind::Agent),
         "accesspolicy" | "accesspolicies" | "ap" => Some(Kind::AccessPolicy),
         "trafficpolicy" | "trafficpolicies" | "tp" => Some(Kind::TrafficPolicy),
+        "agentinstance" | "agentinstances" | "instance" | "instances" => Some(Kind::AgentInstance),
         _ => None,
     }
 }
@@ -148,6 +155,10 @@ mod tests {
             (
                 key(Kind::TrafficPolicy, "default", "all"),
                 "/mesh/v1/trafficpolicies/default/all",
+            ),
+            (
+                key(Kind::AgentInstance, "default", "tools.node-a.0c32d4d0"),
+                "/mesh/v1/agentinstances/default/tools.node-a.0c32d4d0",
             ),
         ];
         for (resource, text) in cases {
@@ -210,6 +221,7 @@ mod tests {
             Some(Kind::AccessPolicy)
         );
         assert_eq!(parse_kind_argument("tp"), Some(Kind::TrafficPolicy));
+        assert_eq!(parse_kind_argument("instances"), Some(Kind::AgentInstance));
         assert_eq!(parse_kind_argument("pods"), None);
     }
 }

@@ -30,9 +30,10 @@
 //!
 //! # Seams for what comes next
 //!
-//! Workload identity and mTLS (`TrustBundle`, `CertificateRequest` kinds), the registration
-//! API (Agent records written by agents for their local workloads, held by their node's lease)
-//! and TLS to etcd plug in here: new key segments in [`keys`], the same [`etcd::Etcd`] client,
+//! Registered instances (`AgentInstance` records under `agentinstances/`, written by each node
+//! agent for its local workloads under a lease of the node: `crate::registry`) are synced like
+//! the other kinds. Workload identity and mTLS (`TrustBundle`, `CertificateRequest` kinds) and
+//! TLS to etcd plug in here: new key segments in [`keys`], the same [`etcd::Etcd`] client,
 //! and further watches on the same stream in [`sync`].
 
 pub mod cache;

@@ -128,6 +128,14 @@ pub fn read_files(files: &[PathBuf]) -> Result<Vec<FileResources>, ControlError>
         problems.extend(report.errors.iter().map(ToString::to_string));
         for loaded in &report.resources {
             let key = loaded.resource.key();
+            if key.kind == Kind::AgentInstance {
+                problems.push(format!(
+                    "{}: {key}: instance records are written by node agents for the workloads \
+                     that register with them (registration API), not applied",
+                    loaded.origin
+                ));
+                continue;
+            }
             if let Some(previous) = first.get(&key) {
                 problems.push(format!(
                     "{}: {key}: defined again (first defined in {previous})",

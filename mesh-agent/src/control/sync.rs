@@ -2,7 +2,8 @@
 //!
 //! # Protocol
 //!
-//! 1. **List** the synced kinds (`agents`, `accesspolicies`, `trafficpolicies`) in one
+//! 1. **List** the synced kinds (`agents`, `accesspolicies`, `trafficpolicies`,
+//!    `agentinstances`) in one
 //!    transaction, so the listing is one consistent revision `R`.
 //! 2. **Watch** each kind's prefix on one watch stream from `R + 1` with progress
 //!    notifications; ask for progress every `progress_interval` as a liveness probe (a stream

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::{
     Fnv64, PolicyError,
-    resources::{AccessPolicy, Agent, Kind, Resource, ResourceKey, TrafficPolicy},
+    resources::{AccessPolicy, Agent, AgentInstance, Kind, Resource, ResourceKey, TrafficPolicy},
 };
 
 /// At most this many documents are read from one text; the rest is reported as an error.
@@ -162,6 +162,9 @@ fn parse_unchecked_duplicates(text: &str, file: &str) -> LoadReport {
             Kind::TrafficPolicy => {
                 TrafficPolicy::deserialize(document).map(Resource::TrafficPolicy)
             }
+            Kind::AgentInstance => {
+                AgentInstance::deserialize(document).map(Resource::AgentInstance)
+            }
         };
         let resource = match parsed {
             Ok(resource) => resource,
@@ -228,7 +231,9 @@ fn header(value: &serde_yaml::Value) -> Option<Result<(Kind, String), PolicyErro
         Some(kind) => Some(Ok((kind, label))),
         None => parse(
             &label,
-            format!("kind: unknown kind `{kind}` (expected Agent, AccessPolicy or TrafficPolicy)"),
+            format!(
+                "kind: unknown kind `{kind}` (expected Agent, AccessPolicy, TrafficPolicy or AgentInstance)"
+            ),
         ),
     }
 }

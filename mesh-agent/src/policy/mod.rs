@@ -1,4 +1,5 @@
-//! Policy: mesh resources (`Agent`, `AccessPolicy`, `TrafficPolicy`), their validation, and the
+//! Policy: mesh resources (`Agent`, `AccessPolicy`, `TrafficPolicy`, and the `AgentInstance`
+//! records of registered workloads), their validation, and the
 //! compiled, immutable snapshot the proxy reads per request. This module owns the resource
 //! types, the loader (text and directories), the compiled [`PolicySnapshot`] with authorization
 //! and traffic settings, the [`PolicyStore`] that swaps snapshots atomically and watches a
@@ -65,12 +66,12 @@ pub use load::{
 };
 pub use ratelimit::{DEFAULT_MAX_KEYS, RateLimit, RateLimitKey, RateLimiter};
 pub use resources::{
-    A2aMatch, API_VERSION, AccessPolicy, AccessPolicySpec, Action, Agent, AgentSpec, Capabilities,
-    CircuitBreaker, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_NAMESPACE, Dedup, EndpointSpec,
-    HeaderMatch, HttpMatch, Kind, MAX_RETRY_ATTEMPTS, McpMatch, Metadata, Pattern, Priority,
-    PriorityClass, PrioritySource, Protocol, RateLimitSpec, Resource, ResourceKey, Retries,
-    RetryOn, RouteBackend, RouteMatch, RouteSpec, Rule, Timeouts, TrafficPolicy, TrafficPolicySpec,
-    TypedResource,
+    A2aMatch, API_VERSION, AccessPolicy, AccessPolicySpec, Action, Agent, AgentInstance,
+    AgentInstanceSpec, AgentSpec, Capabilities, CircuitBreaker, DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_NAMESPACE, Dedup, EndpointSpec, HeaderMatch, Health, HttpMatch, Kind,
+    MAX_RETRY_ATTEMPTS, McpMatch, Metadata, Pattern, Priority, PriorityClass, PrioritySource,
+    Protocol, RateLimitSpec, Resource, ResourceKey, Retries, RetryOn, RouteBackend, RouteMatch,
+    RouteSpec, Rule, Timeouts, TrafficPolicy, TrafficPolicySpec, TypedResource,
 };
 pub use snapshot::{
     AgentEntry, Decision, Endpoint, PolicySnapshot, RateLimitRule, RequestAttributes, Route,

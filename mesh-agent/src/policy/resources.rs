@@ -1,4 +1,5 @@
-//! Mesh resource types (`Agent`, `AccessPolicy`, `TrafficPolicy`) as operators write them, their
+//! Mesh resource types (`Agent`, `AccessPolicy`, `TrafficPolicy`) as operators write them, the
+//! `AgentInstance` records node agents write for registered workloads, their
 //! defaults, and the per-resource validation whose messages name the resource, the field path and
 //! the problem. Cross-resource checks (duplicate hosts, unknown fallbacks) live in the snapshot.
 
@@ -26,6 +27,9 @@ pub enum Kind {
     Agent,
     AccessPolicy,
     TrafficPolicy,
+    /// A live instance of an agent, written by its node agent (registration API), held by a
+    /// lease in etcd.
+    AgentInstance,
 }
 
 impl Kind {
@@ -35,6 +39,7 @@ impl Kind {
             Kind::Agent => "Agent",
             Kind::AccessPolicy => "AccessPolicy",
             Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::AgentInstance => "AgentInstance",
         }
     }
 
@@ -44,6 +49,7 @@ impl Kind {
             "Agent" => Some(Kind::Agent),
             "AccessPolicy" => Some(Kind::AccessPolicy),
             "TrafficPolicy" => Some(Kind::TrafficPolicy),
+            "AgentInstance" => Some(Kind::AgentInstance),
             _ => None,
         }
     }
@@ -111,6 +117,8 @@ pub type Agent = TypedResource<AgentSpec>;
 pub type AccessPolicy = TypedResource<AccessPolicySpec>;
 /// How calls to an agent are carried: timeouts, retries, rate limits, priority, circuit breaking.
 pub type TrafficPolicy = TypedResource<TrafficPolicySpec>;
+/// A live instance of an agent on one node, written by that node's agent.
+pub type AgentInstance = TypedResource<AgentInstanceSpec>;
 
 /// Any resource this module understands.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -119,6 +127,7 @@ pub enum Resource {
     Agent(Agent),
     AccessPolicy(AccessPolicy),
     TrafficPolicy(TrafficPolicy),
+    AgentInstance(AgentInstance),
 }
 
 impl Resource {
@@ -128,6 +137,7 @@ impl Resource {
             Resource::Agent(_) => Kind::Agent,
             Resource::AccessPolicy(_) => Kind::AccessPolicy,
             Resource::TrafficPolicy(_) => Kind::TrafficPolicy,
+            Resource::AgentInstance(_) => Kind::AgentInstance,
         }
     }
 
@@ -137,6 +147,7 @@ impl Resource {
             Resource::Agent(r) => &r.metadata,
             Resource::AccessPolicy(r) => &r.metadata,
             Resource::TrafficPolicy(r) => &r.metadata,
+            Resource::AgentInstance(r) => &r.metadata,
         }
     }
 
@@ -184,6 +195,16 @@ impl Resource {
                     &r.metadata,
                 );
                 r.spec.validate(&mut check);
+            }
+            Resource::AgentInstance(r) => {
+                check_header(
+                    &mut check,
+                    &r.api_version,
+                    &r.kind,
+                    Kind::AgentInstance,
+                    &r.metadata,
+                );
+                r.spec.validate(&mut check, &r.metadata.name);
             }
         }
         check.finish()
@@ -300,6 +321,114 @@ impl AgentSpec {
                 check.fail("spec.fallback", "an agent cannot fall back to itself");
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AgentInstance
+
+/// Availability of a registered instance, as its node's active probe last saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Health {
+    /// Not probed yet: no traffic, not discovered.
+    #[default]
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+impl Health {
+    /// Whether the instance gets traffic and is discovered.
+    pub fn is_healthy(self) -> bool {
+        self == Health::Healthy
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "Unknown",
+            Health::Healthy => "Healthy",
+            Health::Unhealthy => "Unhealthy",
+        }
+    }
+}
+
+/// `spec` of an `AgentInstance`: one registered, live instance of an agent. Its name is
+/// `<agent>.<node>.<id>`, so instances of one agent on several nodes never share a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentInstanceSpec {
+    /// The agent this is an instance of (merged into the `Agent` of that name, or an agent of
+    /// its own when there is none).
+    pub agent: String,
+    /// The node whose agent registered it (and probes it).
+    pub node: String,
+    /// Where the instance listens.
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// The workload's SPIFFE ID, `spiffe://<trust-domain>/agent/<agent>`.
+    pub identity: String,
+    /// HTTP path probed with GET; absent: a TCP connect is the probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_path: Option<String>,
+    #[serde(default)]
+    pub health: Health,
+    /// When the instance registered (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_at: Option<String>,
+}
+
+impl AgentInstanceSpec {
+    fn validate(&self, check: &mut Checker, name: &str) {
+        if let Some(problem) = name_problem(&self.agent, 253) {
+            check.fail("spec.agent", problem);
+        }
+        if let Some(problem) = name_problem(&self.node, 253) {
+            check.fail("spec.node", problem);
+        }
+        let expected = format!("{}.{}.", self.agent, self.node);
+        if !name.starts_with(&expected) || name.len() == expected.len() {
+            check.fail(
+                "metadata.name",
+                format!("must be `<agent>.<node>.<id>` (`{expected}<id>`)"),
+            );
+        }
+        if self.address.port() == 0 {
+            check.fail("spec.address", "port 0 is not a valid port");
+        }
+        if self.address.ip().is_unspecified() || self.address.ip().is_multicast() {
+            check.fail("spec.address", "must be a unicast address");
+        }
+        match self.identity.parse::<crate::identity::SpiffeId>() {
+            Ok(id) if id.path() == format!("/agent/{}", self.agent) => {}
+            Ok(_) => check.fail(
+                "spec.identity",
+                format!("must be spiffe://<trust-domain>/agent/{}", self.agent),
+            ),
+            Err(error) => check.fail("spec.identity", error.to_string()),
+        }
+        if let Some(path) = &self.health_check_path
+            && (!path.starts_with('/')
+                || path.len() > 1024
+                || path.chars().any(|c| c.is_control() || c.is_whitespace()))
+        {
+            check.fail(
+                "spec.healthCheckPath",
+                "must start with `/`, without spaces or control characters (at most 1024 bytes)",
+            );
+        }
+        check_names(
+            check,
+            "spec.capabilities.mcpTools",
+            &self.capabilities.mcp_tools,
+        );
+        check_names(
+            check,
+            "spec.capabilities.a2aSkills",
+            &self.capabilities.a2a_skills,
+        );
     }
 }
 

@@ -1,6 +1,16 @@
 //! The compiled policy snapshot: an immutable, indexed view of the registry (agents by name,
 //! host and address), the access policies (authorization per request) and the traffic settings
 //! per agent. Built once per configuration change, shared in an `Arc`, read per request.
+//!
+//! # Registered instances
+//!
+//! `AgentInstance` records (written by node agents for the workloads that registered with
+//! them) are merged into the agents here, the one place every source of resources goes
+//! through: an instance adds an endpoint (`node` set to its node; weight 1 when it is
+//! `Healthy`, 0 = no traffic otherwise) to the agent of its name, whose capabilities become
+//! the union of both; a name with no `Agent` resource becomes an agent of its own. An
+//! instance never makes the set fail to compile: one whose name another agent claims as a
+//! host, or whose address another agent already serves, is left out with a warning.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,9 +25,9 @@ use std::{
 use super::{
     Fnv64, PolicyError,
     resources::{
-        AccessPolicy, Action, Agent, Capabilities, CircuitBreaker, Dedup, Kind, Pattern, Priority,
-        Protocol, Resource, ResourceKey, Retries, Timeouts, TrafficPolicy, TrafficPolicySpec,
-        normalize_host,
+        AccessPolicy, Action, Agent, AgentInstance, Capabilities, CircuitBreaker, Dedup, Kind,
+        Pattern, Priority, Protocol, Resource, ResourceKey, Retries, Timeouts, TrafficPolicy,
+        TrafficPolicySpec, normalize_host,
     },
 };
 
@@ -516,6 +526,8 @@ pub struct PolicySnapshot {
     traffic_wildcard: Option<TrafficSettings>,
     traffic_default: TrafficSettings,
     warnings: Vec<String>,
+    /// Registered instances merged into `agents`, in key order.
+    instances: Vec<AgentInstance>,
 }
 
 impl Default for PolicySnapshot {
@@ -545,6 +557,7 @@ impl PolicySnapshot {
             traffic_wildcard: None,
             traffic_default: TrafficSettings::default(),
             warnings: Vec::new(),
+            instances: Vec::new(),
         }
     }
 
@@ -632,6 +645,28 @@ impl PolicySnapshot {
                 }
             }
             snapshot.agents.push(entry);
+        }
+        // Registered instances, before hosts: an agent made of instances gets its name as a
+        // host like any other.
+        let instances: Vec<&AgentInstance> = sorted
+            .iter()
+            .filter_map(|r| match r {
+                Resource::AgentInstance(instance) => Some(instance),
+                _ => None,
+            })
+            .collect();
+        if !instances.is_empty() {
+            let claimed: HashSet<String> = agents
+                .iter()
+                .flat_map(|agent| agent.spec.hosts.iter().map(|host| normalize_host(host)))
+                .collect();
+            for instance in instances {
+                if let Some(warning) = snapshot.merge_instance(instance, &claimed) {
+                    warnings.push(warning);
+                } else {
+                    snapshot.instances.push((*instance).clone());
+                }
+            }
         }
         // Hosts after names, so a host may not shadow another agent's name in either order.
         for (index, agent) in snapshot.agents.iter().enumerate() {
@@ -756,6 +791,120 @@ impl PolicySnapshot {
         } else {
             Err(errors)
         }
+    }
+
+    /// Merges one registered instance into its agent (see the module documentation). Returns
+    /// why it was left out, if it was.
+    fn merge_instance(
+        &mut self,
+        instance: &AgentInstance,
+        claimed_hosts: &HashSet<String>,
+    ) -> Option<String> {
+        let spec = &instance.spec;
+        let this = format!(
+            "AgentInstance {}/{}",
+            instance.metadata.namespace, instance.metadata.name
+        );
+        let node: Arc<str> = Arc::from(spec.node.as_str());
+        let endpoint = Endpoint {
+            address: spec.address,
+            weight: u32::from(spec.health.is_healthy()),
+            node: Some(Arc::clone(&node)),
+        };
+        let index = match self.by_name.get(&spec.agent) {
+            Some(&index) => index,
+            None => {
+                if claimed_hosts.contains(&spec.agent) {
+                    return Some(format!(
+                        "{this}: left out: `{}` is a host name of another agent",
+                        spec.agent
+                    ));
+                }
+                let index = self.agents.len();
+                self.agents.push(AgentEntry {
+                    name: spec.agent.clone(),
+                    namespace: instance.metadata.namespace.clone(),
+                    hosts: Vec::new(),
+                    endpoints: Vec::new(),
+                    protocol: spec.protocol,
+                    capabilities: Capabilities::default(),
+                    fallback: None,
+                });
+                self.by_name.insert(spec.agent.clone(), index);
+                index
+            }
+        };
+        match self.by_address.get(&spec.address) {
+            Some(&owner) if owner != index => {
+                let owner = self.agents[owner].name.clone();
+                self.drop_empty_agent(index);
+                return Some(format!(
+                    "{this}: left out: {} is an endpoint of agent {owner}",
+                    spec.address
+                ));
+            }
+            Some(_) => {
+                let agent = &self.agents[index];
+                let same = agent
+                    .endpoints
+                    .iter()
+                    .any(|e| e.address == spec.address && e.node.as_deref() == Some(&*node));
+                if same
+                    || agent
+                        .endpoints
+                        .iter()
+                        .any(|e| e.node.is_none() && e.address == spec.address)
+                {
+                    return Some(format!(
+                        "{this}: left out: agent {} already has the endpoint {}",
+                        spec.agent, spec.address
+                    ));
+                }
+            }
+            None => {
+                self.by_address.insert(spec.address, index);
+            }
+        }
+        let agent = &mut self.agents[index];
+        agent.endpoints.push(endpoint);
+        let capabilities = &mut agent.capabilities;
+        for tool in &spec.capabilities.mcp_tools {
+            if !capabilities.mcp_tools.contains(tool) {
+                capabilities.mcp_tools.push(tool.clone());
+            }
+        }
+        for skill in &spec.capabilities.a2a_skills {
+            if !capabilities.a2a_skills.contains(skill) {
+                capabilities.a2a_skills.push(skill.clone());
+            }
+        }
+        None
+    }
+
+    /// Removes an agent just created for an instance that was then left out (always the last).
+    fn drop_empty_agent(&mut self, index: usize) {
+        if index + 1 == self.agents.len() && self.agents[index].endpoints.is_empty() {
+            let agent = self.agents.remove(index);
+            self.by_name.remove(&agent.name);
+        }
+    }
+
+    /// Registered instances (merged into [`agents`](Self::agents)), in key order.
+    pub fn instances(&self) -> &[AgentInstance] {
+        &self.instances
+    }
+
+    /// Healthy registered instances that offer this MCP tool or A2A skill.
+    pub fn healthy_instances_with_capability(&self, tool_or_skill: &str) -> Vec<&AgentInstance> {
+        self.instances
+            .iter()
+            .filter(|instance| {
+                let caps = &instance.spec.capabilities;
+                instance.spec.health.is_healthy()
+                    && (caps.mcp_tools.iter().any(|tool| tool == tool_or_skill)
+                        || caps.a2a_skills.iter().any(|skill| skill == tool_or_skill))
+            })
+            .collect()
     }
 
     /// Process-wide sequence number of this snapshot (later snapshots have higher numbers).
@@ -1223,6 +1372,205 @@ spec:
         assert!(snapshot.agent_by_host("unknown").is_none());
         assert!(snapshot.agent_by_host("[::1]:80").is_none());
         assert!(snapshot.agent_by_host("").is_none());
+    }
+
+    fn instance(
+        agent: &str,
+        node: &str,
+        id: &str,
+        address: &str,
+        health: &str,
+        tools: &str,
+    ) -> String {
+        format!(
+            "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentInstance\nmetadata: {{name: {agent}.{node}.{id}}}\nspec:\n  agent: {agent}\n  node: {node}\n  address: \"{address}\"\n  protocol: A2a\n  identity: spiffe://td/agent/{agent}\n  health: {health}\n  capabilities: {{mcpTools: [{tools}]}}\n"
+        )
+    }
+
+    #[test]
+    fn instances_merge_into_their_agents() {
+        let documents = [
+            // Two instances of `tools` (which has static endpoints) on two nodes, same port.
+            instance(
+                "tools",
+                "node-a",
+                "1",
+                "127.0.0.1:9000",
+                "Healthy",
+                "fs_read, new_tool",
+            ),
+            instance(
+                "tools",
+                "node-b",
+                "2",
+                "127.0.0.1:9000",
+                "Unhealthy",
+                "other",
+            ),
+            // A name without an Agent resource: an agent of its own.
+            instance("search", "node-a", "3", "127.0.0.1:9100", "Healthy", "find"),
+        ];
+        let snapshot = compile(&documents.join("---\n"), Action::Allow);
+        assert!(snapshot.warnings().is_empty(), "{:?}", snapshot.warnings());
+        let tools = snapshot.agent("tools").unwrap();
+        assert_eq!(tools.endpoints.len(), 4);
+        let registered: Vec<(String, u32, Option<&str>)> = tools.endpoints[2..]
+            .iter()
+            .map(|e| (e.address.to_string(), e.weight, e.node.as_deref()))
+            .collect();
+        assert_eq!(
+            registered,
+            [
+                ("127.0.0.1:9000".to_owned(), 1, Some("node-a")),
+                // Unhealthy: in the registry, but no traffic.
+                ("127.0.0.1:9000".to_owned(), 0, Some("node-b")),
+            ]
+        );
+        // Capabilities: the union, the Agent's own first.
+        assert_eq!(
+            tools.capabilities.mcp_tools,
+            ["fs_read", "search", "new_tool", "other"]
+        );
+        // The Agent's protocol and hosts stay.
+        assert_eq!(tools.protocol, Protocol::Mcp);
+        assert_eq!(
+            snapshot.agent_by_host("tools.mesh.local").unwrap().name,
+            "tools"
+        );
+        let search = snapshot.agent("search").unwrap();
+        assert_eq!(search.protocol, Protocol::A2a);
+        assert_eq!(search.endpoints.len(), 1);
+        assert_eq!(snapshot.agent_by_host("search").unwrap().name, "search");
+        assert_eq!(
+            snapshot
+                .agent_by_address("127.0.0.1:9100".parse().unwrap())
+                .unwrap()
+                .name,
+            "search"
+        );
+        assert_eq!(snapshot.instances().len(), 3);
+        assert_eq!(snapshot.resource_count(), 6);
+        // Discovery sees healthy instances only.
+        let found: Vec<&str> = snapshot
+            .healthy_instances_with_capability("new_tool")
+            .iter()
+            .map(|i| i.metadata.name.as_str())
+            .collect();
+        assert_eq!(found, ["tools.node-a.1"]);
+        assert!(
+            snapshot
+                .healthy_instances_with_capability("other")
+                .is_empty()
+        );
+        // A health change is a content change.
+        let healthier = compile(
+            &[
+                instance(
+                    "tools",
+                    "node-a",
+                    "1",
+                    "127.0.0.1:9000",
+                    "Healthy",
+                    "fs_read, new_tool",
+                ),
+                instance("tools", "node-b", "2", "127.0.0.1:9000", "Healthy", "other"),
+                instance("search", "node-a", "3", "127.0.0.1:9100", "Healthy", "find"),
+            ]
+            .join("---\n"),
+            Action::Allow,
+        );
+        assert_ne!(healthier.content_hash(), snapshot.content_hash());
+    }
+
+    #[test]
+    fn an_instance_never_breaks_the_set() {
+        let documents = [
+            // Its name is another agent's host.
+            instance(
+                "tools.mesh.local",
+                "node-a",
+                "1",
+                "127.0.0.1:9000",
+                "Healthy",
+                "x",
+            ),
+            // Its address is another agent's endpoint.
+            instance("thief", "node-a", "2", "10.0.0.7:8080", "Healthy", "x"),
+            // The same address and node twice for one agent.
+            instance("dup", "node-a", "3", "127.0.0.1:9200", "Healthy", "x"),
+            instance("dup", "node-a", "4", "127.0.0.1:9200", "Healthy", "x"),
+        ];
+        let snapshot = compile(&documents.join("---\n"), Action::Allow);
+        let warnings = snapshot.warnings().join("\n");
+        assert!(
+            warnings.contains("is a host name of another agent"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("is an endpoint of agent tools-backup"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("already has the endpoint 127.0.0.1:9200"),
+            "{warnings}"
+        );
+        assert_eq!(
+            snapshot.agent_by_host("tools.mesh.local").unwrap().name,
+            "tools"
+        );
+        assert!(snapshot.agent("thief").is_none());
+        assert_eq!(
+            snapshot
+                .agent_by_address("10.0.0.7:8080".parse().unwrap())
+                .unwrap()
+                .name,
+            "tools-backup"
+        );
+        assert_eq!(snapshot.agent("dup").unwrap().endpoints.len(), 1);
+        assert_eq!(snapshot.instances().len(), 1);
+    }
+
+    #[test]
+    fn invalid_instances_are_rejected_with_their_field() {
+        let cases = [
+            (
+                instance("tools", "node-a", "1", "127.0.0.1:0", "Healthy", "x"),
+                "spec.address: port 0",
+            ),
+            (
+                instance("tools", "node-a", "1", "0.0.0.0:80", "Healthy", "x"),
+                "spec.address: must be a unicast address",
+            ),
+            (
+                instance("tools", "node-a", "1", "127.0.0.1:80", "Healthy", "x")
+                    .replace("name: tools.node-a.1", "name: other.node-a.1"),
+                "metadata.name: must be `<agent>.<node>.<id>`",
+            ),
+            (
+                instance("tools", "node-a", "1", "127.0.0.1:80", "Healthy", "x")
+                    .replace("spiffe://td/agent/tools", "spiffe://td/agent/planner"),
+                "spec.identity: must be spiffe://<trust-domain>/agent/tools",
+            ),
+            (
+                instance("tools", "node-a", "1", "127.0.0.1:80", "Healthy", "x").replace(
+                    "health: Healthy",
+                    "health: Healthy\n  healthCheckPath: health",
+                ),
+                "spec.healthCheckPath",
+            ),
+            (
+                instance("tools", "Node_A", "1", "127.0.0.1:80", "Healthy", "x"),
+                "spec.node",
+            ),
+        ];
+        for (text, expected) in cases {
+            let report = parse_documents(&text, "i.yaml");
+            let messages: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+            assert!(
+                messages.iter().any(|m| m.contains(expected)),
+                "expected `{expected}` in {messages:#?}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! [`PolicyStore::reload_dir`] and [`PolicyStore::watch_dir`]) and the etcd control plane
 //! (`crate::control`) both hand it the complete list of resources they currently hold; it
 //! compiles the list and swaps the snapshot in, or keeps the active one and counts a rejection.
+//!
+//! The instances registered on this node (`crate::registry`) join there too
+//! ([`PolicyStore::set_local_instances`]): every compile is the source's resources plus the
+//! local instances, which replace whatever the source holds for this node's instances (in etcd
+//! mode, the copies this node wrote itself, which arrive later and may be stale).
 
 use std::{
     path::{Path, PathBuf},
@@ -21,7 +26,7 @@ use tokio::sync::watch;
 
 use super::{
     load::{dir_fingerprint, load_dir},
-    resources::{Action, Resource},
+    resources::{Action, AgentInstance, Resource, ResourceKey},
     snapshot::PolicySnapshot,
 };
 
@@ -35,6 +40,45 @@ pub struct PolicyStore {
     reloads_ok: AtomicU64,
     reloads_rejected: AtomicU64,
     last_errors: Mutex<Vec<String>>,
+    /// What the last install was made of, to compile again when the local instances change.
+    /// Held while compiling, so two installs never interleave.
+    sources: Mutex<Sources>,
+}
+
+/// The inputs of the active snapshot.
+#[derive(Debug, Default)]
+struct Sources {
+    /// The source's last resources, its name and default action; `None` before the first.
+    base: Option<(String, Arc<Vec<Resource>>, Action)>,
+    /// This node's name and its registered instances.
+    node: String,
+    local: Vec<AgentInstance>,
+}
+
+impl Sources {
+    /// The source's resources without this node's instances, plus the local instances.
+    fn merged(&self, resources: &[Resource]) -> Vec<Resource> {
+        if self.local.is_empty() && self.node.is_empty() {
+            return resources.to_vec();
+        }
+        let local_keys: std::collections::HashSet<ResourceKey> = self
+            .local
+            .iter()
+            .map(|instance| Resource::AgentInstance(instance.clone()).key())
+            .collect();
+        let mut merged: Vec<Resource> = resources
+            .iter()
+            .filter(|resource| match resource {
+                Resource::AgentInstance(instance) => {
+                    instance.spec.node != self.node && !local_keys.contains(&resource.key())
+                }
+                _ => true,
+            })
+            .cloned()
+            .collect();
+        merged.extend(self.local.iter().cloned().map(Resource::AgentInstance));
+        merged
+    }
 }
 
 impl Default for PolicyStore {
@@ -52,6 +96,7 @@ impl PolicyStore {
             reloads_ok: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
             last_errors: Mutex::new(Vec::new()),
+            sources: Mutex::new(Sources::default()),
         }
     }
 
@@ -90,7 +135,11 @@ impl PolicyStore {
         dir: &Path,
         default_action: Action,
     ) -> Result<Arc<PolicySnapshot>, Vec<String>> {
-        self.apply(&dir.display().to_string(), compile_dir(dir, default_action))
+        let source = dir.display().to_string();
+        match load_dir_strictly(dir) {
+            Ok(resources) => self.install(&source, &resources, default_action),
+            Err(errors) => self.apply(&source, Err(errors)),
+        }
     }
 
     /// Compiles `resources` (everything one source holds now) and swaps the result in if it
@@ -102,9 +151,41 @@ impl PolicyStore {
         resources: &[Resource],
         default_action: Action,
     ) -> Result<Arc<PolicySnapshot>, Vec<String>> {
-        let compiled = PolicySnapshot::compile(resources, default_action)
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let compiled = PolicySnapshot::compile(&sources.merged(resources), default_action)
             .map_err(|errors| errors.iter().map(ToString::to_string).collect());
-        self.apply(source, compiled)
+        let result = self.apply(source, compiled);
+        if result.is_ok() {
+            sources.base = Some((
+                source.to_owned(),
+                Arc::new(resources.to_vec()),
+                default_action,
+            ));
+        }
+        result
+    }
+
+    /// Replaces the instances registered on this node (`node`) and compiles again with the
+    /// source's last resources (none yet: an empty set with the active default action).
+    pub fn set_local_instances(
+        &self,
+        node: &str,
+        instances: Vec<AgentInstance>,
+    ) -> Result<Arc<PolicySnapshot>, Vec<String>> {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        sources.node = node.to_owned();
+        sources.local = instances;
+        let (source, resources, default_action) = match &sources.base {
+            Some((source, resources, action)) => (source.clone(), Arc::clone(resources), *action),
+            None => (
+                "registered instances".to_owned(),
+                Arc::new(Vec::new()),
+                self.current.load().default_action(),
+            ),
+        };
+        let compiled = PolicySnapshot::compile(&sources.merged(&resources), default_action)
+            .map_err(|errors| errors.iter().map(ToString::to_string).collect());
+        self.apply(&source, compiled)
     }
 
     /// Polls `dir` every `interval` (file names, sizes and modification times) and reloads it
@@ -172,9 +253,12 @@ impl PolicyStore {
             last_fingerprint = Some(fingerprint);
 
             let source = dir.clone();
-            match tokio::task::spawn_blocking(move || compile_dir(&source, default_action)).await {
-                Ok(result) => {
-                    let _ = self.apply(&dir.display().to_string(), result);
+            match tokio::task::spawn_blocking(move || load_dir_strictly(&source)).await {
+                Ok(Ok(resources)) => {
+                    let _ = self.install(&dir.display().to_string(), &resources, default_action);
+                }
+                Ok(Err(errors)) => {
+                    let _ = self.apply(&dir.display().to_string(), Err(errors));
                 }
                 Err(error) => tracing::warn!(%error, "policy reload task failed"),
             }
@@ -247,14 +331,14 @@ impl PolicyStore {
     }
 }
 
-/// Loads `dir` strictly: any rejected resource or compile error rejects the whole set.
-fn compile_dir(dir: &Path, default_action: Action) -> Result<PolicySnapshot, Vec<String>> {
+/// Loads `dir` strictly: any rejected resource rejects the whole set (the compile step
+/// rejects it too when it does not compile).
+fn load_dir_strictly(dir: &Path) -> Result<Vec<Resource>, Vec<String>> {
     let report = load_dir(dir);
     if !report.is_clean() {
         return Err(report.errors.iter().map(ToString::to_string).collect());
     }
-    PolicySnapshot::compile(&report.resources(), default_action)
-        .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+    Ok(report.resources())
 }
 
 #[cfg(test)]
@@ -358,6 +442,67 @@ mod tests {
             .await
             .expect("watcher stops on shutdown")
             .unwrap();
+    }
+
+    fn local(agent: &str, node: &str, id: &str, port: u16) -> AgentInstance {
+        let text = format!(
+            "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentInstance\nmetadata: {{name: {agent}.{node}.{id}}}\nspec: {{agent: {agent}, node: {node}, address: '127.0.0.1:{port}', identity: 'spiffe://td/agent/{agent}', health: Healthy}}\n"
+        );
+        match crate::policy::parse_documents(&text, "t")
+            .resources
+            .remove(0)
+            .resource
+        {
+            Resource::AgentInstance(instance) => instance,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn local_instances_join_every_install_and_replace_this_nodes_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), AGENT).unwrap();
+        let store = PolicyStore::default();
+        // Before any source: compiled alone, with the active default action.
+        let snapshot = store
+            .set_local_instances("node-a", vec![local("search", "node-a", "1", 9000)])
+            .unwrap();
+        assert!(snapshot.agent("search").is_some());
+        // The folder's resources plus the local instance.
+        let snapshot = store.reload_dir(dir.path(), Action::Allow).unwrap();
+        assert!(snapshot.agent("tools").is_some() && snapshot.agent("search").is_some());
+        // A source holding a stale copy of this node's instance and another node's: the stale
+        // copy is replaced, the other node's kept.
+        let mut stale = local("search", "node-a", "1", 9000);
+        stale.spec.health = crate::policy::Health::Unhealthy;
+        let gone = local("search", "node-a", "9", 9009);
+        let other = local("search", "node-b", "2", 9000);
+        let resources = vec![
+            Resource::AgentInstance(stale),
+            Resource::AgentInstance(gone),
+            Resource::AgentInstance(other),
+        ];
+        let snapshot = store.install("etcd", &resources, Action::Allow).unwrap();
+        let names: Vec<&str> = snapshot
+            .instances()
+            .iter()
+            .map(|i| i.metadata.name.as_str())
+            .collect();
+        assert_eq!(names, ["search.node-a.1", "search.node-b.2"]);
+        assert!(
+            snapshot
+                .instances()
+                .iter()
+                .all(|i| i.spec.health.is_healthy())
+        );
+        // The instance goes: compiled again from the last source's resources.
+        let snapshot = store.set_local_instances("node-a", Vec::new()).unwrap();
+        let names: Vec<&str> = snapshot
+            .instances()
+            .iter()
+            .map(|i| i.metadata.name.as_str())
+            .collect();
+        assert_eq!(names, ["search.node-b.2"]);
     }
 
     #[tokio::test]

@@ -188,6 +188,16 @@ impl Balancer {
         )
     }
 
+    /// Whether the endpoint at `address` is ejected now (passive health); `false` for one never
+    /// used.
+    pub fn is_ejected(&self, address: SocketAddr) -> bool {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&address)
+            .is_some_and(|health| health.is_ejected(Instant::now()))
+    }
+
     /// Health of one endpoint, for tests and the admin endpoint.
     pub fn endpoint(&self, address: SocketAddr) -> Arc<EndpointHealth> {
         self.health(address)

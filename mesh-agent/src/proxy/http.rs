@@ -309,6 +309,11 @@ impl HttpProxy {
         self.stats.snapshot()
     }
 
+    /// Whether the balancer has ejected the endpoint at `address` after failed requests.
+    pub fn endpoint_ejected(&self, address: std::net::SocketAddr) -> bool {
+        self.balancer.is_ejected(address)
+    }
+
     /// Serves one client connection (already known to speak `version`) until it closes.
     pub async fn serve_connection<S>(
         self: Arc<Self>,

@@ -170,6 +170,11 @@ impl OutboundProxy {
         self.http.stats()
     }
 
+    /// Passive health: whether this node's L7 path has ejected the endpoint at `address`.
+    pub fn endpoint_ejected(&self, address: SocketAddr) -> bool {
+        self.http.endpoint_ejected(address)
+    }
+
     /// Records a workload's name for logs.
     pub fn name_workload(&self, cgroup_id: u64, name: &str) {
         if let Ok(mut names) = self.names.write() {

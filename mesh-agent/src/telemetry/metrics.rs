@@ -266,6 +266,23 @@ pub fn render_l7(http: &HttpStatsSnapshot, policy: &PolicySample) -> String {
     out
 }
 
+/// Registered instances in the active snapshot (every node's), by health.
+pub fn render_instances(instances: &[crate::policy::AgentInstance]) -> String {
+    use crate::policy::Health;
+    let name = "mesh_registry_instances";
+    let mut out = format!(
+        "# HELP {name} Registered agent instances in the active snapshot (all nodes), by health.\n# TYPE {name} gauge\n"
+    );
+    for health in [Health::Healthy, Health::Unhealthy, Health::Unknown] {
+        let count = instances
+            .iter()
+            .filter(|instance| instance.spec.health == health)
+            .count();
+        let _ = writeln!(out, "{name}{{health=\"{}\"}} {count}", health.as_str());
+    }
+    out
+}
+
 /// The etcd control plane's state (etcd mode only).
 pub fn render_control(control: &crate::control::ControlStatusSample) -> String {
     let mut out = String::new();
