@@ -260,6 +260,23 @@ fn place_agent(etcd: &EtcdServer, name: &str, node: &str) {
     .unwrap();
 }
 
+/// Writes an `AgentInstance` record as a node's registration API does.
+fn register_instance(etcd: &EtcdServer, name: &str, node: &str, identity: &SpiffeId) {
+    let record = format!("{name}.{node}.1");
+    let instance = serde_json::json!({
+        "apiVersion": "mesh.agentmesh.dev/v1alpha1", "kind": "AgentInstance",
+        "metadata": {"name": record, "namespace": "default"},
+        "spec": {"agent": name, "node": node, "address": "10.0.0.10:8080",
+                 "identity": identity.as_str(), "health": "Healthy"}
+    });
+    etcd.etcdctl(&[
+        "put",
+        &format!("/mesh/v1/agentinstances/default/{record}"),
+        &instance.to_string(),
+    ])
+    .unwrap();
+}
+
 /// Writes a request and waits for the signer's answer: `Ok(certificate)` or `Err(reason)`.
 fn submit(etcd: &EtcdServer, request: &CertificateRequest) -> Result<String, String> {
     let key = request_key(
@@ -322,6 +339,17 @@ fn the_signer_answers_only_what_the_registry_and_node_records_grant() {
     let key = new_key();
     let signed = request_for(&tools, "node-a", &key);
     let certificate = submit(&etcd, &signed).unwrap();
+    assert!(certificate.starts_with("-----BEGIN CERTIFICATE-----"));
+
+    // A workload that registered itself on node-a through the registration API (an
+    // AgentInstance record of node-a): signed too; the same record of node-b grants node-a
+    // nothing.
+    let planner = SpiffeId::for_agent("mesh.local", "planner").unwrap();
+    register_instance(&etcd, "planner", "node-b", &planner);
+    let reason = submit(&etcd, &request_for(&planner, "node-a", &new_key())).unwrap_err();
+    assert!(reason.contains("no instance of it registered"), "{reason}");
+    register_instance(&etcd, "planner", "node-a", &planner);
+    let certificate = submit(&etcd, &request_for(&planner, "node-a", &new_key())).unwrap();
     assert!(certificate.starts_with("-----BEGIN CERTIFICATE-----"));
 
     // Replays: the same nonce with another key, the same key with another nonce.

@@ -778,14 +778,47 @@ pub async fn authorize(
             }
         }
     });
-    if placed {
+    if placed || registered_on(etcd, identity, node, namespace, name).await? {
         Ok(())
     } else {
         Err(format!(
             "the registry does not place {identity} on node {node:?} (no Agent \
-             {namespace}/{name} with an endpoint on that node)"
+             {namespace}/{name} with an endpoint on that node, and no instance of it registered \
+             there)"
         ))
     }
+}
+
+/// Whether a workload registered on `node` through its agent's registration API (an
+/// `AgentInstance` `<name>.<node>.<id>`, held by that node's lease) carries `identity`.
+async fn registered_on(
+    etcd: &Etcd,
+    identity: &SpiffeId,
+    node: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, String> {
+    let segment = keys::resource_key(
+        etcd.prefix(),
+        &crate::policy::ResourceKey {
+            kind: crate::policy::Kind::AgentInstance,
+            namespace: namespace.to_owned(),
+            name: format!("{name}.{node}."),
+        },
+    );
+    let listing = etcd
+        .list_prefix(&segment)
+        .await
+        .map_err(|error| format!("cannot read the registered instances: {error}"))?;
+    Ok(listing.entries.iter().any(|entry| {
+        matches!(
+            crate::control::codec::decode(etcd.prefix(), &entry.key, &entry.value),
+            Ok(Resource::AgentInstance(instance))
+                if instance.spec.node == node
+                    && instance.spec.agent == name
+                    && instance.spec.identity == identity.as_str()
+        )
+    }))
 }
 
 fn short_serial(certificate: &rustls::pki_types::CertificateDer<'_>) -> String {
