@@ -8,8 +8,10 @@
 //! 2. **Watch** each kind's prefix on one watch stream from `R + 1` with progress
 //!    notifications; ask for progress every `progress_interval` as a liveness probe (a stream
 //!    silent for two intervals is treated as dead).
-//! 3. **Debounce**: the first event arms a `debounce` timer; everything that arrives before it
-//!    fires (a whole `meshctl apply`, many keys) becomes one snapshot swap.
+//! 3. **Debounce**: a change after a quiet period is applied at once (one write of `meshctl
+//!    apply` is one revision, delivered in one watch response, so one file lands whole); changes
+//!    within `debounce` of the last swap wait for the window to end and become one snapshot
+//!    swap, so a burst of writes costs at most one compile per window.
 //! 4. **Compaction** (the watch is cancelled with a compact revision): list again.
 //! 5. **etcd away** (a request or the stream fails): mark disconnected, keep the active
 //!    snapshot, retry with exponential backoff and jitter (200 ms doubling to 30 s), and list
@@ -422,6 +424,8 @@ pub struct Syncer {
     /// The state was just listed: the first session may watch without listing again.
     fresh: bool,
     cached_hash: Option<u64>,
+    /// When the last snapshot was installed from etcd (the debounce window runs from it).
+    last_install: Option<Instant>,
 }
 
 impl Syncer {
@@ -440,6 +444,7 @@ impl Syncer {
             state,
             fresh: false,
             cached_hash: None,
+            last_install: None,
         }
     }
 
@@ -695,7 +700,13 @@ impl Syncer {
                         .store(self.state.invalid_count() as u64, Ordering::Relaxed);
                     self.status.synced_now(self.state.revision());
                     if changed && pending.is_none() {
-                        pending = Some(Instant::now() + self.options.debounce);
+                        let now = Instant::now();
+                        pending = Some(match self.last_install {
+                            Some(last) if now < last + self.options.debounce => {
+                                last + self.options.debounce
+                            }
+                            _ => now,
+                        });
                     }
                 }
                 _ = tokio::time::sleep_until(flush_at), if pending.is_some() => {
@@ -791,6 +802,7 @@ impl Syncer {
             }
         };
         self.status.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.last_install = Some(Instant::now());
         self.status
             .snapshot_revision
             .fetch_max(self.state.revision(), Ordering::Relaxed);
