@@ -13,3 +13,4 @@ pub mod identity;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;
+pub mod tunnel;
