@@ -6,6 +6,10 @@
 //! policy folder (standalone) or etcd (`spec.etcd`). Both hand the complete list of resources to
 //! [`PolicyStore::install`], which compiles it and swaps the snapshot; the proxy never knows
 //! which source it came from.
+//!
+//! Endpoints registered on other nodes are reached through the node-to-node tunnel
+//! ([`crate::tunnel`]); the tunnel listener is served when workload identity credentials are
+//! available ([`tunnel_credentials`]). Without them, cross-node endpoints fail closed.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -21,11 +25,13 @@ use crate::{
     config::{AgentConfig, ConfigError, EtcdSpec},
     control::{
         ControlStatus, Etcd, EtcdError, EtcdSettings, InitialSource, SyncOptions, Syncer,
-        node::NodeRegistration,
+        node::{EtcdPeers, NodeRegistration},
     },
     datapath::{Datapath, DatapathError, DatapathSettings},
+    identity::TlsCredentials,
     policy::{Action, PolicySnapshot, PolicyStore},
-    proxy::OutboundProxy,
+    proxy::{OutboundProxy, dialer::Dialer},
+    tunnel::{PeerDirectory, TunnelClient, TunnelServer, TunnelSettings, TunnelStats},
 };
 
 /// Why the agent could not run.
@@ -49,6 +55,8 @@ pub enum AgentError {
     },
     #[error("etcd settings: {0}")]
     Etcd(EtcdError),
+    #[error("workload identity: {0}")]
+    Identity(String),
 }
 
 /// Where the agent's mesh resources come from. Both sources end in [`PolicyStore::install`].
@@ -173,6 +181,11 @@ pub async fn policy_source(
             spec.lease_ttl,
             Arc::clone(store),
             Arc::clone(&status),
+        )
+        .with_tunnel_address(
+            config
+                .tunnel_advertise_address()
+                .filter(|_| config.spec.listeners.tunnel.is_some()),
         );
         return Ok((
             PolicySource::Etcd(Box::new(syncer), Some(Box::new(node))),
@@ -183,6 +196,28 @@ pub async fn policy_source(
         Some(dir) => (PolicySource::Folder(dir.clone()), None),
         None => (PolicySource::Empty, None),
     })
+}
+
+/// The credentials of this node and its workloads for the node-to-node tunnel, when the
+/// configuration provides an identity source; `None` turns the tunnel off (cross-node
+/// endpoints are then refused, never reached in plaintext).
+pub fn tunnel_credentials(
+    _config: &AgentConfig,
+) -> Result<Option<Arc<dyn TlsCredentials>>, AgentError> {
+    Ok(None)
+}
+
+/// Tunnel settings from `spec.tunnel` (the drain timeout is the proxy's).
+pub fn tunnel_settings(config: &AgentConfig) -> TunnelSettings {
+    let tunnel = &config.spec.tunnel;
+    TunnelSettings {
+        connect_timeout: tunnel.connect_timeout,
+        handshake_timeout: tunnel.handshake_timeout,
+        keepalive_interval: tunnel.keepalive_interval,
+        keepalive_timeout: tunnel.keepalive_timeout,
+        max_streams: tunnel.max_streams,
+        drain_timeout: config.spec.proxy.drain_timeout,
+    }
 }
 
 /// Client settings for `spec.etcd`.
@@ -226,6 +261,18 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .iter()
         .map(|address| bind(*address).map(|listener| (*address, listener)))
         .collect::<Result<Vec<_>, _>>()?;
+    let credentials = tunnel_credentials(&config)?;
+    let tunnel_listener = match (listeners.tunnel, &credentials) {
+        (Some(address), Some(_)) => Some((address, bind(address)?)),
+        (Some(_), None) => {
+            info!(
+                "tunnel listener off: no workload identity credentials; endpoints on other \
+                 nodes are refused"
+            );
+            None
+        }
+        (None, _) => None,
+    };
     let admin_listener = match listeners.admin {
         Some(address) => Some((
             address,
@@ -247,14 +294,39 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let (mut source, control) = policy_source(&config, &policy).await?;
     source.load(&config, &policy).await?;
     let datapath = Arc::new(Datapath::start(&settings)?);
-    let proxy = Arc::new(OutboundProxy::new(
-        Arc::clone(&datapath),
+    let tunnel_stats = Arc::new(TunnelStats::default());
+    let mut peers = PeerDirectory::new(
+        config
+            .spec
+            .tunnel
+            .peers
+            .iter()
+            .map(|peer| (peer.node.clone(), peer.address)),
+    );
+    if let PolicySource::Etcd(_, Some(node)) = &source {
+        peers = peers.with_lookup(Box::new(EtcdPeers::new(node.etcd().clone())));
+    }
+    let dialer = Arc::new(Dialer::new(
+        &config.metadata.name,
         config.spec.proxy.connect_timeout,
-        addresses.clone(),
-        !config.spec.datapath.accelerate,
-        config.spec.proxy.l7,
-        Arc::clone(&policy),
+        Arc::new(TunnelClient::new(
+            credentials.clone(),
+            tunnel_settings(&config),
+            Arc::clone(&tunnel_stats),
+        )),
+        peers,
     ));
+    let proxy = Arc::new(
+        OutboundProxy::new(
+            Arc::clone(&datapath),
+            config.spec.proxy.connect_timeout,
+            addresses.clone(),
+            !config.spec.datapath.accelerate,
+            config.spec.proxy.l7,
+            Arc::clone(&policy),
+        )
+        .with_dialer(dialer),
+    );
 
     // A workload that cannot be enrolled is reported and skipped; the others are served.
     for workload in &config.spec.workloads {
@@ -271,6 +343,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         ready: AtomicBool::new(false),
         cgroup_paths: Default::default(),
         control,
+        tunnel: Arc::clone(&tunnel_stats),
     });
     let admin_server = match admin_listener {
         Some((address, listener)) => {
@@ -291,6 +364,17 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             shutdown_rx.clone(),
             config.spec.proxy.drain_timeout,
         )));
+    }
+    if let (Some((address, listener)), Some(credentials)) = (tunnel_listener, credentials) {
+        info!(%address, identity = %credentials.node_identity(), "tunnel listener ready (mutual TLS)");
+        let server = Arc::new(TunnelServer::new(
+            credentials,
+            Arc::clone(&policy),
+            &config.metadata.name,
+            tunnel_settings(&config),
+            Arc::clone(&tunnel_stats),
+        ));
+        servers.push(tokio::spawn(server.serve(listener, shutdown_rx.clone())));
     }
     admin.set_ready(true);
     info!(node = %config.metadata.name, accelerated = datapath.accelerated(), "agent running");

@@ -31,6 +31,8 @@ pub struct AdminState {
     pub cgroup_paths: Mutex<HashMap<u64, String>>,
     /// The etcd control plane's state, in etcd mode.
     pub control: Option<Arc<crate::control::ControlStatus>>,
+    /// The node-to-node tunnel's counters (`mesh_tunnel_*`).
+    pub tunnel: Arc<crate::tunnel::TunnelStats>,
 }
 
 impl AdminState {
@@ -138,5 +140,6 @@ fn render_metrics(state: &AdminState) -> Result<String, crate::datapath::Datapat
     if let Some(control) = &state.control {
         text.push_str(&metrics::render_control(&control.sample()));
     }
+    text.push_str(&state.tunnel.render());
     Ok(text)
 }

@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 use super::{
     balance::{Balancer, Outcome},
     dedup::{self, Deduplicator, Role, follow},
+    dialer::{Dialer, Upstream},
     jsonrpc::{self, JsonRpcRequest, Message},
     priority::{Admission, PRIORITY_HEADER, class_of},
     upstream::{Http1Pool, PooledBody, SendError},
@@ -222,6 +223,9 @@ pub struct HttpProxy {
     http2: Client<HttpConnector, ProxyBody>,
     /// HTTP/1.1 upstream connections (HTTP/2 and upgrades go through `http1`/`http2`).
     pool: Http1Pool,
+    /// Direct or tunnelled connections; HTTP/2 and upgrades to endpoints on other nodes use
+    /// it per request (HTTP/1.1 goes through `pool`, which uses it too).
+    dialer: Arc<Dialer>,
     balancer: Balancer,
     sessions: SessionAffinity,
     admission: Arc<Admission>,
@@ -277,7 +281,19 @@ impl RequestFacts {
 }
 
 impl HttpProxy {
+    /// An L7 proxy whose upstreams are all dialled directly (endpoints registered on another
+    /// node fail closed).
     pub fn new(policy: Arc<PolicyStore>, connect_timeout: Duration) -> Self {
+        let dialer = Arc::new(Dialer::direct("", connect_timeout));
+        Self::with_dialer(policy, connect_timeout, dialer)
+    }
+
+    /// An L7 proxy reaching endpoints through `dialer`.
+    pub fn with_dialer(
+        policy: Arc<PolicyStore>,
+        connect_timeout: Duration,
+        dialer: Arc<Dialer>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -295,7 +311,12 @@ impl HttpProxy {
             limiter: RateLimiter::default(),
             http1,
             http2,
-            pool: Http1Pool::new(connect_timeout, POOL_IDLE, POOL_MAX_IDLE_PER_ENDPOINT),
+            pool: Http1Pool::with_dialer(
+                Arc::clone(&dialer),
+                POOL_IDLE,
+                POOL_MAX_IDLE_PER_ENDPOINT,
+            ),
+            dialer,
             balancer: Balancer::default(),
             sessions: SessionAffinity::default(),
             admission: Arc::new(Admission::default()),
@@ -733,6 +754,7 @@ impl HttpProxy {
                 );
             };
             tried.push(endpoint);
+            let node = node_of_endpoint(agent, endpoint);
             let this_body = match body.as_ref() {
                 Some(Body::Buffered(bytes)) => Body::Buffered(bytes.clone()),
                 _ => body.take().unwrap_or(Body::Buffered(Bytes::new())),
@@ -741,7 +763,7 @@ impl HttpProxy {
                 .send(
                     &parts,
                     this_body,
-                    endpoint,
+                    (endpoint, node.as_deref(), &caller.source),
                     timeout,
                     facts.grpc || version == HttpVersion::Http2,
                 )
@@ -857,15 +879,20 @@ impl HttpProxy {
         )
     }
 
+    /// Sends to `target` (endpoint address, its node, the source workload).
     async fn send(
         &self,
         parts: &http::request::Parts,
         body: Body,
-        endpoint: SocketAddr,
+        target: (SocketAddr, Option<&str>, &Arc<str>),
         timeout: Duration,
         http2: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let sent = if http2 || parts.method == Method::CONNECT {
+        let (endpoint, node, source) = target;
+        let sent = if (http2 || parts.method == Method::CONNECT) && self.dialer.is_remote(node) {
+            self.send_unpooled(parts, body, target, timeout, http2)
+                .await?
+        } else if http2 || parts.method == Method::CONNECT {
             self.send_legacy(parts, body, endpoint, timeout, http2)
                 .await?
         } else {
@@ -884,7 +911,9 @@ impl HttpProxy {
                     request.headers_mut().insert(header::HOST, host);
                 }
             }
-            match tokio::time::timeout(timeout, self.pool.send(endpoint, request)).await {
+            match tokio::time::timeout(timeout, self.pool.send_as(source, endpoint, node, request))
+                .await
+            {
                 Err(_) => return Err(UpstreamError::Timeout { endpoint, timeout }),
                 Ok(Ok(response)) => response,
                 Ok(Err(SendError::Connect(reason))) => {
@@ -901,6 +930,61 @@ impl HttpProxy {
         let (mut parts, body) = sent.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body))
+    }
+
+    /// HTTP/2 and `CONNECT` to an endpoint on another node: one connection per request
+    /// through the tunnel (the tunnel's own connection to the peer is pooled).
+    async fn send_unpooled(
+        &self,
+        parts: &http::request::Parts,
+        body: Body,
+        target: (SocketAddr, Option<&str>, &Arc<str>),
+        timeout: Duration,
+        http2: bool,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let (endpoint, node, source) = target;
+        let uri = if http2 {
+            upstream_uri(parts, endpoint)
+        } else {
+            parts.uri.to_string()
+        };
+        let mut request = Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .body(body.into_proxy_body())
+            .map_err(|error| UpstreamError::Failed {
+                endpoint,
+                reason: error.to_string(),
+            })?;
+        *request.headers_mut() = forwarded_headers(&parts.headers, http2);
+        if !http2
+            && !request.headers().contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            request.headers_mut().insert(header::HOST, value);
+        }
+        let sent = tokio::time::timeout(timeout, async {
+            let stream = self
+                .dialer
+                .connect(source, endpoint, node)
+                .await
+                .map_err(|error| UpstreamError::Connect {
+                    endpoint,
+                    reason: error.to_string(),
+                })?;
+            request_over(stream, request, http2)
+                .await
+                .map_err(|error| UpstreamError::Failed {
+                    endpoint,
+                    reason: error_chain(&error),
+                })
+        })
+        .await;
+        match sent {
+            Err(_) => Err(UpstreamError::Timeout { endpoint, timeout }),
+            Ok(result) => result.map(|response| response.map(PooledBody::unpooled)),
+        }
     }
 
     /// HTTP/2 (h2c, gRPC) and `CONNECT` go through hyper-util's pooled client.
@@ -979,10 +1063,25 @@ impl HttpProxy {
         };
         // Keep Connection/Upgrade: they are the point of this request.
         *upstream_request.headers_mut() = parts.headers.clone();
-        let sent = tokio::time::timeout(
-            traffic.timeouts.request,
-            self.http1.request(upstream_request),
-        )
+        let node = node_of_endpoint(destination, endpoint);
+        let sent = tokio::time::timeout(traffic.timeouts.request, async {
+            if self.dialer.is_remote(node.as_deref()) {
+                *upstream_request.uri_mut() = origin_form(upstream_request.uri());
+                let stream = self
+                    .dialer
+                    .connect(&caller.source, endpoint, node.as_deref())
+                    .await
+                    .map_err(|error| error.to_string())?;
+                request_over(stream, upstream_request, false)
+                    .await
+                    .map_err(|error| error_chain(&error))
+            } else {
+                self.http1
+                    .request(upstream_request)
+                    .await
+                    .map_err(|error| error_chain(&error))
+            }
+        })
         .await;
         if let Some(pick) = pick {
             let health = match &sent {
@@ -993,14 +1092,11 @@ impl HttpProxy {
         }
         let mut response = match sent {
             Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
+            Ok(Err(reason)) => {
                 return self.upstream_failure(
                     caller,
                     &RequestFacts::default(),
-                    &UpstreamError::Connect {
-                        endpoint,
-                        reason: error_chain(&error),
-                    },
+                    &UpstreamError::Connect { endpoint, reason },
                 );
             }
             Err(_) => {
@@ -1053,6 +1149,51 @@ impl HttpProxy {
             Some(budget) => action(budget),
             None => action(&mut RetryBudget::new(now)),
         }
+    }
+}
+
+/// The node an endpoint of `agent` runs on (none for an unregistered destination).
+fn node_of_endpoint(agent: Option<&AgentEntry>, endpoint: SocketAddr) -> Option<Arc<str>> {
+    agent
+        .and_then(|agent| {
+            agent
+                .endpoints
+                .iter()
+                .find(|candidate| candidate.address == endpoint)
+        })
+        .and_then(|found| found.node.clone())
+}
+
+/// Sends one request on a connection of its own over `stream` (the connection ends with the
+/// response, or carries the upgraded protocol).
+async fn request_over(
+    stream: Upstream,
+    request: Request<ProxyBody>,
+    http2: bool,
+) -> Result<Response<Incoming>, hyper::Error> {
+    let io = TokioIo::new(stream);
+    if http2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%error, "tunnelled HTTP/2 upstream connection ended with an error");
+            }
+        });
+        sender.send_request(request).await
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                debug!(%error, "tunnelled upstream connection ended with an error");
+            }
+        });
+        sender.send_request(request).await
     }
 }
 

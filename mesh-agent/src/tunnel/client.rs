@@ -359,7 +359,9 @@ pub struct TunnelStream {
 
 impl std::fmt::Debug for TunnelStream {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("TunnelStream").finish_non_exhaustive()
+        formatter
+            .debug_struct("TunnelStream")
+            .finish_non_exhaustive()
     }
 }
 

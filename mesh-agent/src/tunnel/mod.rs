@@ -30,7 +30,7 @@ use std::{
 };
 
 pub use client::{Peer, TunnelClient, TunnelStream};
-pub use peers::{PeerDirectory, PeerLookup};
+pub use peers::{LookupFuture, PeerDirectory, PeerLookup};
 pub use server::TunnelServer;
 
 use crate::identity::IdentityError;

@@ -72,7 +72,11 @@ impl TunnelServer {
 
     /// Accepts until `shutdown` turns true, then lets open streams finish (GOAWAY on every
     /// connection) for up to the drain timeout.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let local = listener.local_addr().ok();
         let mut connections = JoinSet::new();
         loop {
@@ -93,9 +97,8 @@ impl TunnelServer {
             }
         }
         drop(listener);
-        let mut streams = std::mem::take(
-            &mut *self.streams.lock().unwrap_or_else(PoisonError::into_inner),
-        );
+        let mut streams =
+            std::mem::take(&mut *self.streams.lock().unwrap_or_else(PoisonError::into_inner));
         if !connections.is_empty() || !streams.is_empty() {
             info!(listener = ?local, connections = connections.len(), streams = streams.len(), "draining tunnel");
         }
@@ -131,25 +134,25 @@ impl TunnelServer {
             }
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let tls =
-            match tokio::time::timeout(self.settings.handshake_timeout, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    self.stats
-                        .server_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    info!(%remote, %error, "tunnel TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    self.stats
-                        .server_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    info!(%remote, timeout = ?self.settings.handshake_timeout, "tunnel TLS handshake timed out");
-                    return;
-                }
-            };
+        let tls = match tokio::time::timeout(self.settings.handshake_timeout, acceptor.accept(tcp))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                self.stats
+                    .server_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(%remote, %error, "tunnel TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.stats
+                    .server_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(%remote, timeout = ?self.settings.handshake_timeout, "tunnel TLS handshake timed out");
+                return;
+            }
+        };
         let caller = match self.caller_of(&tls) {
             Ok(caller) => caller,
             Err(reason) => {
@@ -323,10 +326,9 @@ impl TunnelServer {
         let snapshot = self.policy.current();
         let node = self.node.as_str();
         let Some(agent) = snapshot.agents().find(|agent| {
-            agent
-                .endpoints
-                .iter()
-                .any(|endpoint| endpoint.address == target && endpoint.node.as_deref() == Some(node))
+            agent.endpoints.iter().any(|endpoint| {
+                endpoint.address == target && endpoint.node.as_deref() == Some(node)
+            })
         }) else {
             return Err(format!(
                 "{target} is not an endpoint of an agent registered on node {node}"

@@ -13,9 +13,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use rustls::{
-    ClientConfig, RootCertStore, ServerConfig,
-    server::WebPkiClientVerifier,
-    version::TLS13,
+    ClientConfig, RootCertStore, ServerConfig, server::WebPkiClientVerifier, version::TLS13,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 

@@ -277,7 +277,10 @@ async fn a_peer_from_another_trust_domain_is_refused() {
         .await
         .unwrap_err();
     assert!(
-        matches!(error, TunnelError::Protocol { .. } | TunnelError::Tls { .. }),
+        matches!(
+            error,
+            TunnelError::Protocol { .. } | TunnelError::Tls { .. }
+        ),
         "{error}"
     );
     let server = setup.server.stats.snapshot();
@@ -319,7 +322,10 @@ async fn a_source_the_policy_denies_is_refused() {
         .unwrap_err();
     match &error {
         TunnelError::Denied { reason, .. } => {
-            assert!(reason.contains("no AccessPolicy rule allows intruder"), "{reason}")
+            assert!(
+                reason.contains("no AccessPolicy rule allows intruder"),
+                "{reason}"
+            )
         }
         other => panic!("expected a refusal, got {other}"),
     }
@@ -443,9 +449,7 @@ async fn requests_other_than_connect_get_405() {
         .unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
-                tls,
-            ))
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(tls))
             .await
             .unwrap();
     tokio::spawn(connection);
