@@ -28,7 +28,6 @@ use crate::{
         node::{EtcdPeers, NodeRegistration},
     },
     datapath::{Datapath, DatapathError, DatapathSettings},
-    identity::TlsCredentials,
     policy::{Action, PolicySnapshot, PolicyStore},
     proxy::{OutboundProxy, dialer::Dialer},
     tunnel::{PeerDirectory, TunnelClient, TunnelServer, TunnelSettings, TunnelStats},
@@ -198,15 +197,6 @@ pub async fn policy_source(
     })
 }
 
-/// The credentials of this node and its workloads for the node-to-node tunnel, when the
-/// configuration provides an identity source; `None` turns the tunnel off (cross-node
-/// endpoints are then refused, never reached in plaintext).
-pub fn tunnel_credentials(
-    _config: &AgentConfig,
-) -> Result<Option<Arc<dyn TlsCredentials>>, AgentError> {
-    Ok(None)
-}
-
 /// Tunnel settings from `spec.tunnel` (the drain timeout is the proxy's).
 pub fn tunnel_settings(config: &AgentConfig) -> TunnelSettings {
     let tunnel = &config.spec.tunnel;
@@ -261,13 +251,13 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .iter()
         .map(|address| bind(*address).map(|listener| (*address, listener)))
         .collect::<Result<Vec<_>, _>>()?;
-    let credentials = tunnel_credentials(&config)?;
-    let tunnel_listener = match (listeners.tunnel, &credentials) {
+    // The tunnel needs workload identity (spec.identity) for its mutual TLS.
+    let tunnel_listener = match (listeners.tunnel, &config.spec.identity) {
         (Some(address), Some(_)) => Some((address, bind(address)?)),
         (Some(_), None) => {
             info!(
-                "tunnel listener off: no workload identity credentials; endpoints on other \
-                 nodes are refused"
+                "tunnel listener off: no workload identity (spec.identity); endpoints on \
+                 other nodes are refused"
             );
             None
         }
@@ -306,14 +296,17 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     if let PolicySource::Etcd(_, Some(node)) = &source {
         peers = peers.with_lookup(Box::new(EtcdPeers::new(node.etcd().clone())));
     }
+    // Credentials arrive with the identities, below; until then cross-node endpoints fail
+    // closed.
+    let tunnel_client = Arc::new(TunnelClient::new(
+        None,
+        tunnel_settings(&config),
+        Arc::clone(&tunnel_stats),
+    ));
     let dialer = Arc::new(Dialer::new(
         &config.metadata.name,
         config.spec.proxy.connect_timeout,
-        Arc::new(TunnelClient::new(
-            credentials.clone(),
-            tunnel_settings(&config),
-            Arc::clone(&tunnel_stats),
-        )),
+        Arc::clone(&tunnel_client),
         peers,
     ));
     let proxy = Arc::new(
@@ -344,6 +337,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         cgroup_paths: Default::default(),
         control,
         tunnel: Arc::clone(&tunnel_stats),
+        identity: Default::default(),
     });
     let admin_server = match admin_listener {
         Some((address, listener)) => {
@@ -365,16 +359,30 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             config.spec.proxy.drain_timeout,
         )));
     }
-    if let (Some((address, listener)), Some(credentials)) = (tunnel_listener, credentials) {
-        info!(%address, identity = %credentials.node_identity(), "tunnel listener ready (mutual TLS)");
-        let server = Arc::new(TunnelServer::new(
-            credentials,
-            Arc::clone(&policy),
-            &config.metadata.name,
-            tunnel_settings(&config),
-            Arc::clone(&tunnel_stats),
-        ));
-        servers.push(tokio::spawn(server.serve(listener, shutdown_rx.clone())));
+    // Workload identity (spec.identity): the node certificate is issued before the agent
+    // reports ready (in etcd mode after the node record is written, which the signer checks).
+    // A failure is logged and leaves mTLS unavailable; plain capture serves regardless. The
+    // node-to-node transport takes `Identities::credentials_handle()`.
+    let identities = crate::identity::start_for_agent(&config).await;
+    if let Some(identities) = &identities {
+        let _ = admin.identity.set(identities.clone());
+        let credentials = identities.credentials_handle();
+        tunnel_client.set_credentials(Arc::clone(&credentials));
+        if let Some((address, listener)) = tunnel_listener {
+            info!(%address, identity = %credentials.node_identity(), "tunnel listener ready (mutual TLS)");
+            let server = Arc::new(TunnelServer::new(
+                credentials,
+                Arc::clone(&policy),
+                &config.metadata.name,
+                tunnel_settings(&config),
+                Arc::clone(&tunnel_stats),
+            ));
+            servers.push(tokio::spawn(server.serve(listener, shutdown_rx.clone())));
+        }
+    } else if tunnel_listener.is_some() {
+        warn!(
+            "tunnel listener off: workload identity unavailable (see above); endpoints on other nodes are refused"
+        );
     }
     admin.set_ready(true);
     info!(node = %config.metadata.name, accelerated = datapath.accelerated(), "agent running");

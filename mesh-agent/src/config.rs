@@ -81,6 +81,60 @@ pub struct AgentSpec {
     /// The node-to-node tunnel: how endpoints on other nodes are reached.
     #[serde(default)]
     pub tunnel: TunnelSpec,
+    /// Workload identity (SPIFFE certificates for mTLS between nodes); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentitySpec>,
+}
+
+/// Workload identity: the node's SPIFFE certificate, and its workloads', issued by the local CA
+/// (standalone, `localCa`) or by the signer through etcd (etcd mode).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentitySpec {
+    /// The SPIFFE trust domain, `spiffe://<trustDomain>/...`.
+    pub trust_domain: String,
+    /// Lifetime of the certificates the local CA issues (the etcd signer sets its own).
+    #[serde(with = "humantime_serde")]
+    pub certificate_ttl: Duration,
+    /// How long start-up waits for the node's certificate before going on without it
+    /// (issuance keeps being retried in the background).
+    #[serde(with = "humantime_serde")]
+    pub issue_timeout: Duration,
+    /// Standalone only: the CA folder on this machine (created at first start). One machine
+    /// only: in a cluster the CA key stays with the signer (`mesh-agent ca run`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_ca: Option<LocalCaSpec>,
+    /// etcd mode: how long a certificate request waits for the signer's answer.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for IdentitySpec {
+    fn default() -> Self {
+        Self {
+            trust_domain: "mesh.local".to_owned(),
+            certificate_ttl: Duration::from_secs(4 * 3600),
+            issue_timeout: Duration::from_secs(15),
+            local_ca: None,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The standalone CA's folder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalCaSpec {
+    /// Relative to the config file.
+    pub dir: PathBuf,
+}
+
+impl Default for LocalCaSpec {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/agent-mesh/ca"),
+        }
+    }
 }
 
 /// The node-to-node tunnel (mutual TLS, HTTP/2 CONNECT; listener `spec.listeners.tunnel`).
@@ -338,6 +392,13 @@ impl AgentConfig {
         {
             etcd.cache_file = parent.join(&etcd.cache_file);
         }
+        if let Some(identity) = &mut config.spec.identity
+            && let Some(local_ca) = &mut identity.local_ca
+            && local_ca.dir.is_relative()
+            && let Some(parent) = path.parent()
+        {
+            local_ca.dir = parent.join(&local_ca.dir);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -409,6 +470,9 @@ impl AgentConfig {
             self.validate_etcd(etcd)?;
         }
         self.validate_tunnel()?;
+        if let Some(identity) = &self.spec.identity {
+            self.validate_identity(identity)?;
+        }
         let mut names = std::collections::HashSet::new();
         for (index, workload) in self.spec.workloads.iter().enumerate() {
             let field = format!("spec.workloads[{index}]");
@@ -502,6 +566,45 @@ impl AgentConfig {
                 .tunnel
                 .filter(|address| !address.ip().is_unspecified())
         })
+    }
+
+    fn validate_identity(&self, identity: &IdentitySpec) -> Result<(), ConfigError> {
+        if let Err(error) = crate::identity::SpiffeId::new(&identity.trust_domain, &[]) {
+            return Err(invalid("spec.identity.trustDomain", error.to_string()));
+        }
+        if let Err(error) =
+            crate::identity::SpiffeId::for_node(&identity.trust_domain, &self.metadata.name)
+        {
+            return Err(invalid(
+                "metadata.name",
+                format!("names the node's SPIFFE ID: {error}"),
+            ));
+        }
+        if identity.certificate_ttl < Duration::from_secs(10)
+            || identity.certificate_ttl > Duration::from_secs(30 * 24 * 3600)
+        {
+            return Err(invalid(
+                "spec.identity.certificateTtl",
+                "must be between 10s and 30d (short-lived certificates: hours)",
+            ));
+        }
+        if identity.issue_timeout.is_zero() || identity.request_timeout.is_zero() {
+            return Err(invalid(
+                "spec.identity",
+                "issueTimeout and requestTimeout must be greater than zero",
+            ));
+        }
+        match (&self.spec.etcd, &identity.local_ca) {
+            (Some(_), Some(_)) => Err(invalid(
+                "spec.identity.localCa",
+                "in etcd mode certificates come from the signer (`mesh-agent ca run`); the CA \
+                 key must not live on nodes: remove localCa",
+            )),
+            (None, Some(local_ca)) if local_ca.dir.as_os_str().is_empty() => {
+                Err(invalid("spec.identity.localCa.dir", "must not be empty"))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn validate_etcd(&self, etcd: &EtcdSpec) -> Result<(), ConfigError> {
@@ -668,6 +771,46 @@ spec:
         );
         let message = error_of(&format!("{head}spec:\n  datapath:\n    pinDir: relative\n"));
         assert!(message.contains("spec.datapath.pinDir"), "{message}");
+    }
+
+    #[test]
+    fn identity_is_checked() {
+        let head =
+            format!("apiVersion: {API_VERSION}\nkind: AgentConfig\nmetadata: {{ name: node-a }}\n");
+        let config = parse(&format!("{head}spec:\n  identity: {{}}\n")).expect("valid");
+        let identity = config.spec.identity.expect("identity");
+        assert_eq!(identity.trust_domain, "mesh.local");
+        assert_eq!(identity.certificate_ttl, Duration::from_secs(4 * 3600));
+        assert_eq!(identity.local_ca, None);
+        let config = parse(&format!(
+            "{head}spec:\n  identity: {{ trustDomain: prod.example, certificateTtl: 20s, localCa: {{ dir: /tmp/ca }} }}\n"
+        ))
+        .expect("valid");
+        let identity = config.spec.identity.expect("identity");
+        assert_eq!(identity.certificate_ttl, Duration::from_secs(20));
+        assert_eq!(
+            identity.local_ca.expect("localCa").dir,
+            PathBuf::from("/tmp/ca")
+        );
+        let cases = [
+            (
+                "identity: { trustDomain: Bad.Domain }",
+                "spec.identity.trustDomain",
+            ),
+            (
+                "identity: { certificateTtl: 1s }",
+                "spec.identity.certificateTtl",
+            ),
+            (
+                "identity: { localCa: { dir: /ca } }\n  etcd: {}",
+                "spec.identity.localCa",
+            ),
+            ("identity: { typo: 1 }", "typo"),
+        ];
+        for (body, expected) in cases {
+            let message = error_of(&format!("{head}spec:\n  {body}\n"));
+            assert!(message.contains(expected), "{expected}: {message}");
+        }
     }
 
     #[test]

@@ -396,6 +396,8 @@ pub struct AgentProcess {
     launcher: Vec<String>,
     /// etcd mode (`spec.etcd`) instead of a policy folder.
     etcd: Option<etcd::AgentEtcd>,
+    /// More `spec` sections, YAML indented for `spec:` (e.g. `  identity: {}\n`).
+    extra_spec: String,
 }
 
 impl AgentProcess {
@@ -411,7 +413,7 @@ impl AgentProcess {
         options: AgentOptions,
         launcher: &[&str],
     ) -> Result<Self, HarnessError> {
-        Self::start_full(tree, options, launcher, None)
+        Self::start_full(tree, options, launcher, None, "")
     }
 
     /// As [`start`](Self::start), in etcd mode: resources come from etcd (`spec.etcd`), not
@@ -421,7 +423,19 @@ impl AgentProcess {
         options: AgentOptions,
         etcd: etcd::AgentEtcd,
     ) -> Result<Self, HarnessError> {
-        Self::start_full(tree, options, &[], Some(etcd))
+        Self::start_full(tree, options, &[], Some(etcd), "")
+    }
+
+    /// As [`start`](Self::start) (or [`start_with_etcd`](Self::start_with_etcd) with
+    /// `etcd`), adding `extra_spec` to the config's `spec` (YAML indented by two spaces, e.g.
+    /// `"  identity: {}\n"`).
+    pub fn start_with_spec(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        etcd: Option<etcd::AgentEtcd>,
+        extra_spec: &str,
+    ) -> Result<Self, HarnessError> {
+        Self::start_full(tree, options, &[], etcd, extra_spec)
     }
 
     fn start_full(
@@ -429,6 +443,7 @@ impl AgentProcess {
         options: AgentOptions,
         launcher: &[&str],
         etcd: Option<etcd::AgentEtcd>,
+        extra_spec: &str,
     ) -> Result<Self, HarnessError> {
         let name = unique_name("agent");
         let work_dir = std::env::temp_dir().join(&name);
@@ -447,6 +462,7 @@ impl AgentProcess {
             options,
             launcher: launcher.iter().map(|part| (*part).to_owned()).collect(),
             etcd,
+            extra_spec: extra_spec.to_owned(),
         };
         agent.write_config(tree.relative())?;
         agent.spawn(tree)?;
@@ -498,6 +514,7 @@ impl AgentProcess {
         if let Some(etcd) = &self.etcd {
             yaml.push_str(&etcd.yaml());
         }
+        yaml.push_str(&self.extra_spec);
         yaml.push_str("  workloads:\n");
         for (name, cgroup) in &self.options.workloads {
             yaml.push_str(&format!(
@@ -668,6 +685,29 @@ impl AgentProcess {
     /// The attach cgroup's directory.
     pub fn attach_dir(&self) -> &Path {
         &self.attach_dir
+    }
+
+    /// `GET path` on the admin endpoint: (status code, body).
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String), HarnessError> {
+        let address = SocketAddr::from(([127, 0, 0, 1], self.admin_port));
+        let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+            .map_err(io_error("connecting to the admin endpoint"))?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(io_error("writing to the admin endpoint"))?;
+        let mut response = String::new();
+        io::Read::read_to_string(&mut stream, &mut response)
+            .map_err(io_error("reading the admin endpoint"))?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        Ok((status, body.to_owned()))
     }
 }
 

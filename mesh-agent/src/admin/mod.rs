@@ -33,6 +33,8 @@ pub struct AdminState {
     pub control: Option<Arc<crate::control::ControlStatus>>,
     /// The node-to-node tunnel's counters (`mesh_tunnel_*`).
     pub tunnel: Arc<crate::tunnel::TunnelStats>,
+    /// Workload identity, once started (`spec.identity`).
+    pub identity: std::sync::OnceLock<crate::identity::Identities>,
 }
 
 impl AdminState {
@@ -51,6 +53,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
+        .route("/identity", get(identity_handler))
         .with_state(state);
     let stopping = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
@@ -69,6 +72,17 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
+}
+
+/// Per identity: certificate expiry, serial, issuance count and the last error (JSON).
+async fn identity_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let statuses = state
+        .identity
+        .get()
+        .map(crate::identity::Identities::status)
+        .unwrap_or_default();
+    let body = serde_json::to_string_pretty(&statuses).unwrap_or_else(|_| "[]".to_owned());
+    (StatusCode::OK, [("content-type", "application/json")], body)
 }
 
 async fn metrics_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
@@ -141,5 +155,8 @@ fn render_metrics(state: &AdminState) -> Result<String, crate::datapath::Datapat
         text.push_str(&metrics::render_control(&control.sample()));
     }
     text.push_str(&state.tunnel.render());
+    if let Some(identity) = state.identity.get() {
+        text.push_str(&identity.render_metrics());
+    }
     Ok(text)
 }

@@ -9,9 +9,19 @@
 //! configuration presenting a given workload's certificate. Peer identities are read from the
 //! verified certificate with [`spiffe_id_of_certificate`].
 
+pub mod ca;
+pub mod setup;
 mod spiffe;
+pub mod store;
+pub mod verify;
 
+pub use ca::{CaDir, CaError, CertificateAuthority, IssuedCertificate, LocalCa, SigningRequest};
+pub use setup::start_for_agent;
 pub use spiffe::{SpiffeId, SpiffeIdError, spiffe_id_of_certificate};
+pub use store::{Identities, IdentityStatus, RenewalSettings};
+pub use verify::{
+    SharedBundle, SpiffeClientVerifier, SpiffeServerVerifier, TrustBundle, VerifyError,
+};
 
 use std::{future::Future, pin::Pin, sync::Arc};
 

@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError, atomic::Ordering},
+    sync::{Arc, Mutex, OnceLock, PoisonError, atomic::Ordering},
     task::{Context, Poll},
 };
 
@@ -53,7 +53,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
 
 /// Opens tunnelled connections to peer nodes.
 pub struct TunnelClient {
-    credentials: Option<Arc<dyn TlsCredentials>>,
+    /// Set once, when the identities are ready (possibly after the proxy started).
+    credentials: OnceLock<Arc<dyn TlsCredentials>>,
     settings: TunnelSettings,
     slots: Mutex<HashMap<PoolKey, Slot>>,
     stats: Arc<TunnelStats>,
@@ -63,7 +64,7 @@ impl std::fmt::Debug for TunnelClient {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("TunnelClient")
-            .field("credentials", &self.credentials.is_some())
+            .field("credentials", &self.credentials.get().is_some())
             .field("connections", &self.connections())
             .finish_non_exhaustive()
     }
@@ -77,18 +78,28 @@ impl TunnelClient {
         settings: TunnelSettings,
         stats: Arc<TunnelStats>,
     ) -> Self {
+        let cell = OnceLock::new();
+        if let Some(credentials) = credentials {
+            let _ = cell.set(credentials);
+        }
         Self {
-            credentials,
+            credentials: cell,
             settings,
             slots: Mutex::new(HashMap::new()),
             stats,
         }
     }
 
+    /// Provides the credentials once they are ready; `false` when some were already set
+    /// (they are kept).
+    pub fn set_credentials(&self, credentials: Arc<dyn TlsCredentials>) -> bool {
+        self.credentials.set(credentials).is_ok()
+    }
+
     /// The trust domain workload identities are made in, when credentials are configured.
     pub fn trust_domain(&self) -> Option<&str> {
         self.credentials
-            .as_deref()
+            .get()
             .map(|credentials| credentials.trust_domain())
     }
 
@@ -112,10 +123,7 @@ impl TunnelClient {
         peer: Peer<'_>,
         target: SocketAddr,
     ) -> Result<TunnelStream, TunnelError> {
-        let credentials = self
-            .credentials
-            .as_ref()
-            .ok_or(TunnelError::NoCredentials)?;
+        let credentials = self.credentials.get().ok_or(TunnelError::NoCredentials)?;
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
             // Forget keys whose connection is gone, so the map does not grow without bound.
