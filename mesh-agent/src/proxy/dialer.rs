@@ -194,3 +194,88 @@ impl AsyncWrite for Upstream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::{
+        TunnelStats,
+        testing::{TestCa, TestCredentials},
+    };
+
+    /// A listener nobody should reach, and a way to tell whether anyone did.
+    fn sentinel() -> (std::net::TcpListener, SocketAddr) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = listener.local_addr().unwrap();
+        (listener, address)
+    }
+
+    fn untouched(listener: &std::net::TcpListener) -> bool {
+        matches!(listener.accept(), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    #[tokio::test]
+    async fn endpoints_on_other_nodes_fail_closed_without_credentials() {
+        let (listener, address) = sentinel();
+        let dialer = Dialer::direct("node-a", Duration::from_secs(1));
+        let error = dialer
+            .connect("client", address, Some("node-b"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, DialError::Tunnel(TunnelError::NoCredentials)),
+            "{error}"
+        );
+        assert!(error.to_string().contains("fail closed"), "{error}");
+        assert!(untouched(&listener), "nothing may go out in plaintext");
+    }
+
+    #[tokio::test]
+    async fn endpoints_of_this_node_or_of_no_node_are_dialled_directly() {
+        let (listener, address) = sentinel();
+        let dialer = Dialer::direct("node-a", Duration::from_secs(1));
+        for node in [Some("node-a"), None] {
+            assert!(!dialer.is_remote(node));
+            let upstream = dialer.connect("client", address, node).await.unwrap();
+            assert!(matches!(upstream, Upstream::Direct(_)));
+        }
+        assert!(dialer.is_remote(Some("node-b")));
+        assert!(!untouched(&listener));
+    }
+
+    #[tokio::test]
+    async fn unknown_nodes_and_unnamed_workloads_are_refused() {
+        let ca = TestCa::new();
+        let tunnel = TunnelClient::new(
+            Some(TestCredentials::new(&ca, "mesh.test", "node-a")),
+            Default::default(),
+            Arc::new(TunnelStats::default()),
+        );
+        let (listener, address) = sentinel();
+        let dialer = Dialer::new(
+            "node-a",
+            Duration::from_secs(1),
+            Arc::new(tunnel),
+            PeerDirectory::default(),
+        );
+        let error = dialer
+            .connect("client", address, Some("node-b"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, DialError::Tunnel(TunnelError::UnknownNode(ref node)) if node == "node-b"),
+            "{error}"
+        );
+        // A workload enrolled by hand has no name, hence no identity to present.
+        let error = dialer
+            .connect("cgroup:42", address, Some("node-b"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, DialError::Tunnel(TunnelError::Identity(..))),
+            "{error}"
+        );
+        assert!(untouched(&listener));
+    }
+}

@@ -18,7 +18,7 @@ mod client;
 mod peers;
 mod server;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -460,3 +460,48 @@ async fn requests_other_than_connect_get_405() {
     assert_eq!(response.status(), http::StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(setup.server.stats.snapshot().server_bad_requests, 1);
 }
+
+#[tokio::test]
+async fn the_agents_own_identities_from_a_local_ca_carry_the_tunnel() {
+    use crate::identity::{Identities, LocalCa, RenewalSettings, TlsCredentials};
+    let dir = tempfile::tempdir().unwrap();
+    let ca: Arc<dyn crate::identity::CertificateAuthority> =
+        Arc::new(LocalCa::open(dir.path(), TD, Duration::from_secs(3600)).unwrap());
+    let node_b = Identities::start("node-b", Arc::clone(&ca), RenewalSettings::default()).unwrap();
+    let node_a = Identities::start("node-a", ca, RenewalSettings::default()).unwrap();
+    node_b.wait_for_node(Duration::from_secs(10)).await.unwrap();
+    let echo = echo_target().await;
+    let policy = policy(echo, unused_port());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server_stats = Arc::new(TunnelStats::default());
+    let server = Arc::new(TunnelServer::new(
+        node_b.credentials_handle(),
+        policy,
+        "node-b",
+        settings(),
+        Arc::clone(&server_stats),
+    ));
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(server.serve(listener, stopped));
+    let client = TunnelClient::new(
+        Some(node_a.credentials_handle()),
+        settings(),
+        Arc::new(TunnelStats::default()),
+    );
+    assert_eq!(client.trust_domain(), Some(node_a.trust_domain()));
+    let peer = Peer {
+        node: "node-b",
+        address,
+    };
+    let mut stream = client.open(&agent("client"), peer, echo).await.unwrap();
+    stream.write_all(b"svid").await.unwrap();
+    assert_eq!(read_exactly(&mut stream, 4).await, b"svid");
+    // The peer saw the workload's identity, so the policy refuses another workload.
+    let error = client
+        .open(&agent("intruder"), peer, echo)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, TunnelError::Denied { .. }), "{error}");
+    assert_eq!(server_stats.snapshot().server_denied, 1);
+}
