@@ -16,6 +16,7 @@ use std::{
 };
 
 pub mod etcd;
+pub mod netns;
 
 /// Prefix of every cgroup and pin folder the harness creates.
 pub const PREFIX: &str = "mesh-e2e";
@@ -398,6 +399,19 @@ pub struct AgentProcess {
     etcd: Option<etcd::AgentEtcd>,
     /// More `spec` sections, YAML indented for `spec:` (e.g. `  identity: {}\n`).
     extra_spec: String,
+    /// A simulated node: its name (`metadata.name`) and tunnel listener.
+    node: Option<NodeLaunch>,
+}
+
+/// How an agent runs as one node of a multi-node setup ([`netns::Network`]).
+#[derive(Debug, Clone)]
+pub struct NodeLaunch {
+    /// `metadata.name`: endpoints registered with this node name are local to it.
+    pub name: String,
+    /// `spec.listeners.tunnel`.
+    pub tunnel: SocketAddr,
+    /// Command prefix entering the node's network namespace ([`netns::NetNode::launcher`]).
+    pub launcher: Vec<String>,
 }
 
 impl AgentProcess {
@@ -413,7 +427,7 @@ impl AgentProcess {
         options: AgentOptions,
         launcher: &[&str],
     ) -> Result<Self, HarnessError> {
-        Self::start_full(tree, options, launcher, None, "")
+        Self::start_full(tree, options, launcher, None, "", None)
     }
 
     /// As [`start`](Self::start), in etcd mode: resources come from etcd (`spec.etcd`), not
@@ -423,7 +437,7 @@ impl AgentProcess {
         options: AgentOptions,
         etcd: etcd::AgentEtcd,
     ) -> Result<Self, HarnessError> {
-        Self::start_full(tree, options, &[], Some(etcd), "")
+        Self::start_full(tree, options, &[], Some(etcd), "", None)
     }
 
     /// As [`start`](Self::start) (or [`start_with_etcd`](Self::start_with_etcd) with
@@ -435,7 +449,20 @@ impl AgentProcess {
         etcd: Option<etcd::AgentEtcd>,
         extra_spec: &str,
     ) -> Result<Self, HarnessError> {
-        Self::start_full(tree, options, &[], etcd, extra_spec)
+        Self::start_full(tree, options, &[], etcd, extra_spec, None)
+    }
+
+    /// Starts the agent as node `node` (in its network namespace, with its name and tunnel
+    /// listener), adding `extra_spec` to the config's `spec`.
+    pub fn start_node(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        node: NodeLaunch,
+        extra_spec: &str,
+    ) -> Result<Self, HarnessError> {
+        let launcher = node.launcher.clone();
+        let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+        Self::start_full(tree, options, &launcher, None, extra_spec, Some(node))
     }
 
     fn start_full(
@@ -444,6 +471,7 @@ impl AgentProcess {
         launcher: &[&str],
         etcd: Option<etcd::AgentEtcd>,
         extra_spec: &str,
+        node: Option<NodeLaunch>,
     ) -> Result<Self, HarnessError> {
         let name = unique_name("agent");
         let work_dir = std::env::temp_dir().join(&name);
@@ -463,6 +491,7 @@ impl AgentProcess {
             launcher: launcher.iter().map(|part| (*part).to_owned()).collect(),
             etcd,
             extra_spec: extra_spec.to_owned(),
+            node,
         };
         agent.write_config(tree.relative())?;
         agent.spawn(tree)?;
@@ -473,7 +502,11 @@ impl AgentProcess {
         let quote = |text: &str| serde_json::Value::String(text.to_owned()).to_string();
         let mut yaml = String::new();
         yaml.push_str("apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentConfig\n");
-        yaml.push_str("metadata:\n  name: e2e\nspec:\n  datapath:\n");
+        let node_name = self.node.as_ref().map_or("e2e", |node| node.name.as_str());
+        yaml.push_str(&format!(
+            "metadata:\n  name: {}\nspec:\n  datapath:\n",
+            quote(node_name)
+        ));
         yaml.push_str(&format!(
             "    pinDir: {}\n",
             quote(&self.pin_dir.to_string_lossy())
@@ -504,6 +537,9 @@ impl AgentProcess {
             "  listeners:\n    outbound: \"127.0.0.1:{}\"\n    outboundV6: \"::1\"\n    admin: \"127.0.0.1:{}\"\n",
             self.port, self.admin_port
         ));
+        if let Some(node) = &self.node {
+            yaml.push_str(&format!("    tunnel: \"{}\"\n", node.tunnel));
+        }
         yaml.push_str("  proxy:\n    connectTimeout: 2s\n    drainTimeout: 2s\n");
         if let Some(dir) = &self.options.policy_dir {
             yaml.push_str(&format!(
