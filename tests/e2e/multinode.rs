@@ -390,8 +390,12 @@ fn node_b_refuses_a_caller_its_own_policy_denies() {
     let nodes = TwoNodes::start("multinode-deny", "planner");
     let url = format!("http://{}:{HTTP_PORT}/", nodes.node_b().address);
     let (status, body) = nodes.curl(&[&url]);
-    assert_eq!(status, 502, "{body}");
-    assert!(body.contains("refused"), "{body}");
+    // Node A passes node B's refusal on as a 403 naming node B and its reason.
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("node node-b refused") && body.contains("no AccessPolicy rule allows client"),
+        "{body}"
+    );
     let log_b = nodes.b.log();
     assert!(log_b.contains("tunnel stream denied"), "{log_b}");
     assert!(

@@ -32,14 +32,17 @@ use tracing::{debug, info, warn};
 use super::{
     balance::{Balancer, Outcome},
     dedup::{self, Deduplicator, Role, follow},
-    dialer::{Dialer, Upstream},
+    dialer::{DialError, Dialer, Upstream},
     jsonrpc::{self, JsonRpcRequest, Message},
     priority::{Admission, PRIORITY_HEADER, class_of},
     upstream::{Http1Pool, PooledBody, SendError},
 };
-use crate::policy::{
-    AgentEntry, PolicySnapshot, PolicyStore, RateLimit, RateLimitKey, RateLimiter,
-    RequestAttributes, RetryOn, RouteRequest, TrafficSettings,
+use crate::{
+    policy::{
+        AgentEntry, PolicySnapshot, PolicyStore, RateLimit, RateLimitKey, RateLimiter,
+        RequestAttributes, RetryOn, RouteRequest, TrafficSettings,
+    },
+    tunnel::TunnelError,
 };
 
 /// Error type of proxied bodies.
@@ -263,6 +266,12 @@ enum UpstreamError {
     },
     #[error("no endpoint of agent {0} is available")]
     NoEndpoint(String),
+    /// The endpoint's node refused the caller (its own policy, through the tunnel).
+    #[error("{reason}")]
+    Refused {
+        endpoint: SocketAddr,
+        reason: String,
+    },
 }
 
 /// What one request is, for policy, telemetry and retries.
@@ -771,6 +780,8 @@ impl HttpProxy {
             if let Some(pick) = pick {
                 let health = match &outcome {
                     Ok(response) if !is_gateway_failure(response.status()) => Outcome::Success,
+                    // A refusal by the endpoint's node is policy, not the endpoint failing.
+                    Err(UpstreamError::Refused { .. }) => Outcome::Success,
                     _ => Outcome::Failure,
                 };
                 self.balancer.record(pick, health, &traffic.circuit_breaker);
@@ -803,7 +814,9 @@ impl HttpProxy {
                 Attempt::Error(UpstreamError::Failed { .. }) => {
                     traffic.retries.retry_on.contains(&RetryOn::Reset)
                 }
-                Attempt::Error(UpstreamError::NoEndpoint(_)) => false,
+                Attempt::Error(UpstreamError::NoEndpoint(_) | UpstreamError::Refused { .. }) => {
+                    false
+                }
                 Attempt::Status(_) => true,
             };
             // A connect failure sent nothing, so it is safe to repeat whatever the method.
@@ -866,17 +879,18 @@ impl HttpProxy {
             UpstreamError::Connect { .. } | UpstreamError::Failed { .. } => {
                 (StatusCode::BAD_GATEWAY, GrpcCode::Unavailable)
             }
+            UpstreamError::Refused { .. } => (StatusCode::FORBIDDEN, GrpcCode::PermissionDenied),
         };
-        self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-        warn!(source = %caller.source, original_dst = %caller.original_dst, %error, "upstream request failed");
-        error_for(
-            facts,
-            status,
-            jsonrpc::UNAVAILABLE,
-            &error.to_string(),
-            code,
-            None,
-        )
+        let rpc_code = if matches!(error, UpstreamError::Refused { .. }) {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+            warn!(source = %caller.source, original_dst = %caller.original_dst, %error, "request refused by the destination's node");
+            jsonrpc::FORBIDDEN
+        } else {
+            self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(source = %caller.source, original_dst = %caller.original_dst, %error, "upstream request failed");
+            jsonrpc::UNAVAILABLE
+        };
+        error_for(facts, status, rpc_code, &error.to_string(), code, None)
     }
 
     /// Sends to `target` (endpoint address, its node, the source workload).
@@ -918,6 +932,9 @@ impl HttpProxy {
                 Ok(Ok(response)) => response,
                 Ok(Err(SendError::Connect(reason))) => {
                     return Err(UpstreamError::Connect { endpoint, reason });
+                }
+                Ok(Err(SendError::Refused(reason))) => {
+                    return Err(UpstreamError::Refused { endpoint, reason });
                 }
                 Ok(Err(SendError::Failed(error))) => {
                     return Err(UpstreamError::Failed {
@@ -964,23 +981,28 @@ impl HttpProxy {
         {
             request.headers_mut().insert(header::HOST, value);
         }
-        let sent = tokio::time::timeout(timeout, async {
-            let stream = self
-                .dialer
-                .connect(source, endpoint, node)
-                .await
-                .map_err(|error| UpstreamError::Connect {
-                    endpoint,
-                    reason: error.to_string(),
-                })?;
-            request_over(stream, request, http2)
-                .await
-                .map_err(|error| UpstreamError::Failed {
-                    endpoint,
-                    reason: error_chain(&error),
-                })
-        })
-        .await;
+        let sent =
+            tokio::time::timeout(timeout, async {
+                let stream = self.dialer.connect(source, endpoint, node).await.map_err(
+                    |error| match error {
+                        DialError::Tunnel(TunnelError::Denied { .. }) => UpstreamError::Refused {
+                            endpoint,
+                            reason: error.to_string(),
+                        },
+                        other => UpstreamError::Connect {
+                            endpoint,
+                            reason: other.to_string(),
+                        },
+                    },
+                )?;
+                request_over(stream, request, http2)
+                    .await
+                    .map_err(|error| UpstreamError::Failed {
+                        endpoint,
+                        reason: error_chain(&error),
+                    })
+            })
+            .await;
         match sent {
             Err(_) => Err(UpstreamError::Timeout { endpoint, timeout }),
             Ok(result) => result.map(|response| response.map(PooledBody::unpooled)),

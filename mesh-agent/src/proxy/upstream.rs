@@ -29,7 +29,11 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use super::{dialer::Dialer, http::ProxyBody};
+use super::{
+    dialer::{DialError, Dialer},
+    http::ProxyBody,
+};
+use crate::tunnel::TunnelError;
 
 /// What a pooled connection is tied to: its endpoint, and the source workload when the
 /// connection goes through the tunnel (the peer node authorised that source, so it must not
@@ -49,6 +53,10 @@ pub enum SendError {
     /// The connection failed after the request was (or may have been) sent.
     #[error(transparent)]
     Failed(hyper::Error),
+    /// The endpoint's node refused this source (its own policy): nothing was sent, and
+    /// another try would be refused too.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// One idle connection.
@@ -300,7 +308,12 @@ impl Http1Pool {
             .dialer
             .connect(source, endpoint, node)
             .await
-            .map_err(|error| SendError::Connect(error.to_string()))?;
+            .map_err(|error| match error {
+                DialError::Tunnel(TunnelError::Denied { .. }) => {
+                    SendError::Refused(error.to_string())
+                }
+                other => SendError::Connect(other.to_string()),
+            })?;
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, ProxyBody>(TokioIo::new(stream))
             .await
