@@ -19,7 +19,7 @@ use std::{
 use mesh_tests::{
     AgentOptions, AgentProcess, CgroupTree, KillOnDrop, NodeLaunch,
     netns::{NetNode, Network, PacketCapture},
-    read_lines_until, target_profile_dir, unique_name,
+    python_script, read_lines_until, target_profile_dir, unique_name, wait_for_port,
 };
 use serde_json::Value;
 
@@ -116,6 +116,11 @@ struct TwoNodes {
 impl TwoNodes {
     /// Node B's policy lets `b_allows` call its agents; node A's allows everything.
     fn start(label: &str, b_allows: &str) -> Self {
+        Self::start_with(label, b_allows, "", "")
+    }
+
+    /// As [`TwoNodes::start`], with more resources for node A (`extra_a`) and node B.
+    fn start_with(label: &str, b_allows: &str, extra_a: &str, extra_b: &str) -> Self {
         let network = Network::create(label, 2).expect("create the network");
         let work = TempDir::new(label);
         let (node_a, node_b) = (network.node(0).clone(), network.node(1).clone());
@@ -123,10 +128,14 @@ impl TwoNodes {
         let policies_b = work.0.join("policies-b");
         fs::create_dir_all(&policies_a).unwrap();
         fs::create_dir_all(&policies_b).unwrap();
-        fs::write(policies_a.join("mesh.yaml"), registry(&node_b)).unwrap();
+        fs::write(
+            policies_a.join("mesh.yaml"),
+            format!("{}{extra_a}", registry(&node_b)),
+        )
+        .unwrap();
         fs::write(
             policies_b.join("mesh.yaml"),
-            format!("{}{}", registry(&node_b), access(b_allows)),
+            format!("{}{}{extra_b}", registry(&node_b), access(b_allows)),
         )
         .unwrap();
         // One CA folder for both agents (the standalone local CA): one trust domain.
@@ -470,4 +479,85 @@ fn tunnel_and_plain_tcp_carry_the_same_load() {
         "tunnel vs plain TCP between two namespaces:\n{}",
         serde_json::to_string_pretty(&report).unwrap()
     );
+}
+
+/// The gRPC echo service, listening on node B's loopback only: registered on node B, it is
+/// reachable from node A through the tunnel and nowhere else.
+const GRPC_AGENT: &str = r#"---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {name: grpc}
+spec:
+  endpoints: [{address: "127.0.0.1:50051", node: node-b}]
+  protocol: Grpc
+"#;
+
+/// Node A's own policy forbids one method (decided at node A, at L7).
+const GRPC_DENY: &str = r#"---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: no-forbidden-method}
+spec:
+  targetAgent: grpc
+  action: Deny
+  rules:
+    - from: ["*"]
+      http:
+        paths: ["/echo.Echo/Forbidden"]
+"#;
+
+#[test]
+fn grpc_streams_cross_nodes_through_the_tunnel_to_a_loopback_only_server() {
+    let nodes = TwoNodes::start_with(
+        "multinode-grpc",
+        "client",
+        &format!("{GRPC_AGENT}{GRPC_DENY}"),
+        GRPC_AGENT,
+    );
+    let (python, script) = python_script("grpc_echo_server.py").expect("test virtualenv");
+    let server = nodes
+        .node_b()
+        .command(&python.to_string_lossy())
+        .arg(&script)
+        .arg("50051")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the gRPC server on node B");
+    let _server = KillOnDrop(server);
+    nodes
+        .node_b()
+        .run_in(|| {
+            wait_for_port(
+                SocketAddr::from(([127, 0, 0, 1], 50051)),
+                std::time::Duration::from_secs(30),
+            )
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("the gRPC server listens on node B");
+
+    let (python, probe) = python_script("grpc_probe.py").expect("test virtualenv");
+    let output = nodes.run_client(&python, &[&probe.to_string_lossy(), "127.0.0.1:50051", "1"]);
+    let report = parse_report(&output);
+    assert_eq!(report["say"]["response"], "echo:hello", "{report}");
+    assert_eq!(
+        report["say"]["trailers"]["x-echo-trailer"], "done",
+        "{report}"
+    );
+    assert_eq!(report["count"]["code"], "OK", "{report}");
+    assert_eq!(
+        report["count"]["messages"].as_array().map(Vec::len),
+        Some(100),
+        "{report}"
+    );
+    assert_eq!(report["chat"]["code"], "OK", "{report}");
+    assert_eq!(
+        report["chat"]["messages"].as_array().map(Vec::len),
+        Some(50),
+        "{report}"
+    );
+    assert_eq!(report["forbidden"]["code"], "PERMISSION_DENIED", "{report}");
+    assert!(TwoNodes::metric(&nodes.b, nodes.node_b(), "mesh_tunnel_server_streams_total") >= 3.0);
 }
