@@ -505,3 +505,40 @@ async fn the_agents_own_identities_from_a_local_ca_carry_the_tunnel() {
     assert!(matches!(error, TunnelError::Denied { .. }), "{error}");
     assert_eq!(server_stats.snapshot().server_denied, 1);
 }
+
+#[tokio::test]
+async fn a_stopping_server_lets_open_streams_finish_and_takes_no_new_ones() {
+    let setup = setup().await;
+    let source = agent("client");
+    let peer = setup.server.peer();
+    let mut stream = setup.client.open(&source, peer, setup.echo).await.unwrap();
+    stream.write_all(b"before").await.unwrap();
+    assert_eq!(read_exactly(&mut stream, 6).await, b"before");
+    let Server { stop, task, .. } = setup.server;
+    stop.send(true).unwrap();
+    // New streams are refused once the stop is seen (GOAWAY, listener closed)...
+    let mut refused = None;
+    for _ in 0..200 {
+        match setup.client.open(&source, peer, setup.echo).await {
+            Ok(extra) => drop(extra),
+            Err(error) => {
+                refused = Some(error);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused.is_some(), "a stopping server kept taking streams");
+    // ...while the open one still carries bytes both ways, to its end.
+    stream.write_all(b"during").await.unwrap();
+    assert_eq!(read_exactly(&mut stream, 6).await, b"during");
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, EOF_MARK);
+    drop(stream);
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the server finished draining once its last stream closed")
+        .unwrap();
+}
