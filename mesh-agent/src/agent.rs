@@ -184,7 +184,10 @@ pub async fn policy_source(
         .with_tunnel_address(
             config
                 .tunnel_advertise_address()
-                .filter(|_| config.spec.listeners.tunnel.is_some()),
+                // Published only when the tunnel is served (it needs workload identity).
+                .filter(|_| {
+                    config.spec.listeners.tunnel.is_some() && config.spec.identity.is_some()
+                }),
         );
         return Ok((
             PolicySource::Etcd(Box::new(syncer), Some(Box::new(node))),
