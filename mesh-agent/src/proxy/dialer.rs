@@ -35,16 +35,6 @@ pub enum DialError {
     Tunnel(#[from] TunnelError),
 }
 
-impl DialError {
-    /// Whether the failure happened before anything reached the destination workload.
-    pub fn is_connect_failure(&self) -> bool {
-        match self {
-            DialError::Direct(_) => true,
-            DialError::Tunnel(error) => error.is_connect_failure(),
-        }
-    }
-}
-
 /// Reaches endpoints directly or through the tunnel.
 #[derive(Debug)]
 pub struct Dialer {

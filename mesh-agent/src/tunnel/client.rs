@@ -161,11 +161,10 @@ impl TunnelClient {
             match sent {
                 Ok(response) => return self.finish(peer, target, response).await,
                 Err(error) => {
+                    // The connection is broken (or going away): the next stream makes a new
+                    // one; streams still open on it finish there.
                     debug!(node = peer.node, peer = %peer.address, %error, fresh, "tunnel connection failed; forgetting it");
-                    let mut pooled = slot.lock().await;
-                    if pooled.as_ref().is_some_and(|s| s.is_closed()) || fresh {
-                        *pooled = None;
-                    }
+                    *slot.lock().await = None;
                     last_error = Some(error);
                     if fresh {
                         break;

@@ -117,13 +117,6 @@ pub enum TunnelError {
     },
 }
 
-impl TunnelError {
-    /// Whether nothing reached the destination workload (a new attempt elsewhere is safe).
-    pub fn is_connect_failure(&self) -> bool {
-        !matches!(self, TunnelError::Protocol { .. })
-    }
-}
-
 /// Counters of the tunnel, both sides (process-local).
 #[derive(Debug, Default)]
 pub struct TunnelStats {
