@@ -298,7 +298,8 @@ fn options(
         exclude_cidrs: vec![],
         agent_cgroup,
         log_filter: "info,mesh_agent=debug".into(),
-        agent_binary: None,
+        // A release build measures the tunnel's real cost (the load test prints numbers).
+        agent_binary: std::env::var_os("MESH_E2E_AGENT_BINARY").map(PathBuf::from),
         policy_dir: Some(policy.to_path_buf()),
     }
 }
@@ -438,7 +439,9 @@ fn node_b_refuses_a_caller_its_own_policy_denies() {
 }
 
 /// The same load through the tunnel and over plain TCP between the two namespaces; prints
-/// the numbers (latency and throughput), asserts only that every run completed.
+/// the numbers (latency and throughput), asserts only that every run completed. For numbers
+/// worth quoting, run it with `MESH_E2E_AGENT_BINARY=target/release/mesh-agent` and
+/// `--no-capture`.
 #[test]
 fn tunnel_and_plain_tcp_carry_the_same_load() {
     let nodes = TwoNodes::start("multinode-load", "client");
