@@ -457,11 +457,22 @@ fn tunnel_and_plain_tcp_carry_the_same_load() {
     ];
     let bulk = ["bulk", "--to", &to, "--duration-ms", "2000"];
     let connect = ["connect", "--to", &to, "--count", "300"];
+    let web = format!("{}:{HTTP_PORT}", nodes.node_b().address);
+    let http = [
+        "http",
+        "--to",
+        &web,
+        "--duration-ms",
+        "2000",
+        "--expect-body",
+        HTTP_GET_BODY,
+    ];
     let mut report = serde_json::Map::new();
     for (name, args) in [
         ("rr", &rr[..]),
         ("bulk", &bulk[..]),
         ("connect", &connect[..]),
+        ("http", &http[..]),
     ] {
         let tunnel = nodes.loadgen_through_mesh(args);
         let plain = nodes.loadgen_plain(args);
