@@ -334,11 +334,14 @@ impl TunnelServer {
                 "{target} is not an endpoint of an agent registered on node {node}"
             ));
         };
-        let decision = snapshot.authorize(&RequestAttributes {
+        // Requests inside the stream were judged at L7 by the calling node; this node decides
+        // whether the caller may reach the agent at all.
+        let request = RequestAttributes {
             source: caller.short_name(),
             destination: Some(&agent.name),
             ..RequestAttributes::default()
-        });
+        };
+        let decision = snapshot.check_reach(&request).decision(&request);
         if !decision.allowed {
             return Err(format!(
                 "denied by policy {}: {}",

@@ -542,3 +542,50 @@ async fn a_stopping_server_lets_open_streams_finish_and_takes_no_new_ones() {
         .expect("the server finished draining once its last stream closed")
         .unwrap();
 }
+
+#[tokio::test]
+async fn l7_conditions_of_the_receiving_nodes_policy_do_not_block_the_stream() {
+    // Node B allows `client` only some HTTP paths of `echo`: the calling node judges each
+    // request; node B lets `client` reach `echo`, and still refuses everyone else.
+    let ca = TestCa::new();
+    let echo = echo_target().await;
+    let text = format!(
+        r#"
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {{name: echo}}
+spec:
+  endpoints: [{{address: "{echo}", node: node-b}}]
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: echo-paths}}
+spec:
+  targetAgent: echo
+  action: Allow
+  rules: [{{from: [client], http: {{paths: ["/api/*"]}}}}]
+"#
+    );
+    let report = parse_documents(&text, "test.yaml");
+    assert!(report.is_clean(), "{:?}", report.errors);
+    let policy = Arc::new(PolicyStore::new(
+        PolicySnapshot::compile(&report.resources(), Action::Allow).unwrap(),
+    ));
+    let server = Server::start(&ca, &policy, "127.0.0.1:0".parse().unwrap()).await;
+    let client = TunnelClient::new(
+        Some(TestCredentials::new(&ca, TD, "node-a")),
+        settings(),
+        Arc::new(TunnelStats::default()),
+    );
+    let mut stream = client
+        .open(&agent("client"), server.peer(), echo)
+        .await
+        .unwrap();
+    stream.write_all(b"ok").await.unwrap();
+    assert_eq!(read_exactly(&mut stream, 2).await, b"ok");
+    let error = client
+        .open(&agent("other"), server.peer(), echo)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, TunnelError::Denied { .. }), "{error}");
+}
