@@ -575,3 +575,61 @@ fn grpc_streams_cross_nodes_through_the_tunnel_to_a_loopback_only_server() {
     assert_eq!(report["forbidden"]["code"], "PERMISSION_DENIED", "{report}");
     assert!(TwoNodes::metric(&nodes.b, nodes.node_b(), "mesh_tunnel_server_streams_total") >= 3.0);
 }
+
+/// A server-first service (it greets before the client says anything), on node B.
+const BANNER_AGENT: &str = r#"---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {name: banner}
+spec:
+  endpoints: [{address: "BANNER_ADDRESS", node: node-b}]
+"#;
+
+#[test]
+fn a_server_first_protocol_works_across_nodes() {
+    let address = |nodes: &Network| SocketAddr::new(nodes.node(1).address.into(), 7070);
+    // The address is known only once the network exists: build it first, then the nodes.
+    let probe = Network::create("multinode-banner-probe", 2).expect("network");
+    let subnet_address = address(&probe);
+    drop(probe);
+    let agent = BANNER_AGENT.replace("BANNER_ADDRESS", &subnet_address.to_string());
+    let nodes = TwoNodes::start_with("multinode-banner", "client", &agent, &agent);
+    let target = address(&nodes.network);
+    assert_eq!(
+        target, subnet_address,
+        "the subnet is fixed per test process"
+    );
+    // The server greets first, then echoes one line.
+    let server = nodes
+        .node_b()
+        .run_in(move || {
+            let listener = std::net::TcpListener::bind(target).expect("bind on node B");
+            let (mut stream, _) = listener.accept().expect("accept");
+            stream.write_all(b"220 banner ready\n").expect("greet");
+            let mut line = [0u8; 6];
+            stream
+                .read_exact(&mut line)
+                .expect("read the client's line");
+            stream.write_all(&line).expect("echo");
+            line
+        })
+        .unwrap();
+    let script = format!(
+        "import socket,json\n\
+         s=socket.create_connection(('{}',{}),timeout=20)\n\
+         banner=b''\n\
+         while not banner.endswith(b'\\n'): banner+=s.recv(100)\n\
+         s.sendall(b'hello\\n')\n\
+         echo=b''\n\
+         while len(echo)<6: echo+=s.recv(100)\n\
+         print(json.dumps({{'banner':banner.decode(),'echo':echo.decode()}}))\n",
+        target.ip(),
+        target.port()
+    );
+    let output = nodes.run_client(Path::new("/usr/bin/python3"), &["-c", &script]);
+    let report = parse_report(&output);
+    assert_eq!(report["banner"], "220 banner ready\n", "{report}");
+    assert_eq!(report["echo"], "hello\n", "{report}");
+    assert_eq!(server.join().unwrap().unwrap(), *b"hello\n");
+    assert!(TwoNodes::metric(&nodes.b, nodes.node_b(), "mesh_tunnel_server_streams_total") >= 1.0);
+}

@@ -430,7 +430,11 @@ impl OutboundProxy {
         workload: &str,
     ) -> std::io::Result<Opening> {
         let mut upstream = None;
-        if tokio::time::timeout(SERVER_FIRST_GRACE, client.readable())
+        // `peek`, not `readable`: a readiness report may be a false positive (a fresh accepted
+        // socket often reports readable with nothing to read), and only bytes or an end of
+        // stream say the client spoke.
+        let mut first = [0u8; 1];
+        if tokio::time::timeout(SERVER_FIRST_GRACE, client.peek(&mut first))
             .await
             .is_err()
         {
@@ -442,7 +446,7 @@ impl OutboundProxy {
             {
                 Ok(mut dialled) => {
                     let server_first = tokio::select! {
-                        ready = client.readable() => { ready?; false }
+                        spoke = client.peek(&mut first) => { spoke?; false }
                         ready = dialled.wait_readable() => { ready?; true }
                     };
                     if server_first {
