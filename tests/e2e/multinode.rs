@@ -116,11 +116,11 @@ struct TwoNodes {
 impl TwoNodes {
     /// Node B's policy lets `b_allows` call its agents; node A's allows everything.
     fn start(label: &str, b_allows: &str) -> Self {
-        Self::start_with(label, b_allows, "", "")
+        Self::start_with(label, b_allows, |_| String::new())
     }
 
-    /// As [`TwoNodes::start`], with more resources for node A (`extra_a`) and node B.
-    fn start_with(label: &str, b_allows: &str, extra_a: &str, extra_b: &str) -> Self {
+    /// As [`TwoNodes::start`], with more resources for both nodes, made from node B.
+    fn start_with(label: &str, b_allows: &str, extra: impl Fn(&NetNode) -> String) -> Self {
         let network = Network::create(label, 2).expect("create the network");
         let work = TempDir::new(label);
         let (node_a, node_b) = (network.node(0).clone(), network.node(1).clone());
@@ -128,14 +128,15 @@ impl TwoNodes {
         let policies_b = work.0.join("policies-b");
         fs::create_dir_all(&policies_a).unwrap();
         fs::create_dir_all(&policies_b).unwrap();
+        let extra = extra(&node_b);
         fs::write(
             policies_a.join("mesh.yaml"),
-            format!("{}{extra_a}", registry(&node_b)),
+            format!("{}{extra}", registry(&node_b)),
         )
         .unwrap();
         fs::write(
             policies_b.join("mesh.yaml"),
-            format!("{}{}{extra_b}", registry(&node_b), access(b_allows)),
+            format!("{}{}{extra}", registry(&node_b), access(b_allows)),
         )
         .unwrap();
         // One CA folder for both agents (the standalone local CA): one trust domain.
@@ -522,12 +523,11 @@ spec:
 
 #[test]
 fn grpc_streams_cross_nodes_through_the_tunnel_to_a_loopback_only_server() {
-    let nodes = TwoNodes::start_with(
-        "multinode-grpc",
-        "client",
-        &format!("{GRPC_AGENT}{GRPC_DENY}"),
-        GRPC_AGENT,
-    );
+    // Both nodes get the Deny rule (one mesh, one set of resources); it has an L7 condition,
+    // so node A decides it per call and node B does not refuse the stream for it.
+    let nodes = TwoNodes::start_with("multinode-grpc", "client", |_| {
+        format!("{GRPC_AGENT}{GRPC_DENY}")
+    });
     let (python, script) = python_script("grpc_echo_server.py").expect("test virtualenv");
     let server = nodes
         .node_b()
@@ -587,18 +587,10 @@ spec:
 
 #[test]
 fn a_server_first_protocol_works_across_nodes() {
-    let address = |nodes: &Network| SocketAddr::new(nodes.node(1).address.into(), 7070);
-    // The address is known only once the network exists: build it first, then the nodes.
-    let probe = Network::create("multinode-banner-probe", 2).expect("network");
-    let subnet_address = address(&probe);
-    drop(probe);
-    let agent = BANNER_AGENT.replace("BANNER_ADDRESS", &subnet_address.to_string());
-    let nodes = TwoNodes::start_with("multinode-banner", "client", &agent, &agent);
-    let target = address(&nodes.network);
-    assert_eq!(
-        target, subnet_address,
-        "the subnet is fixed per test process"
-    );
+    let nodes = TwoNodes::start_with("multinode-banner", "client", |b| {
+        BANNER_AGENT.replace("BANNER_ADDRESS", &format!("{}:7070", b.address))
+    });
+    let target = SocketAddr::new(nodes.node_b().address.into(), 7070);
     // The server greets first, then echoes one line.
     let server = nodes
         .node_b()
