@@ -625,3 +625,52 @@ fn a_server_first_protocol_works_across_nodes() {
     assert_eq!(server.join().unwrap().unwrap(), *b"hello\n");
     assert!(TwoNodes::metric(&nodes.b, nodes.node_b(), "mesh_tunnel_server_streams_total") >= 1.0);
 }
+
+/// Node A's own policy: `client` may not reach `banner` at all.
+const BANNER_DENY: &str = r#"---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: no-banner}
+spec:
+  targetAgent: banner
+  action: Deny
+  rules: [{from: [client]}]
+"#;
+
+#[test]
+fn a_connection_node_a_denies_never_reaches_node_b() {
+    let nodes = TwoNodes::start_with("multinode-local-deny", "client", |b| {
+        BANNER_AGENT.replace("BANNER_ADDRESS", &format!("{}:7070", b.address)) + BANNER_DENY
+    });
+    let target = SocketAddr::new(nodes.node_b().address.into(), 7070);
+    // Silent past the server-first grace (so an early dial would have happened), then speaks.
+    let script = format!(
+        "import socket,json,time\n\
+         s=socket.create_connection(('{}',{}),timeout=20)\n\
+         time.sleep(0.2)\n\
+         outcome='open'\n\
+         try:\n    s.sendall(b'hello\\n')\n    data=s.recv(100)\n    outcome='eof' if not data else 'data'\n\
+         except ConnectionResetError:\n    outcome='reset'\n\
+         print(json.dumps({{'outcome':outcome}}))\n",
+        target.ip(),
+        target.port()
+    );
+    let output = nodes.run_client(Path::new("/usr/bin/python3"), &["-c", &script]);
+    let report = parse_report(&output);
+    assert_eq!(report["outcome"], "reset", "{report}");
+    assert!(
+        nodes.a.log().contains("connection denied by policy"),
+        "{}",
+        nodes.a.log()
+    );
+    // Nothing went to node B: no tunnel connection, no stream.
+    let b = nodes.node_b();
+    assert_eq!(
+        TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_connections_total"),
+        0.0
+    );
+    assert_eq!(
+        TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_streams_total"),
+        0.0
+    );
+}

@@ -437,6 +437,7 @@ impl OutboundProxy {
         if tokio::time::timeout(SERVER_FIRST_GRACE, client.peek(&mut first))
             .await
             .is_err()
+            && self.may_reach(workload, captured.original_dst)
         {
             let node = node_of(&self.policy.current(), captured.original_dst);
             match self
@@ -501,6 +502,21 @@ impl OutboundProxy {
                 upstream,
             });
         }
+    }
+
+    /// Whether `workload` may reach `destination` at all, before anything is known of what it
+    /// will send: a destination it may not reach is never dialled early (it would see a
+    /// connection, and through the tunnel another node would, that policy forbids).
+    fn may_reach(&self, workload: &str, destination: SocketAddr) -> bool {
+        let snapshot = self.policy.current();
+        let request = RequestAttributes {
+            source: workload,
+            destination: snapshot
+                .agent_by_address(destination)
+                .map(|agent| agent.name.as_str()),
+            ..RequestAttributes::default()
+        };
+        snapshot.check_reach(&request).allowed
     }
 
     /// Carries bytes both ways until both sides have finished, after sending the client
