@@ -400,7 +400,7 @@ pub struct AgentProcess {
     /// More `spec` sections, YAML indented for `spec:` (e.g. `  identity: {}\n`).
     extra_spec: String,
     /// A simulated node: its name (`metadata.name`) and tunnel listener.
-    node: Option<NodeLaunch>,
+    node_launch: Option<NodeLaunch>,
 }
 
 /// How an agent runs as one node of a multi-node setup ([`netns::Network`]).
@@ -491,7 +491,7 @@ impl AgentProcess {
             launcher: launcher.iter().map(|part| (*part).to_owned()).collect(),
             etcd,
             extra_spec: extra_spec.to_owned(),
-            node,
+            node_launch: node,
         };
         agent.write_config(tree.relative())?;
         agent.spawn(tree)?;
@@ -502,7 +502,10 @@ impl AgentProcess {
         let quote = |text: &str| serde_json::Value::String(text.to_owned()).to_string();
         let mut yaml = String::new();
         yaml.push_str("apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentConfig\n");
-        let node_name = self.node.as_ref().map_or("e2e", |node| node.name.as_str());
+        let node_name = self
+            .node_launch
+            .as_ref()
+            .map_or("e2e", |node| node.name.as_str());
         yaml.push_str(&format!(
             "metadata:\n  name: {}\nspec:\n  datapath:\n",
             quote(node_name)
@@ -537,7 +540,7 @@ impl AgentProcess {
             "  listeners:\n    outbound: \"127.0.0.1:{}\"\n    outboundV6: \"::1\"\n    admin: \"127.0.0.1:{}\"\n",
             self.port, self.admin_port
         ));
-        if let Some(node) = &self.node {
+        if let Some(node) = &self.node_launch {
             yaml.push_str(&format!("    tunnel: \"{}\"\n", node.tunnel));
         }
         yaml.push_str("  proxy:\n    connectTimeout: 2s\n    drainTimeout: 2s\n");
