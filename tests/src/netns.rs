@@ -157,6 +157,7 @@ impl Network {
         Ok(network)
     }
 
+    /// Node `index` (panics past the count asked of [`Network::create`]: a test's mistake).
     pub fn node(&self, index: usize) -> &NetNode {
         &self.nodes[index]
     }
