@@ -35,7 +35,7 @@ use super::{
     dialer::{DialError, Dialer, Upstream},
     jsonrpc::{self, JsonRpcRequest, Message},
     priority::{Admission, PRIORITY_HEADER, class_of},
-    upstream::{Http1Pool, PooledBody, SendError},
+    upstream::{Http1Pool, PooledBody, SendError, UpstreamKey},
 };
 use crate::{
     policy::{
@@ -226,9 +226,13 @@ pub struct HttpProxy {
     http2: Client<HttpConnector, ProxyBody>,
     /// HTTP/1.1 upstream connections (HTTP/2 and upgrades go through `http1`/`http2`).
     pool: Http1Pool,
-    /// Direct or tunnelled connections; HTTP/2 and upgrades to endpoints on other nodes use
-    /// it per request (HTTP/1.1 goes through `pool`, which uses it too).
+    /// Direct or tunnelled connections; upgrades to endpoints on other nodes use it per
+    /// request (HTTP/1.1 goes through `pool`, which uses it too).
     dialer: Arc<Dialer>,
+    /// HTTP/2 connections to endpoints on other nodes, by endpoint and source.
+    tunnel_h2: Mutex<
+        std::collections::HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<ProxyBody>>,
+    >,
     balancer: Balancer,
     sessions: SessionAffinity,
     admission: Arc<Admission>,
@@ -326,6 +330,7 @@ impl HttpProxy {
                 POOL_MAX_IDLE_PER_ENDPOINT,
             ),
             dialer,
+            tunnel_h2: Mutex::new(std::collections::HashMap::new()),
             balancer: Balancer::default(),
             sessions: SessionAffinity::default(),
             admission: Arc::new(Admission::default()),
@@ -981,28 +986,58 @@ impl HttpProxy {
         {
             request.headers_mut().insert(header::HOST, value);
         }
-        let sent =
-            tokio::time::timeout(timeout, async {
-                let stream = self.dialer.connect(source, endpoint, node).await.map_err(
-                    |error| match error {
-                        DialError::Tunnel(TunnelError::Denied { .. }) => UpstreamError::Refused {
-                            endpoint,
-                            reason: error.to_string(),
-                        },
-                        other => UpstreamError::Connect {
-                            endpoint,
-                            reason: other.to_string(),
-                        },
-                    },
-                )?;
-                request_over(stream, request, http2)
-                    .await
-                    .map_err(|error| UpstreamError::Failed {
+        let dial = || async {
+            self.dialer
+                .connect(source, endpoint, node)
+                .await
+                .map_err(|error| match error {
+                    DialError::Tunnel(TunnelError::Denied { .. }) => UpstreamError::Refused {
                         endpoint,
-                        reason: error_chain(&error),
-                    })
-            })
-            .await;
+                        reason: error.to_string(),
+                    },
+                    other => UpstreamError::Connect {
+                        endpoint,
+                        reason: other.to_string(),
+                    },
+                })
+        };
+        let failed = |error: hyper::Error| UpstreamError::Failed {
+            endpoint,
+            reason: error_chain(&error),
+        };
+        let sent = tokio::time::timeout(timeout, async {
+            if !http2 {
+                return request_over(dial().await?, request).await.map_err(failed);
+            }
+            // HTTP/2 multiplexes: one connection per (endpoint, source) carries every request.
+            let key = UpstreamKey {
+                endpoint,
+                via: Some(Arc::clone(source)),
+            };
+            let pooled = self
+                .tunnel_h2
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&key)
+                .filter(|sender| !sender.is_closed())
+                .cloned();
+            let mut sender = match pooled {
+                Some(sender) => sender,
+                None => {
+                    let sender = h2_connection(dial().await?).await.map_err(failed)?;
+                    let mut pool = self
+                        .tunnel_h2
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    pool.retain(|_, pooled| !pooled.is_closed());
+                    pool.insert(key, sender.clone());
+                    sender
+                }
+            };
+            sender.ready().await.map_err(failed)?;
+            sender.send_request(request).await.map_err(failed)
+        })
+        .await;
         match sent {
             Err(_) => Err(UpstreamError::Timeout { endpoint, timeout }),
             Ok(result) => result.map(|response| response.map(PooledBody::unpooled)),
@@ -1094,7 +1129,7 @@ impl HttpProxy {
                     .connect(&caller.source, endpoint, node.as_deref())
                     .await
                     .map_err(|error| error.to_string())?;
-                request_over(stream, upstream_request, false)
+                request_over(stream, upstream_request)
                     .await
                     .map_err(|error| error_chain(&error))
             } else {
@@ -1186,37 +1221,37 @@ fn node_of_endpoint(agent: Option<&AgentEntry>, endpoint: SocketAddr) -> Option<
         .and_then(|found| found.node.clone())
 }
 
-/// Sends one request on a connection of its own over `stream` (the connection ends with the
-/// response, or carries the upgraded protocol).
+/// An HTTP/2 connection over `stream`, driven by a task of its own.
+async fn h2_connection(
+    stream: Upstream,
+) -> Result<hyper::client::conn::http2::SendRequest<ProxyBody>, hyper::Error> {
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%error, "tunnelled HTTP/2 upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends one HTTP/1.1 request on a connection of its own over `stream` (the connection ends
+/// with the response, or carries the upgraded protocol).
 async fn request_over(
     stream: Upstream,
     request: Request<ProxyBody>,
-    http2: bool,
 ) -> Result<Response<Incoming>, hyper::Error> {
-    let io = TokioIo::new(stream);
-    if http2 {
-        let (mut sender, connection) =
-            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(%error, "tunnelled HTTP/2 upstream connection ended with an error");
-            }
-        });
-        sender.send_request(request).await
-    } else {
-        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-            .handshake(io)
-            .await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                debug!(%error, "tunnelled upstream connection ended with an error");
-            }
-        });
-        sender.send_request(request).await
-    }
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            debug!(%error, "tunnelled upstream connection ended with an error");
+        }
+    });
+    sender.send_request(request).await
 }
 
 /// Buffers a JSON request body (bounded by the traffic policy) and extracts its JSON-RPC
