@@ -6,6 +6,10 @@
 //! policy folder (standalone) or etcd (`spec.etcd`). Both hand the complete list of resources to
 //! [`PolicyStore::install`], which compiles it and swaps the snapshot; the proxy never knows
 //! which source it came from.
+//!
+//! Endpoints registered on other nodes are reached through the node-to-node tunnel
+//! ([`crate::tunnel`]); the tunnel listener is served when workload identity credentials are
+//! available ([`tunnel_credentials`]). Without them, cross-node endpoints fail closed.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -21,12 +25,13 @@ use crate::{
     config::{AgentConfig, ConfigError, EtcdSpec},
     control::{
         ControlStatus, Etcd, EtcdError, EtcdSettings, InitialSource, SyncOptions, Syncer,
-        node::NodeRegistration,
+        node::{EtcdPeers, NodeRegistration},
     },
     datapath::{Datapath, DatapathError, DatapathSettings},
     kube::{KubeSettings, PodEnroller, PodEnrolmentSettings},
     policy::{Action, PolicySnapshot, PolicyStore},
-    proxy::OutboundProxy,
+    proxy::{OutboundProxy, dialer::Dialer},
+    tunnel::{PeerDirectory, TunnelClient, TunnelServer, TunnelSettings, TunnelStats},
 };
 
 /// Why the agent could not run.
@@ -54,6 +59,8 @@ pub enum AgentError {
     Kubernetes(#[from] crate::kube::KubeError),
     #[error(transparent)]
     Registration(#[from] crate::registry::RegistryError),
+    #[error("workload identity: {0}")]
+    Identity(String),
 }
 
 /// Where the agent's mesh resources come from. Both sources end in [`PolicyStore::install`].
@@ -178,6 +185,14 @@ pub async fn policy_source(
             spec.lease_ttl,
             Arc::clone(store),
             Arc::clone(&status),
+        )
+        .with_tunnel_address(
+            config
+                .tunnel_advertise_address()
+                // Published only when the tunnel is served (it needs workload identity).
+                .filter(|_| {
+                    config.spec.listeners.tunnel.is_some() && config.spec.identity.is_some()
+                }),
         );
         return Ok((
             PolicySource::Etcd(Box::new(syncer), Some(Box::new(node))),
@@ -188,6 +203,19 @@ pub async fn policy_source(
         Some(dir) => (PolicySource::Folder(dir.clone()), None),
         None => (PolicySource::Empty, None),
     })
+}
+
+/// Tunnel settings from `spec.tunnel` (the drain timeout is the proxy's).
+pub fn tunnel_settings(config: &AgentConfig) -> TunnelSettings {
+    let tunnel = &config.spec.tunnel;
+    TunnelSettings {
+        connect_timeout: tunnel.connect_timeout,
+        handshake_timeout: tunnel.handshake_timeout,
+        keepalive_interval: tunnel.keepalive_interval,
+        keepalive_timeout: tunnel.keepalive_timeout,
+        max_streams: tunnel.max_streams,
+        drain_timeout: config.spec.proxy.drain_timeout,
+    }
 }
 
 /// Client settings for `spec.etcd`.
@@ -232,6 +260,18 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .iter()
         .map(|address| bind(*address).map(|listener| (*address, listener)))
         .collect::<Result<Vec<_>, _>>()?;
+    // The tunnel needs workload identity (spec.identity) for its mutual TLS.
+    let tunnel_listener = match (listeners.tunnel, &config.spec.identity) {
+        (Some(address), Some(_)) => Some((address, bind(address)?)),
+        (Some(_), None) => {
+            info!(
+                "tunnel listener off: no workload identity (spec.identity); endpoints on \
+                 other nodes are refused"
+            );
+            None
+        }
+        (None, _) => None,
+    };
     let admin_listener = match listeners.admin {
         Some(address) => Some((
             address,
@@ -256,14 +296,42 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // After the datapath: its privilege check and pin-folder lock speak first (a second agent
     // on the same pins is refused there, not by the socket).
     let registration_listener = crate::registry::bind_configured(&config)?;
-    let proxy = Arc::new(OutboundProxy::new(
-        Arc::clone(&datapath),
-        config.spec.proxy.connect_timeout,
-        addresses.clone(),
-        !config.spec.datapath.accelerate,
-        config.spec.proxy.l7,
-        Arc::clone(&policy),
+    let tunnel_stats = Arc::new(TunnelStats::default());
+    let mut peers = PeerDirectory::new(
+        config
+            .spec
+            .tunnel
+            .peers
+            .iter()
+            .map(|peer| (peer.node.clone(), peer.address)),
+    );
+    if let PolicySource::Etcd(_, Some(node)) = &source {
+        peers = peers.with_lookup(Box::new(EtcdPeers::new(node.etcd().clone())));
+    }
+    // Credentials arrive with the identities, below; until then cross-node endpoints fail
+    // closed.
+    let tunnel_client = Arc::new(TunnelClient::new(
+        None,
+        tunnel_settings(&config),
+        Arc::clone(&tunnel_stats),
     ));
+    let dialer = Arc::new(Dialer::new(
+        &config.metadata.name,
+        config.spec.proxy.connect_timeout,
+        Arc::clone(&tunnel_client),
+        peers,
+    ));
+    let proxy = Arc::new(
+        OutboundProxy::new(
+            Arc::clone(&datapath),
+            config.spec.proxy.connect_timeout,
+            addresses.clone(),
+            !config.spec.datapath.accelerate,
+            config.spec.proxy.l7,
+            Arc::clone(&policy),
+        )
+        .with_dialer(dialer),
+    );
 
     // A workload that cannot be enrolled is reported and skipped; the others are served.
     for workload in &config.spec.workloads {
@@ -309,6 +377,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         cgroup_paths: Default::default(),
         control,
         pods: pod_enroller.as_ref().map(|enroller| enroller.status()),
+        tunnel: Arc::clone(&tunnel_stats),
         identity: Default::default(),
     });
     let admin_server = match admin_listener {
@@ -357,6 +426,23 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let identities = crate::identity::start_for_agent(&config).await;
     if let Some(identities) = &identities {
         let _ = admin.identity.set(identities.clone());
+        let credentials = identities.credentials_handle();
+        tunnel_client.set_credentials(Arc::clone(&credentials));
+        if let Some((address, listener)) = tunnel_listener {
+            info!(%address, identity = %credentials.node_identity(), "tunnel listener ready (mutual TLS)");
+            let server = Arc::new(TunnelServer::new(
+                credentials,
+                Arc::clone(&policy),
+                &config.metadata.name,
+                tunnel_settings(&config),
+                Arc::clone(&tunnel_stats),
+            ));
+            servers.push(tokio::spawn(server.serve(listener, shutdown_rx.clone())));
+        }
+    } else if tunnel_listener.is_some() {
+        warn!(
+            "tunnel listener off: workload identity unavailable (see above); endpoints on other nodes are refused"
+        );
     }
     admin.set_ready(true);
     info!(node = %config.metadata.name, accelerated = datapath.accelerated(), "agent running");

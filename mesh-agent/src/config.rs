@@ -82,6 +82,9 @@ pub struct AgentSpec {
     /// named by their service accounts' SPIFFE IDs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesSpec>,
+    /// The node-to-node tunnel: how endpoints on other nodes are reached.
+    #[serde(default)]
+    pub tunnel: TunnelSpec,
     /// Workload identity (SPIFFE certificates for mTLS between nodes); absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentitySpec>,
@@ -218,6 +221,45 @@ impl Default for KubernetesSpec {
     }
 }
 
+/// The node-to-node tunnel (mutual TLS, HTTP/2 CONNECT; listener `spec.listeners.tunnel`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct TunnelSpec {
+    /// Time allowed for the TCP connect to a peer node, and to a local target of a stream.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for a TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// HTTP/2 PING interval; a peer silent for `keepaliveTimeout` after one is dropped.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Concurrent streams accepted per peer connection.
+    pub max_streams: u32,
+    /// Address other nodes reach this node's tunnel at, published in its node record (etcd
+    /// mode). Default: the tunnel listener's address, unless it is a wildcard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_address: Option<SocketAddr>,
+    /// Peer nodes' tunnel addresses, for setups without etcd (and before node records).
+    pub peers: Vec<TunnelPeerSpec>,
+}
+
+impl Default for TunnelSpec {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            max_streams: 1024,
+            advertise_address: None,
+            peers: Vec::new(),
+        }
+    }
+}
+
 impl KubernetesSpec {
     /// The API server address: the configured one, else the in-cluster service's.
     pub fn api_server(&self) -> Result<String, ConfigError> {
@@ -282,6 +324,14 @@ impl Default for HealthCheckSpec {
             unhealthy_threshold: 2,
         }
     }
+}
+
+/// A peer node's tunnel, by node name (the `node` of its agents' endpoints).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TunnelPeerSpec {
+    pub node: String,
+    pub address: SocketAddr,
 }
 
 /// etcd mode: resources are listed and watched under `prefix`, the last good set is cached in
@@ -409,6 +459,9 @@ pub struct ListenerSpec {
     pub outbound_v6: Option<Ipv6Addr>,
     /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); none to turn it off.
     pub admin: Option<SocketAddr>,
+    /// Node-to-node tunnel (mutual TLS); served when workload identity credentials are
+    /// available; none to turn it off.
+    pub tunnel: Option<SocketAddr>,
 }
 
 impl Default for ListenerSpec {
@@ -419,6 +472,10 @@ impl Default for ListenerSpec {
             admin: Some(SocketAddr::new(
                 IpAddr::V4(Ipv4Addr::LOCALHOST),
                 mesh_common::ADMIN_PORT,
+            )),
+            tunnel: Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                mesh_common::TUNNEL_PORT,
             )),
         }
     }
@@ -649,6 +706,7 @@ impl AgentConfig {
                 ));
             }
         }
+        self.validate_tunnel()?;
         if let Some(identity) = &self.spec.identity {
             self.validate_identity(identity)?;
         }
@@ -670,6 +728,82 @@ impl AgentConfig {
             }
         }
         Ok(())
+    }
+
+    fn validate_tunnel(&self) -> Result<(), ConfigError> {
+        let tunnel = &self.spec.tunnel;
+        if self
+            .spec
+            .listeners
+            .tunnel
+            .is_some_and(|address| address.port() == 0)
+        {
+            return Err(invalid(
+                "spec.listeners.tunnel",
+                "needs a port, e.g. 0.0.0.0:15008",
+            ));
+        }
+        for (field, value) in [
+            ("connectTimeout", tunnel.connect_timeout),
+            ("handshakeTimeout", tunnel.handshake_timeout),
+            ("keepaliveInterval", tunnel.keepalive_interval),
+            ("keepaliveTimeout", tunnel.keepalive_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(
+                    &format!("spec.tunnel.{field}"),
+                    "must be greater than zero",
+                ));
+            }
+        }
+        if tunnel.max_streams == 0 {
+            return Err(invalid("spec.tunnel.maxStreams", "must be at least 1"));
+        }
+        if let Some(address) = tunnel.advertise_address
+            && (address.ip().is_unspecified() || address.port() == 0)
+        {
+            return Err(invalid(
+                "spec.tunnel.advertiseAddress",
+                "must be an address other nodes can reach, with a port",
+            ));
+        }
+        let mut nodes = std::collections::HashSet::new();
+        for (index, peer) in tunnel.peers.iter().enumerate() {
+            let field = format!("spec.tunnel.peers[{index}]");
+            if peer.node.is_empty() {
+                return Err(invalid(&format!("{field}.node"), "must not be empty"));
+            }
+            if peer.node == self.metadata.name {
+                return Err(invalid(
+                    &format!("{field}.node"),
+                    format!("{:?} is this node (metadata.name)", peer.node),
+                ));
+            }
+            if !nodes.insert(peer.node.as_str()) {
+                return Err(invalid(
+                    &format!("{field}.node"),
+                    format!("{:?} is listed twice", peer.node),
+                ));
+            }
+            if peer.address.ip().is_unspecified() || peer.address.port() == 0 {
+                return Err(invalid(
+                    &format!("{field}.address"),
+                    "must be a reachable address with a port",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where other nodes reach this node's tunnel: `spec.tunnel.advertiseAddress`, else the
+    /// listener's address when it is not a wildcard.
+    pub fn tunnel_advertise_address(&self) -> Option<SocketAddr> {
+        self.spec.tunnel.advertise_address.or_else(|| {
+            self.spec
+                .listeners
+                .tunnel
+                .filter(|address| !address.ip().is_unspecified())
+        })
     }
 
     fn validate_identity(&self, identity: &IdentitySpec) -> Result<(), ConfigError> {
@@ -1122,6 +1256,63 @@ spec:
         ];
         for (body, expected) in cases {
             let message = error_of(&format!("{head}spec:\n  registration:\n    {body}\n"));
+            assert!(message.contains(expected), "{expected}: {message}");
+        }
+    }
+
+    #[test]
+    fn tunnel_settings_and_peers_are_checked() {
+        let head =
+            format!("apiVersion: {API_VERSION}\nkind: AgentConfig\nmetadata: {{ name: node-a }}\n");
+        let config = parse(&format!(
+            "{head}spec:\n  listeners: {{ tunnel: \"10.0.0.1:15008\" }}\n  tunnel:\n    keepaliveInterval: 5s\n    peers: [{{node: node-b, address: \"10.0.0.2:15008\"}}]\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            config.spec.tunnel.keepalive_interval,
+            Duration::from_secs(5)
+        );
+        assert_eq!(config.spec.tunnel.max_streams, 1024);
+        assert_eq!(config.spec.tunnel.peers[0].node, "node-b");
+        assert_eq!(
+            config.tunnel_advertise_address(),
+            Some("10.0.0.1:15008".parse().unwrap())
+        );
+        // The default listener is a wildcard: nothing to advertise without advertiseAddress.
+        let default = parse(&head).expect("valid");
+        assert_eq!(default.spec.listeners.tunnel.map(|a| a.port()), Some(15008));
+        assert_eq!(default.tunnel_advertise_address(), None);
+        let disabled =
+            parse(&format!("{head}spec:\n  listeners: {{ tunnel: null }}\n")).expect("valid");
+        assert_eq!(disabled.spec.listeners.tunnel, None);
+        let cases = [
+            (
+                "spec:\n  tunnel: { maxStreams: 0 }\n",
+                "spec.tunnel.maxStreams",
+            ),
+            (
+                "spec:\n  tunnel: { handshakeTimeout: 0s }\n",
+                "spec.tunnel.handshakeTimeout",
+            ),
+            (
+                "spec:\n  tunnel: { peers: [{node: node-a, address: \"10.0.0.1:15008\"}] }\n",
+                "this node",
+            ),
+            (
+                "spec:\n  tunnel: { peers: [{node: b, address: \"10.0.0.2:1\"}, {node: b, address: \"10.0.0.3:1\"}] }\n",
+                "spec.tunnel.peers[1].node",
+            ),
+            (
+                "spec:\n  tunnel: { peers: [{node: b, address: \"0.0.0.0:15008\"}] }\n",
+                "spec.tunnel.peers[0].address",
+            ),
+            (
+                "spec:\n  tunnel: { advertiseAddress: \"0.0.0.0:15008\" }\n",
+                "spec.tunnel.advertiseAddress",
+            ),
+        ];
+        for (body, expected) in cases {
+            let message = error_of(&format!("{head}{body}"));
             assert!(message.contains(expected), "{expected}: {message}");
         }
     }

@@ -15,3 +15,4 @@ pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod telemetry;
+pub mod tunnel;

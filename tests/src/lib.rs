@@ -16,6 +16,7 @@ use std::{
 };
 
 pub mod etcd;
+pub mod netns;
 
 /// Prefix of every cgroup and pin folder the harness creates.
 pub const PREFIX: &str = "mesh-e2e";
@@ -407,6 +408,19 @@ pub struct AgentProcess {
     registration: String,
     /// `metadata.name`: the node's name.
     node: String,
+    /// A simulated node: its name (`metadata.name`) and tunnel listener.
+    node_launch: Option<NodeLaunch>,
+}
+
+/// How an agent runs as one node of a multi-node setup ([`netns::Network`]).
+#[derive(Debug, Clone)]
+pub struct NodeLaunch {
+    /// `metadata.name`: endpoints registered with this node name are local to it.
+    pub name: String,
+    /// `spec.listeners.tunnel`.
+    pub tunnel: SocketAddr,
+    /// Command prefix entering the node's network namespace ([`netns::NetNode::launcher`]).
+    pub launcher: Vec<String>,
 }
 
 impl AgentProcess {
@@ -422,7 +436,7 @@ impl AgentProcess {
         options: AgentOptions,
         launcher: &[&str],
     ) -> Result<Self, HarnessError> {
-        Self::start_full(tree, options, launcher, None, "")
+        Self::start_full(tree, options, launcher, None, "", None)
     }
 
     /// As [`start`](Self::start), in etcd mode: resources come from etcd (`spec.etcd`), not
@@ -432,7 +446,7 @@ impl AgentProcess {
         options: AgentOptions,
         etcd: etcd::AgentEtcd,
     ) -> Result<Self, HarnessError> {
-        Self::start_full(tree, options, &[], Some(etcd), "")
+        Self::start_full(tree, options, &[], Some(etcd), "", None)
     }
 
     /// As [`start`](Self::start) (or [`start_with_etcd`](Self::start_with_etcd) with
@@ -444,7 +458,20 @@ impl AgentProcess {
         etcd: Option<etcd::AgentEtcd>,
         extra_spec: &str,
     ) -> Result<Self, HarnessError> {
-        Self::start_full(tree, options, &[], etcd, extra_spec)
+        Self::start_full(tree, options, &[], etcd, extra_spec, None)
+    }
+
+    /// Starts the agent as node `node` (in its network namespace, with its name and tunnel
+    /// listener), adding `extra_spec` to the config's `spec`.
+    pub fn start_node(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        node: NodeLaunch,
+        extra_spec: &str,
+    ) -> Result<Self, HarnessError> {
+        let launcher = node.launcher.clone();
+        let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+        Self::start_full(tree, options, &launcher, None, extra_spec, Some(node))
     }
 
     /// As [`start`](Self::start) (or [`start_with_etcd`](Self::start_with_etcd) with `etcd`),
@@ -459,7 +486,7 @@ impl AgentProcess {
         node: &str,
         registration: &str,
     ) -> Result<Self, HarnessError> {
-        Self::start_configured(tree, options, &[], etcd, (node, registration, ""))
+        Self::start_configured(tree, options, &[], etcd, (node, registration, ""), None)
     }
 
     fn start_full(
@@ -468,8 +495,9 @@ impl AgentProcess {
         launcher: &[&str],
         etcd: Option<etcd::AgentEtcd>,
         extra_spec: &str,
+        node: Option<NodeLaunch>,
     ) -> Result<Self, HarnessError> {
-        Self::start_configured(tree, options, launcher, etcd, ("e2e", "", extra_spec))
+        Self::start_configured(tree, options, launcher, etcd, ("e2e", "", extra_spec), node)
     }
 
     fn start_configured(
@@ -477,7 +505,8 @@ impl AgentProcess {
         options: AgentOptions,
         launcher: &[&str],
         etcd: Option<etcd::AgentEtcd>,
-        (node, registration, extra_spec): (&str, &str, &str),
+        (node_name, registration, extra_spec): (&str, &str, &str),
+        node: Option<NodeLaunch>,
     ) -> Result<Self, HarnessError> {
         let name = unique_name("agent");
         let work_dir = std::env::temp_dir().join(&name);
@@ -498,7 +527,8 @@ impl AgentProcess {
             etcd,
             extra_spec: extra_spec.to_owned(),
             registration: registration.to_owned(),
-            node: node.to_owned(),
+            node: node_name.to_owned(),
+            node_launch: node,
         };
         agent.write_config(tree.relative())?;
         agent.spawn(tree)?;
@@ -509,9 +539,13 @@ impl AgentProcess {
         let quote = |text: &str| serde_json::Value::String(text.to_owned()).to_string();
         let mut yaml = String::new();
         yaml.push_str("apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AgentConfig\n");
+        let node_name = self
+            .node_launch
+            .as_ref()
+            .map_or(self.node.as_str(), |node| node.name.as_str());
         yaml.push_str(&format!(
             "metadata:\n  name: {}\nspec:\n  datapath:\n",
-            quote(&self.node)
+            quote(node_name)
         ));
         yaml.push_str(&format!(
             "    pinDir: {}\n",
@@ -543,6 +577,12 @@ impl AgentProcess {
             "  listeners:\n    outbound: \"127.0.0.1:{}\"\n    outboundV6: \"::1\"\n    admin: \"127.0.0.1:{}\"\n",
             self.port, self.admin_port
         ));
+        match &self.node_launch {
+            Some(node) => yaml.push_str(&format!("    tunnel: \"{}\"\n", node.tunnel)),
+            // Agents sharing this host's network: each its own loopback port (the tunnel is
+            // served when spec.identity is set).
+            None => yaml.push_str(&format!("    tunnel: \"127.0.0.1:{}\"\n", free_port()?)),
+        }
         yaml.push_str("  proxy:\n    connectTimeout: 2s\n    drainTimeout: 2s\n");
         if let Some(dir) = &self.options.policy_dir {
             yaml.push_str(&format!(

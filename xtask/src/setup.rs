@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use crate::util::{self, step, succeeds, workspace_root};
 
 /// (command that proves the package is there, Debian package).
-const DEBIAN_PACKAGES: [(&str, &[&str], &str); 13] = [
+const DEBIAN_PACKAGES: [(&str, &[&str], &str); 14] = [
     ("etcd", &["--version"], "etcd-server"),
     ("etcdctl", &["version"], "etcd-client"),
     ("protoc", &["--version"], "protobuf-compiler"),
@@ -29,6 +29,8 @@ const DEBIAN_PACKAGES: [(&str, &[&str], &str); 13] = [
     // The L7 benchmark's second reference proxy (`cargo xtask bench l7`).
     ("nginx", &["-v"], "nginx"),
     ("curl", &["--version"], "curl"),
+    // The multi-node tests capture the wire between simulated nodes.
+    ("tcpdump", &["--version"], "tcpdump"),
     ("python3", &["-m", "venv", "--help"], "python3-venv"),
     ("pkg-config", &["--version"], "pkg-config"),
     // The deployment tests: unit files and the bare-metal installer.

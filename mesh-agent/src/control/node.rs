@@ -10,8 +10,12 @@
 //!  "metadata": {"name": "node-a"},
 //!  "status": {"version": "0.1.0", "startTime": "2026-01-01T10:00:00.000Z",
 //!             "heartbeatTime": "2026-01-01T10:05:00.000Z", "pid": 1234,
-//!             "leaseTtlSeconds": 30, "syncRevision": 42, "policyHash": "9f0c2a..."}}
+//!             "leaseTtlSeconds": 30, "syncRevision": 42, "policyHash": "9f0c2a...",
+//!             "tunnelAddress": "10.0.0.2:15008"}}
 //! ```
+//!
+//! `tunnelAddress` is where the node's tunnel listens: other nodes read it ([`EtcdPeers`])
+//! to reach the endpoints registered on this node.
 //!
 //! The record is rewritten with a fresh `heartbeatTime` (and the revision and policy hash the
 //! node serves, so operators can see which nodes converged) every third of the TTL, when the
@@ -69,6 +73,9 @@ pub struct NodeStatus {
     /// Content hash of the policy snapshot the node serves (as in `mesh_policy_resources`).
     #[serde(default)]
     pub policy_hash: String,
+    /// Where the node's tunnel (mutual TLS, port 15008) is reachable from other nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_address: Option<std::net::SocketAddr>,
 }
 
 /// Registers a node and keeps its record alive.
@@ -80,6 +87,7 @@ pub struct NodeRegistration {
     started: SystemTime,
     store: Arc<PolicyStore>,
     status: Arc<ControlStatus>,
+    tunnel_address: Option<std::net::SocketAddr>,
 }
 
 struct Lease {
@@ -103,7 +111,19 @@ impl NodeRegistration {
             started: SystemTime::now(),
             store,
             status,
+            tunnel_address: None,
         }
+    }
+
+    /// The etcd client the record is written with.
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
+    }
+
+    /// Publishes the node's tunnel address in its record.
+    pub fn with_tunnel_address(mut self, address: Option<std::net::SocketAddr>) -> Self {
+        self.tunnel_address = address;
+        self
     }
 
     fn record(&self) -> NodeRecord {
@@ -122,6 +142,7 @@ impl NodeRegistration {
                 lease_ttl_seconds: i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX),
                 sync_revision: sample.revision,
                 policy_hash: format!("{:016x}", self.store.current().content_hash()),
+                tunnel_address: self.tunnel_address,
             },
         }
     }
@@ -271,6 +292,40 @@ impl NodeRegistration {
     }
 }
 
+/// Peer tunnel addresses from the node records in etcd.
+#[derive(Debug)]
+pub struct EtcdPeers {
+    etcd: Etcd,
+}
+
+impl EtcdPeers {
+    pub fn new(etcd: Etcd) -> Self {
+        Self { etcd }
+    }
+}
+
+impl crate::tunnel::PeerLookup for EtcdPeers {
+    fn lookup<'a>(&'a self, node: &'a str) -> crate::tunnel::LookupFuture<'a> {
+        Box::pin(async move {
+            let key = keys::node_key(self.etcd.prefix(), node);
+            match self.etcd.get(&key).await {
+                Ok(Some(entry)) => match decode_node(&entry.value) {
+                    Ok(record) => record.status.tunnel_address,
+                    Err(error) => {
+                        warn!(%node, %error, "invalid node record; its tunnel address is unknown");
+                        None
+                    }
+                },
+                Ok(None) => None,
+                Err(error) => {
+                    warn!(%node, %error, "cannot read the node record for its tunnel address");
+                    None
+                }
+            }
+        })
+    }
+}
+
 /// Decodes a node record read from etcd.
 pub fn decode_node(value: &[u8]) -> Result<NodeRecord, String> {
     serde_json::from_slice(value).map_err(|error| error.to_string())
@@ -296,11 +351,16 @@ mod tests {
                 lease_ttl_seconds: 30,
                 sync_revision: 42,
                 policy_hash: "00".to_owned(),
+                tunnel_address: Some("10.0.0.2:15008".parse().unwrap()),
             },
         };
         let text = serde_json::to_string(&record).unwrap();
         assert!(text.contains("\"heartbeatTime\""), "{text}");
         assert!(text.contains("\"leaseTtlSeconds\":30"), "{text}");
+        assert!(
+            text.contains("\"tunnelAddress\":\"10.0.0.2:15008\""),
+            "{text}"
+        );
         assert_eq!(decode_node(text.as_bytes()).unwrap(), record);
         assert!(decode_node(b"{}").is_err());
     }

@@ -65,6 +65,22 @@ impl SpiffeId {
         Self::new(trust_domain, &["agent", name])
     }
 
+    /// The identity of an enrolled workload known by `name`: a name that is itself a SPIFFE
+    /// ID (a pod, named by its service account's ID) must be of `trust_domain`; any other name
+    /// is a bare-metal workload, `spiffe://<td>/agent/<name>`.
+    pub fn for_workload(trust_domain: &str, name: &str) -> Result<Self, SpiffeIdError> {
+        if name.starts_with(SCHEME) {
+            let id: SpiffeId = name.parse()?;
+            if id.trust_domain() != trust_domain {
+                return Err(SpiffeIdError::TrustDomainCharacters(
+                    id.trust_domain().to_owned(),
+                ));
+            }
+            return Ok(id);
+        }
+        Self::for_agent(trust_domain, name)
+    }
+
     /// The identity of a Kubernetes workload: `spiffe://<td>/ns/<namespace>/sa/<account>`.
     pub fn for_service_account(
         trust_domain: &str,
@@ -229,6 +245,19 @@ mod tests {
         assert_eq!(id.short_name(), id.as_str());
         assert!(SpiffeId::for_service_account("td", "prod/sa/admin", "x").is_err());
         assert!(SpiffeId::for_agent("td", "a/b").is_err());
+        assert_eq!(
+            SpiffeId::for_workload("mesh.local", "planner")
+                .unwrap()
+                .as_str(),
+            "spiffe://mesh.local/agent/planner"
+        );
+        assert_eq!(
+            SpiffeId::for_workload("mesh.local", "spiffe://mesh.local/ns/prod/sa/planner")
+                .unwrap()
+                .path(),
+            "/ns/prod/sa/planner"
+        );
+        assert!(SpiffeId::for_workload("mesh.local", "spiffe://other.td/ns/prod/sa/x").is_err());
     }
 
     #[test]

@@ -400,6 +400,15 @@ fn any_match(patterns: &[Pattern], value: &str) -> bool {
 }
 
 impl CompiledRule {
+    /// Whether the rule holds for every request of a matching source (no L7 condition).
+    fn unconditional(&self) -> bool {
+        self.http
+            .as_ref()
+            .is_none_or(|(methods, paths)| methods.is_empty() && paths.is_empty())
+            && self.mcp.is_none()
+            && self.a2a.is_none()
+    }
+
     fn matches(&self, request: &RequestAttributes<'_>) -> bool {
         if !any_match(&self.from, request.source) {
             return false;
@@ -995,6 +1004,52 @@ impl PolicySnapshot {
             restricted = true;
             let policy = &self.policies[index];
             if let Some(rule) = policy.first_match(request) {
+                return Verdict {
+                    allowed: true,
+                    rule: Some((policy.id.as_str(), rule)),
+                    basis: Basis::Rule,
+                };
+            }
+        }
+        let (allowed, basis) = if restricted {
+            (false, Basis::NoRuleAllows)
+        } else if self.default_action == Action::Deny {
+            (false, Basis::DefaultDeny)
+        } else {
+            (true, Basis::Open)
+        };
+        Verdict {
+            allowed,
+            rule: None,
+            basis,
+        }
+    }
+
+    /// Whether `request.source` may reach `request.destination` at all (its L7 attributes are
+    /// ignored): the check of a connection whose requests were judged one by one elsewhere,
+    /// as the node-to-node tunnel's streams are by the calling node. An Allow rule matching
+    /// the source allows whatever its L7 conditions; a Deny rule denies only if it has none.
+    pub fn check_reach(&self, request: &RequestAttributes<'_>) -> Verdict<'_> {
+        let from = |rule: &CompiledRule| any_match(&rule.from, request.source);
+        for index in self.deny.applicable(request.destination) {
+            let policy = &self.policies[index];
+            if let Some(rule) = policy
+                .rules
+                .iter()
+                .position(|rule| rule.unconditional() && from(rule))
+            {
+                return Verdict {
+                    allowed: false,
+                    rule: Some((policy.id.as_str(), rule)),
+                    basis: Basis::Rule,
+                };
+            }
+        }
+        let mut restricted = false;
+        for index in self.allow.applicable(request.destination) {
+            restricted = true;
+            let policy = &self.policies[index];
+            if let Some(rule) = policy.rules.iter().position(from) {
                 return Verdict {
                     allowed: true,
                     rule: Some((policy.id.as_str(), rule)),
@@ -1762,5 +1817,65 @@ spec:
         assert_eq!(strip_port("[::1]:80"), "::1");
         assert_eq!(strip_port("::1"), "::1");
         assert_eq!(strip_port("[bad"), "[bad");
+    }
+
+    #[test]
+    fn reach_ignores_the_l7_conditions_of_allow_rules_but_not_of_deny_rules() {
+        let snapshot = compile(
+            r#"
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: tools-access}
+spec:
+  targetAgent: tools
+  action: Allow
+  rules:
+    - from: [planner]
+      mcp: {tools: ["fs_*"]}
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: tools-deny}
+spec:
+  targetAgent: tools
+  action: Deny
+  rules:
+    - from: [planner]
+      mcp: {tools: [fs_write]}
+    - from: [intruder]
+"#,
+            Action::Allow,
+        );
+        let reach = |source: &'static str, destination: &'static str| {
+            let request = RequestAttributes {
+                source,
+                destination: Some(destination),
+                ..RequestAttributes::default()
+            };
+            snapshot.check_reach(&request).decision(&request)
+        };
+        // An opaque request is refused (no MCP tool), but the planner may reach the agent.
+        let opaque = RequestAttributes {
+            source: "planner",
+            destination: Some("tools"),
+            ..RequestAttributes::default()
+        };
+        assert!(!snapshot.authorize(&opaque).allowed);
+        let planner = reach("planner", "tools");
+        assert!(planner.allowed, "{planner:?}");
+        assert_eq!(planner.policy.as_deref(), Some("default/tools-access"));
+        let intruder = reach("intruder", "tools");
+        assert!(!intruder.allowed);
+        assert_eq!(intruder.policy.as_deref(), Some("default/tools-deny"));
+        let other = reach("writer", "tools");
+        assert!(!other.allowed);
+        assert!(
+            other.reason.contains("no AccessPolicy rule allows writer"),
+            "{other:?}"
+        );
+        assert!(
+            reach("anyone", "planner").allowed,
+            "no policy restricts planner"
+        );
     }
 }

@@ -32,13 +32,17 @@ use tracing::{debug, info, warn};
 use super::{
     balance::{Balancer, Outcome},
     dedup::{self, Deduplicator, Role, follow},
+    dialer::{DialError, Dialer, Upstream},
     jsonrpc::{self, JsonRpcRequest, Message},
     priority::{Admission, PRIORITY_HEADER, class_of},
-    upstream::{Http1Pool, PooledBody, SendError},
+    upstream::{Http1Pool, PooledBody, SendError, UpstreamKey},
 };
-use crate::policy::{
-    AgentEntry, PolicySnapshot, PolicyStore, RateLimit, RateLimitKey, RateLimiter,
-    RequestAttributes, RetryOn, RouteRequest, TrafficSettings,
+use crate::{
+    policy::{
+        AgentEntry, PolicySnapshot, PolicyStore, RateLimit, RateLimitKey, RateLimiter,
+        RequestAttributes, RetryOn, RouteRequest, TrafficSettings,
+    },
+    tunnel::TunnelError,
 };
 
 /// Error type of proxied bodies.
@@ -222,6 +226,13 @@ pub struct HttpProxy {
     http2: Client<HttpConnector, ProxyBody>,
     /// HTTP/1.1 upstream connections (HTTP/2 and upgrades go through `http1`/`http2`).
     pool: Http1Pool,
+    /// Direct or tunnelled connections; upgrades to endpoints on other nodes use it per
+    /// request (HTTP/1.1 goes through `pool`, which uses it too).
+    dialer: Arc<Dialer>,
+    /// HTTP/2 connections to endpoints on other nodes, by endpoint and source.
+    tunnel_h2: Mutex<
+        std::collections::HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<ProxyBody>>,
+    >,
     balancer: Balancer,
     sessions: SessionAffinity,
     admission: Arc<Admission>,
@@ -259,6 +270,12 @@ enum UpstreamError {
     },
     #[error("no endpoint of agent {0} is available")]
     NoEndpoint(String),
+    /// The endpoint's node refused the caller (its own policy, through the tunnel).
+    #[error("{reason}")]
+    Refused {
+        endpoint: SocketAddr,
+        reason: String,
+    },
 }
 
 /// What one request is, for policy, telemetry and retries.
@@ -277,7 +294,19 @@ impl RequestFacts {
 }
 
 impl HttpProxy {
+    /// An L7 proxy whose upstreams are all dialled directly (endpoints registered on another
+    /// node fail closed).
     pub fn new(policy: Arc<PolicyStore>, connect_timeout: Duration) -> Self {
+        let dialer = Arc::new(Dialer::direct("", connect_timeout));
+        Self::with_dialer(policy, connect_timeout, dialer)
+    }
+
+    /// An L7 proxy reaching endpoints through `dialer`.
+    pub fn with_dialer(
+        policy: Arc<PolicyStore>,
+        connect_timeout: Duration,
+        dialer: Arc<Dialer>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -295,7 +324,13 @@ impl HttpProxy {
             limiter: RateLimiter::default(),
             http1,
             http2,
-            pool: Http1Pool::new(connect_timeout, POOL_IDLE, POOL_MAX_IDLE_PER_ENDPOINT),
+            pool: Http1Pool::with_dialer(
+                Arc::clone(&dialer),
+                POOL_IDLE,
+                POOL_MAX_IDLE_PER_ENDPOINT,
+            ),
+            dialer,
+            tunnel_h2: Mutex::new(std::collections::HashMap::new()),
             balancer: Balancer::default(),
             sessions: SessionAffinity::default(),
             admission: Arc::new(Admission::default()),
@@ -738,6 +773,7 @@ impl HttpProxy {
                 );
             };
             tried.push(endpoint);
+            let node = node_of_endpoint(agent, endpoint);
             let this_body = match body.as_ref() {
                 Some(Body::Buffered(bytes)) => Body::Buffered(bytes.clone()),
                 _ => body.take().unwrap_or(Body::Buffered(Bytes::new())),
@@ -746,7 +782,7 @@ impl HttpProxy {
                 .send(
                     &parts,
                     this_body,
-                    endpoint,
+                    (endpoint, node.as_deref(), &caller.source),
                     timeout,
                     facts.grpc || version == HttpVersion::Http2,
                 )
@@ -754,6 +790,8 @@ impl HttpProxy {
             if let Some(pick) = pick {
                 let health = match &outcome {
                     Ok(response) if !is_gateway_failure(response.status()) => Outcome::Success,
+                    // A refusal by the endpoint's node is policy, not the endpoint failing.
+                    Err(UpstreamError::Refused { .. }) => Outcome::Success,
                     _ => Outcome::Failure,
                 };
                 self.balancer.record(pick, health, &traffic.circuit_breaker);
@@ -786,7 +824,9 @@ impl HttpProxy {
                 Attempt::Error(UpstreamError::Failed { .. }) => {
                     traffic.retries.retry_on.contains(&RetryOn::Reset)
                 }
-                Attempt::Error(UpstreamError::NoEndpoint(_)) => false,
+                Attempt::Error(UpstreamError::NoEndpoint(_) | UpstreamError::Refused { .. }) => {
+                    false
+                }
                 Attempt::Status(_) => true,
             };
             // A connect failure sent nothing, so it is safe to repeat whatever the method.
@@ -849,28 +889,34 @@ impl HttpProxy {
             UpstreamError::Connect { .. } | UpstreamError::Failed { .. } => {
                 (StatusCode::BAD_GATEWAY, GrpcCode::Unavailable)
             }
+            UpstreamError::Refused { .. } => (StatusCode::FORBIDDEN, GrpcCode::PermissionDenied),
         };
-        self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-        warn!(source = %caller.source, original_dst = %caller.original_dst, %error, "upstream request failed");
-        error_for(
-            facts,
-            status,
-            jsonrpc::UNAVAILABLE,
-            &error.to_string(),
-            code,
-            None,
-        )
+        let rpc_code = if matches!(error, UpstreamError::Refused { .. }) {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+            warn!(source = %caller.source, original_dst = %caller.original_dst, %error, "request refused by the destination's node");
+            jsonrpc::FORBIDDEN
+        } else {
+            self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(source = %caller.source, original_dst = %caller.original_dst, %error, "upstream request failed");
+            jsonrpc::UNAVAILABLE
+        };
+        error_for(facts, status, rpc_code, &error.to_string(), code, None)
     }
 
+    /// Sends to `target` (endpoint address, its node, the source workload).
     async fn send(
         &self,
         parts: &http::request::Parts,
         body: Body,
-        endpoint: SocketAddr,
+        target: (SocketAddr, Option<&str>, &Arc<str>),
         timeout: Duration,
         http2: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let sent = if http2 || parts.method == Method::CONNECT {
+        let (endpoint, node, source) = target;
+        let sent = if (http2 || parts.method == Method::CONNECT) && self.dialer.is_remote(node) {
+            self.send_unpooled(parts, body, target, timeout, http2)
+                .await?
+        } else if http2 || parts.method == Method::CONNECT {
             self.send_legacy(parts, body, endpoint, timeout, http2)
                 .await?
         } else {
@@ -889,11 +935,16 @@ impl HttpProxy {
                     request.headers_mut().insert(header::HOST, host);
                 }
             }
-            match tokio::time::timeout(timeout, self.pool.send(endpoint, request)).await {
+            match tokio::time::timeout(timeout, self.pool.send_as(source, endpoint, node, request))
+                .await
+            {
                 Err(_) => return Err(UpstreamError::Timeout { endpoint, timeout }),
                 Ok(Ok(response)) => response,
                 Ok(Err(SendError::Connect(reason))) => {
                     return Err(UpstreamError::Connect { endpoint, reason });
+                }
+                Ok(Err(SendError::Refused(reason))) => {
+                    return Err(UpstreamError::Refused { endpoint, reason });
                 }
                 Ok(Err(SendError::Failed(error))) => {
                     return Err(UpstreamError::Failed {
@@ -906,6 +957,96 @@ impl HttpProxy {
         let (mut parts, body) = sent.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body))
+    }
+
+    /// HTTP/2 and `CONNECT` to an endpoint on another node: one connection per request
+    /// through the tunnel (the tunnel's own connection to the peer is pooled).
+    async fn send_unpooled(
+        &self,
+        parts: &http::request::Parts,
+        body: Body,
+        target: (SocketAddr, Option<&str>, &Arc<str>),
+        timeout: Duration,
+        http2: bool,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let (endpoint, node, source) = target;
+        let uri = if http2 {
+            upstream_uri(parts, endpoint)
+        } else {
+            parts.uri.to_string()
+        };
+        let mut request = Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .body(body.into_proxy_body())
+            .map_err(|error| UpstreamError::Failed {
+                endpoint,
+                reason: error.to_string(),
+            })?;
+        *request.headers_mut() = forwarded_headers(&parts.headers, http2);
+        if !http2
+            && !request.headers().contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            request.headers_mut().insert(header::HOST, value);
+        }
+        let dial = || async {
+            self.dialer
+                .connect(source, endpoint, node)
+                .await
+                .map_err(|error| match error {
+                    DialError::Tunnel(TunnelError::Denied { .. }) => UpstreamError::Refused {
+                        endpoint,
+                        reason: error.to_string(),
+                    },
+                    other => UpstreamError::Connect {
+                        endpoint,
+                        reason: other.to_string(),
+                    },
+                })
+        };
+        let failed = |error: hyper::Error| UpstreamError::Failed {
+            endpoint,
+            reason: error_chain(&error),
+        };
+        let sent = tokio::time::timeout(timeout, async {
+            if !http2 {
+                return request_over(dial().await?, request).await.map_err(failed);
+            }
+            // HTTP/2 multiplexes: one connection per (endpoint, source) carries every request.
+            let key = UpstreamKey {
+                endpoint,
+                via: Some(Arc::clone(source)),
+            };
+            let pooled = self
+                .tunnel_h2
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&key)
+                .filter(|sender| !sender.is_closed())
+                .cloned();
+            let mut sender = match pooled {
+                Some(sender) => sender,
+                None => {
+                    let sender = h2_connection(dial().await?).await.map_err(failed)?;
+                    let mut pool = self
+                        .tunnel_h2
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    pool.retain(|_, pooled| !pooled.is_closed());
+                    pool.insert(key, sender.clone());
+                    sender
+                }
+            };
+            sender.ready().await.map_err(failed)?;
+            sender.send_request(request).await.map_err(failed)
+        })
+        .await;
+        match sent {
+            Err(_) => Err(UpstreamError::Timeout { endpoint, timeout }),
+            Ok(result) => result.map(|response| response.map(PooledBody::unpooled)),
+        }
     }
 
     /// HTTP/2 (h2c, gRPC) and `CONNECT` go through hyper-util's pooled client.
@@ -984,10 +1125,25 @@ impl HttpProxy {
         };
         // Keep Connection/Upgrade: they are the point of this request.
         *upstream_request.headers_mut() = parts.headers.clone();
-        let sent = tokio::time::timeout(
-            traffic.timeouts.request,
-            self.http1.request(upstream_request),
-        )
+        let node = node_of_endpoint(destination, endpoint);
+        let sent = tokio::time::timeout(traffic.timeouts.request, async {
+            if self.dialer.is_remote(node.as_deref()) {
+                *upstream_request.uri_mut() = origin_form(upstream_request.uri());
+                let stream = self
+                    .dialer
+                    .connect(&caller.source, endpoint, node.as_deref())
+                    .await
+                    .map_err(|error| error.to_string())?;
+                request_over(stream, upstream_request)
+                    .await
+                    .map_err(|error| error_chain(&error))
+            } else {
+                self.http1
+                    .request(upstream_request)
+                    .await
+                    .map_err(|error| error_chain(&error))
+            }
+        })
         .await;
         if let Some(pick) = pick {
             let health = match &sent {
@@ -998,14 +1154,11 @@ impl HttpProxy {
         }
         let mut response = match sent {
             Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
+            Ok(Err(reason)) => {
                 return self.upstream_failure(
                     caller,
                     &RequestFacts::default(),
-                    &UpstreamError::Connect {
-                        endpoint,
-                        reason: error_chain(&error),
-                    },
+                    &UpstreamError::Connect { endpoint, reason },
                 );
             }
             Err(_) => {
@@ -1059,6 +1212,51 @@ impl HttpProxy {
             None => action(&mut RetryBudget::new(now)),
         }
     }
+}
+
+/// The node an endpoint of `agent` runs on (none for an unregistered destination).
+fn node_of_endpoint(agent: Option<&AgentEntry>, endpoint: SocketAddr) -> Option<Arc<str>> {
+    agent
+        .and_then(|agent| {
+            agent
+                .endpoints
+                .iter()
+                .find(|candidate| candidate.address == endpoint)
+        })
+        .and_then(|found| found.node.clone())
+}
+
+/// An HTTP/2 connection over `stream`, driven by a task of its own.
+async fn h2_connection(
+    stream: Upstream,
+) -> Result<hyper::client::conn::http2::SendRequest<ProxyBody>, hyper::Error> {
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%error, "tunnelled HTTP/2 upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends one HTTP/1.1 request on a connection of its own over `stream` (the connection ends
+/// with the response, or carries the upgraded protocol).
+async fn request_over(
+    stream: Upstream,
+    request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, hyper::Error> {
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            debug!(%error, "tunnelled upstream connection ended with an error");
+        }
+    });
+    sender.send_request(request).await
 }
 
 /// Buffers a JSON request body (bounded by the traffic policy) and extracts its JSON-RPC

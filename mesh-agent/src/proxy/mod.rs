@@ -4,6 +4,7 @@
 
 pub mod balance;
 pub mod dedup;
+pub mod dialer;
 pub mod http;
 pub mod jsonrpc;
 pub mod outbound;

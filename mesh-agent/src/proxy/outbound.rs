@@ -1,6 +1,8 @@
 //! The outbound capture listener: accepts connections the kernel redirected from enrolled
 //! workloads, finds out (from the kernel, not the client) who is calling and where it meant to
-//! go, dials that destination and carries bytes both ways with half-close respected.
+//! go, dials that destination (directly, or through the node-to-node tunnel when the
+//! destination is an endpoint registered on another node) and carries bytes both ways with
+//! half-close respected.
 
 use std::{
     collections::HashMap,
@@ -15,13 +17,14 @@ use std::{
 use serde::Serialize;
 use tokio::{
     io::AsyncWriteExt,
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinSet,
 };
 use tracing::{debug, info, warn};
 
 use super::{
+    dialer::{Dialer, Upstream, node_of},
     http::{CallerContext, HttpProxy, HttpVersion},
     prefixed::PrefixedStream,
     sniff::{Detection, MAX_SNIFF, Protocol, detect},
@@ -42,13 +45,13 @@ const DETECTION_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 enum Opening {
     /// The original destination spoke first: opaque TCP.
-    ServerFirst(TcpStream),
+    ServerFirst(Upstream),
     /// The client spoke: its first bytes (to replay), their protocol, and the upstream
     /// connection if one was dialled while the client was silent.
     Client {
         prefix: Vec<u8>,
         protocol: Protocol,
-        upstream: Option<TcpStream>,
+        upstream: Option<Upstream>,
     },
 }
 
@@ -134,6 +137,8 @@ pub struct OutboundProxy {
     l7: bool,
     policy: Arc<PolicyStore>,
     http: Arc<HttpProxy>,
+    /// Direct connections, or the tunnel for endpoints on other nodes.
+    dialer: Arc<Dialer>,
     stats: ProxyStats,
 }
 
@@ -146,7 +151,12 @@ impl OutboundProxy {
         l7: bool,
         policy: Arc<PolicyStore>,
     ) -> Self {
-        let http = Arc::new(HttpProxy::new(Arc::clone(&policy), connect_timeout));
+        let dialer = Arc::new(Dialer::direct("", connect_timeout));
+        let http = Arc::new(HttpProxy::with_dialer(
+            Arc::clone(&policy),
+            connect_timeout,
+            Arc::clone(&dialer),
+        ));
         Self {
             datapath,
             connect_timeout,
@@ -156,8 +166,21 @@ impl OutboundProxy {
             l7,
             policy,
             http,
+            dialer,
             stats: ProxyStats::default(),
         }
+    }
+
+    /// Reaches endpoints (opaque and L7) through `dialer` (which knows this node's name and
+    /// the tunnel) instead of the direct-only default.
+    pub fn with_dialer(mut self, dialer: Arc<Dialer>) -> Self {
+        self.http = Arc::new(HttpProxy::with_dialer(
+            Arc::clone(&self.policy),
+            self.connect_timeout,
+            Arc::clone(&dialer),
+        ));
+        self.dialer = dialer;
+        self
     }
 
     /// The policy snapshots this proxy enforces.
@@ -265,7 +288,7 @@ impl OutboundProxy {
             source: Arc::from(workload.as_str()),
             original_dst: captured.original_dst,
         };
-        let opening = match self.read_opening(&client, &captured).await {
+        let opening = match self.read_opening(&client, &captured, &workload).await {
             Ok(opening) => opening,
             Err(error) => {
                 debug!(%peer, %workload, dst = %captured.original_dst, %error, "connection failed before it spoke");
@@ -332,7 +355,7 @@ impl OutboundProxy {
             reset(&client);
             return;
         }
-        let target = destination
+        let (target, node) = destination
             .filter(|agent| {
                 sni.is_some()
                     && !agent
@@ -341,15 +364,27 @@ impl OutboundProxy {
                         .any(|e| e.address == captured.original_dst)
             })
             .and_then(|agent| agent.endpoints.iter().find(|endpoint| endpoint.weight > 0))
-            .map_or(captured.original_dst, |endpoint| endpoint.address);
+            .map_or_else(
+                || {
+                    (
+                        captured.original_dst,
+                        node_of(&snapshot, captured.original_dst),
+                    )
+                },
+                |endpoint| (endpoint.address, endpoint.node.clone()),
+            );
         let upstream = match upstream.filter(|_| target == captured.original_dst) {
             Some(upstream) => upstream,
-            None => match self.dial(target).await {
+            None => match self
+                .dialer
+                .connect(&workload, target, node.as_deref())
+                .await
+            {
                 Ok(upstream) => upstream,
                 Err(error) => {
                     self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
                     warn!(
-                        %peer, %workload, dst = %target, %error,
+                        %peer, %workload, dst = %target, node = node.as_deref().unwrap_or(""), %error,
                         "original destination unreachable; resetting the workload's connection"
                     );
                     reset(&client);
@@ -397,20 +432,31 @@ impl OutboundProxy {
         &self,
         client: &TcpStream,
         captured: &CapturedConnection,
+        workload: &str,
     ) -> std::io::Result<Opening> {
         let mut upstream = None;
-        if tokio::time::timeout(SERVER_FIRST_GRACE, client.readable())
+        // `peek`, not `readable`: a readiness report may be a false positive (a fresh accepted
+        // socket often reports readable with nothing to read), and only bytes or an end of
+        // stream say the client spoke.
+        let mut first = [0u8; 1];
+        if tokio::time::timeout(SERVER_FIRST_GRACE, client.peek(&mut first))
             .await
             .is_err()
+            && self.may_reach(workload, captured.original_dst)
         {
-            match self.dial(captured.original_dst).await {
-                Ok(dialled) => {
-                    tokio::select! {
-                        ready = client.readable() => ready?,
-                        ready = dialled.readable() => {
-                            ready?;
-                            return Ok(Opening::ServerFirst(dialled));
-                        }
+            let node = node_of(&self.policy.current(), captured.original_dst);
+            match self
+                .dialer
+                .connect(workload, captured.original_dst, node.as_deref())
+                .await
+            {
+                Ok(mut dialled) => {
+                    let server_first = tokio::select! {
+                        spoke = client.peek(&mut first) => { spoke?; false }
+                        ready = dialled.wait_readable() => { ready?; true }
+                    };
+                    if server_first {
+                        return Ok(Opening::ServerFirst(dialled));
                     }
                     upstream = Some(dialled);
                 }
@@ -463,20 +509,35 @@ impl OutboundProxy {
         }
     }
 
+    /// Whether `workload` may reach `destination` at all, before anything is known of what it
+    /// will send: a destination it may not reach is never dialled early (it would see a
+    /// connection, and through the tunnel another node would, that policy forbids).
+    fn may_reach(&self, workload: &str, destination: SocketAddr) -> bool {
+        let snapshot = self.policy.current();
+        let request = RequestAttributes {
+            source: workload,
+            destination: snapshot
+                .agent_by_address(destination)
+                .map(|agent| agent.name.as_str()),
+            ..RequestAttributes::default()
+        };
+        snapshot.check_reach(&request).allowed
+    }
+
     /// Carries bytes both ways until both sides have finished, after sending the client
     /// bytes the detector read; returns the byte counts (to upstream, to the workload).
     async fn forward(
         &self,
         client: &mut TcpStream,
-        mut upstream: TcpStream,
+        mut upstream: Upstream,
         prefix: &[u8],
     ) -> std::io::Result<(u64, u64)> {
         upstream.write_all(prefix).await?;
         let sent_first = prefix.len() as u64;
-        if self.splice {
+        if let (true, Upstream::Direct(upstream)) = (self.splice, &upstream) {
             let (to_upstream, to_workload) = tokio::try_join!(
-                forward_one_way(&*client, &upstream),
-                forward_one_way(&upstream, &*client),
+                forward_one_way(&*client, upstream),
+                forward_one_way(upstream, &*client),
             )?;
             self.stats
                 .bytes_spliced
@@ -491,29 +552,6 @@ impl OutboundProxy {
         )
         .await?;
         Ok((sent_first + to_upstream, to_workload))
-    }
-
-    /// Connects to the original destination from a socket the kernel programs never capture.
-    async fn dial(&self, destination: SocketAddr) -> std::io::Result<TcpStream> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(destination),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_nonblocking(true)?;
-        // The mark identifies the agent's own sockets (e.g. for host firewall rules); capture
-        // already skips the agent by its process id.
-        if let Err(error) = socket.set_mark(mesh_common::AGENT_SOCKET_MARK) {
-            debug!(%error, "cannot set SO_MARK on upstream socket");
-        }
-        socket.set_tcp_nodelay(true)?;
-        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-        let stream = tokio::time::timeout(self.connect_timeout, socket.connect(destination))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
-        Ok(stream)
     }
 }
 

@@ -1,5 +1,7 @@
-//! Pooled HTTP/1.1 connections to upstream endpoints, keyed by endpoint address, on hyper's
-//! low-level client (`hyper::client::conn::http1`).
+//! Pooled HTTP/1.1 connections to upstream endpoints, keyed by endpoint address (and, for an
+//! endpoint on another node, by the source workload whose identity the tunnel carries), on
+//! hyper's low-level client (`hyper::client::conn::http1`). Connections are made by the
+//! proxy's [`Dialer`]: directly, or through the node-to-node tunnel.
 //!
 //! The request goes out in origin form as the caller sent it: no absolute URI is formatted and
 //! parsed again, no pool key is built, and a connection goes back to the pool when its
@@ -25,10 +27,22 @@ use hyper::{
     client::conn::http1::SendRequest,
 };
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::http::ProxyBody;
+use super::{
+    dialer::{DialError, Dialer},
+    http::ProxyBody,
+};
+use crate::tunnel::TunnelError;
+
+/// What a pooled connection is tied to: its endpoint, and the source workload when the
+/// connection goes through the tunnel (the peer node authorised that source, so it must not
+/// carry another's requests).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamKey {
+    pub endpoint: SocketAddr,
+    pub via: Option<Arc<str>>,
+}
 
 /// Why an upstream request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +53,10 @@ pub enum SendError {
     /// The connection failed after the request was (or may have been) sent.
     #[error(transparent)]
     Failed(hyper::Error),
+    /// The endpoint's node refused this source (its own policy): nothing was sent, and
+    /// another try would be refused too.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// One idle connection.
@@ -50,7 +68,7 @@ struct Idle {
 /// Idle connections by endpoint, most recently used last.
 #[derive(Default)]
 struct IdleSet {
-    by_endpoint: HashMap<SocketAddr, Vec<Idle>>,
+    by_endpoint: HashMap<UpstreamKey, Vec<Idle>>,
     count: usize,
     last_sweep: Option<Instant>,
 }
@@ -80,20 +98,20 @@ impl IdleSet {
 /// The shared part of a [`Http1Pool`]; pooled bodies hold it weakly.
 struct PoolInner {
     idle: Mutex<IdleSet>,
-    connect_timeout: Duration,
+    dialer: Arc<Dialer>,
     idle_timeout: Duration,
     max_idle_per_endpoint: usize,
 }
 
 impl PoolInner {
-    fn put_back(&self, endpoint: SocketAddr, sender: SendRequest<ProxyBody>) {
+    fn put_back(&self, endpoint: UpstreamKey, sender: SendRequest<ProxyBody>) {
         if sender.is_closed() {
             return;
         }
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.sweep(now, self.idle_timeout, self.idle_timeout / 4);
-        let list = idle.by_endpoint.entry(endpoint).or_default();
+        let list = idle.by_endpoint.entry(endpoint.clone()).or_default();
         if list.len() >= self.max_idle_per_endpoint {
             // Full: the oldest goes (dropping its sender closes the connection).
             list.remove(0);
@@ -107,10 +125,10 @@ impl PoolInner {
 
     /// The most recently used idle connection to `endpoint` still open and within the idle
     /// timeout.
-    fn take(&self, endpoint: SocketAddr) -> Option<SendRequest<ProxyBody>> {
+    fn take(&self, endpoint: &UpstreamKey) -> Option<SendRequest<ProxyBody>> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.by_endpoint.get_mut(&endpoint)?;
+        let list = idle.by_endpoint.get_mut(endpoint)?;
         let mut taken = None;
         let mut dropped = 0;
         while let Some(conn) = list.pop() {
@@ -121,7 +139,7 @@ impl PoolInner {
             }
         }
         if list.is_empty() {
-            idle.by_endpoint.remove(&endpoint);
+            idle.by_endpoint.remove(endpoint);
         }
         idle.count -= dropped;
         taken
@@ -149,15 +167,26 @@ impl std::fmt::Debug for Http1Pool {
 }
 
 impl Http1Pool {
+    /// A pool of direct connections only (endpoints on other nodes fail closed).
     pub fn new(
         connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle_per_endpoint: usize,
+    ) -> Self {
+        let dialer = Arc::new(Dialer::direct("", connect_timeout));
+        Self::with_dialer(dialer, idle_timeout, max_idle_per_endpoint)
+    }
+
+    /// A pool whose connections `dialer` makes.
+    pub fn with_dialer(
+        dialer: Arc<Dialer>,
         idle_timeout: Duration,
         max_idle_per_endpoint: usize,
     ) -> Self {
         Self {
             inner: Arc::new(PoolInner {
                 idle: Mutex::new(IdleSet::default()),
-                connect_timeout,
+                dialer,
                 idle_timeout,
                 max_idle_per_endpoint,
             }),
@@ -181,6 +210,21 @@ impl Http1Pool {
         endpoint: SocketAddr,
         request: Request<ProxyBody>,
     ) -> Result<Response<PooledBody>, SendError> {
+        self.send_as(&Arc::from(""), endpoint, None, request).await
+    }
+
+    /// [`Http1Pool::send`] on behalf of workload `source`, to an endpoint on `node`.
+    pub async fn send_as(
+        &self,
+        source: &Arc<str>,
+        address: SocketAddr,
+        node: Option<&str>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let endpoint = UpstreamKey {
+            endpoint: address,
+            via: self.inner.dialer.identity_key(source, node),
+        };
         let mut request = Some(request);
         // Reused connections first; one that turns out closed gives the request back. One
         // still busy (its request body still going out after the response ended) is not
@@ -190,14 +234,14 @@ impl Http1Pool {
             let Some(unsent) = request.take() else {
                 break None;
             };
-            let Some(mut sender) = self.inner.take(endpoint) else {
+            let Some(mut sender) = self.inner.take(&endpoint) else {
                 request = Some(unsent);
                 break None;
             };
             match std::future::poll_fn(|cx| Poll::Ready(sender.poll_ready(cx))).await {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(error)) => {
-                    debug!(%endpoint, %error, "pooled upstream connection closed");
+                    debug!(endpoint = %address, %error, "pooled upstream connection closed");
                     request = Some(unsent);
                     continue;
                 }
@@ -208,11 +252,11 @@ impl Http1Pool {
                 }
             }
             match sender.try_send_request(unsent).await {
-                Ok(response) => break Some(Ok(self.pooled(endpoint, sender, response))),
+                Ok(response) => break Some(Ok(self.pooled(endpoint.clone(), sender, response))),
                 Err(mut error) => match error.take_message() {
                     // Never sent: the connection closed meanwhile; try another.
                     Some(unsent) => {
-                        debug!(%endpoint, error = %error.error(), "pooled upstream connection refused the request; trying another");
+                        debug!(endpoint = %address, error = %error.error(), "pooled upstream connection refused the request; trying another");
                         request = Some(unsent);
                     }
                     None => break Some(Err(SendError::Failed(error.into_error()))),
@@ -220,7 +264,7 @@ impl Http1Pool {
             }
         };
         for sender in busy {
-            self.inner.put_back(endpoint, sender);
+            self.inner.put_back(endpoint.clone(), sender);
         }
         if let Some(sent) = sent {
             return sent;
@@ -229,7 +273,7 @@ impl Http1Pool {
         let Some(request) = request else {
             return Err(SendError::Connect("no request left to send".to_owned()));
         };
-        let mut sender = self.connect(endpoint).await?;
+        let mut sender = self.connect(source, &endpoint, node).await?;
         match sender.send_request(request).await {
             Ok(response) => Ok(self.pooled(endpoint, sender, response)),
             Err(error) => Err(SendError::Failed(error)),
@@ -238,7 +282,7 @@ impl Http1Pool {
 
     fn pooled(
         &self,
-        endpoint: SocketAddr,
+        endpoint: UpstreamKey,
         sender: SendRequest<ProxyBody>,
         response: Response<Incoming>,
     ) -> Response<PooledBody> {
@@ -252,19 +296,24 @@ impl Http1Pool {
         })
     }
 
-    async fn connect(&self, endpoint: SocketAddr) -> Result<SendRequest<ProxyBody>, SendError> {
-        let stream = tokio::time::timeout(self.inner.connect_timeout, TcpStream::connect(endpoint))
+    async fn connect(
+        &self,
+        source: &str,
+        key: &UpstreamKey,
+        node: Option<&str>,
+    ) -> Result<SendRequest<ProxyBody>, SendError> {
+        let endpoint = key.endpoint;
+        let stream = self
+            .inner
+            .dialer
+            .connect(source, endpoint, node)
             .await
-            .map_err(|_| {
-                SendError::Connect(format!(
-                    "connect timed out after {:?}",
-                    self.inner.connect_timeout
-                ))
-            })?
-            .map_err(|error| SendError::Connect(format!("tcp connect error: {error}")))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|error| SendError::Connect(format!("setting TCP_NODELAY: {error}")))?;
+            .map_err(|error| match error {
+                DialError::Tunnel(TunnelError::Denied { .. }) => {
+                    SendError::Refused(error.to_string())
+                }
+                other => SendError::Connect(other.to_string()),
+            })?;
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, ProxyBody>(TokioIo::new(stream))
             .await
@@ -281,7 +330,7 @@ impl Http1Pool {
 /// Where a finished response's connection goes back to.
 struct Back {
     pool: Weak<PoolInner>,
-    endpoint: SocketAddr,
+    endpoint: UpstreamKey,
     sender: SendRequest<ProxyBody>,
 }
 

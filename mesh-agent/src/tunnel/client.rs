@@ -1,0 +1,409 @@
+//! Client side of the tunnel: one pooled HTTP/2 connection with mutual TLS per (source
+//! identity, peer address), one `CONNECT` stream per proxied connection.
+//!
+//! A connection is made on first use and shared by every stream of its key (HTTP/2
+//! multiplexing); concurrent first uses wait for the one handshake. A connection that closed
+//! (peer restarted, keepalive PING unanswered) is replaced on the next use; a stream refused
+//! because its connection had just died is tried once more on a fresh connection.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, OnceLock, PoisonError, atomic::Ordering},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::{body::Incoming, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{debug, info, warn};
+
+use super::{TunnelError, TunnelSettings, TunnelStats, dial_uncaptured};
+use crate::identity::{SpiffeId, TlsCredentials, spiffe_id_of_certificate};
+
+/// Largest refusal reason read from a peer's error response.
+const MAX_REASON: usize = 1024;
+/// HTTP/2 flow-control windows: large enough for bulk transfers across a data-centre RTT.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// The peer node a stream goes to.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer<'a> {
+    /// Its node name: the tunnel accepts only the certificate of `spiffe://<td>/node/<name>`.
+    pub node: &'a str,
+    /// Its tunnel listener.
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: SpiffeId,
+    peer: SocketAddr,
+}
+
+type Sender = SendRequest<Empty<Bytes>>;
+/// The pooled connection of one key; its lock is held while that connection is made.
+type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
+
+/// Opens tunnelled connections to peer nodes.
+pub struct TunnelClient {
+    /// Set once, when the identities are ready (possibly after the proxy started).
+    credentials: OnceLock<Arc<dyn TlsCredentials>>,
+    settings: TunnelSettings,
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+    stats: Arc<TunnelStats>,
+}
+
+impl std::fmt::Debug for TunnelClient {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("TunnelClient")
+            .field("credentials", &self.credentials.get().is_some())
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TunnelClient {
+    /// Without credentials every [`TunnelClient::open`] fails with
+    /// [`TunnelError::NoCredentials`]: cross-node traffic never goes out in plaintext.
+    pub fn new(
+        credentials: Option<Arc<dyn TlsCredentials>>,
+        settings: TunnelSettings,
+        stats: Arc<TunnelStats>,
+    ) -> Self {
+        let cell = OnceLock::new();
+        if let Some(credentials) = credentials {
+            let _ = cell.set(credentials);
+        }
+        Self {
+            credentials: cell,
+            settings,
+            slots: Mutex::new(HashMap::new()),
+            stats,
+        }
+    }
+
+    /// Provides the credentials once they are ready; `false` when some were already set
+    /// (they are kept).
+    pub fn set_credentials(&self, credentials: Arc<dyn TlsCredentials>) -> bool {
+        self.credentials.set(credentials).is_ok()
+    }
+
+    /// The trust domain workload identities are made in, when credentials are configured.
+    pub fn trust_domain(&self) -> Option<&str> {
+        self.credentials
+            .get()
+            .map(|credentials| credentials.trust_domain())
+    }
+
+    /// Pooled connections open now.
+    pub fn connections(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots
+            .values()
+            .filter(|slot| {
+                slot.try_lock()
+                    .map(|sender| sender.as_ref().is_some_and(|s| !s.is_closed()))
+                    .unwrap_or(true)
+            })
+            .count()
+    }
+
+    /// Opens a stream to `target` (an endpoint on `peer`), as `source`.
+    pub async fn open(
+        &self,
+        source: &SpiffeId,
+        peer: Peer<'_>,
+        target: SocketAddr,
+    ) -> Result<TunnelStream, TunnelError> {
+        let credentials = self.credentials.get().ok_or(TunnelError::NoCredentials)?;
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            // Forget keys whose connection is gone, so the map does not grow without bound.
+            if slots.len() > 64 {
+                slots.retain(|_, slot| {
+                    slot.try_lock()
+                        .map(|sender| sender.as_ref().is_some_and(|s| !s.is_closed()))
+                        .unwrap_or(true)
+                });
+            }
+            Arc::clone(
+                slots
+                    .entry(PoolKey {
+                        source: source.clone(),
+                        peer: peer.address,
+                    })
+                    .or_default(),
+            )
+        };
+        let mut last_error = None;
+        for _ in 0..2 {
+            let (mut sender, fresh) = self.sender(&slot, credentials, source, peer).await?;
+            let request = Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .body(Empty::<Bytes>::new())
+                .map_err(|error| TunnelError::Protocol {
+                    node: peer.node.to_owned(),
+                    reason: error.to_string(),
+                })?;
+            let sent = match sender.ready().await {
+                Ok(()) => sender.send_request(request).await,
+                Err(error) => Err(error),
+            };
+            match sent {
+                Ok(response) => return self.finish(peer, target, response).await,
+                Err(error) => {
+                    // The connection is broken (or going away): the next stream makes a new
+                    // one; streams still open on it finish there.
+                    debug!(node = peer.node, peer = %peer.address, %error, fresh, "tunnel connection failed; forgetting it");
+                    *slot.lock().await = None;
+                    last_error = Some(error);
+                    if fresh {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(TunnelError::Protocol {
+            node: peer.node.to_owned(),
+            reason: last_error.map_or_else(|| "no connection".to_owned(), |e| e.to_string()),
+        })
+    }
+
+    /// The pooled connection of `slot`, made when missing or closed; `true` when new.
+    async fn sender(
+        &self,
+        slot: &Slot,
+        credentials: &Arc<dyn TlsCredentials>,
+        source: &SpiffeId,
+        peer: Peer<'_>,
+    ) -> Result<(Sender, bool), TunnelError> {
+        let mut pooled = slot.lock().await;
+        if let Some(sender) = pooled.as_ref()
+            && !sender.is_closed()
+        {
+            return Ok((sender.clone(), false));
+        }
+        *pooled = None;
+        match self.connect(credentials, source, peer).await {
+            Ok(sender) => {
+                self.stats
+                    .client_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                *pooled = Some(sender.clone());
+                Ok((sender, true))
+            }
+            Err(error) => {
+                self.stats
+                    .client_connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(node = peer.node, peer = %peer.address, %source, %error, "cannot reach peer node's tunnel");
+                Err(error)
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        credentials: &Arc<dyn TlsCredentials>,
+        source: &SpiffeId,
+        peer: Peer<'_>,
+    ) -> Result<Sender, TunnelError> {
+        let node = peer.node.to_owned();
+        let address = peer.address;
+        let expected = SpiffeId::for_node(credentials.trust_domain(), peer.node)
+            .map_err(|error| TunnelError::Identity(peer.node.to_owned(), error.to_string()))?;
+        let config = credentials
+            .client_config(source)
+            .await
+            .map_err(|source_error| TunnelError::Credentials {
+                identity: source.to_string(),
+                source: source_error,
+            })?;
+        let tcp = dial_uncaptured(address, self.settings.connect_timeout)
+            .await
+            .map_err(|error| TunnelError::Connect {
+                node: node.clone(),
+                address,
+                reason: error.to_string(),
+            })?;
+        let tls_error = |reason: String| TunnelError::Tls {
+            node: node.clone(),
+            address,
+            reason,
+        };
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let name = ServerName::IpAddress(address.ip().into());
+        let tls = tokio::time::timeout(
+            self.settings.handshake_timeout,
+            connector.connect(name, tcp),
+        )
+        .await
+        .map_err(|_| {
+            tls_error(format!(
+                "handshake timed out after {:?}",
+                self.settings.handshake_timeout
+            ))
+        })?
+        .map_err(|error| tls_error(error.to_string()))?;
+        // The verifier checked the chain; this checks it is the node we meant to reach.
+        let presented = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certificates| certificates.first())
+            .ok_or_else(|| tls_error("the peer presented no certificate".to_owned()))
+            .and_then(|certificate| {
+                spiffe_id_of_certificate(certificate).map_err(|error| tls_error(error.to_string()))
+            })?;
+        if presented != expected {
+            return Err(TunnelError::PeerIdentity {
+                node,
+                address,
+                presented: presented.to_string(),
+                expected: expected.to_string(),
+            });
+        }
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.settings.keepalive_interval)
+            .keep_alive_timeout(self.settings.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+            .await
+            .map_err(|error| TunnelError::Protocol {
+                node: node.clone(),
+                reason: format!("HTTP/2 handshake: {error}"),
+            })?;
+        info!(%node, peer = %address, %source, "tunnel connection established");
+        tokio::spawn(async move {
+            match connection.await {
+                Ok(()) => debug!(%node, peer = %address, "tunnel connection closed"),
+                Err(error) => {
+                    info!(%node, peer = %address, %error, "tunnel connection ended with an error")
+                }
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn finish(
+        &self,
+        peer: Peer<'_>,
+        target: SocketAddr,
+        mut response: Response<Incoming>,
+    ) -> Result<TunnelStream, TunnelError> {
+        let status = response.status();
+        if status == StatusCode::OK {
+            let upgraded =
+                hyper::upgrade::on(&mut response)
+                    .await
+                    .map_err(|error| TunnelError::Protocol {
+                        node: peer.node.to_owned(),
+                        reason: format!("CONNECT stream: {error}"),
+                    })?;
+            self.stats.client_streams.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .client_streams_active
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(TunnelStream {
+                io: TokioIo::new(upgraded),
+                stats: Arc::clone(&self.stats),
+            });
+        }
+        self.stats
+            .client_streams_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let reason = match tokio::time::timeout(
+            self.settings.connect_timeout,
+            Limited::new(response.into_body(), MAX_REASON).collect(),
+        )
+        .await
+        {
+            Ok(Ok(body)) => String::from_utf8_lossy(&body.to_bytes()).trim().to_owned(),
+            _ => String::new(),
+        };
+        let reason = if reason.is_empty() {
+            status.to_string()
+        } else {
+            format!("{status}: {reason}")
+        };
+        let node = peer.node.to_owned();
+        Err(match status {
+            StatusCode::FORBIDDEN => TunnelError::Denied {
+                node,
+                target,
+                reason,
+            },
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => {
+                TunnelError::TargetUnreachable {
+                    node,
+                    target,
+                    reason,
+                }
+            }
+            _ => TunnelError::Protocol { node, reason },
+        })
+    }
+}
+
+/// One tunnelled connection: bytes both ways, half-close (shutdown sends END_STREAM),
+/// backpressure from HTTP/2 flow control.
+pub struct TunnelStream {
+    io: TokioIo<Upgraded>,
+    stats: Arc<TunnelStats>,
+}
+
+impl std::fmt::Debug for TunnelStream {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("TunnelStream")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        self.stats
+            .client_streams_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

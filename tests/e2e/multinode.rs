@@ -1,0 +1,680 @@
+//! Two nodes on one machine: network namespaces `node-a` and `node-b` on a bridge, a real
+//! `mesh-agent` in each (its own cgroup tree, pins, policy folder; identities from one local
+//! CA folder), workloads served in node B's namespace. A captured workload on node A calls
+//! agents whose endpoints are registered on node B: the call goes through node A's agent and
+//! the mutual-TLS tunnel to node B's agent, which checks its own policy and delivers. A packet
+//! capture on node A's interface shows TLS records to the tunnel port and never the payload.
+
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use mesh_tests::{
+    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, NodeLaunch,
+    netns::{NetNode, Network, PacketCapture},
+    python_script, read_lines_until, target_profile_dir, unique_name, wait_for_port,
+};
+use serde_json::Value;
+
+const TRUST_DOMAIN: &str = "mesh.e2e";
+const TUNNEL_PORT: u16 = 15008;
+const HTTP_PORT: u16 = 8080;
+const RR_PORT: u16 = 9090;
+/// What `mesh-loadgen http-server` answers a GET with.
+const HTTP_GET_BODY: &str = "hello from the mesh-loadgen upstream";
+
+/// A temporary folder removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique_name(label));
+        fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn quote(text: &str) -> String {
+    serde_json::Value::String(text.to_owned()).to_string()
+}
+
+fn loadgen() -> PathBuf {
+    let path = target_profile_dir().join("mesh-loadgen");
+    assert!(
+        path.exists(),
+        "build the test binaries first: {}",
+        path.display()
+    );
+    path
+}
+
+/// The registry both nodes share: `web` (HTTP) and `echo` (the benchmark protocol), both
+/// on node B.
+fn registry(b: &NetNode) -> String {
+    format!(
+        r#"apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {{name: web}}
+spec:
+  endpoints: [{{address: "{b}:{HTTP_PORT}", node: node-b}}]
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {{name: echo}}
+spec:
+  endpoints: [{{address: "{b}:{RR_PORT}", node: node-b}}]
+"#,
+        b = b.address
+    )
+}
+
+/// Node B's policy: `allowed` may call both agents.
+fn access(allowed: &str) -> String {
+    let mut text = String::new();
+    for target in ["web", "echo"] {
+        text.push_str(&format!(
+            r#"---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {{name: {target}-access}}
+spec:
+  targetAgent: {target}
+  action: Allow
+  rules: [{{from: [{allowed}]}}]
+"#
+        ));
+    }
+    text
+}
+
+/// Two nodes, an agent on each, the workload servers on node B. Fields drop in order:
+/// processes first, the namespaces last.
+struct TwoNodes {
+    a: AgentProcess,
+    b: AgentProcess,
+    _servers: Vec<(KillOnDrop, std::process::ChildStdout)>,
+    client: PathBuf,
+    tree_a: CgroupTree,
+    _tree_b: CgroupTree,
+    work: TempDir,
+    network: Network,
+}
+
+impl TwoNodes {
+    /// Node B's policy lets `b_allows` call its agents; node A's allows everything.
+    fn start(label: &str, b_allows: &str) -> Self {
+        Self::start_with(label, b_allows, |_| String::new())
+    }
+
+    /// As [`TwoNodes::start`], with more resources for both nodes, made from node B.
+    fn start_with(label: &str, b_allows: &str, extra: impl Fn(&NetNode) -> String) -> Self {
+        let network = Network::create(label, 2).expect("create the network");
+        let work = TempDir::new(label);
+        let (node_a, node_b) = (network.node(0).clone(), network.node(1).clone());
+        let policies_a = work.0.join("policies-a");
+        let policies_b = work.0.join("policies-b");
+        fs::create_dir_all(&policies_a).unwrap();
+        fs::create_dir_all(&policies_b).unwrap();
+        let extra = extra(&node_b);
+        fs::write(
+            policies_a.join("mesh.yaml"),
+            format!("{}{extra}", registry(&node_b)),
+        )
+        .unwrap();
+        fs::write(
+            policies_b.join("mesh.yaml"),
+            format!("{}{}{extra}", registry(&node_b), access(b_allows)),
+        )
+        .unwrap();
+        // One CA folder for both agents (the standalone local CA): one trust domain.
+        let ca_dir = work.0.join("ca");
+        let spec = |peer: &NetNode, peer_name: &str| {
+            format!(
+                "  identity:\n    trustDomain: {TRUST_DOMAIN}\n    localCa: {{ dir: {} }}\n  tunnel:\n    peers: [{{ node: {peer_name}, address: \"{}:{TUNNEL_PORT}\" }}]\n",
+                quote(&ca_dir.to_string_lossy()),
+                peer.address
+            )
+        };
+        // The workload servers of node B, in its namespace.
+        let mut servers = Vec::new();
+        for (mode, port) in [("http-server", HTTP_PORT), ("serve", RR_PORT)] {
+            let mut child = node_b
+                .command(&loadgen().to_string_lossy())
+                .args([mode, "--listen", &format!("{}:{port}", node_b.address)])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start a workload server on node B");
+            let mut stdout = child.stdout.take().unwrap();
+            let lines = read_lines_until(&mut stdout, |line| line.starts_with("listening"));
+            assert!(
+                lines.iter().any(|line| line.starts_with("listening")),
+                "{mode} did not start: {lines:?}"
+            );
+            servers.push((KillOnDrop(child), stdout));
+        }
+        let tree_b = CgroupTree::create(&format!("{label}-b")).unwrap();
+        let b = AgentProcess::start_node(
+            &tree_b,
+            options(tree_b.child("agent").unwrap(), vec![], &policies_b),
+            NodeLaunch {
+                name: "node-b".into(),
+                tunnel: SocketAddr::new(node_b.address.into(), TUNNEL_PORT),
+                launcher: node_b.launcher(),
+            },
+            &spec(&node_a, "node-a"),
+        )
+        .expect("start node B's agent");
+        let tree_a = CgroupTree::create(&format!("{label}-a")).unwrap();
+        let client = tree_a.child("client").unwrap();
+        let a = AgentProcess::start_node(
+            &tree_a,
+            options(
+                tree_a.child("agent").unwrap(),
+                vec![("client".into(), client.clone())],
+                &policies_a,
+            ),
+            NodeLaunch {
+                name: "node-a".into(),
+                tunnel: SocketAddr::new(node_a.address.into(), TUNNEL_PORT),
+                launcher: node_a.launcher(),
+            },
+            &spec(&node_b, "node-b"),
+        )
+        .expect("start node A's agent");
+        TwoNodes {
+            a,
+            b,
+            _servers: servers,
+            client,
+            tree_a,
+            _tree_b: tree_b,
+            work,
+            network,
+        }
+    }
+
+    fn node_a(&self) -> &NetNode {
+        self.network.node(0)
+    }
+
+    fn node_b(&self) -> &NetNode {
+        self.network.node(1)
+    }
+
+    /// Runs `program args` as the captured workload `client` on node A.
+    fn run_client(&self, program: &Path, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.node_a().path().display()))
+            .arg("--")
+            .arg(program)
+            .args(args);
+        self.tree_a
+            .run_in(&self.client, &mut command)
+            .expect("run the client workload")
+    }
+
+    /// curl as the client workload: (status, body).
+    fn curl(&self, args: &[&str]) -> (u16, String) {
+        let mut all = vec!["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"];
+        all.extend_from_slice(args);
+        let output = self.run_client(Path::new("/usr/bin/curl"), &all);
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (
+            status.trim().parse().unwrap_or_else(|_| {
+                panic!(
+                    "curl printed no status: {text} {}",
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            }),
+            body.to_owned(),
+        )
+    }
+
+    /// `mesh-loadgen <args>` as the client workload (through the mesh), parsed.
+    fn loadgen_through_mesh(&self, args: &[&str]) -> Value {
+        let output = self.run_client(&loadgen(), args);
+        parse_report(&output)
+    }
+
+    /// `mesh-loadgen <args>` from node A's namespace, not captured: plain TCP between the
+    /// nodes.
+    fn loadgen_plain(&self, args: &[&str]) -> Value {
+        let output = self
+            .node_a()
+            .command(&loadgen().to_string_lossy())
+            .args(args)
+            .output()
+            .expect("run mesh-loadgen");
+        parse_report(&output)
+    }
+
+    fn metric(agent: &AgentProcess, node: &NetNode, name: &str) -> f64 {
+        let metrics = metrics_in(node, agent.admin_port);
+        metrics
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|value| value.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    }
+}
+
+fn parse_report(output: &std::process::Output) -> Value {
+    let text = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|error| {
+        panic!(
+            "mesh-loadgen: {error}: {text} {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn options(
+    agent_cgroup: PathBuf,
+    workloads: Vec<(String, PathBuf)>,
+    policy: &Path,
+) -> AgentOptions {
+    AgentOptions {
+        accelerate: false,
+        workloads,
+        exclude_ports: vec![],
+        exclude_cidrs: vec![],
+        agent_cgroup,
+        log_filter: "info,mesh_agent=debug".into(),
+        // A release build measures the tunnel's real cost (the load test prints numbers).
+        agent_binary: std::env::var_os("MESH_E2E_AGENT_BINARY").map(PathBuf::from),
+        policy_dir: Some(policy.to_path_buf()),
+    }
+}
+
+/// The admin endpoint's `/metrics`, read from inside the node's namespace.
+fn metrics_in(node: &NetNode, port: u16) -> String {
+    node.run_in(move || {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("admin endpoint");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+            .expect("scrape");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("read metrics");
+        text
+    })
+    .expect("enter the node's namespace")
+    .join()
+    .expect("scrape thread")
+    .expect("joined the namespace")
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+#[test]
+fn a_workload_on_node_a_reaches_an_agent_on_node_b_only_through_the_tunnel() {
+    let nodes = TwoNodes::start("multinode", "client");
+    let capture_path = nodes.work.0.join("node-a.pcap");
+    let capture = PacketCapture::start(nodes.node_a(), &capture_path).expect("tcpdump");
+    let secret = format!("secret-{}", unique_name("marker"));
+    let url = format!("http://{}:{HTTP_PORT}/{secret}", nodes.node_b().address);
+
+    // L7: HTTP/1.1 through node A's proxy, the tunnel, node B's agent.
+    let header = format!("x-secret: {secret}");
+    let (status, body) = nodes.curl(&["-H", &header, &url]);
+    assert_eq!(status, 200, "{body}\n{}\n{}", nodes.a.log(), nodes.b.log());
+    assert!(body.contains(HTTP_GET_BODY), "{body}");
+
+    // Opaque TCP: request/response echo through the same tunnel.
+    let rr = nodes.loadgen_through_mesh(&[
+        "rr",
+        "--to",
+        &format!("{}:{RR_PORT}", nodes.node_b().address),
+        "--duration-ms",
+        "300",
+        "--warmup",
+        "10",
+    ]);
+    assert!(rr["samples"].as_u64().unwrap_or(0) > 0, "{rr}");
+
+    let bytes = capture.finish().expect("stop tcpdump");
+    assert!(
+        !contains(&bytes, secret.as_bytes()),
+        "the payload crossed the wire in plaintext"
+    );
+    assert!(
+        !contains(&bytes, HTTP_GET_BODY.as_bytes()),
+        "the response crossed the wire in plaintext"
+    );
+    // TLS 1.3 application-data records, on the tunnel port only.
+    assert!(contains(&bytes, &[0x17, 0x03, 0x03]), "no TLS records seen");
+    let tunnel = PacketCapture::packets(&capture_path, &format!("tcp port {TUNNEL_PORT}")).unwrap();
+    assert!(!tunnel.is_empty(), "no packets to the tunnel port");
+    let direct = PacketCapture::packets(
+        &capture_path,
+        &format!("tcp port {HTTP_PORT} or tcp port {RR_PORT}"),
+    )
+    .unwrap();
+    assert!(
+        direct.is_empty(),
+        "a workload port was reached directly: {direct:?}"
+    );
+
+    // One pooled tunnel connection (source `client`, node B) carried every stream.
+    let (a, b) = (nodes.node_a(), nodes.node_b());
+    assert_eq!(
+        TwoNodes::metric(&nodes.a, a, "mesh_tunnel_client_connections_total"),
+        1.0
+    );
+    assert!(TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_streams_total") >= 2.0);
+    assert_eq!(
+        TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_denied_streams_total"),
+        0.0
+    );
+    assert!(
+        nodes.b.log().contains("spiffe://mesh.e2e/agent/client"),
+        "node B saw the caller's identity: {}",
+        nodes.b.log()
+    );
+}
+
+#[test]
+fn node_b_refuses_a_caller_its_own_policy_denies() {
+    // Node A allows everything; node B allows only `planner`.
+    let nodes = TwoNodes::start("multinode-deny", "planner");
+    let url = format!("http://{}:{HTTP_PORT}/", nodes.node_b().address);
+    let (status, body) = nodes.curl(&[&url]);
+    // Node A passes node B's refusal on as a 403 naming node B and its reason.
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("node node-b refused") && body.contains("no AccessPolicy rule allows client"),
+        "{body}"
+    );
+    let log_b = nodes.b.log();
+    assert!(log_b.contains("tunnel stream denied"), "{log_b}");
+    assert!(
+        log_b.contains("no AccessPolicy rule allows client to call web"),
+        "{log_b}"
+    );
+    let b = nodes.node_b();
+    assert!(TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_denied_streams_total") >= 1.0);
+    assert_eq!(
+        TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_streams_active"),
+        0.0
+    );
+    // Opaque TCP is refused the same way: the connection is reset, nothing is echoed.
+    let output = nodes.run_client(
+        &loadgen(),
+        &[
+            "rr",
+            "--to",
+            &format!("{}:{RR_PORT}", nodes.node_b().address),
+            "--duration-ms",
+            "100",
+            "--warmup",
+            "1",
+        ],
+    );
+    assert!(
+        !output.status.success() || String::from_utf8_lossy(&output.stdout).contains("error"),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+/// The same load through the tunnel and over plain TCP between the two namespaces; prints
+/// the numbers (latency and throughput), asserts only that every run completed. For numbers
+/// worth quoting, run it with `MESH_E2E_AGENT_BINARY=target/release/mesh-agent` and
+/// `--no-capture`.
+#[test]
+fn tunnel_and_plain_tcp_carry_the_same_load() {
+    let nodes = TwoNodes::start("multinode-load", "client");
+    let to = format!("{}:{RR_PORT}", nodes.node_b().address);
+    let rr = [
+        "rr",
+        "--to",
+        &to,
+        "--duration-ms",
+        "2000",
+        "--warmup",
+        "100",
+    ];
+    let bulk = ["bulk", "--to", &to, "--duration-ms", "2000"];
+    let connect = ["connect", "--to", &to, "--count", "300"];
+    let web = format!("{}:{HTTP_PORT}", nodes.node_b().address);
+    let http = [
+        "http",
+        "--to",
+        &web,
+        "--duration-ms",
+        "2000",
+        "--expect-body",
+        HTTP_GET_BODY,
+    ];
+    let mut report = serde_json::Map::new();
+    for (name, args) in [
+        ("rr", &rr[..]),
+        ("bulk", &bulk[..]),
+        ("connect", &connect[..]),
+        ("http", &http[..]),
+    ] {
+        let tunnel = nodes.loadgen_through_mesh(args);
+        let plain = nodes.loadgen_plain(args);
+        assert!(
+            tunnel.get("error").is_none(),
+            "{name} through the tunnel: {tunnel}"
+        );
+        assert!(
+            plain.get("error").is_none(),
+            "{name} over plain TCP: {plain}"
+        );
+        report.insert(
+            name.to_owned(),
+            serde_json::json!({ "tunnel": tunnel, "plain": plain }),
+        );
+    }
+    println!(
+        "tunnel vs plain TCP between two namespaces:\n{}",
+        serde_json::to_string_pretty(&report).unwrap()
+    );
+}
+
+/// The gRPC echo service, listening on node B's loopback only: registered on node B, it is
+/// reachable from node A through the tunnel and nowhere else.
+const GRPC_AGENT: &str = r#"---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {name: grpc}
+spec:
+  endpoints: [{address: "127.0.0.1:50051", node: node-b}]
+  protocol: Grpc
+"#;
+
+/// Node A's own policy forbids one method (decided at node A, at L7).
+const GRPC_DENY: &str = r#"---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: no-forbidden-method}
+spec:
+  targetAgent: grpc
+  action: Deny
+  rules:
+    - from: ["*"]
+      http:
+        paths: ["/echo.Echo/Forbidden"]
+"#;
+
+#[test]
+fn grpc_streams_cross_nodes_through_the_tunnel_to_a_loopback_only_server() {
+    // Both nodes get the Deny rule (one mesh, one set of resources); it has an L7 condition,
+    // so node A decides it per call and node B does not refuse the stream for it.
+    let nodes = TwoNodes::start_with("multinode-grpc", "client", |_| {
+        format!("{GRPC_AGENT}{GRPC_DENY}")
+    });
+    let (python, script) = python_script("grpc_echo_server.py").expect("test virtualenv");
+    let server = nodes
+        .node_b()
+        .command(&python.to_string_lossy())
+        .arg(&script)
+        .arg("50051")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the gRPC server on node B");
+    let _server = KillOnDrop(server);
+    nodes
+        .node_b()
+        .run_in(|| {
+            wait_for_port(
+                SocketAddr::from(([127, 0, 0, 1], 50051)),
+                std::time::Duration::from_secs(30),
+            )
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("the gRPC server listens on node B");
+
+    let (python, probe) = python_script("grpc_probe.py").expect("test virtualenv");
+    let output = nodes.run_client(&python, &[&probe.to_string_lossy(), "127.0.0.1:50051", "1"]);
+    let report = parse_report(&output);
+    assert_eq!(report["say"]["response"], "echo:hello", "{report}");
+    assert_eq!(
+        report["say"]["trailers"]["x-echo-trailer"], "done",
+        "{report}"
+    );
+    assert_eq!(report["count"]["code"], "OK", "{report}");
+    assert_eq!(
+        report["count"]["messages"].as_array().map(Vec::len),
+        Some(100),
+        "{report}"
+    );
+    assert_eq!(report["chat"]["code"], "OK", "{report}");
+    assert_eq!(
+        report["chat"]["messages"].as_array().map(Vec::len),
+        Some(50),
+        "{report}"
+    );
+    assert_eq!(report["forbidden"]["code"], "PERMISSION_DENIED", "{report}");
+    // Every call rode one HTTP/2 connection to the server, over one tunnel stream.
+    assert_eq!(
+        TwoNodes::metric(&nodes.b, nodes.node_b(), "mesh_tunnel_server_streams_total"),
+        1.0
+    );
+}
+
+/// A server-first service (it greets before the client says anything), on node B.
+const BANNER_AGENT: &str = r#"---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {name: banner}
+spec:
+  endpoints: [{address: "BANNER_ADDRESS", node: node-b}]
+"#;
+
+#[test]
+fn a_server_first_protocol_works_across_nodes() {
+    let nodes = TwoNodes::start_with("multinode-banner", "client", |b| {
+        BANNER_AGENT.replace("BANNER_ADDRESS", &format!("{}:7070", b.address))
+    });
+    let target = SocketAddr::new(nodes.node_b().address.into(), 7070);
+    // The server greets first, then echoes one line.
+    let server = nodes
+        .node_b()
+        .run_in(move || {
+            let listener = std::net::TcpListener::bind(target).expect("bind on node B");
+            let (mut stream, _) = listener.accept().expect("accept");
+            stream.write_all(b"220 banner ready\n").expect("greet");
+            let mut line = [0u8; 6];
+            stream
+                .read_exact(&mut line)
+                .expect("read the client's line");
+            stream.write_all(&line).expect("echo");
+            line
+        })
+        .unwrap();
+    let script = format!(
+        "import socket,json\n\
+         s=socket.create_connection(('{}',{}),timeout=20)\n\
+         banner=b''\n\
+         while not banner.endswith(b'\\n'): banner+=s.recv(100)\n\
+         s.sendall(b'hello\\n')\n\
+         echo=b''\n\
+         while len(echo)<6: echo+=s.recv(100)\n\
+         print(json.dumps({{'banner':banner.decode(),'echo':echo.decode()}}))\n",
+        target.ip(),
+        target.port()
+    );
+    let output = nodes.run_client(Path::new("/usr/bin/python3"), &["-c", &script]);
+    let report = parse_report(&output);
+    assert_eq!(report["banner"], "220 banner ready\n", "{report}");
+    assert_eq!(report["echo"], "hello\n", "{report}");
+    assert_eq!(server.join().unwrap().unwrap(), *b"hello\n");
+    assert!(TwoNodes::metric(&nodes.b, nodes.node_b(), "mesh_tunnel_server_streams_total") >= 1.0);
+}
+
+/// Node A's own policy: `client` may not reach `banner` at all.
+const BANNER_DENY: &str = r#"---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: no-banner}
+spec:
+  targetAgent: banner
+  action: Deny
+  rules: [{from: [client]}]
+"#;
+
+#[test]
+fn a_connection_node_a_denies_never_reaches_node_b() {
+    let nodes = TwoNodes::start_with("multinode-local-deny", "client", |b| {
+        BANNER_AGENT.replace("BANNER_ADDRESS", &format!("{}:7070", b.address)) + BANNER_DENY
+    });
+    let target = SocketAddr::new(nodes.node_b().address.into(), 7070);
+    // Silent past the server-first grace (so an early dial would have happened), then speaks.
+    let script = format!(
+        "import socket,json,time\n\
+         s=socket.create_connection(('{}',{}),timeout=20)\n\
+         time.sleep(0.2)\n\
+         outcome='open'\n\
+         try:\n    s.sendall(b'hello\\n')\n    data=s.recv(100)\n    outcome='eof' if not data else 'data'\n\
+         except ConnectionResetError:\n    outcome='reset'\n\
+         print(json.dumps({{'outcome':outcome}}))\n",
+        target.ip(),
+        target.port()
+    );
+    let output = nodes.run_client(Path::new("/usr/bin/python3"), &["-c", &script]);
+    let report = parse_report(&output);
+    assert_eq!(report["outcome"], "reset", "{report}");
+    assert!(
+        nodes.a.log().contains("connection denied by policy"),
+        "{}",
+        nodes.a.log()
+    );
+    // Nothing went to node B: no tunnel connection, no stream.
+    let b = nodes.node_b();
+    assert_eq!(
+        TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_connections_total"),
+        0.0
+    );
+    assert_eq!(
+        TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_streams_total"),
+        0.0
+    );
+}
