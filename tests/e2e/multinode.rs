@@ -9,317 +9,46 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
-    fs,
     io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
 };
 
 use mesh_tests::{
-    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, NodeLaunch,
-    netns::{NetNode, Network, PacketCapture},
-    python_script, read_lines_until, target_profile_dir, unique_name, wait_for_port,
+    AgentProcess, KillOnDrop,
+    netns::{NetNode, PacketCapture},
+    python_script,
+    two_nodes::{Binaries, HTTP_GET_BODY, HTTP_PORT, RR_PORT, TUNNEL_PORT, TwoNodes, parse_report},
+    unique_name, wait_for_port,
 };
-use serde_json::Value;
 
-const TRUST_DOMAIN: &str = "mesh.e2e";
-const TUNNEL_PORT: u16 = 15008;
-const HTTP_PORT: u16 = 8080;
-const RR_PORT: u16 = 9090;
-/// What `mesh-loadgen http-server` answers a GET with.
-const HTTP_GET_BODY: &str = "hello from the mesh-loadgen upstream";
-
-/// A temporary folder removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> Self {
-        let dir = std::env::temp_dir().join(unique_name(label));
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn quote(text: &str) -> String {
-    serde_json::Value::String(text.to_owned()).to_string()
-}
-
-fn loadgen() -> PathBuf {
-    let path = target_profile_dir().join("mesh-loadgen");
-    assert!(
-        path.exists(),
-        "build the test binaries first: {}",
-        path.display()
-    );
-    path
-}
-
-/// The registry both nodes share: `web` (HTTP) and `echo` (the benchmark protocol), both
-/// on node B.
-fn registry(b: &NetNode) -> String {
-    format!(
-        r#"apiVersion: mesh.agentmesh.dev/v1alpha1
-kind: Agent
-metadata: {{name: web}}
-spec:
-  endpoints: [{{address: "{b}:{HTTP_PORT}", node: node-b}}]
----
-apiVersion: mesh.agentmesh.dev/v1alpha1
-kind: Agent
-metadata: {{name: echo}}
-spec:
-  endpoints: [{{address: "{b}:{RR_PORT}", node: node-b}}]
-"#,
-        b = b.address
+/// curl as the client workload on node A: (status, body).
+fn curl(nodes: &TwoNodes, args: &[&str]) -> (u16, String) {
+    let mut all = vec!["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"];
+    all.extend_from_slice(args);
+    let output = nodes
+        .run_client(Path::new("/usr/bin/curl"), &all)
+        .expect("run curl as the client workload");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        status.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "curl printed no status: {text} {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        }),
+        body.to_owned(),
     )
 }
 
-/// Node B's policy: `allowed` may call both agents.
-fn access(allowed: &str) -> String {
-    let mut text = String::new();
-    for target in ["web", "echo"] {
-        text.push_str(&format!(
-            r#"---
-apiVersion: mesh.agentmesh.dev/v1alpha1
-kind: AccessPolicy
-metadata: {{name: {target}-access}}
-spec:
-  targetAgent: {target}
-  action: Allow
-  rules: [{{from: [{allowed}]}}]
-"#
-        ));
-    }
-    text
+fn loadgen() -> PathBuf {
+    Binaries::of_this_build().loadgen
 }
 
-/// Two nodes, an agent on each, the workload servers on node B. Fields drop in order:
-/// processes first, the namespaces last.
-struct TwoNodes {
-    a: AgentProcess,
-    b: AgentProcess,
-    _servers: Vec<(KillOnDrop, std::process::ChildStdout)>,
-    client: PathBuf,
-    tree_a: CgroupTree,
-    _tree_b: CgroupTree,
-    work: TempDir,
-    network: Network,
-}
-
-impl TwoNodes {
-    /// Node B's policy lets `b_allows` call its agents; node A's allows everything.
-    fn start(label: &str, b_allows: &str) -> Self {
-        Self::start_with(label, b_allows, |_| String::new())
-    }
-
-    /// As [`TwoNodes::start`], with more resources for both nodes, made from node B.
-    fn start_with(label: &str, b_allows: &str, extra: impl Fn(&NetNode) -> String) -> Self {
-        let network = Network::create(label, 2).expect("create the network");
-        let work = TempDir::new(label);
-        let (node_a, node_b) = (network.node(0).clone(), network.node(1).clone());
-        let policies_a = work.0.join("policies-a");
-        let policies_b = work.0.join("policies-b");
-        fs::create_dir_all(&policies_a).unwrap();
-        fs::create_dir_all(&policies_b).unwrap();
-        let extra = extra(&node_b);
-        fs::write(
-            policies_a.join("mesh.yaml"),
-            format!("{}{extra}", registry(&node_b)),
-        )
-        .unwrap();
-        fs::write(
-            policies_b.join("mesh.yaml"),
-            format!("{}{}{extra}", registry(&node_b), access(b_allows)),
-        )
-        .unwrap();
-        // One CA folder for both agents (the standalone local CA): one trust domain.
-        let ca_dir = work.0.join("ca");
-        let spec = |peer: &NetNode, peer_name: &str| {
-            format!(
-                "  identity:\n    trustDomain: {TRUST_DOMAIN}\n    localCa: {{ dir: {} }}\n  tunnel:\n    peers: [{{ node: {peer_name}, address: \"{}:{TUNNEL_PORT}\" }}]\n",
-                quote(&ca_dir.to_string_lossy()),
-                peer.address
-            )
-        };
-        // The workload servers of node B, in its namespace.
-        let mut servers = Vec::new();
-        for (mode, port) in [("http-server", HTTP_PORT), ("serve", RR_PORT)] {
-            let mut child = node_b
-                .command(&loadgen().to_string_lossy())
-                .args([mode, "--listen", &format!("{}:{port}", node_b.address)])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("start a workload server on node B");
-            let mut stdout = child.stdout.take().unwrap();
-            let lines = read_lines_until(&mut stdout, |line| line.starts_with("listening"));
-            assert!(
-                lines.iter().any(|line| line.starts_with("listening")),
-                "{mode} did not start: {lines:?}"
-            );
-            servers.push((KillOnDrop(child), stdout));
-        }
-        let tree_b = CgroupTree::create(&format!("{label}-b")).unwrap();
-        let b = AgentProcess::start_node(
-            &tree_b,
-            options(tree_b.child("agent").unwrap(), vec![], &policies_b),
-            NodeLaunch {
-                name: "node-b".into(),
-                tunnel: SocketAddr::new(node_b.address.into(), TUNNEL_PORT),
-                launcher: node_b.launcher(),
-            },
-            &spec(&node_a, "node-a"),
-        )
-        .expect("start node B's agent");
-        let tree_a = CgroupTree::create(&format!("{label}-a")).unwrap();
-        let client = tree_a.child("client").unwrap();
-        let a = AgentProcess::start_node(
-            &tree_a,
-            options(
-                tree_a.child("agent").unwrap(),
-                vec![("client".into(), client.clone())],
-                &policies_a,
-            ),
-            NodeLaunch {
-                name: "node-a".into(),
-                tunnel: SocketAddr::new(node_a.address.into(), TUNNEL_PORT),
-                launcher: node_a.launcher(),
-            },
-            &spec(&node_b, "node-b"),
-        )
-        .expect("start node A's agent");
-        TwoNodes {
-            a,
-            b,
-            _servers: servers,
-            client,
-            tree_a,
-            _tree_b: tree_b,
-            work,
-            network,
-        }
-    }
-
-    fn node_a(&self) -> &NetNode {
-        self.network.node(0)
-    }
-
-    fn node_b(&self) -> &NetNode {
-        self.network.node(1)
-    }
-
-    /// Runs `program args` as the captured workload `client` on node A.
-    fn run_client(&self, program: &Path, args: &[&str]) -> std::process::Output {
-        let mut command = Command::new("nsenter");
-        command
-            .arg(format!("--net={}", self.node_a().path().display()))
-            .arg("--")
-            .arg(program)
-            .args(args);
-        self.tree_a
-            .run_in(&self.client, &mut command)
-            .expect("run the client workload")
-    }
-
-    /// curl as the client workload: (status, body).
-    fn curl(&self, args: &[&str]) -> (u16, String) {
-        let mut all = vec!["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"];
-        all.extend_from_slice(args);
-        let output = self.run_client(Path::new("/usr/bin/curl"), &all);
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-        (
-            status.trim().parse().unwrap_or_else(|_| {
-                panic!(
-                    "curl printed no status: {text} {}",
-                    String::from_utf8_lossy(&output.stderr)
-                )
-            }),
-            body.to_owned(),
-        )
-    }
-
-    /// `mesh-loadgen <args>` as the client workload (through the mesh), parsed.
-    fn loadgen_through_mesh(&self, args: &[&str]) -> Value {
-        let output = self.run_client(&loadgen(), args);
-        parse_report(&output)
-    }
-
-    /// `mesh-loadgen <args>` from node A's namespace, not captured: plain TCP between the
-    /// nodes.
-    fn loadgen_plain(&self, args: &[&str]) -> Value {
-        let output = self
-            .node_a()
-            .command(&loadgen().to_string_lossy())
-            .args(args)
-            .output()
-            .expect("run mesh-loadgen");
-        parse_report(&output)
-    }
-
-    fn metric(agent: &AgentProcess, node: &NetNode, name: &str) -> f64 {
-        let metrics = metrics_in(node, agent.admin_port);
-        metrics
-            .lines()
-            .find_map(|line| {
-                line.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|value| value.trim().parse().ok())
-            })
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-    }
-}
-
-fn parse_report(output: &std::process::Output) -> Value {
-    let text = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|error| {
-        panic!(
-            "mesh-loadgen: {error}: {text} {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })
-}
-
-fn options(
-    agent_cgroup: PathBuf,
-    workloads: Vec<(String, PathBuf)>,
-    policy: &Path,
-) -> AgentOptions {
-    AgentOptions {
-        accelerate: false,
-        workloads,
-        exclude_ports: vec![],
-        exclude_cidrs: vec![],
-        agent_cgroup,
-        log_filter: "info,mesh_agent=debug".into(),
-        // A release build measures the tunnel's real cost (the load test prints numbers).
-        agent_binary: std::env::var_os("MESH_E2E_AGENT_BINARY").map(PathBuf::from),
-        policy_dir: Some(policy.to_path_buf()),
-    }
-}
-
-/// The admin endpoint's `/metrics`, read from inside the node's namespace.
-fn metrics_in(node: &NetNode, port: u16) -> String {
-    node.run_in(move || {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("admin endpoint");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
-            .expect("scrape");
-        let mut text = String::new();
-        stream.read_to_string(&mut text).expect("read metrics");
-        text
-    })
-    .expect("enter the node's namespace")
-    .join()
-    .expect("scrape thread")
-    .expect("joined the namespace")
+fn metric(agent: &AgentProcess, node: &NetNode, name: &str) -> f64 {
+    TwoNodes::metric(agent, node, name).expect("read a metric")
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -330,7 +59,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn a_workload_on_node_a_reaches_an_agent_on_node_b_only_through_the_tunnel() {
-    let nodes = TwoNodes::start("multinode", "client");
+    let nodes = TwoNodes::start("multinode", "client").expect("start two nodes");
     let capture_path = nodes.work.0.join("node-a.pcap");
     let capture = PacketCapture::start(nodes.node_a(), &capture_path).expect("tcpdump");
     let secret = format!("secret-{}", unique_name("marker"));
@@ -338,20 +67,22 @@ fn a_workload_on_node_a_reaches_an_agent_on_node_b_only_through_the_tunnel() {
 
     // L7: HTTP/1.1 through node A's proxy, the tunnel, node B's agent.
     let header = format!("x-secret: {secret}");
-    let (status, body) = nodes.curl(&["-H", &header, &url]);
+    let (status, body) = curl(&nodes, &["-H", &header, &url]);
     assert_eq!(status, 200, "{body}\n{}\n{}", nodes.a.log(), nodes.b.log());
     assert!(body.contains(HTTP_GET_BODY), "{body}");
 
     // Opaque TCP: request/response echo through the same tunnel.
-    let rr = nodes.loadgen_through_mesh(&[
-        "rr",
-        "--to",
-        &format!("{}:{RR_PORT}", nodes.node_b().address),
-        "--duration-ms",
-        "300",
-        "--warmup",
-        "10",
-    ]);
+    let rr = nodes
+        .loadgen_through_mesh(&[
+            "rr",
+            "--to",
+            &format!("{}:{RR_PORT}", nodes.node_b().address),
+            "--duration-ms",
+            "300",
+            "--warmup",
+            "10",
+        ])
+        .expect("mesh-loadgen");
     assert!(rr["samples"].as_u64().unwrap_or(0) > 0, "{rr}");
 
     let bytes = capture.finish().expect("stop tcpdump");
@@ -380,12 +111,12 @@ fn a_workload_on_node_a_reaches_an_agent_on_node_b_only_through_the_tunnel() {
     // One pooled tunnel connection (source `client`, node B) carried every stream.
     let (a, b) = (nodes.node_a(), nodes.node_b());
     assert_eq!(
-        TwoNodes::metric(&nodes.a, a, "mesh_tunnel_client_connections_total"),
+        metric(&nodes.a, a, "mesh_tunnel_client_connections_total"),
         1.0
     );
-    assert!(TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_streams_total") >= 2.0);
+    assert!(metric(&nodes.b, b, "mesh_tunnel_server_streams_total") >= 2.0);
     assert_eq!(
-        TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_denied_streams_total"),
+        metric(&nodes.b, b, "mesh_tunnel_server_denied_streams_total"),
         0.0
     );
     assert!(
@@ -398,9 +129,9 @@ fn a_workload_on_node_a_reaches_an_agent_on_node_b_only_through_the_tunnel() {
 #[test]
 fn node_b_refuses_a_caller_its_own_policy_denies() {
     // Node A allows everything; node B allows only `planner`.
-    let nodes = TwoNodes::start("multinode-deny", "planner");
+    let nodes = TwoNodes::start("multinode-deny", "planner").expect("start two nodes");
     let url = format!("http://{}:{HTTP_PORT}/", nodes.node_b().address);
-    let (status, body) = nodes.curl(&[&url]);
+    let (status, body) = curl(&nodes, &[&url]);
     // Node A passes node B's refusal on as a 403 naming node B and its reason.
     assert_eq!(status, 403, "{body}");
     assert!(
@@ -414,24 +145,26 @@ fn node_b_refuses_a_caller_its_own_policy_denies() {
         "{log_b}"
     );
     let b = nodes.node_b();
-    assert!(TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_denied_streams_total") >= 1.0);
+    assert!(metric(&nodes.b, b, "mesh_tunnel_server_denied_streams_total") >= 1.0);
     assert_eq!(
-        TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_streams_active"),
+        metric(&nodes.b, b, "mesh_tunnel_server_streams_active"),
         0.0
     );
     // Opaque TCP is refused the same way: the connection is reset, nothing is echoed.
-    let output = nodes.run_client(
-        &loadgen(),
-        &[
-            "rr",
-            "--to",
-            &format!("{}:{RR_PORT}", nodes.node_b().address),
-            "--duration-ms",
-            "100",
-            "--warmup",
-            "1",
-        ],
-    );
+    let output = nodes
+        .run_client(
+            &loadgen(),
+            &[
+                "rr",
+                "--to",
+                &format!("{}:{RR_PORT}", nodes.node_b().address),
+                "--duration-ms",
+                "100",
+                "--warmup",
+                "1",
+            ],
+        )
+        .expect("run the client workload");
     assert!(
         !output.status.success() || String::from_utf8_lossy(&output.stdout).contains("error"),
         "{}",
@@ -445,7 +178,7 @@ fn node_b_refuses_a_caller_its_own_policy_denies() {
 /// `--no-capture`.
 #[test]
 fn tunnel_and_plain_tcp_carry_the_same_load() {
-    let nodes = TwoNodes::start("multinode-load", "client");
+    let nodes = TwoNodes::start("multinode-load", "client").expect("start two nodes");
     let to = format!("{}:{RR_PORT}", nodes.node_b().address);
     let rr = [
         "rr",
@@ -475,8 +208,8 @@ fn tunnel_and_plain_tcp_carry_the_same_load() {
         ("connect", &connect[..]),
         ("http", &http[..]),
     ] {
-        let tunnel = nodes.loadgen_through_mesh(args);
-        let plain = nodes.loadgen_plain(args);
+        let tunnel = nodes.loadgen_through_mesh(args).expect("mesh-loadgen");
+        let plain = nodes.loadgen_plain(args).expect("mesh-loadgen");
         assert!(
             tunnel.get("error").is_none(),
             "{name} through the tunnel: {tunnel}"
@@ -525,9 +258,13 @@ spec:
 fn grpc_streams_cross_nodes_through_the_tunnel_to_a_loopback_only_server() {
     // Both nodes get the Deny rule (one mesh, one set of resources); it has an L7 condition,
     // so node A decides it per call and node B does not refuse the stream for it.
-    let nodes = TwoNodes::start_with("multinode-grpc", "client", |_| {
-        format!("{GRPC_AGENT}{GRPC_DENY}")
-    });
+    let nodes = TwoNodes::start_with(
+        "multinode-grpc",
+        "client",
+        |_| format!("{GRPC_AGENT}{GRPC_DENY}"),
+        Binaries::of_this_build(),
+    )
+    .expect("start two nodes");
     let (python, script) = python_script("grpc_echo_server.py").expect("test virtualenv");
     let server = nodes
         .node_b()
@@ -553,8 +290,10 @@ fn grpc_streams_cross_nodes_through_the_tunnel_to_a_loopback_only_server() {
         .expect("the gRPC server listens on node B");
 
     let (python, probe) = python_script("grpc_probe.py").expect("test virtualenv");
-    let output = nodes.run_client(&python, &[&probe.to_string_lossy(), "127.0.0.1:50051", "1"]);
-    let report = parse_report(&output);
+    let output = nodes
+        .run_client(&python, &[&probe.to_string_lossy(), "127.0.0.1:50051", "1"])
+        .expect("run the client workload");
+    let report = parse_report(&output).expect("a mesh-loadgen report");
     assert_eq!(report["say"]["response"], "echo:hello", "{report}");
     assert_eq!(
         report["say"]["trailers"]["x-echo-trailer"], "done",
@@ -575,7 +314,7 @@ fn grpc_streams_cross_nodes_through_the_tunnel_to_a_loopback_only_server() {
     assert_eq!(report["forbidden"]["code"], "PERMISSION_DENIED", "{report}");
     // Every call rode one HTTP/2 connection to the server, over one tunnel stream.
     assert_eq!(
-        TwoNodes::metric(&nodes.b, nodes.node_b(), "mesh_tunnel_server_streams_total"),
+        metric(&nodes.b, nodes.node_b(), "mesh_tunnel_server_streams_total"),
         1.0
     );
 }
@@ -591,9 +330,13 @@ spec:
 
 #[test]
 fn a_server_first_protocol_works_across_nodes() {
-    let nodes = TwoNodes::start_with("multinode-banner", "client", |b| {
-        BANNER_AGENT.replace("BANNER_ADDRESS", &format!("{}:7070", b.address))
-    });
+    let nodes = TwoNodes::start_with(
+        "multinode-banner",
+        "client",
+        |b| BANNER_AGENT.replace("BANNER_ADDRESS", &format!("{}:7070", b.address)),
+        Binaries::of_this_build(),
+    )
+    .expect("start two nodes");
     let target = SocketAddr::new(nodes.node_b().address.into(), 7070);
     // The server greets first, then echoes one line.
     let server = nodes
@@ -622,12 +365,14 @@ fn a_server_first_protocol_works_across_nodes() {
         target.ip(),
         target.port()
     );
-    let output = nodes.run_client(Path::new("/usr/bin/python3"), &["-c", &script]);
-    let report = parse_report(&output);
+    let output = nodes
+        .run_client(Path::new("/usr/bin/python3"), &["-c", &script])
+        .expect("run the client workload");
+    let report = parse_report(&output).expect("a mesh-loadgen report");
     assert_eq!(report["banner"], "220 banner ready\n", "{report}");
     assert_eq!(report["echo"], "hello\n", "{report}");
     assert_eq!(server.join().unwrap().unwrap(), *b"hello\n");
-    assert!(TwoNodes::metric(&nodes.b, nodes.node_b(), "mesh_tunnel_server_streams_total") >= 1.0);
+    assert!(metric(&nodes.b, nodes.node_b(), "mesh_tunnel_server_streams_total") >= 1.0);
 }
 
 /// Node A's own policy: `client` may not reach `banner` at all.
@@ -643,9 +388,13 @@ spec:
 
 #[test]
 fn a_connection_node_a_denies_never_reaches_node_b() {
-    let nodes = TwoNodes::start_with("multinode-local-deny", "client", |b| {
-        BANNER_AGENT.replace("BANNER_ADDRESS", &format!("{}:7070", b.address)) + BANNER_DENY
-    });
+    let nodes = TwoNodes::start_with(
+        "multinode-local-deny",
+        "client",
+        |b| BANNER_AGENT.replace("BANNER_ADDRESS", &format!("{}:7070", b.address)) + BANNER_DENY,
+        Binaries::of_this_build(),
+    )
+    .expect("start two nodes");
     let target = SocketAddr::new(nodes.node_b().address.into(), 7070);
     // Silent past the server-first grace (so an early dial would have happened), then speaks.
     let script = format!(
@@ -659,8 +408,10 @@ fn a_connection_node_a_denies_never_reaches_node_b() {
         target.ip(),
         target.port()
     );
-    let output = nodes.run_client(Path::new("/usr/bin/python3"), &["-c", &script]);
-    let report = parse_report(&output);
+    let output = nodes
+        .run_client(Path::new("/usr/bin/python3"), &["-c", &script])
+        .expect("run the client workload");
+    let report = parse_report(&output).expect("a mesh-loadgen report");
     assert_eq!(report["outcome"], "reset", "{report}");
     assert!(
         nodes.a.log().contains("connection denied by policy"),
@@ -670,11 +421,8 @@ fn a_connection_node_a_denies_never_reaches_node_b() {
     // Nothing went to node B: no tunnel connection, no stream.
     let b = nodes.node_b();
     assert_eq!(
-        TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_connections_total"),
+        metric(&nodes.b, b, "mesh_tunnel_server_connections_total"),
         0.0
     );
-    assert_eq!(
-        TwoNodes::metric(&nodes.b, b, "mesh_tunnel_server_streams_total"),
-        0.0
-    );
+    assert_eq!(metric(&nodes.b, b, "mesh_tunnel_server_streams_total"), 0.0);
 }

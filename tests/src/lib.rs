@@ -17,6 +17,7 @@ use std::{
 
 pub mod etcd;
 pub mod netns;
+pub mod two_nodes;
 
 /// Prefix of every cgroup and pin folder the harness creates.
 pub const PREFIX: &str = "mesh-e2e";
