@@ -357,7 +357,7 @@ pub(crate) fn number(report: &Value, pointer: &str) -> anyhow::Result<f64> {
 
 /// One load generator run: its name, its arguments, and which report values (JSON pointers)
 /// become which metrics.
-type LoadRun<'a> = (
+pub(crate) type LoadRun<'a> = (
     &'static str,
     Vec<&'a str>,
     Vec<(&'static str, &'static str)>,

@@ -9,6 +9,11 @@
 //! - **scale**: 10k `Agent`s and 10k `AccessPolicy`s written into etcd, then one agent started:
 //!   time to its first snapshot (start to ready), its memory, and the time one more change
 //!   takes to be enforced with all of them loaded (every change recompiles the snapshot).
+//! - **cross-node**: two nodes (network namespaces on a bridge, an agent in each): a captured
+//!   workload on node A calls node B's servers through both agents and the mutual-TLS tunnel,
+//!   against plain TCP between the same namespaces: request/response latency and rate, bulk
+//!   throughput, new connections (one tunnel stream each, over the pooled TLS connection),
+//!   HTTP GETs; each as a ratio to plain TCP.
 
 use std::{
     fs,
@@ -28,8 +33,8 @@ use mesh_tests::{
 use serde_json::{Value, json};
 
 use crate::{
-    bench::{BenchArgs, Tools, build_release, memory_mib, write_json_report},
-    util::step,
+    bench::{BenchArgs, LoadRun, Tools, build_release, memory_mib, write_json_report},
+    util::{step, workspace_root},
 };
 
 const HEAD: &str = "apiVersion: mesh.agentmesh.dev/v1alpha1\n";
@@ -112,8 +117,19 @@ fn wait_revision(
     Ok(delays.into_iter().flatten().collect())
 }
 
+/// The etcd revision that last wrote the AccessPolicy `<target>-access` (other keys, such as
+/// node heartbeats, move the store's revision too, and agents never build snapshots for them).
+fn policy_revision(etcd: &EtcdServer, target: &str) -> anyhow::Result<i64> {
+    let key = format!("/mesh/v1/accesspolicies/default/{target}-access");
+    let text = etcd.etcdctl(&["get", &key, "-w", "json"])?;
+    let reply: Value = serde_json::from_str(&text).context("etcdctl get -w json")?;
+    reply["kvs"][0]["mod_revision"]
+        .as_i64()
+        .with_context(|| format!("no mod_revision for {key} in {text}"))
+}
+
 fn meshctl_apply(etcd: &EtcdServer, file: &Path) -> anyhow::Result<f64> {
-    let meshctl = crate::util::workspace_root().join("target/release/meshctl");
+    let meshctl = workspace_root().join("target/release/meshctl");
     let start = Instant::now();
     let output = Command::new(meshctl)
         .args(["--etcd", &etcd.endpoint(), "apply", "-f"])
@@ -188,7 +204,7 @@ fn apply_to_enforcement(tools: &Tools, work: &Path, changes: usize) -> anyhow::R
         fs::write(&file, policy_doc("tools", tools_list))?;
         apply.push(meshctl_apply(&etcd, &file)?);
         let applied = Instant::now();
-        let revision = etcd.revision()?;
+        let revision = policy_revision(&etcd, "tools")?;
         let delays = wait_revision(&processes, revision, applied)?;
         all_agents.push(delays.iter().copied().fold(0.0, f64::max));
         per_agent.extend(delays);
@@ -281,7 +297,7 @@ fn scale(tools: &Tools, work: &Path, count: usize) -> anyhow::Result<Value> {
         fs::write(&file, policy_doc("agent-00000", tools_list))?;
         meshctl_apply(&etcd, &file)?;
         let applied = Instant::now();
-        let revision = etcd.revision()?;
+        let revision = policy_revision(&etcd, "agent-00000")?;
         changes.extend(wait_revision(&[&agent.agent], revision, applied)?);
         std::thread::sleep(Duration::from_millis(150));
     }
@@ -298,6 +314,114 @@ fn scale(tools: &Tools, work: &Path, count: usize) -> anyhow::Result<Value> {
     }))
 }
 
+/// Load through the tunnel and over plain TCP, each kind `rounds` times interleaved; medians.
+fn cross_node(tools: &Tools, rounds: usize, duration_ms: u64) -> anyhow::Result<Value> {
+    use mesh_tests::two_nodes::{Binaries, HTTP_GET_BODY, HTTP_PORT, RR_PORT, TwoNodes};
+    let nodes = TwoNodes::start_with(
+        "bench-cross-node",
+        "client",
+        |_| String::new(),
+        Binaries {
+            agent: Some(tools.agent.clone()),
+            loadgen: tools.loadgen.clone(),
+            log_filter: "info".into(),
+        },
+    )?;
+    let to = format!("{}:{RR_PORT}", nodes.node_b().address);
+    let web = format!("{}:{HTTP_PORT}", nodes.node_b().address);
+    let duration = duration_ms.to_string();
+    let runs: [LoadRun; 4] = [
+        (
+            "rr",
+            vec![
+                "rr",
+                "--to",
+                &to,
+                "--duration-ms",
+                &duration,
+                "--warmup",
+                "200",
+            ],
+            vec![
+                ("rr_p50_us", "/p50_us"),
+                ("rr_p99_us", "/p99_us"),
+                ("rr_rps", "/requests_per_second"),
+            ],
+        ),
+        (
+            "bulk",
+            vec!["bulk", "--to", &to, "--duration-ms", &duration],
+            vec![("bulk_gbps", "/gbit_per_second")],
+        ),
+        (
+            "connect",
+            vec!["connect", "--to", &to, "--count", "1000"],
+            vec![
+                (
+                    "connect_first_reply_p50_us",
+                    "/connect_and_first_response/p50_us",
+                ),
+                (
+                    "connect_first_reply_p99_us",
+                    "/connect_and_first_response/p99_us",
+                ),
+            ],
+        ),
+        (
+            "http",
+            vec![
+                "http",
+                "--to",
+                &web,
+                "--duration-ms",
+                &duration,
+                "--expect-body",
+                HTTP_GET_BODY,
+            ],
+            vec![
+                ("http_p50_us", "/p50_us"),
+                ("http_p99_us", "/p99_us"),
+                ("http_rps", "/requests_per_second"),
+            ],
+        ),
+    ];
+    let mut samples: Vec<(String, &str, f64)> = Vec::new();
+    for _ in 0..rounds {
+        for (name, arguments, fields) in &runs {
+            let tunnel = nodes.loadgen_through_mesh(arguments)?;
+            let plain = nodes.loadgen_plain(arguments)?;
+            for (path, report) in [("tunnel", &tunnel), ("plain", &plain)] {
+                if let Some(error) = report.get("error") {
+                    bail!("{name} over {path}: {error}");
+                }
+                for (key, pointer) in fields {
+                    let value = report
+                        .pointer(pointer)
+                        .and_then(Value::as_f64)
+                        .with_context(|| format!("no {pointer} in the {name} report"))?;
+                    samples.push(((*key).to_owned(), path, value));
+                }
+            }
+        }
+    }
+    let mut result = serde_json::Map::new();
+    for path in ["plain", "tunnel"] {
+        let mut values = serde_json::Map::new();
+        for (_, _, fields) in &runs {
+            for (key, _) in fields {
+                let series: Vec<f64> = samples
+                    .iter()
+                    .filter(|(k, p, _)| k == key && *p == path)
+                    .map(|(_, _, value)| *value)
+                    .collect();
+                values.insert((*key).to_owned(), json!(percentile(&series, 0.5)));
+            }
+        }
+        result.insert(path.to_owned(), Value::Object(values));
+    }
+    Ok(Value::Object(result))
+}
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let tools = build_release()?;
     let work = std::env::temp_dir().join(unique_name("bench-control"));
@@ -311,11 +435,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "sync cost with {count} agents and {count} policies"
     ));
     let scaled = scale(&tools, &work, count);
+    let (rounds, duration_ms) = if args.quick {
+        (1, 1000)
+    } else {
+        (args.rounds, (args.seconds * 1000.0) as u64)
+    };
+    step(&format!(
+        "cross-node through the mTLS tunnel vs plain TCP ({rounds} rounds)"
+    ));
+    let crossed = cross_node(&tools, rounds, duration_ms);
     let _ = fs::remove_dir_all(&work);
     let report = json!({
         "suite": "control",
         "apply_to_enforcement": apply.as_ref().map_or_else(|error| json!({"error": format!("{error:#}")}), Clone::clone),
         "scale": scaled.as_ref().map_or_else(|error| json!({"error": format!("{error:#}")}), Clone::clone),
+        "cross_node": crossed.as_ref().map_or_else(|error| json!({"error": format!("{error:#}")}), Clone::clone),
     });
     println!();
     if let Ok(apply) = &apply {
@@ -350,7 +484,29 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 .unwrap_or(f64::NAN),
         );
     }
+    if let Ok(crossed) = &crossed {
+        println!("\ncross-node (2 network namespaces), median of {rounds} round(s):");
+        println!("| measurement | plain TCP | through the tunnel | ratio |\n|---|---:|---:|---:|");
+        for (label, key) in [
+            ("rr 64 B p50 (µs)", "rr_p50_us"),
+            ("rr 64 B p99 (µs)", "rr_p99_us"),
+            ("rr rate (req/s)", "rr_rps"),
+            ("bulk 1 stream (Gbit/s)", "bulk_gbps"),
+            ("connect + 1st reply p50 (µs)", "connect_first_reply_p50_us"),
+            ("connect + 1st reply p99 (µs)", "connect_first_reply_p99_us"),
+            ("HTTP GET p50 (µs)", "http_p50_us"),
+            ("HTTP GET p99 (µs)", "http_p99_us"),
+            ("HTTP GET rate (req/s)", "http_rps"),
+        ] {
+            let plain = crossed["plain"][key].as_f64().unwrap_or(f64::NAN);
+            let tunnel = crossed["tunnel"][key].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| {label} | {plain:.1} | {tunnel:.1} | {:.2}× |",
+                tunnel / plain
+            );
+        }
+    }
     let output = write_json_report(args.output.as_deref(), "control", &report)?;
     step(&format!("JSON report: {}", output.display()));
-    apply.and(scaled).map(|_| ())
+    apply.and(scaled).and(crossed).map(|_| ())
 }
