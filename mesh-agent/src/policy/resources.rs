@@ -450,6 +450,10 @@ pub enum Action {
 pub struct AccessPolicySpec {
     /// Agent name, or `*` for every destination (including unregistered ones).
     pub target_agent: String,
+    /// With `targetAgent: "*"`: only the agents of this namespace (an `Allow` policy with no
+    /// rules is that namespace's default-deny). Absent: the whole mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_namespace: Option<String>,
     #[serde(default)]
     pub action: Action,
     /// An `Allow` policy with no rules allows nothing (it closes its target); a `Deny` policy
@@ -507,6 +511,16 @@ impl AccessPolicySpec {
                 "spec.targetAgent",
                 format!("{problem} (use an agent name or `*`)"),
             );
+        }
+        if let Some(namespace) = &self.target_namespace {
+            if self.target_agent != "*" {
+                check.fail(
+                    "spec.targetNamespace",
+                    "only with targetAgent `*` (a named agent is already in one namespace)",
+                );
+            } else if let Some(problem) = name_problem(namespace, 63) {
+                check.fail("spec.targetNamespace", problem);
+            }
         }
         for (r, rule) in self.rules.iter().enumerate() {
             let base = format!("spec.rules[{r}]");

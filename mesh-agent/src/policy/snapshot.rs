@@ -491,11 +491,18 @@ impl CompiledPolicy {
 struct PolicySet {
     by_target: HashMap<String, Vec<usize>>,
     wildcard: Vec<usize>,
+    /// `*` policies scoped to one namespace's agents, by namespace.
+    by_namespace: HashMap<String, Vec<usize>>,
 }
 
 impl PolicySet {
-    fn add(&mut self, target: &str, index: usize) {
-        if target == "*" {
+    fn add(&mut self, target: &str, namespace: Option<&str>, index: usize) {
+        if let (true, Some(namespace)) = (target == "*", namespace) {
+            self.by_namespace
+                .entry(namespace.to_owned())
+                .or_default()
+                .push(index);
+        } else if target == "*" {
             self.wildcard.push(index);
         } else {
             self.by_target
@@ -505,12 +512,19 @@ impl PolicySet {
         }
     }
 
-    /// Policies for `destination` (by name first, then `*`).
-    fn applicable<'s>(&'s self, destination: Option<&str>) -> impl Iterator<Item = usize> + 's {
+    /// Policies for `destination` in `namespace` (by name first, then its namespace's `*`,
+    /// then the mesh's `*`).
+    fn applicable<'s>(
+        &'s self,
+        destination: Option<&str>,
+        namespace: Option<&str>,
+    ) -> impl Iterator<Item = usize> + 's {
         let specific = destination.and_then(|d| self.by_target.get(d));
+        let scoped = namespace.and_then(|n| self.by_namespace.get(n));
         specific
             .into_iter()
             .flatten()
+            .chain(scoped.into_iter().flatten())
             .chain(self.wildcard.iter())
             .copied()
     }
@@ -748,9 +762,10 @@ impl PolicySnapshot {
             snapshot
                 .policies
                 .push(CompiledPolicy::from_resource(policy));
+            let namespace = policy.spec.target_namespace.as_deref();
             match policy.spec.action {
-                Action::Deny => snapshot.deny.add(target, index),
-                Action::Allow => snapshot.allow.add(target, index),
+                Action::Deny => snapshot.deny.add(target, namespace, index),
+                Action::Allow => snapshot.allow.add(target, namespace, index),
             }
         }
 
@@ -989,7 +1004,8 @@ impl PolicySnapshot {
     /// form, which allocates nothing. [`Verdict::decision`] gives the texts when they are
     /// wanted (a denial to log and answer).
     pub fn check(&self, request: &RequestAttributes<'_>) -> Verdict<'_> {
-        for index in self.deny.applicable(request.destination) {
+        let namespace = self.namespace_of(request.destination);
+        for index in self.deny.applicable(request.destination, namespace) {
             let policy = &self.policies[index];
             if let Some(rule) = policy.first_match(request) {
                 return Verdict {
@@ -1000,7 +1016,7 @@ impl PolicySnapshot {
             }
         }
         let mut restricted = false;
-        for index in self.allow.applicable(request.destination) {
+        for index in self.allow.applicable(request.destination, namespace) {
             restricted = true;
             let policy = &self.policies[index];
             if let Some(rule) = policy.first_match(request) {
@@ -1025,13 +1041,20 @@ impl PolicySnapshot {
         }
     }
 
+    /// The namespace of a registered destination agent.
+    fn namespace_of(&self, destination: Option<&str>) -> Option<&str> {
+        let index = *self.by_name.get(destination?)?;
+        self.agents.get(index).map(|agent| agent.namespace.as_str())
+    }
+
     /// Whether `request.source` may reach `request.destination` at all (its L7 attributes are
     /// ignored): the check of a connection whose requests were judged one by one elsewhere,
     /// as the node-to-node tunnel's streams are by the calling node. An Allow rule matching
     /// the source allows whatever its L7 conditions; a Deny rule denies only if it has none.
     pub fn check_reach(&self, request: &RequestAttributes<'_>) -> Verdict<'_> {
         let from = |rule: &CompiledRule| any_match(&rule.from, request.source);
-        for index in self.deny.applicable(request.destination) {
+        let namespace = self.namespace_of(request.destination);
+        for index in self.deny.applicable(request.destination, namespace) {
             let policy = &self.policies[index];
             if let Some(rule) = policy
                 .rules
@@ -1046,7 +1069,7 @@ impl PolicySnapshot {
             }
         }
         let mut restricted = false;
-        for index in self.allow.applicable(request.destination) {
+        for index in self.allow.applicable(request.destination, namespace) {
             restricted = true;
             let policy = &self.policies[index];
             if let Some(rule) = policy.rules.iter().position(from) {
@@ -1310,6 +1333,82 @@ spec:
             closed
                 .authorize(&mcp("planner", "tools", Some("search")))
                 .allowed
+        );
+    }
+
+    #[test]
+    fn a_namespace_can_default_to_deny_while_the_rest_of_the_mesh_stays_open() {
+        let policies = r#"
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {name: ledger, namespace: finance}
+spec:
+  endpoints: [{address: "10.0.9.1:80"}]
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: Agent
+metadata: {name: payroll, namespace: finance}
+spec:
+  endpoints: [{address: "10.0.9.2:80"}]
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: default-deny, namespace: finance}
+spec:
+  targetAgent: "*"
+  targetNamespace: finance
+  action: Allow
+---
+apiVersion: mesh.agentmesh.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: ledger-readers, namespace: finance}
+spec:
+  targetAgent: ledger
+  rules:
+    - from: [planner]
+"#;
+        let snapshot = compile(policies, Action::Allow);
+        // finance is closed: only what a policy allows passes.
+        let d = snapshot.authorize(&http("planner", Some("payroll"), "GET", "/"));
+        assert!(!d.allowed, "{d:?}");
+        assert!(
+            snapshot
+                .authorize(&http("planner", Some("ledger"), "GET", "/"))
+                .allowed
+        );
+        assert!(
+            !snapshot
+                .authorize(&http("reporter", Some("ledger"), "GET", "/"))
+                .allowed
+        );
+        // Other namespaces and unregistered destinations stay open.
+        assert!(
+            snapshot
+                .authorize(&http("reporter", Some("tools"), "GET", "/"))
+                .allowed
+        );
+        assert!(
+            snapshot
+                .authorize(&http("reporter", None, "GET", "/"))
+                .allowed
+        );
+        // The reach check of the tunnel follows the same scoping.
+        assert!(
+            !snapshot
+                .check_reach(&http("reporter", Some("payroll"), "GET", "/"))
+                .allowed
+        );
+
+        // targetNamespace goes with targetAgent "*" only.
+        let named = "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: p}\nspec: {targetAgent: tools, targetNamespace: finance}\n";
+        let report = parse_documents(named, "p.yaml");
+        assert!(
+            report
+                .errors
+                .iter()
+                .any(|error| error.to_string().contains("spec.targetNamespace")),
+            "{:?}",
+            report.errors
         );
     }
 
