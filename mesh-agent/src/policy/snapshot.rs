@@ -1004,41 +1004,11 @@ impl PolicySnapshot {
     /// form, which allocates nothing. [`Verdict::decision`] gives the texts when they are
     /// wanted (a denial to log and answer).
     pub fn check(&self, request: &RequestAttributes<'_>) -> Verdict<'_> {
-        let namespace = self.namespace_of(request.destination);
-        for index in self.deny.applicable(request.destination, namespace) {
-            let policy = &self.policies[index];
-            if let Some(rule) = policy.first_match(request) {
-                return Verdict {
-                    allowed: false,
-                    rule: Some((policy.id.as_str(), rule)),
-                    basis: Basis::Rule,
-                };
-            }
-        }
-        let mut restricted = false;
-        for index in self.allow.applicable(request.destination, namespace) {
-            restricted = true;
-            let policy = &self.policies[index];
-            if let Some(rule) = policy.first_match(request) {
-                return Verdict {
-                    allowed: true,
-                    rule: Some((policy.id.as_str(), rule)),
-                    basis: Basis::Rule,
-                };
-            }
-        }
-        let (allowed, basis) = if restricted {
-            (false, Basis::NoRuleAllows)
-        } else if self.default_action == Action::Deny {
-            (false, Basis::DefaultDeny)
-        } else {
-            (true, Basis::Open)
-        };
-        Verdict {
-            allowed,
-            rule: None,
-            basis,
-        }
+        self.decide(
+            request,
+            |policy| policy.first_match(request),
+            |policy| policy.first_match(request),
+        )
     }
 
     /// The namespace of a registered destination agent.
@@ -1053,14 +1023,31 @@ impl PolicySnapshot {
     /// the source allows whatever its L7 conditions; a Deny rule denies only if it has none.
     pub fn check_reach(&self, request: &RequestAttributes<'_>) -> Verdict<'_> {
         let from = |rule: &CompiledRule| any_match(&rule.from, request.source);
+        self.decide(
+            request,
+            |policy| {
+                policy
+                    .rules
+                    .iter()
+                    .position(|rule| rule.unconditional() && from(rule))
+            },
+            |policy| policy.rules.iter().position(from),
+        )
+    }
+
+    /// Deny policies first (the first whose rule `deny_rule` finds decides), then, when any
+    /// Allow policy applies, one of them must have a rule `allow_rule` finds; else the
+    /// default.
+    fn decide(
+        &self,
+        request: &RequestAttributes<'_>,
+        deny_rule: impl Fn(&CompiledPolicy) -> Option<usize>,
+        allow_rule: impl Fn(&CompiledPolicy) -> Option<usize>,
+    ) -> Verdict<'_> {
         let namespace = self.namespace_of(request.destination);
         for index in self.deny.applicable(request.destination, namespace) {
             let policy = &self.policies[index];
-            if let Some(rule) = policy
-                .rules
-                .iter()
-                .position(|rule| rule.unconditional() && from(rule))
-            {
+            if let Some(rule) = deny_rule(policy) {
                 return Verdict {
                     allowed: false,
                     rule: Some((policy.id.as_str(), rule)),
@@ -1072,7 +1059,7 @@ impl PolicySnapshot {
         for index in self.allow.applicable(request.destination, namespace) {
             restricted = true;
             let policy = &self.policies[index];
-            if let Some(rule) = policy.rules.iter().position(from) {
+            if let Some(rule) = allow_rule(policy) {
                 return Verdict {
                     allowed: true,
                     rule: Some((policy.id.as_str(), rule)),
