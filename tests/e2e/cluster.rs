@@ -108,7 +108,9 @@ impl Signer {
             process: Some(KillOnDrop(child)),
             log,
         };
-        wait_for("the signer to run", || signer.log().contains("signer running"));
+        wait_for("the signer to run", || {
+            signer.log().contains("signer running")
+        });
         signer
     }
 
@@ -431,7 +433,12 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
             "{record}"
         );
         let node_id = format!("spiffe://{td}/node/{}", NODES[index]);
-        assert_eq!(cluster.issued(index, &node_id), 1.0, "{}", cluster.log(index));
+        assert_eq!(
+            cluster.issued(index, &node_id),
+            1.0,
+            "{}",
+            cluster.log(index)
+        );
     }
     let nodes = cluster.etcd.meshctl(&["nodes"]).unwrap();
     let nodes = String::from_utf8_lossy(&nodes.stdout);
@@ -492,10 +499,16 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
     )
     .unwrap();
     assert!(direct.is_empty(), "web-b was reached directly: {direct:?}");
-    assert_eq!(cluster.metric(A, "mesh_tunnel_client_connections_total"), 1.0);
+    assert_eq!(
+        cluster.metric(A, "mesh_tunnel_client_connections_total"),
+        1.0
+    );
     assert!(cluster.metric(A, "mesh_tunnel_client_streams_total") >= 1.0);
     assert!(cluster.metric(B, "mesh_tunnel_server_streams_total") >= 1.0);
-    assert_eq!(cluster.metric(B, "mesh_tunnel_server_denied_streams_total"), 0.0);
+    assert_eq!(
+        cluster.metric(B, "mesh_tunnel_server_denied_streams_total"),
+        0.0
+    );
     // No static peer: A found B's tunnel in etcd.
     assert!(
         !fs::read_to_string(&cluster.agents[A].config_path)
@@ -512,18 +525,25 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
         .iter()
         .find(|entry| entry["identity"] == a_id.as_str())
         .unwrap_or_else(|| panic!("no {a_id} in node A's /identity: {identities:?}"));
+    // The certificate node A holds for alpha is one the signer issued to node A's request.
+    let serial = alpha["serial"].as_str().expect("a serial");
     let signer_log = cluster.signer.log();
     assert!(
-        signer_log.lines().any(|line| line.contains("certificate issued")
-            && line.contains(&format!("identity={a_id}"))
-            && line.contains("node=node-a")),
+        signer_log
+            .lines()
+            .any(|line| line.contains("certificate issued")
+                && line.contains(&format!("identity={a_id} "))
+                && line.contains("node=node-a ")
+                && line.contains(&format!("serial={serial} "))),
         "{signer_log}"
     );
     let log_b = cluster.log(B);
     assert!(
-        log_b.lines().any(|line| line.contains("tunnel stream accepted")
-            && line.contains(&format!("source={a_id}"))
-            && line.contains("agent=web-b")),
+        log_b
+            .lines()
+            .any(|line| line.contains("tunnel stream accepted")
+                && line.contains(&format!("source={a_id}"))
+                && line.contains("agent=web-b")),
         "node B did not name alpha's identity: {log_b}"
     );
     println!("alpha's first certificate: {alpha}");
@@ -591,7 +611,10 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
     );
     assert!(failed.is_empty(), "failed requests: {failed:?}");
     assert!(keepalive.get("error").is_none(), "{keepalive}");
-    assert!(keepalive["requests"].as_u64().unwrap_or(0) > 0, "{keepalive}");
+    assert!(
+        keepalive["requests"].as_u64().unwrap_or(0) > 0,
+        "{keepalive}"
+    );
     assert!(!curls.is_empty());
     for (identity, (before, after)) in [&a_id, &a_node_id, &b_node_id]
         .iter()
@@ -618,7 +641,11 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
     let web_c = format!("http://{}:{HTTP_PORT}/", cluster.node(C).address);
     for index in [B, C] {
         let (status, body) = cluster.curl(index, &web_c);
-        assert_eq!(status, 200, "{} before the policy: {body}", WORKLOADS[index]);
+        assert_eq!(
+            status, 200,
+            "{} before the policy: {body}",
+            WORKLOADS[index]
+        );
     }
     let pids: Vec<Option<u32>> = cluster.agents.iter().map(AgentProcess::pid).collect();
     let hashes: Vec<Option<String>> = [A, B, C]
@@ -674,17 +701,40 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
     let (status, body) = cluster.curl(C, &web_c);
     assert_eq!(status, 403, "charlie after the policy: {body}");
     let (status, body) = cluster.curl(A, &web_c);
-    assert_eq!(status, 200, "alpha after the policy: {body}\n{}", cluster.log(C));
+    assert_eq!(
+        status,
+        200,
+        "alpha after the policy: {body}\n{}",
+        cluster.log(C)
+    );
     assert!(body.contains(HTTP_GET_BODY), "{body}");
     let log_c = cluster.log(C);
     assert!(
-        log_c.lines().any(|line| line.contains("tunnel stream accepted")
-            && line.contains(&format!("source={a_id}"))
-            && line.contains("agent=web-c")),
+        log_c
+            .lines()
+            .any(|line| line.contains("tunnel stream accepted")
+                && line.contains(&format!("source={a_id}"))
+                && line.contains("agent=web-c")),
         "node C did not admit alpha by its identity: {log_c}"
     );
-    assert_eq!(cluster.metric(C, "mesh_tunnel_server_denied_streams_total"), 0.0);
-    assert_eq!(cluster.metric(C, "mesh_tunnel_server_handshake_failures_total"), 0.0);
+    assert_eq!(
+        cluster.metric(C, "mesh_tunnel_server_denied_streams_total"),
+        0.0
+    );
+    assert_eq!(
+        cluster.metric(C, "mesh_tunnel_server_handshake_failures_total"),
+        0.0
+    );
+    assert_eq!(
+        cluster.metric(B, "mesh_tunnel_server_handshake_failures_total"),
+        0.0
+    );
+    println!(
+        "tunnel connections: node-a made {}, node-b accepted {}, node-c accepted {}",
+        cluster.metric(A, "mesh_tunnel_client_connections_total"),
+        cluster.metric(B, "mesh_tunnel_server_connections_total"),
+        cluster.metric(C, "mesh_tunnel_server_connections_total")
+    );
     let log_b = cluster.log(B);
     assert!(
         log_b.contains("no AccessPolicy rule allows bravo to call web-c"),
@@ -701,8 +751,5 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
             NODES[index]
         );
     }
-    println!(
-        "set-up {setup:?}, whole test {:?}",
-        started.elapsed()
-    );
+    println!("set-up {setup:?}, whole test {:?}", started.elapsed());
 }

@@ -392,7 +392,11 @@ pub fn meshctl(endpoint: &str, args: &[&str]) -> Result<Output, HarnessError> {
     run_meshctl(Command::new(meshctl_binary()?), endpoint, args)
 }
 
-fn run_meshctl(mut command: Command, endpoint: &str, args: &[&str]) -> Result<Output, HarnessError> {
+fn run_meshctl(
+    mut command: Command,
+    endpoint: &str,
+    args: &[&str],
+) -> Result<Output, HarnessError> {
     command
         .arg("--etcd")
         .arg(endpoint)

@@ -245,7 +245,16 @@ impl PacketCapture {
             .command("tcpdump")
             // Immediate mode: packets reach the file as they come, not in blocks that a quick
             // stop would lose.
-            .args(["-i", "eth0", "-n", "-U", "--immediate-mode", "-s", "0", "-w"])
+            .args([
+                "-i",
+                "eth0",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-s",
+                "0",
+                "-w",
+            ])
             .arg(path)
             .arg("tcp")
             .stdout(Stdio::null())
