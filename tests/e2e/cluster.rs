@@ -6,8 +6,10 @@
 //! What it proves: a workload on node A reaches an agent placed on node B through the mTLS
 //! tunnel found from B's node record in etcd; one `meshctl apply` changes enforcement on all
 //! three nodes without restarts (timings printed); certificates issued by the signer with a
-//! short lifetime rotate under load without one failed request; and the identity the signer
-//! issued for node A's workload is the one nodes B and C see and decide on.
+//! short lifetime rotate under load without one failed request (a curl per request, keep-alive
+//! load, and new source identities whose first calls make fresh certificate requests and fresh
+//! tunnel handshakes throughout); and the identity the signer issued for node A's workload is
+//! the one nodes B and C see and decide on.
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -40,6 +42,11 @@ const CERTIFICATE_TTL_SECONDS: u64 = 12;
 /// Node names (`metadata.name`) and the workload each node runs, by index.
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 const WORKLOADS: [&str; 3] = ["alpha", "bravo", "charlie"];
+/// More workloads on node A, each first used during the rotation: a new source identity is a
+/// new tunnel connection, so each makes a fresh certificate request and a fresh handshake.
+const FRESH: [&str; 6] = [
+    "fresh-1", "fresh-2", "fresh-3", "fresh-4", "fresh-5", "fresh-6",
+];
 const A: usize = 0;
 const B: usize = 1;
 const C: usize = 2;
@@ -148,6 +155,8 @@ struct Cluster {
     _servers: Vec<(KillOnDrop, std::process::ChildStdout)>,
     /// Each node's cgroup tree and its workload's cgroup.
     trees: Vec<(CgroupTree, PathBuf)>,
+    /// The cgroups of [`FRESH`] on node A.
+    fresh: Vec<PathBuf>,
     signer: Signer,
     etcd: EtcdServer,
     work: TempDir,
@@ -190,16 +199,25 @@ impl Cluster {
         let identity = format!("  identity:\n    trustDomain: {TRUST_DOMAIN}\n");
         let mut trees = Vec::new();
         let mut agents = Vec::new();
+        let mut fresh = Vec::new();
         for (index, node) in network.nodes().iter().enumerate() {
             let tree = CgroupTree::create(&format!("{label}-{index}")).unwrap();
             let workload = tree.child(WORKLOADS[index]).unwrap();
+            let mut workloads = vec![(WORKLOADS[index].to_owned(), workload.clone())];
+            if index == A {
+                for name in FRESH {
+                    let cgroup = tree.child(name).unwrap();
+                    workloads.push((name.to_owned(), cgroup.clone()));
+                    fresh.push(cgroup);
+                }
+            }
             let dir = work.0.join(NODES[index]);
             fs::create_dir_all(&dir).unwrap();
             let agent = AgentProcess::start_node_with_etcd(
                 &tree,
                 AgentOptions {
                     accelerate: false,
-                    workloads: vec![(WORKLOADS[index].into(), workload.clone())],
+                    workloads,
                     exclude_ports: vec![],
                     exclude_cidrs: vec![],
                     agent_cgroup: tree.child("agent").unwrap(),
@@ -223,6 +241,7 @@ impl Cluster {
             agents,
             _servers: servers,
             trees,
+            fresh,
             signer,
             etcd,
             work,
@@ -253,7 +272,12 @@ impl Cluster {
 
     /// curl as node `index`'s workload, in its namespace and cgroup: (status, body).
     fn curl(&self, index: usize, url: &str) -> (u16, String) {
-        let (tree, cgroup) = &self.trees[index];
+        self.curl_in(index, &self.trees[index].1, url)
+    }
+
+    /// curl in node `index`'s namespace and the workload cgroup `cgroup`: (status, body).
+    fn curl_in(&self, index: usize, cgroup: &Path, url: &str) -> (u16, String) {
+        let tree = &self.trees[index].0;
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net={}", self.node(index).path().display()))
@@ -394,6 +418,13 @@ fn registry(cluster: &Cluster) -> String {
             NODES[index],
         ));
     }
+    for (offset, name) in FRESH.iter().enumerate() {
+        yaml.push_str(&agent(
+            name,
+            format!("{}:{}", cluster.node(A).address, 8100 + offset),
+            NODES[A],
+        ));
+    }
     yaml
 }
 
@@ -450,7 +481,11 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
         .map(|&index| policy_hash(&cluster.admin(index, "/metrics")))
         .collect();
     let applied = cluster.apply("registry.yaml", &registry(&cluster));
-    assert_eq!(applied.matches("created").count(), 5, "{applied}");
+    assert_eq!(
+        applied.matches("created").count(),
+        5 + FRESH.len(),
+        "{applied}"
+    );
     for index in [A, B, C] {
         wait_for("the registry on every node", || {
             policy_hash(&cluster.admin(index, "/metrics")) != hashes[index]
@@ -554,6 +589,10 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
     let rotation = Duration::from_secs(2 * CERTIFICATE_TTL_SECONDS + 2);
     let a_node_id = format!("spiffe://{td}/node/node-a");
     let b_node_id = format!("spiffe://{td}/node/node-b");
+    let connections_before = (
+        cluster.metric(A, "mesh_tunnel_client_connections_total"),
+        cluster.metric(B, "mesh_tunnel_server_connections_total"),
+    );
     let before = [
         cluster.issued(A, &a_id),
         cluster.issued(A, &a_node_id),
@@ -581,12 +620,25 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
                 ],
             )
         });
+        // Mostly alpha; the fresh workloads' first calls spread evenly over the rotation.
+        let slot = rotation / u32::try_from(FRESH.len() + 1).unwrap();
         let mut curls: Vec<(u16, String)> = Vec::new();
+        let mut fresh_calls: Vec<(&str, Duration, u16, String)> = Vec::new();
         while rotation_started.elapsed() < rotation {
-            curls.push(cluster.curl(A, &format!("{web_b}/rotation")));
+            let elapsed = rotation_started.elapsed();
+            let due = usize::try_from(elapsed.as_millis() / slot.as_millis()).unwrap();
+            if fresh_calls.len() < due.min(FRESH.len()) {
+                let next = fresh_calls.len();
+                let (status, body) =
+                    cluster.curl_in(A, &cluster.fresh[next], &format!("{web_b}/fresh"));
+                fresh_calls.push((FRESH[next], elapsed, status, body));
+            } else {
+                curls.push(cluster.curl(A, &format!("{web_b}/rotation")));
+            }
         }
-        (keepalive.join().unwrap(), curls)
+        (keepalive.join().unwrap(), (curls, fresh_calls))
     });
+    let (curls, fresh_calls) = curls;
     let after = [
         cluster.issued(A, &a_id),
         cluster.issued(A, &a_node_id),
@@ -610,6 +662,50 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
         after[2],
     );
     assert!(failed.is_empty(), "failed requests: {failed:?}");
+    println!(
+        "fresh source identities (new certificate, new tunnel handshake) at {:?}",
+        fresh_calls
+            .iter()
+            .map(|(name, at, _, _)| format!("{name} {at:.1?}"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(fresh_calls.len(), FRESH.len());
+    for (name, _, status, body) in &fresh_calls {
+        assert!(
+            *status == 200 && body.contains(HTTP_GET_BODY),
+            "{name}: {status} {body}\n{}",
+            cluster.log(A)
+        );
+    }
+    // Each fresh identity made its own tunnel connection, handshaken with certificates of the
+    // moment (node B's own renewed meanwhile), and none failed.
+    assert_eq!(
+        cluster.metric(A, "mesh_tunnel_client_connections_total") - connections_before.0,
+        FRESH.len() as f64
+    );
+    assert_eq!(
+        cluster.metric(B, "mesh_tunnel_server_connections_total") - connections_before.1,
+        FRESH.len() as f64
+    );
+    assert_eq!(
+        cluster.metric(A, "mesh_tunnel_client_connect_failures_total"),
+        0.0
+    );
+    assert_eq!(
+        cluster.metric(B, "mesh_tunnel_server_handshake_failures_total"),
+        0.0
+    );
+    for name in FRESH {
+        let id = format!("spiffe://{td}/agent/{name}");
+        assert!(
+            cluster
+                .log(B)
+                .lines()
+                .any(|line| line.contains("tunnel stream accepted")
+                    && line.contains(&format!("source={id} "))),
+            "node B never saw {id}"
+        );
+    }
     assert!(keepalive.get("error").is_none(), "{keepalive}");
     assert!(
         keepalive["requests"].as_u64().unwrap_or(0) > 0,
