@@ -599,6 +599,7 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
         cluster.issued(B, &b_node_id),
     ];
     let rotation_started = Instant::now();
+    let rotation_wall_clock = time::OffsetDateTime::now_utc();
     let (keepalive, curls) = std::thread::scope(|scope| {
         let keepalive = scope.spawn(|| {
             cluster.loadgen(
@@ -622,7 +623,8 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
         });
         // Mostly alpha; the fresh workloads' first calls spread evenly over the rotation.
         let slot = rotation / u32::try_from(FRESH.len() + 1).unwrap();
-        let mut curls: Vec<(u16, String)> = Vec::new();
+        // (status, body, started at, took)
+        let mut curls: Vec<(u16, String, Duration, Duration)> = Vec::new();
         let mut fresh_calls: Vec<(&str, Duration, u16, String)> = Vec::new();
         while rotation_started.elapsed() < rotation {
             let elapsed = rotation_started.elapsed();
@@ -633,7 +635,8 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
                     cluster.curl_in(A, &cluster.fresh[next], &format!("{web_b}/fresh"));
                 fresh_calls.push((FRESH[next], elapsed, status, body));
             } else {
-                curls.push(cluster.curl(A, &format!("{web_b}/rotation")));
+                let (status, body) = cluster.curl(A, &format!("{web_b}/rotation"));
+                curls.push((status, body, elapsed, rotation_started.elapsed() - elapsed));
             }
         }
         (keepalive.join().unwrap(), (curls, fresh_calls))
@@ -644,10 +647,31 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
         cluster.issued(A, &a_node_id),
         cluster.issued(B, &b_node_id),
     ];
-    let failed: Vec<&(u16, String)> = curls
+    let failed: Vec<&(u16, String, Duration, Duration)> = curls
         .iter()
-        .filter(|(status, body)| *status != 200 || !body.contains(HTTP_GET_BODY))
+        .filter(|(status, body, ..)| *status != 200 || !body.contains(HTTP_GET_BODY))
         .collect();
+    let mut slowest: Vec<(Duration, Duration)> =
+        curls.iter().map(|(_, _, at, took)| (*took, *at)).collect();
+    slowest.sort();
+    println!(
+        "slowest curls (took, started at UTC): {:?}",
+        slowest
+            .iter()
+            .rev()
+            .take(3)
+            .map(|(took, at)| {
+                let when = rotation_wall_clock + *at;
+                format!(
+                    "{took:.1?} at {:02}:{:02}:{:02}.{:03}",
+                    when.hour(),
+                    when.minute(),
+                    when.second(),
+                    when.millisecond()
+                )
+            })
+            .collect::<Vec<_>>()
+    );
     println!(
         "rotation: {} curl requests (new connections), keep-alive load {keepalive}, over {:?} \
          with a {CERTIFICATE_TTL_SECONDS} s certificate lifetime; certificates issued meanwhile: \
