@@ -95,6 +95,11 @@ pub struct EtcdServer {
     name: String,
     /// `--initial-cluster` when this is one member of several; else a cluster of itself.
     initial_cluster: Option<String>,
+    /// Command prefix that etcd, etcdctl and meshctl run under (e.g. a network namespace's
+    /// `nsenter`); empty: this process's namespace.
+    launcher: Vec<String>,
+    /// The address clients reach it at (`127.0.0.1` unless started in a namespace).
+    host: String,
 }
 
 impl EtcdServer {
@@ -111,6 +116,17 @@ impl EtcdServer {
 
     fn start_with(tls: bool) -> Result<Self, HarnessError> {
         let mut server = Self::prepare(tls)?;
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts etcd (plain HTTP) inside `node`'s network namespace, serving clients on
+    /// `node.address`: every namespace that routes to that address reaches it. etcdctl and
+    /// meshctl run in that namespace too.
+    pub fn start_in(node: &crate::netns::NetNode) -> Result<Self, HarnessError> {
+        let mut server = Self::prepare(false)?;
+        server.launcher = node.launcher();
+        server.host = node.address.to_string();
         server.spawn()?;
         Ok(server)
     }
@@ -155,13 +171,15 @@ impl EtcdServer {
             work_dir,
             name,
             initial_cluster: None,
+            launcher: Vec::new(),
+            host: "127.0.0.1".to_owned(),
         })
     }
 
     /// The client URL, `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", self.host, self.client_port)
     }
 
     /// Client TLS flags shared by etcdctl and meshctl (`--cacert`/`--etcd-ca` spelling aside).
@@ -191,7 +209,7 @@ impl EtcdServer {
             .try_clone()
             .map_err(io_error("duplicating etcd's log"))?;
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut command = Command::new("etcd");
+        let mut command = self.command("etcd");
         if let Some(files) = &self.tls {
             command
                 .arg("--cert-file")
@@ -227,6 +245,18 @@ impl EtcdServer {
             ))?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// `program` under this server's launcher.
+    fn command(&self, program: &str) -> Command {
+        match self.launcher.split_first() {
+            Some((launcher, args)) => {
+                let mut command = Command::new(launcher);
+                command.args(args).arg(program);
+                command
+            }
+            None => Command::new(program),
+        }
     }
 
     fn wait_healthy(&mut self) -> Result<(), HarnessError> {
@@ -270,7 +300,8 @@ impl EtcdServer {
 
     /// Runs `etcdctl` against this server; stdout on success.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String, HarnessError> {
-        let output = Command::new("etcdctl")
+        let output = self
+            .command("etcdctl")
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(self.endpoint())
@@ -316,7 +347,12 @@ impl EtcdServer {
         let tls = self.client_tls_args("--etcd-ca", "--etcd-cert", "--etcd-key");
         let mut all: Vec<&str> = tls.iter().map(String::as_str).collect();
         all.extend_from_slice(args);
-        meshctl(&self.endpoint(), &all)
+        let binary = meshctl_binary()?;
+        run_meshctl(
+            self.command(&binary.to_string_lossy()),
+            &self.endpoint(),
+            &all,
+        )
     }
 }
 
@@ -353,7 +389,15 @@ pub fn meshctl_binary() -> Result<PathBuf, HarnessError> {
 
 /// Runs `meshctl --etcd ENDPOINT ARGS...` and returns its output (whatever the exit code).
 pub fn meshctl(endpoint: &str, args: &[&str]) -> Result<Output, HarnessError> {
-    Command::new(meshctl_binary()?)
+    run_meshctl(Command::new(meshctl_binary()?), endpoint, args)
+}
+
+fn run_meshctl(
+    mut command: Command,
+    endpoint: &str,
+    args: &[&str],
+) -> Result<Output, HarnessError> {
+    command
         .arg("--etcd")
         .arg(endpoint)
         .args(args)

@@ -475,6 +475,20 @@ impl AgentProcess {
         Self::start_full(tree, options, &launcher, None, extra_spec, Some(node))
     }
 
+    /// As [`start_node`](Self::start_node), in etcd mode (`spec.etcd` from `etcd`; then
+    /// `options.policy_dir` must be `None`).
+    pub fn start_node_with_etcd(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        node: NodeLaunch,
+        etcd: etcd::AgentEtcd,
+        extra_spec: &str,
+    ) -> Result<Self, HarnessError> {
+        let launcher = node.launcher.clone();
+        let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+        Self::start_full(tree, options, &launcher, Some(etcd), extra_spec, Some(node))
+    }
+
     /// As [`start`](Self::start) (or [`start_with_etcd`](Self::start_with_etcd) with `etcd`),
     /// with extra `spec.registration` settings: YAML lines indented by four spaces (e.g.
     /// `"    cgroupParents: [\"/x\"]\n"`), and `node` as the node's name (`metadata.name`;

@@ -94,6 +94,8 @@ impl NetNode {
 #[derive(Debug)]
 pub struct Network {
     switch: String,
+    /// The bridge's own address in the switch namespace (`.254` of the run's /24).
+    switch_address: Ipv4Addr,
     nodes: Vec<NetNode>,
 }
 
@@ -121,6 +123,7 @@ impl Network {
         let subnet = u8::try_from(std::process::id() % 250).unwrap_or(0) + 1;
         let mut network = Network {
             switch: format!("{base}-sw"),
+            switch_address: Ipv4Addr::new(10, 251, subnet, 254),
             nodes: Vec::new(),
         };
         ip(&["netns", "add", &network.switch])?;
@@ -128,6 +131,17 @@ impl Network {
         ip(&["-n", &switch, "link", "set", "lo", "up"])?;
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &switch, "link", "set", "br0", "up"])?;
+        // The switch has an address of its own on the bridge, for services every node shares
+        // (etcd, the signer) while their traffic stays inside the test's namespaces.
+        ip(&[
+            "-n",
+            &switch,
+            "addr",
+            "add",
+            &format!("{}/24", network.switch_address),
+            "dev",
+            "br0",
+        ])?;
         for index in 0..count.min(250) {
             let node = NetNode {
                 name: format!("{base}-n{index}"),
@@ -164,6 +178,15 @@ impl Network {
 
     pub fn nodes(&self) -> &[NetNode] {
         &self.nodes
+    }
+
+    /// The switch's namespace, addressed on the bridge (`.254`): every node reaches it, so
+    /// shared services (etcd, the signer) run there.
+    pub fn switch(&self) -> NetNode {
+        NetNode {
+            name: self.switch.clone(),
+            address: self.switch_address,
+        }
     }
 }
 
@@ -220,7 +243,18 @@ impl PacketCapture {
     pub fn start(node: &NetNode, path: &Path) -> Result<Self, HarnessError> {
         let mut child = node
             .command("tcpdump")
-            .args(["-i", "eth0", "-n", "-U", "-s", "0", "-w"])
+            // Immediate mode: packets reach the file as they come, not in blocks that a quick
+            // stop would lose.
+            .args([
+                "-i",
+                "eth0",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-s",
+                "0",
+                "-w",
+            ])
             .arg(path)
             .arg("tcp")
             .stdout(Stdio::null())
