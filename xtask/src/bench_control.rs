@@ -84,11 +84,15 @@ fn agent_metric(agent: &AgentProcess, name: &str) -> anyhow::Result<f64> {
     stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
+    // `name value` or `name{labels} value` (the first series of that name).
     text.lines()
         .find_map(|line| {
-            line.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|value| value.trim().parse().ok())
+            let rest = line.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once('}')?.1,
+                None => rest,
+            };
+            rest.strip_prefix(' ')?.trim().parse().ok()
         })
         .with_context(|| format!("no {name} in the agent's metrics"))
 }
@@ -283,6 +287,15 @@ fn scale(tools: &Tools, work: &Path, count: usize) -> anyhow::Result<Value> {
     let start = Instant::now();
     let agent = start_agent(tools, &etcd, "bench-control-scale", work)?;
     let ready_ms = start.elapsed().as_secs_f64() * 1000.0;
+    // The agent starts closed when it cannot list: the measurement needs the listing in force.
+    let resources = agent_metric(&agent.agent, "mesh_policy_resources")?;
+    if resources < (2 * count) as f64 {
+        bail!(
+            "the agent serves {resources} resources, not the {} written; its log:\n{}",
+            2 * count,
+            agent.agent.log()
+        );
+    }
     let pid = agent.agent.pid().context("the agent has no pid")?;
     let rss_mib = memory_mib(pid, "VmRSS")?;
     let hwm_mib = memory_mib(pid, "VmHWM")?;

@@ -18,6 +18,10 @@ use crate::policy::Kind;
 
 use super::keys;
 
+/// Largest listing accepted from etcd (gRPC's default, 4 MiB, is about 7k resources): the
+/// whole mesh is listed in one response at start and after a compaction.
+const MAX_LISTING_BYTES: usize = 512 * 1024 * 1024;
+
 /// Where etcd is and how long to wait for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdSettings {
@@ -320,8 +324,12 @@ impl Etcd {
             })
             .collect();
         let response = self
-            .call("listing resources", |mut client| async move {
-                client.txn(Txn::new().and_then(operations)).await
+            .call("listing resources", |client| async move {
+                client
+                    .kv_client()
+                    .max_decoding_message_size(MAX_LISTING_BYTES)
+                    .txn(Txn::new().and_then(operations))
+                    .await
             })
             .await?;
         let mut listing = Listing {
@@ -342,8 +350,12 @@ impl Etcd {
     pub async fn list_prefix(&self, prefix: &str) -> Result<Listing, EtcdError> {
         let key = prefix.to_owned();
         let response = self
-            .call("listing keys", |mut client| async move {
-                client.get(key, Some(GetOptions::new().with_prefix())).await
+            .call("listing keys", |client| async move {
+                client
+                    .kv_client()
+                    .max_decoding_message_size(MAX_LISTING_BYTES)
+                    .get(key, Some(GetOptions::new().with_prefix()))
+                    .await
             })
             .await?;
         Ok(Listing {
