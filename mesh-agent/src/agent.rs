@@ -252,7 +252,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         Arc::clone(&datapath),
         config.spec.proxy.connect_timeout,
         addresses.clone(),
-        !config.spec.datapath.accelerate,
+        true,
         config.spec.proxy.l7,
         Arc::clone(&policy),
     ));

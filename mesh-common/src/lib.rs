@@ -43,8 +43,14 @@ pub mod map_names {
     pub const ORIG_BY_COOKIE: &str = "MESH_ORIG_BY_COOKIE";
     /// `LruHashMap<Endpoint, ConnInfo>`: captured connections by client address and port.
     pub const CONNS: &str = "MESH_CONNS";
-    /// `SockHash<SockTuple>`: sockets of local hops eligible for in-kernel redirection.
-    pub const SOCKS: &str = "MESH_SOCKS";
+    /// `SockHash<u64 socket cookie>`: the agent's sockets whose received bytes the kernel
+    /// carries to their peer (the `sk_skb` verdict program is attached here).
+    pub const SPLICE: &str = "MESH_SPLICE";
+    /// `SockHash<u64 socket cookie>`: the same sockets as redirect targets. A socket joins
+    /// this map before either end joins [`SPLICE`], so a redirect never misses its target.
+    pub const SPLICE_TARGETS: &str = "MESH_SPLICE_TARGETS";
+    /// `HashMap<u64 socket cookie, SplicePeer>`: where each spliced socket's bytes go.
+    pub const SPLICE_PEERS: &str = "MESH_SPLICE_PEERS";
     /// `LruHashMap<SockTuple, u32>`: highest TCP sequence seen per flow and direction, so
     /// retransmitted payload is counted once.
     pub const FLOW_SEQ: &str = "MESH_FLOW_SEQ";
@@ -61,7 +67,7 @@ pub mod program_names {
     pub const GETPEERNAME4: &str = "mesh_getpeername4";
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
     pub const SOCK_OPS: &str = "mesh_sock_ops";
-    pub const SK_MSG: &str = "mesh_sk_msg";
+    pub const SK_SKB_VERDICT: &str = "mesh_sk_skb_verdict";
     pub const SKB_INGRESS: &str = "mesh_skb_ingress";
     pub const SKB_EGRESS: &str = "mesh_skb_egress";
 }
@@ -70,7 +76,8 @@ pub mod program_names {
 pub mod config_flags {
     /// Capture is on: connect() of enrolled workloads is redirected to the agent.
     pub const CAPTURE: u32 = 1 << 0;
-    /// Local hops between a workload and the agent are spliced in the kernel by `sk_msg`.
+    /// The agent hands L4-authorised opaque connections to the kernel (`sk_skb` redirect
+    /// between its two sockets of the connection).
     pub const ACCELERATE: u32 = 1 << 1;
 }
 
@@ -157,7 +164,20 @@ pub struct ConnInfo {
     pub cookie: u64,
 }
 
-/// Key of `MESH_SOCKS`: a socket as seen from its own side.
+/// A socket of a connection the kernel carries: value of `MESH_SPLICE_PEERS`, keyed by the
+/// socket's cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplicePeer {
+    /// Cookie of the socket that receives this socket's bytes (key in `MESH_SPLICE_TARGETS`).
+    pub peer_cookie: u64,
+    /// cgroup id of the workload the connection belongs to (for its counters).
+    pub workload_cgroup: u64,
+    /// Bytes the kernel redirected from this socket to its peer so far.
+    pub redirected: u64,
+}
+
+/// A TCP flow as seen from one of its sockets (key of `MESH_FLOW_SEQ`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockTuple {
@@ -228,7 +248,8 @@ pub struct TrafficCounters {
     pub connections_in: u64,
     /// Outbound connections redirected to the agent.
     pub connections_captured: u64,
-    /// Payload bytes that went socket to socket through `sk_msg` (both directions).
+    /// Payload bytes of the workload's connections that the kernel carried between the agent's
+    /// two sockets without the agent reading them (both directions).
     pub redirected_bytes: u64,
 }
 
@@ -262,11 +283,11 @@ pub enum DatapathEvent {
     Excluded = 2,
     /// A connection was published for the agent in `MESH_CONNS`.
     Published = 3,
-    /// A socket could not be added to `MESH_SOCKS`.
+    /// Reserved (a socket could not be added to a socket map).
     SockHashFailed = 4,
-    /// A message was redirected socket to socket.
+    /// A received skb was redirected to the peer socket of a spliced connection.
     Redirected = 5,
-    /// A message whose peer was not in `MESH_SOCKS` took the TCP path.
+    /// A received skb of a spliced socket found no peer (its connection is being torn down).
     RedirectMissed = 6,
 }
 
@@ -311,6 +332,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockTuple {}
+    // SAFETY: as above (three u64 fields).
+    unsafe impl aya::Pod for super::SplicePeer {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TrafficCounters {}
 }
@@ -330,6 +353,7 @@ mod tests {
         assert_eq!(size_of::<ConnInfo>(), 24 + 8 + 8);
         assert_eq!(align_of::<ConnInfo>(), 8);
         assert_eq!(size_of::<SockTuple>(), 16 + 32);
+        assert_eq!(size_of::<SplicePeer>(), 3 * 8);
         assert_eq!(size_of::<TrafficCounters>(), 10 * 8);
     }
 

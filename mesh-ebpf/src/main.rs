@@ -3,9 +3,10 @@
 //! - `cgroup/connect4|6` redirect the TCP connects of enrolled workloads to the agent's outbound
 //!   listener and remember the original destination by socket cookie.
 //! - `cgroup/getpeername4|6` hand the dialled address back, so capture is invisible.
-//! - `sockops` publishes each captured connection by client address and port for the agent, and
-//!   (with acceleration on) puts both ends of a workload-to-agent hop into `MESH_SOCKS`.
-//! - `sk_msg` splices bytes between the two ends of such a hop inside the kernel.
+//! - `sockops` publishes each captured connection by client address and port for the agent.
+//! - `sk_skb` stream verdict: for a connection the agent authorised at L4 and handed to the
+//!   kernel, redirects every skb its socket receives to the egress of the peer socket (client
+//!   side to upstream and back), so the bytes never go up to the agent.
 //! - `cgroup_skb` ingress and egress count bytes, packets and connections per workload.
 //!
 //! Every map is pinned by name so an agent restart keeps capture state and counters; sizes are
@@ -15,24 +16,23 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE, sk_action,
+        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, sk_action,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
         bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops, stream_verdict},
     maps::{
         Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
     ConnInfo, DatapathConfig, DatapathEvent, Endpoint, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH,
-    SockTuple, TrafficCounters, WorkloadInfo, config_flags,
+    SockTuple, SplicePeer, TrafficCounters, WorkloadInfo, config_flags,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -64,8 +64,14 @@ static ORIG_BY_COOKIE: LruHashMap<u64, ConnInfo> = LruHashMap::pinned(65536, 0);
 #[map(name = "MESH_CONNS")]
 static CONNS: LruHashMap<Endpoint, ConnInfo> = LruHashMap::pinned(65536, 0);
 
-#[map(name = "MESH_SOCKS")]
-static SOCKS: SockHash<SockTuple> = SockHash::pinned(65536, 0);
+#[map(name = "MESH_SPLICE")]
+static SPLICE: SockHash<u64> = SockHash::pinned(65536, 0);
+
+#[map(name = "MESH_SPLICE_TARGETS")]
+static SPLICE_TARGETS: SockHash<u64> = SockHash::pinned(65536, 0);
+
+#[map(name = "MESH_SPLICE_PEERS")]
+static SPLICE_PEERS: HashMap<u64, SplicePeer> = HashMap::pinned(65536, 0);
 
 #[map(name = "MESH_FLOW_SEQ")]
 static FLOW_SEQ: LruHashMap<SockTuple, u32> = LruHashMap::pinned(65536, 0);
@@ -394,21 +400,6 @@ fn remote_port_host(raw: u32) -> u16 {
     u16::from_be((raw >> 16) as u16)
 }
 
-/// Whether an endpoint is the agent's outbound listener (also as an IPv4-mapped address).
-#[inline(always)]
-fn is_outbound_listener(cfg: &DatapathConfig, endpoint: &Endpoint) -> bool {
-    if endpoint.port != cfg.redirect_port {
-        return false;
-    }
-    if endpoint.family == FAMILY_INET {
-        return endpoint.addr[0] == cfg.redirect_ip4;
-    }
-    match Endpoint::mapped_v4(endpoint.addr) {
-        Some(v4) => v4 == cfg.redirect_ip4,
-        None => endpoint.addr == cfg.redirect_ip6,
-    }
-}
-
 /// Normalises an endpoint for `MESH_CONNS`: the agent's IPv4 listener sees IPv4-mapped clients
 /// as plain IPv4.
 #[inline(always)]
@@ -426,8 +417,6 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         on_active_established(&ctx);
-    } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        on_passive_established(&ctx);
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         on_close(&ctx);
     }
@@ -455,43 +444,6 @@ fn on_active_established(ctx: &SockOpsContext) {
     }
     // Clean up both records when the socket closes instead of waiting for LRU eviction.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-    let accelerate = config().is_some_and(|cfg| cfg.flags & config_flags::ACCELERATE != 0);
-    if accelerate {
-        add_to_sockhash(ctx, tuple);
-    }
-}
-
-/// Puts the socket of a sock_ops callback into `MESH_SOCKS` under its own tuple.
-#[inline(always)]
-fn add_to_sockhash(ctx: &SockOpsContext, tuple: SockTuple) {
-    let mut key = tuple;
-    if SOCKS
-        // SAFETY: `ctx.ops` is the sock_ops context the kernel passed to this program, valid for its run.
-        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
-        .is_err()
-    {
-        count_event(DatapathEvent::SockHashFailed);
-    }
-}
-
-/// The agent accepted a captured connection: its end joins the workload's end in `MESH_SOCKS`.
-#[inline(always)]
-fn on_passive_established(ctx: &SockOpsContext) {
-    let Some(cfg) = config() else {
-        return;
-    };
-    if cfg.flags & config_flags::ACCELERATE == 0 {
-        return;
-    }
-    let tuple = sock_ops_tuple(ctx);
-    if !is_outbound_listener(cfg, &tuple.local()) {
-        return;
-    }
-    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
-    if unsafe { CONNS.get(conn_key(tuple.remote())) }.is_none() {
-        return;
-    }
-    add_to_sockhash(ctx, tuple);
 }
 
 #[inline(always)]
@@ -503,69 +455,45 @@ fn on_close(ctx: &SockOpsContext) {
     let _ = CONNS.remove(conn_key(tuple.local()));
 }
 
-/// The connection of an sk_msg call as seen from the sending socket; same port encodings as
-/// sock_ops.
-#[inline(always)]
-fn sk_msg_tuple(ctx: &SkMsgContext) -> SockTuple {
-    let msg = ctx.msg;
-    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
-    let family = unsafe { (*msg).family };
-    let (local_addr, remote_addr) = if family == FAMILY_INET {
-        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
-        unsafe { ([(*msg).local_ip4, 0, 0, 0], [(*msg).remote_ip4, 0, 0, 0]) }
-    } else {
-        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
-        unsafe {
-            (
-                read_ctx_words(core::ptr::addr_of!((*msg).local_ip6)),
-                read_ctx_words(core::ptr::addr_of!((*msg).remote_ip6)),
-            )
-        }
-    };
-    SockTuple {
-        family,
-        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
-        local_port: unsafe { (*msg).local_port },
-        // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
-        remote_port: u32::from(remote_port_host(unsafe { (*msg).remote_port })),
-        pad: 0,
-        local_addr,
-        remote_addr,
-    }
-}
-
-#[sk_msg]
-pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
-    let tuple = sk_msg_tuple(&ctx);
-    let mut peer = tuple.reversed();
-    let verdict = SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
-    if verdict != i64::from(sk_action::SK_PASS) {
-        // No peer socket (the agent's end is not in the map yet or is gone): take the TCP path.
+/// Verdict on each skb a spliced socket receives: redirect it to the egress of the peer socket
+/// (flags 0), so the peer's TCP sends it on. Both legs keep their own TCP flow control: the
+/// redirected bytes are written to the peer with the peer's send buffer, and the agent pauses
+/// a direction whose peer falls behind. Sockets without a peer entry (a connection being torn
+/// down) keep their bytes (`SK_PASS`) for the agent.
+#[stream_verdict]
+pub fn mesh_sk_skb_verdict(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the skb pointer is this program's own context; the cookie helper is allowed for
+    // sk_skb programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(entry) = SPLICE_PEERS.get_ptr_mut(cookie) else {
         count_event(DatapathEvent::RedirectMissed);
         return sk_action::SK_PASS;
+    };
+    let size = u64::from(ctx.len());
+    if size == 0 {
+        // A bare FIN: TCP already recorded it on this socket (the agent passes the half-close
+        // on); redirected, an empty skb would make the peer's psock report EPIPE.
+        return sk_action::SK_DROP;
+    }
+    // SAFETY: a map value pointer the verifier checked for null, valid until the program returns.
+    let (peer_cookie, workload) = unsafe { ((*entry).peer_cookie, (*entry).workload_cgroup) };
+    let mut key = peer_cookie;
+    let verdict = SPLICE_TARGETS.redirect_skb(&ctx, &mut key, 0);
+    if verdict != i64::from(sk_action::SK_PASS) {
+        // The peer socket is gone (closed): the agent sees the close and ends the connection.
+        count_event(DatapathEvent::RedirectMissed);
+        return sk_action::SK_DROP;
+    }
+    // SAFETY: as above. One writer per entry: the verdict of a socket runs under that socket's
+    // lock, so a plain add does; the aligned 8-byte store is what the agent reads whole.
+    unsafe {
+        let slot = core::ptr::addr_of_mut!((*entry).redirected);
+        core::ptr::write_volatile(slot, core::ptr::read_volatile(slot) + size);
     }
     count_event(DatapathEvent::Redirected);
-    // Bytes that skip the TCP stack skip cgroup_skb too: account for them here.
-    let size = u64::from(ctx.size());
-    let from_agent = config().is_some_and(|cfg| is_outbound_listener(cfg, &tuple.local()));
-    let client = if from_agent {
-        tuple.remote()
-    } else {
-        tuple.local()
-    };
-    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
-    if let Some(info) = unsafe { CONNS.get(conn_key(client)) }
-        && let Some(counters) = counters_of(info.workload_cgroup)
-    {
+    if let Some(counters) = counters_of(workload) {
         // SAFETY: a per-CPU map value of this CPU, valid until the program returns.
-        unsafe {
-            if from_agent {
-                (*counters).rx_payload_bytes += size;
-            } else {
-                (*counters).tx_payload_bytes += size;
-            }
-            (*counters).redirected_bytes += size;
-        }
+        unsafe { (*counters).redirected_bytes += size };
     }
     sk_action::SK_PASS
 }

@@ -329,11 +329,10 @@ fn counters_match_bytes(accelerate: bool) {
     assert_eq!(admin_get(&world.agent, "/readyz"), "ready\n");
     assert_eq!(admin_get(&world.agent, "/healthz"), "ok\n");
     if accelerate {
-        assert_eq!(
-            field(&counters, "redirected_bytes"),
-            2 * BYTES,
-            "{counters}"
-        );
+        // The kernel carried the bytes after the agent's hand-off (the agent moved the ones it
+        // read to identify the protocol).
+        let redirected = field(&counters, "redirected_bytes");
+        assert!(redirected > BYTES && redirected <= 2 * BYTES, "{counters}");
     } else {
         assert_eq!(field(&counters, "redirected_bytes"), 0, "{counters}");
         // Without acceleration every payload byte crossed the IP stack, headers on top.

@@ -3,7 +3,7 @@
 
 use std::{
     net::IpAddr,
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd, RawFd},
     path::Path,
     sync::{Mutex, MutexGuard, PoisonError},
 };
@@ -17,11 +17,18 @@ use aya::{
 };
 use ipnet::IpNet;
 use mesh_common::{
-    ConnInfo, DatapathConfig, DatapathEvent, Endpoint, SockTuple, TrafficCounters, WorkloadInfo,
+    ConnInfo, DatapathConfig, DatapathEvent, Endpoint, SplicePeer, TrafficCounters, WorkloadInfo,
     map_names,
 };
 
 use super::{DatapathError, sys};
+
+/// One of the agent's sockets handed to the kernel: its cookie (`SO_COOKIE`) and descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpliceSocket {
+    pub cookie: u64,
+    pub fd: RawFd,
+}
 
 /// A workload's counters summed over all CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +46,9 @@ pub struct DatapathMaps {
     exclude_v6: Mutex<LpmTrie<MapData, [u8; 16], u8>>,
     exclude_ports: Mutex<HashMap<MapData, u16, u8>>,
     conns: HashMap<MapData, Endpoint, ConnInfo>,
-    socks: Mutex<SockHash<MapData, SockTuple>>,
+    splice: Mutex<SockHash<MapData, u64>>,
+    splice_targets: Mutex<SockHash<MapData, u64>>,
+    splice_peers: Mutex<HashMap<MapData, u64, SplicePeer>>,
     counters: Mutex<PerCpuHashMap<MapData, u64, TrafficCounters>>,
     events: PerCpuArray<MapData, u64>,
 }
@@ -124,7 +133,15 @@ impl DatapathMaps {
                 take(map_names::EXCLUDE_PORTS)?,
             )?),
             conns: typed(map_names::CONNS, take(map_names::CONNS)?)?,
-            socks: Mutex::new(typed(map_names::SOCKS, take(map_names::SOCKS)?)?),
+            splice: Mutex::new(typed(map_names::SPLICE, take(map_names::SPLICE)?)?),
+            splice_targets: Mutex::new(typed(
+                map_names::SPLICE_TARGETS,
+                take(map_names::SPLICE_TARGETS)?,
+            )?),
+            splice_peers: Mutex::new(typed(
+                map_names::SPLICE_PEERS,
+                take(map_names::SPLICE_PEERS)?,
+            )?),
             counters: Mutex::new(typed(map_names::COUNTERS, take(map_names::COUNTERS)?)?),
             events: typed(map_names::EVENTS, take(map_names::EVENTS)?)?,
         })
@@ -184,28 +201,130 @@ impl DatapathMaps {
         Ok(())
     }
 
-    /// Empties the socket map (acceleration turned off).
-    pub fn clear_sockets(&self) -> Result<(), DatapathError> {
-        let mut socks = locked(&self.socks);
-        let keys: Vec<_> = socks.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            match socks.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(map_error(map_names::SOCKS)(source)),
+    /// Empties the splice maps (at start-up: whatever is there belonged to an earlier agent).
+    pub fn clear_splice(&self) -> Result<(), DatapathError> {
+        for (name, map) in [
+            (map_names::SPLICE, &self.splice),
+            (map_names::SPLICE_TARGETS, &self.splice_targets),
+        ] {
+            let mut map = locked(map);
+            let keys: Vec<_> = map.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                optional(map.remove(&key), name)?;
             }
+        }
+        let mut peers = locked(&self.splice_peers);
+        let keys: Vec<u64> = peers.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            optional(peers.remove(&key), map_names::SPLICE_PEERS)?;
         }
         Ok(())
     }
 
-    /// Attaches the `sk_msg` program to the socket map (replacing any earlier one).
-    pub fn attach_sk_msg(&self, prog: BorrowedFd<'_>) -> Result<(), DatapathError> {
-        let socks = locked(&self.socks);
-        sys::prog_attach(prog, socks.fd().as_fd(), sys::AttachType::SkMsgVerdict).map_err(
-            |source| DatapathError::Attach {
-                name: mesh_common::program_names::SK_MSG,
-                source,
-            },
+    /// Attaches the `sk_skb` verdict program to the splice map (replacing any earlier one).
+    pub fn attach_sk_skb(&self, prog: BorrowedFd<'_>) -> Result<(), DatapathError> {
+        let splice = locked(&self.splice);
+        sys::prog_attach(
+            prog,
+            splice.fd().as_fd(),
+            sys::AttachType::SkSkbStreamVerdict,
         )
+        .map_err(|source| DatapathError::Attach {
+            name: mesh_common::program_names::SK_SKB_VERDICT,
+            source,
+        })
+    }
+
+    /// Hands a connection's two sockets to the kernel: each becomes a redirect target, learns
+    /// its peer, and only then gets the verdict program, so no skb is ever redirected to a
+    /// socket that is not there yet. On error, whatever was added is removed again.
+    pub fn splice_add(
+        &self,
+        pair: [SpliceSocket; 2],
+        workload_cgroup: u64,
+    ) -> Result<(), DatapathError> {
+        let added = self.splice_add_all(pair, workload_cgroup);
+        if added.is_err() {
+            let _ = self.splice_remove(pair.map(|socket| socket.cookie));
+        }
+        added
+    }
+
+    fn splice_add_all(
+        &self,
+        pair: [SpliceSocket; 2],
+        workload_cgroup: u64,
+    ) -> Result<(), DatapathError> {
+        {
+            let mut targets = locked(&self.splice_targets);
+            for socket in pair {
+                targets
+                    .insert(socket.cookie, socket.fd, 0)
+                    .map_err(map_error(map_names::SPLICE_TARGETS))?;
+            }
+        }
+        {
+            let mut peers = locked(&self.splice_peers);
+            let [first, second] = pair;
+            for (socket, peer) in [(first, second), (second, first)] {
+                let entry = SplicePeer {
+                    peer_cookie: peer.cookie,
+                    workload_cgroup,
+                    redirected: 0,
+                };
+                peers
+                    .insert(socket.cookie, entry, 0)
+                    .map_err(map_error(map_names::SPLICE_PEERS))?;
+            }
+        }
+        for socket in pair {
+            self.splice_resume(socket)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the kernel from taking bytes off a spliced socket: they wait in its TCP receive
+    /// queue (closing its window) until [`Self::splice_resume`].
+    pub fn splice_pause(&self, cookie: u64) -> Result<(), DatapathError> {
+        optional(locked(&self.splice).remove(&cookie), map_names::SPLICE).map(drop)
+    }
+
+    /// Lets the kernel carry a socket's received bytes to its peer again.
+    pub fn splice_resume(&self, socket: SpliceSocket) -> Result<(), DatapathError> {
+        locked(&self.splice)
+            .insert(socket.cookie, socket.fd, 0)
+            .map_err(map_error(map_names::SPLICE))
+    }
+
+    /// Bytes the kernel redirected from a spliced socket to its peer so far.
+    pub fn splice_redirected(&self, cookie: u64) -> Result<Option<u64>, DatapathError> {
+        Ok(optional(
+            locked(&self.splice_peers).get(&cookie, 0),
+            map_names::SPLICE_PEERS,
+        )?
+        .map(|entry| entry.redirected))
+    }
+
+    /// Takes a connection's sockets out of the kernel path: the verdict first, then the peer
+    /// records and the redirect targets. Missing entries are fine (a closed socket leaves the
+    /// socket maps by itself).
+    pub fn splice_remove(&self, cookies: [u64; 2]) -> Result<(), DatapathError> {
+        for cookie in cookies {
+            optional(locked(&self.splice).remove(&cookie), map_names::SPLICE)?;
+        }
+        for cookie in cookies {
+            optional(
+                locked(&self.splice_peers).remove(&cookie),
+                map_names::SPLICE_PEERS,
+            )?;
+        }
+        for cookie in cookies {
+            optional(
+                locked(&self.splice_targets).remove(&cookie),
+                map_names::SPLICE_TARGETS,
+            )?;
+        }
+        Ok(())
     }
 
     /// Adds a cgroup to the enrolled workloads.

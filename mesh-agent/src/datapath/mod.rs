@@ -6,6 +6,7 @@
 pub mod cgroup;
 mod error;
 mod maps;
+pub mod offload;
 pub mod sys;
 
 use std::{
@@ -17,7 +18,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSkb, CgroupSockAddr, SkMsg, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, SkSkb, SockOps},
 };
 use ipnet::IpNet;
 use mesh_common::{ConnInfo, DatapathConfig, Endpoint, config_flags, map_names, program_names};
@@ -27,7 +28,7 @@ use self::sys::AttachType;
 pub use self::{
     cgroup::Cgroup,
     error::DatapathError,
-    maps::{DatapathMaps, WorkloadCounters},
+    maps::{DatapathMaps, SpliceSocket, WorkloadCounters},
 };
 
 /// The kernel object built from `mesh-ebpf`, embedded at compile time.
@@ -107,7 +108,9 @@ impl Datapath {
             .map_max_entries(map_names::COUNTERS, settings.max_workloads)
             .map_max_entries(map_names::ORIG_BY_COOKIE, settings.max_connections)
             .map_max_entries(map_names::CONNS, settings.max_connections)
-            .map_max_entries(map_names::SOCKS, settings.max_connections)
+            .map_max_entries(map_names::SPLICE, settings.max_connections)
+            .map_max_entries(map_names::SPLICE_TARGETS, settings.max_connections)
+            .map_max_entries(map_names::SPLICE_PEERS, settings.max_connections)
             .map_max_entries(map_names::FLOW_SEQ, settings.max_connections)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -115,25 +118,12 @@ impl Datapath {
             })?;
         let maps = DatapathMaps::from_ebpf(&mut ebpf)?;
 
-        // Acceleration needs the agent's accepted sockets to pass through sock_ops, i.e. the
-        // agent must run inside the attach cgroup.
-        let own_cgroup = cgroup::cgroup_of_pid(std::process::id())?;
-        let mut accelerated = settings.accelerate;
-        if accelerated && !cgroup::is_within(&own_cgroup, &attach.path) {
-            warn!(
-                agent_cgroup = %own_cgroup.display(),
-                attach_cgroup = %attach.path.display(),
-                "in-kernel acceleration disabled: the agent runs outside the attach cgroup; \
-                 run it inside that subtree (or attach at /) to enable it"
-            );
-            accelerated = false;
-        }
-
+        let accelerated = settings.accelerate;
         let config = datapath_config(settings, accelerated)?;
         maps.write_exclusions(&settings.exclude_cidrs, &settings.exclude_ports)?;
-        if !accelerated {
-            maps.clear_sockets()?;
-        }
+        // Spliced sockets belonged to the agent that ran before this one (its sockets closed
+        // with it, which took them out of the socket maps): forget their peer records.
+        maps.clear_splice()?;
 
         let cgroup_dir = fs::File::open(&attach.dir).map_err(|source| DatapathError::Io {
             what: format!("opening cgroup {}", attach.dir.display()),
@@ -151,8 +141,8 @@ impl Datapath {
             )?;
         }
         if accelerated {
-            let prog_fd = load_program(&mut ebpf, program_names::SK_MSG)?;
-            maps.attach_sk_msg(prog_fd.as_fd())?;
+            let prog_fd = load_program(&mut ebpf, program_names::SK_SKB_VERDICT)?;
+            maps.attach_sk_skb(prog_fd.as_fd())?;
         }
         // Capture starts only once every program is attached and the settings are in place.
         maps.write_config(&config)?;
@@ -389,8 +379,8 @@ fn load_program(
                 .as_fd()
                 .try_clone_to_owned()
         }
-        aya::programs::Program::SkMsg(program) => {
-            load_typed::<SkMsg>(program, name)?;
+        aya::programs::Program::SkSkb(program) => {
+            load_typed::<SkSkb>(program, name)?;
             program
                 .fd()
                 .map_err(program_error)?
@@ -419,7 +409,7 @@ macro_rules! loadable {
         })*
     };
 }
-loadable!(CgroupSockAddr, SockOps, CgroupSkb, SkMsg);
+loadable!(CgroupSockAddr, SockOps, CgroupSkb, SkSkb);
 
 fn load_typed<P: LoadableProgram>(
     program: &mut P,
@@ -770,8 +760,8 @@ mod tests {
             kernel::BPF_CGROUP_SOCK_OPS as u32
         );
         assert_eq!(
-            AttachType::SkMsgVerdict as u32,
-            kernel::BPF_SK_MSG_VERDICT as u32
+            AttachType::SkSkbStreamVerdict as u32,
+            kernel::BPF_SK_SKB_STREAM_VERDICT as u32
         );
         assert_eq!(
             AttachType::CgroupInet4Connect as u32,

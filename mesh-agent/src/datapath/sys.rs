@@ -1,6 +1,7 @@
 //! The few `bpf(2)` commands the agent issues itself because aya does not expose them:
 //! creating, pinning, updating and detaching cgroup links (so attachments outlive the agent
-//! and are swapped atomically on restart), and attaching `sk_msg` to a pinned `SockHash`.
+//! and are swapped atomically on restart), and attaching the `sk_skb` verdict to a pinned
+//! `SockHash`.
 
 use std::{
     ffi::CString,
@@ -25,7 +26,7 @@ pub enum AttachType {
     CgroupInetIngress = 0,
     CgroupInetEgress = 1,
     CgroupSockOps = 3,
-    SkMsgVerdict = 7,
+    SkSkbStreamVerdict = 5,
     CgroupInet4Connect = 10,
     CgroupInet6Connect = 11,
     CgroupInet4Getpeername = 29,
@@ -168,7 +169,7 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
-/// `BPF_PROG_ATTACH` of a program to a target (here: `sk_msg` to a `SockHash`). Replaces the
+/// `BPF_PROG_ATTACH` of a program to a target (here: the `sk_skb` verdict to a `SockHash`). Replaces the
 /// program already attached there, and lasts as long as the target does.
 pub fn prog_attach(
     prog: BorrowedFd<'_>,

@@ -1,6 +1,8 @@
 //! The outbound capture listener: accepts connections the kernel redirected from enrolled
 //! workloads, finds out (from the kernel, not the client) who is calling and where it meant to
-//! go, dials that destination and carries bytes both ways with half-close respected.
+//! go, dials that destination and carries bytes both ways with half-close respected. With
+//! acceleration on, an opaque connection authorised at L4 is handed to the kernel
+//! ([`crate::datapath::offload`]) and re-checked against policy while it lasts.
 
 use std::{
     collections::HashMap,
@@ -28,8 +30,11 @@ use super::{
     splice::forward_one_way,
 };
 use crate::{
-    datapath::{CapturedConnection, Datapath},
-    policy::{PolicyStore, RequestAttributes},
+    datapath::{
+        CapturedConnection, Datapath,
+        offload::{self, Offload, OffloadEnd},
+    },
+    policy::{AgentEntry, Decision, PolicySnapshot, PolicyStore, RequestAttributes},
 };
 
 /// How long a silent client may wait before the original destination is dialled to see
@@ -66,6 +71,12 @@ pub struct ProxyStats {
     bytes_to_workload: AtomicU64,
     /// Part of the bytes carried that moved by splice(2) without a copy through the agent.
     bytes_spliced: AtomicU64,
+    /// Part of the bytes carried that the kernel redirected socket to socket (acceleration).
+    bytes_in_kernel: AtomicU64,
+    /// Connections handed to the kernel path.
+    offloaded: AtomicU64,
+    /// Connections carried in the kernel that a policy change cut.
+    revoked: AtomicU64,
     /// Opaque or TLS connections refused by policy.
     denied: AtomicU64,
     /// Finished connections by detected protocol, in [`PROTOCOL_LABELS`] order.
@@ -86,6 +97,9 @@ pub struct ProxyStatsSnapshot {
     pub bytes_to_upstream: u64,
     pub bytes_to_workload: u64,
     pub bytes_spliced: u64,
+    pub bytes_in_kernel: u64,
+    pub offloaded: u64,
+    pub revoked: u64,
     pub denied: u64,
     /// Finished connections by detected protocol, in [`PROTOCOL_LABELS`] order.
     pub by_protocol: [u64; PROTOCOL_LABELS.len()],
@@ -101,6 +115,9 @@ impl ProxyStats {
             bytes_to_upstream: self.bytes_to_upstream.load(Ordering::Relaxed),
             bytes_to_workload: self.bytes_to_workload.load(Ordering::Relaxed),
             bytes_spliced: self.bytes_spliced.load(Ordering::Relaxed),
+            bytes_in_kernel: self.bytes_in_kernel.load(Ordering::Relaxed),
+            offloaded: self.offloaded.load(Ordering::Relaxed),
+            revoked: self.revoked.load(Ordering::Relaxed),
             denied: self.denied.load(Ordering::Relaxed),
             by_protocol: std::array::from_fn(|index| {
                 self.by_protocol[index].load(Ordering::Relaxed)
@@ -127,8 +144,7 @@ pub struct OutboundProxy {
     names: RwLock<HashMap<u64, String>>,
     /// The agent's own listeners: a captured connection must never be sent back to them.
     own_listeners: Vec<SocketAddr>,
-    /// Forward with splice(2) (no copy through user space); off when sk_msg acceleration
-    /// is on, because accelerated sockets queue their bytes where splice cannot read them.
+    /// Forward with splice(2) (no copy through user space) when the agent carries the bytes.
     splice: bool,
     /// Serve HTTP/1.1 and HTTP/2 at L7 (off: every connection is carried as opaque bytes).
     l7: bool,
@@ -300,23 +316,13 @@ impl OutboundProxy {
         }
 
         // Opaque TCP and TLS the workload terminates itself: one authorisation per connection.
-        let snapshot = self.policy.current();
         let sni = match &protocol {
-            Protocol::Tls { sni } => sni.as_deref(),
+            Protocol::Tls { sni } => sni.clone(),
             _ => None,
         };
-        let destination = sni
-            .and_then(|host| snapshot.agent_by_host(host))
-            .or_else(|| snapshot.agent_by_address(captured.original_dst));
-        let decision = snapshot.authorize(&RequestAttributes {
-            source: &workload,
-            destination: destination.map(|agent| agent.name.as_str()),
-            http_method: "",
-            path: "",
-            mcp_method: None,
-            mcp_tool: None,
-            a2a_method: None,
-        });
+        let snapshot = self.policy.current();
+        let destination = l4_destination(&snapshot, sni.as_deref(), captured.original_dst);
+        let decision = authorize_l4(&snapshot, &workload, sni.as_deref(), captured.original_dst);
         if !decision.allowed {
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
             warn!(
@@ -327,6 +333,7 @@ impl OutboundProxy {
             reset(&client);
             return;
         }
+        let sni = sni.as_deref();
         let target = destination
             .filter(|agent| {
                 sni.is_some()
@@ -354,7 +361,25 @@ impl OutboundProxy {
         };
         debug!(%peer, %workload, dst = %target, protocol = protocol.label(), "forwarding captured connection");
         let mut client = client;
-        let copied = self.forward(&mut client, upstream, &prefix).await;
+        let copied = if self.datapath.accelerated() {
+            let check = RevocationCheck {
+                policy: &self.policy,
+                seen: std::sync::Mutex::new(snapshot),
+                workload: &workload,
+                sni,
+                original_dst: captured.original_dst,
+            };
+            self.carry_in_kernel(
+                &mut client,
+                upstream,
+                &prefix,
+                captured.workload_cgroup,
+                &check,
+            )
+            .await
+        } else {
+            self.forward(&mut client, upstream, &prefix).await
+        };
         match copied {
             Ok((to_upstream, to_workload)) => {
                 self.stats
@@ -374,6 +399,70 @@ impl OutboundProxy {
                     "connection ended with an error"
                 );
                 reset(&client);
+            }
+        }
+    }
+
+    /// Sends the prefix, then hands the connection to the kernel; carries it in user space
+    /// when the kernel path declines it.
+    async fn carry_in_kernel(
+        &self,
+        client: &mut TcpStream,
+        mut upstream: TcpStream,
+        prefix: &[u8],
+        workload_cgroup: u64,
+        check: &RevocationCheck<'_>,
+    ) -> std::io::Result<(u64, u64)> {
+        upstream.write_all(prefix).await?;
+        let revoked = || check.revoked();
+        let offloaded = offload::offload(
+            self.datapath.maps(),
+            client,
+            &upstream,
+            prefix.len() as u64,
+            workload_cgroup,
+            &revoked,
+        )
+        .await
+        .map_err(|error| match error {
+            offload::OffloadError::Io(error) => error,
+            other => std::io::Error::other(other),
+        })?;
+        match offloaded {
+            Offload::Carried(report) => {
+                self.stats.offloaded.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_in_kernel
+                    .fetch_add(report.kernel_bytes, Ordering::Relaxed);
+                match report.end {
+                    OffloadEnd::Closed => {}
+                    OffloadEnd::Failed => {
+                        debug!(
+                            workload = check.workload,
+                            "connection carried in the kernel failed; both sides reset"
+                        );
+                    }
+                    OffloadEnd::Revoked => {
+                        self.stats.revoked.fetch_add(1, Ordering::Relaxed);
+                        warn!(
+                            workload = check.workload, dst = %check.original_dst,
+                            "policy no longer allows this connection; cut it"
+                        );
+                    }
+                }
+                Ok((report.to_upstream, report.to_workload))
+            }
+            Offload::Declined {
+                to_upstream,
+                to_workload,
+                reason,
+            } => {
+                debug!(
+                    workload = check.workload,
+                    reason, "carrying the connection in user space"
+                );
+                let (more_up, more_down) = self.forward(client, upstream, &[]).await?;
+                Ok((to_upstream + more_up, to_workload + more_down))
             }
         }
     }
@@ -509,6 +598,62 @@ impl OutboundProxy {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
             })??;
         Ok(stream)
+    }
+}
+
+/// The registered agent an opaque connection goes to: named by its TLS SNI, else by the
+/// original destination's address.
+fn l4_destination<'a>(
+    snapshot: &'a PolicySnapshot,
+    sni: Option<&str>,
+    original_dst: SocketAddr,
+) -> Option<&'a AgentEntry> {
+    sni.and_then(|host| snapshot.agent_by_host(host))
+        .or_else(|| snapshot.agent_by_address(original_dst))
+}
+
+/// The L4 decision for an opaque connection.
+fn authorize_l4(
+    snapshot: &PolicySnapshot,
+    workload: &str,
+    sni: Option<&str>,
+    original_dst: SocketAddr,
+) -> Decision {
+    let destination = l4_destination(snapshot, sni, original_dst);
+    snapshot.authorize(&RequestAttributes {
+        source: workload,
+        destination: destination.map(|agent| agent.name.as_str()),
+        http_method: "",
+        path: "",
+        mcp_method: None,
+        mcp_tool: None,
+        a2a_method: None,
+    })
+}
+
+/// The handle a connection carried in the kernel keeps on policy: on each supervision tick it
+/// re-authorises the connection when the snapshot changed.
+struct RevocationCheck<'a> {
+    policy: &'a PolicyStore,
+    /// The snapshot last checked.
+    seen: std::sync::Mutex<Arc<PolicySnapshot>>,
+    workload: &'a str,
+    sni: Option<&'a str>,
+    original_dst: SocketAddr,
+}
+
+impl RevocationCheck<'_> {
+    fn revoked(&self) -> bool {
+        let current = self.policy.current();
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if Arc::ptr_eq(&current, &seen) {
+            return false;
+        }
+        *seen = Arc::clone(&current);
+        !authorize_l4(&current, self.workload, self.sni, self.original_dst).allowed
     }
 }
 
