@@ -666,3 +666,244 @@ fn a_second_agent_cannot_take_over_a_running_datapath() {
     assert_intact(&world.peer(&world.workload, server.address, 256), 256);
     assert_eq!(field(&world.counters(), "connections_captured"), 1);
 }
+
+/// The agent's log line for a connection it handed to the kernel, and for one it kept.
+const HANDED_TO_KERNEL: &str = "connection handed to the kernel";
+const KEPT_IN_USER_SPACE: &str = "carrying the connection in user space";
+
+#[test]
+fn four_parallel_bulk_streams_with_acceleration_arrive_byte_identical() {
+    const BYTES: u64 = 64 * 1024 * 1024;
+    const STREAMS: usize = 4;
+    let world = World::start("bulk4-fast", true);
+    let server = EchoServer::start("127.0.0.1:0");
+
+    let reports: Vec<Value> = thread::scope(|scope| {
+        let streams: Vec<_> = (0..STREAMS)
+            .map(|_| scope.spawn(|| run_peer(&world.tree, &world.workload, server.address, BYTES)))
+            .collect();
+        streams
+            .into_iter()
+            .map(|stream| stream.join().expect("peer thread"))
+            .collect()
+    });
+    for report in &reports {
+        assert_intact(report, BYTES);
+    }
+    let log = world.agent.log();
+    assert_eq!(
+        log.matches(HANDED_TO_KERNEL).count(),
+        STREAMS,
+        "every stream went through the kernel path:\n{log}"
+    );
+    assert!(!log.contains(KEPT_IN_USER_SPACE), "{log}");
+    let counters = world.counters();
+    assert!(
+        field(&counters, "redirected_bytes") > STREAMS as u64 * BYTES,
+        "the kernel carried most of the bytes: {counters}"
+    );
+    assert_eq!(field(&counters, "tx_payload_bytes"), STREAMS as u64 * BYTES);
+}
+
+/// A client for the half-close and revocation tests, run with python3 in the workload's
+/// cgroup: `ping` then `pong` from the server, then per mode:
+/// - `halfclose`: sends 1 MiB, shuts its write side, reads to EOF and reports what it got;
+/// - `hold`: prints `ready` and reads until the connection ends, reporting how it ended.
+const PY_CLIENT: &str = r#"
+import hashlib, json, socket, sys, time
+host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.create_connection((host, port), timeout=60)
+def exact(n):
+    got = b""
+    while len(got) < n:
+        chunk = s.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+s.sendall(b"\x00ping")
+pong = exact(5)
+if mode == "halfclose":
+    s.sendall(bytes(i % 251 for i in range(1 << 20)))
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    print(json.dumps({"pong": pong.hex(), "received": len(data),
+                      "sha256": hashlib.sha256(data).hexdigest()}))
+else:
+    print("ready", flush=True)
+    outcome = "eof"
+    try:
+        while True:
+            s.sendall(b"\x00tick")
+            if not exact(5):
+                break
+            time.sleep(0.005)
+    except ConnectionResetError:
+        outcome = "reset"
+    except socket.timeout:
+        outcome = "timeout"
+    except BrokenPipeError:
+        outcome = "reset"
+    print(json.dumps({"pong": pong.hex(), "outcome": outcome}), flush=True)
+"#;
+
+fn py_client(to: SocketAddr, mode: &str) -> Command {
+    let mut command = Command::new("python3");
+    command.args([
+        "-c",
+        PY_CLIENT,
+        &to.ip().to_string(),
+        &to.port().to_string(),
+        mode,
+    ]);
+    command
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|index| (index % 251) as u8).collect()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+#[test]
+fn half_close_passes_through_the_kernel_path_both_ways() {
+    const UPLOAD: usize = 1 << 20;
+    let world = World::start("halfclose-fast", true);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    // The server answers only after the client's EOF: the answer must still reach the client,
+    // and the server's own FIN must end the client's read.
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut ping = [0u8; 5];
+        stream.read_exact(&mut ping).expect("ping");
+        stream.write_all(b"\x00pong").expect("pong");
+        let mut upload = Vec::new();
+        stream
+            .read_to_end(&mut upload)
+            .expect("read to the client's EOF");
+        let mut answer = format!("{}\n", upload.len()).into_bytes();
+        answer.extend(pattern(UPLOAD));
+        stream.write_all(&answer).expect("answer");
+        stream.shutdown(Shutdown::Write).expect("shutdown");
+        (ping, upload, answer)
+    });
+    let output = world
+        .tree
+        .run_in(&world.workload, &mut py_client(address, "halfclose"))
+        .expect("run client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
+        panic!(
+            "client printed no report ({error}): {stdout} {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            world.agent.log()
+        )
+    });
+    let (ping, upload, answer) = server.join().expect("server thread");
+    assert_eq!(&ping, b"\x00ping");
+    assert_eq!(
+        upload,
+        pattern(UPLOAD),
+        "the upload arrived whole, then EOF"
+    );
+    assert_eq!(report["pong"], "00706f6e67", "{report}");
+    assert_eq!(field(&report, "received"), answer.len() as u64, "{report}");
+    assert_eq!(report["sha256"], sha256_hex(&answer), "{report}");
+    let log = world.agent.log();
+    assert!(log.contains(HANDED_TO_KERNEL), "{log}");
+    assert!(field(&world.events(), "redirected") > 0);
+}
+
+#[test]
+fn a_policy_change_cuts_a_connection_the_kernel_carries() {
+    let tree = CgroupTree::create("revoke-fast").expect("create cgroup tree");
+    let agent_cgroup = tree.child("agent").expect("agent cgroup");
+    let workload = tree.child("workload").expect("workload cgroup");
+    let server = EchoServer::start("127.0.0.1:0");
+    let policy_dir = TempDir::new("revoke-policies");
+    let resources = |allowed: &str| {
+        format!(
+            "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata:\n  name: vault\nspec:\n  hosts: [vault.mesh]\n  endpoints:\n    - address: \"{}\"\n---\napiVersion: mesh.agentmesh.dev/v1alpha1\nkind: AccessPolicy\nmetadata:\n  name: vault-access\nspec:\n  targetAgent: vault\n  rules:\n    - from: [{allowed}]\n",
+            server.address
+        )
+    };
+    std::fs::write(policy_dir.0.join("mesh.yaml"), resources("client")).expect("write policy");
+    let mut agent_options = options(agent_cgroup, &workload, &[], true);
+    agent_options.policy_dir = Some(policy_dir.0.clone());
+    let agent = AgentProcess::start(&tree, agent_options).expect("start agent");
+
+    let mut client = tree
+        .spawn_in(
+            &workload,
+            py_client(server.address, "hold")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .expect("start client");
+    let stdout = client.stdout.take().expect("client stdout");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let ready = lines.next().and_then(Result::ok);
+    assert_eq!(ready.as_deref(), Some("ready"), "{}", agent.log());
+    // The ticks flow through the kernel once the agent has handed the connection over.
+    assert!(
+        eventually(|| agent.log().contains(HANDED_TO_KERNEL)),
+        "{}",
+        agent.log()
+    );
+
+    let reloads = |agent: &AgentProcess| {
+        admin_get(agent, "/metrics")
+            .lines()
+            .find_map(|line| line.strip_prefix("mesh_policy_reloads_total "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = reloads(&agent);
+    std::fs::write(policy_dir.0.join("mesh.yaml"), resources("someone-else"))
+        .expect("write policy");
+    assert!(eventually(|| reloads(&agent) > before), "{}", agent.log());
+
+    let report = lines
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("the client printed no report\n{}", agent.log()));
+    let _ = client.wait();
+    let report: Value = serde_json::from_str(&report).expect("client report");
+    assert_eq!(report["outcome"], "reset", "{report}\n{}", agent.log());
+    assert!(
+        agent
+            .log()
+            .contains("policy no longer allows this connection"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A temporary folder removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(mesh_tests::unique_name(label));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -3,7 +3,7 @@
 //!
 //! `datapath` compares four ways for a client in a test cgroup to reach a local server:
 //! direct; through haproxy in TCP mode (Debian's, the reference); captured by the kernel
-//! programs and carried by `mesh-agent`; and the same with sk_msg acceleration. For each it
+//! programs and carried by `mesh-agent`; and the same with acceleration (the kernel carries L4-authorised connections socket to socket with `sk_skb`). For each it
 //! measures connect latency, request/response latency and rate on one and on eight
 //! connections, bulk throughput on one and on four streams, and the proxy's CPU time per
 //! request and memory. Rounds interleave the paths so drift on the machine hits all of them
@@ -94,7 +94,7 @@ impl PathKind {
             Self::Direct => "direct",
             Self::Haproxy => "haproxy (tcp mode)",
             Self::Mesh => "mesh (captured)",
-            Self::MeshAccelerated => "mesh + sk_msg",
+            Self::MeshAccelerated => "mesh + kernel splice (sk_skb)",
         }
     }
 
@@ -674,7 +674,7 @@ fn verdicts(results: &Value) -> Vec<(String, bool)> {
         let accelerated = get(PathKind::MeshAccelerated, key);
         let mesh = get(PathKind::Mesh, key);
         verdicts.push((
-            format!("sk_msg {key} {accelerated:.1} µs faster than captured {mesh:.1} µs"),
+            format!("accelerated {key} {accelerated:.1} µs faster than captured {mesh:.1} µs"),
             accelerated < mesh,
         ));
     }

@@ -196,6 +196,10 @@ pub async fn offload(
         maps,
         cookies: [client_cookie, upstream_cookie],
     };
+    debug!(
+        client_cookie,
+        upstream_cookie, "connection handed to the kernel (sk_skb redirect)"
+    );
     // Bytes that landed between the last read and the hand-off raised no event the verdict
     // saw: have the kernel look at the receive queues now.
     kick(client.as_raw_fd())?;
