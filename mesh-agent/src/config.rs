@@ -156,13 +156,12 @@ impl Default for EtcdSpec {
 pub struct DatapathSpec {
     /// bpffs folder where maps and links are pinned; mounted if bpffs is missing.
     pub pin_dir: PathBuf,
-    /// cgroup (relative to the cgroup2 mount) the programs attach to: every enrolled workload,
-    /// and the agent itself for in-kernel acceleration, must live below it.
+    /// cgroup (relative to the cgroup2 mount) the programs attach to: every enrolled workload
+    /// must live below it.
     pub attach_cgroup: PathBuf,
-    /// Splice bytes between workloads and the agent inside the kernel (`sk_msg`). Off by
-    /// default: on current kernels a workload socket in a sockmap can see a spurious EAGAIN
-    /// from a *blocking* read at end of stream (poll-based clients are unaffected); see the
-    /// README's operations section.
+    /// Hand opaque connections authorised at L4 to the kernel once the agent has decided: an
+    /// `sk_skb` verdict redirects bytes between the agent's client-side and upstream sockets
+    /// without them entering the agent (see the README's "Acceleration" section).
     pub accelerate: bool,
     /// Size of the enrolled-workload and counter maps.
     pub max_workloads: u32,

@@ -482,6 +482,9 @@ impl OutboundProxy {
         client: &TcpStream,
         captured: &CapturedConnection,
     ) -> std::io::Result<Opening> {
+        if !self.l7 {
+            return self.read_opening_dialling(client, captured).await;
+        }
         let mut upstream = None;
         if tokio::time::timeout(SERVER_FIRST_GRACE, client.readable())
             .await
@@ -502,49 +505,60 @@ impl OutboundProxy {
                 Err(error) => debug!(dst = %captured.original_dst, %error, "early dial failed"),
             }
         }
-        let mut prefix = Vec::with_capacity(1024);
-        let deadline = tokio::time::Instant::now() + DETECTION_TIMEOUT;
-        loop {
-            if tokio::time::timeout_at(deadline, client.readable())
-                .await
-                .is_err()
-            {
-                // A client that stalls mid-prefix is carried as opaque bytes.
-                return Ok(Opening::Client {
-                    prefix,
-                    protocol: Protocol::Opaque,
-                    upstream,
-                });
-            }
-            if prefix.len() == prefix.capacity() {
-                // Grow by doubling, never past the detector's window.
-                let wanted = (prefix.len() * 2).clamp(1024, MAX_SNIFF);
-                prefix.reserve_exact(wanted - prefix.len());
-            }
-            // Into the spare capacity, without zeroing it first.
-            let room = MAX_SNIFF - prefix.len();
-            let read = client.try_read_buf(&mut bytes::BufMut::limit(&mut prefix, room));
-            let count = match read {
-                Ok(count) => count,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(error) => return Err(error),
-            };
-            let protocol = if count == 0 {
-                // The client finished sending (or never sent): whatever it sent is opaque.
-                Protocol::Opaque
-            } else {
-                match detect(&prefix) {
-                    Detection::Known(protocol) => protocol,
-                    Detection::NeedMore if prefix.len() >= MAX_SNIFF => Protocol::Opaque,
-                    Detection::NeedMore => continue,
+        let (prefix, protocol) = sniff_prefix(client).await?;
+        Ok(Opening::Client {
+            prefix,
+            protocol,
+            upstream,
+        })
+    }
+
+    /// [`Self::read_opening`] when every connection is carried as opaque bytes (L7 off), so
+    /// the original destination is dialled anyway: the dial starts at once and runs while the
+    /// client's first bytes are read, and whichever side speaks first is known without a
+    /// grace period.
+    async fn read_opening_dialling(
+        &self,
+        client: &TcpStream,
+        captured: &CapturedConnection,
+    ) -> std::io::Result<Opening> {
+        let dial = self.dial(captured.original_dst);
+        tokio::pin!(dial);
+        let mut upstream = None;
+        let mut dial_done = false;
+        tokio::select! {
+            ready = client.readable() => ready?,
+            dialled = &mut dial => {
+                dial_done = true;
+                match dialled {
+                    Ok(dialled) => {
+                        tokio::select! {
+                            ready = client.readable() => ready?,
+                            ready = dialled.readable() => {
+                                ready?;
+                                return Ok(Opening::ServerFirst(dialled));
+                            }
+                        }
+                        upstream = Some(dialled);
+                    }
+                    // Dialled again (and reported) once the connection is authorised.
+                    Err(error) => debug!(dst = %captured.original_dst, %error, "early dial failed"),
                 }
-            };
-            return Ok(Opening::Client {
-                prefix,
-                protocol,
-                upstream,
-            });
+            }
         }
+        // The connect started above (its SYN is out); the kernel completes it meanwhile.
+        let (prefix, protocol) = sniff_prefix(client).await?;
+        if !dial_done {
+            match dial.await {
+                Ok(dialled) => upstream = Some(dialled),
+                Err(error) => debug!(dst = %captured.original_dst, %error, "early dial failed"),
+            }
+        }
+        Ok(Opening::Client {
+            prefix,
+            protocol,
+            upstream,
+        })
     }
 
     /// Carries bytes both ways until both sides have finished, after sending the client
@@ -598,6 +612,45 @@ impl OutboundProxy {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
             })??;
         Ok(stream)
+    }
+}
+
+/// Reads the client's first bytes until the detector decides; returns them (to replay) and
+/// the protocol. A client that stalls mid-prefix, or finishes, is carried as opaque bytes.
+async fn sniff_prefix(client: &TcpStream) -> std::io::Result<(Vec<u8>, Protocol)> {
+    let mut prefix = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + DETECTION_TIMEOUT;
+    loop {
+        if tokio::time::timeout_at(deadline, client.readable())
+            .await
+            .is_err()
+        {
+            return Ok((prefix, Protocol::Opaque));
+        }
+        if prefix.len() == prefix.capacity() {
+            // Grow by doubling, never past the detector's window.
+            let wanted = (prefix.len() * 2).clamp(1024, MAX_SNIFF);
+            prefix.reserve_exact(wanted - prefix.len());
+        }
+        // Into the spare capacity, without zeroing it first.
+        let room = MAX_SNIFF - prefix.len();
+        let read = client.try_read_buf(&mut bytes::BufMut::limit(&mut prefix, room));
+        let count = match read {
+            Ok(count) => count,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        };
+        let protocol = if count == 0 {
+            // The client finished sending (or never sent): whatever it sent is opaque.
+            Protocol::Opaque
+        } else {
+            match detect(&prefix) {
+                Detection::Known(protocol) => protocol,
+                Detection::NeedMore if prefix.len() >= MAX_SNIFF => Protocol::Opaque,
+                Detection::NeedMore => continue,
+            }
+        };
+        return Ok((prefix, protocol));
     }
 }
 

@@ -80,7 +80,7 @@ const WORKLOAD_COUNTERS: [(&str, &str, CounterField); 10] = [
     ),
     (
         "mesh_workload_redirected_bytes_total",
-        "Payload bytes spliced socket to socket by sk_msg.",
+        "Payload bytes the kernel carried between the agent's sockets of the workload's accelerated connections (sk_skb).",
         |c| c.redirected_bytes,
     ),
 ];
@@ -153,6 +153,24 @@ pub fn render(
         "# HELP {name} Part of the carried bytes that moved by splice(2), without a copy through the agent.\n# TYPE {name} counter\n{name} {}",
         proxy.bytes_spliced
     );
+    let kernel_counters = [
+        (
+            "mesh_proxy_kernel_bytes_total",
+            "Part of the carried bytes that the kernel redirected socket to socket (acceleration).",
+            proxy.bytes_in_kernel,
+        ),
+        (
+            "mesh_proxy_offloaded_connections_total",
+            "Connections handed to the kernel path (acceleration).",
+            proxy.offloaded,
+        ),
+        (
+            "mesh_proxy_revoked_connections_total",
+            "Connections the kernel carried that a policy change cut.",
+            proxy.revoked,
+        ),
+    ];
+    write_counters(&mut out, &kernel_counters);
     let name = "mesh_proxy_connections_by_protocol_total";
     let _ = writeln!(
         out,
