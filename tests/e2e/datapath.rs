@@ -844,24 +844,7 @@ fn a_policy_change_cuts_a_connection_the_kernel_carries() {
     agent_options.policy_dir = Some(policy_dir.0.clone());
     let agent = AgentProcess::start(&tree, agent_options).expect("start agent");
 
-    let mut client = tree
-        .spawn_in(
-            &workload,
-            py_client(server.address, "hold")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )
-        .expect("start client");
-    let stdout = client.stdout.take().expect("client stdout");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-    let ready = lines.next().and_then(Result::ok);
-    assert_eq!(ready.as_deref(), Some("ready"), "{}", agent.log());
-    // The ticks flow through the kernel once the agent has handed the connection over.
-    assert!(
-        eventually(|| agent.log().contains(HANDED_TO_KERNEL)),
-        "{}",
-        agent.log()
-    );
+    let (_client, mut lines) = hold_connection_in_kernel(&tree, &workload, server.address, &agent);
 
     let reloads = |agent: &AgentProcess| {
         admin_get(agent, "/metrics")
@@ -879,7 +862,6 @@ fn a_policy_change_cuts_a_connection_the_kernel_carries() {
         .next()
         .and_then(Result::ok)
         .unwrap_or_else(|| panic!("the client printed no report\n{}", agent.log()));
-    let _ = client.wait();
     let report: Value = serde_json::from_str(&report).expect("client report");
     assert_eq!(report["outcome"], "reset", "{report}\n{}", agent.log());
     assert!(
@@ -906,4 +888,65 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Starts the `hold` client in the workload's cgroup and waits until the agent has handed its
+/// connection to the kernel. Returns the client and the rest of its stdout.
+fn hold_connection_in_kernel(
+    tree: &CgroupTree,
+    workload: &Path,
+    to: SocketAddr,
+    agent: &AgentProcess,
+) -> (
+    mesh_tests::KillOnDrop,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    let mut client = tree
+        .spawn_in(
+            workload,
+            py_client(to, "hold")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        )
+        .expect("start client");
+    let stdout = client.stdout.take().expect("client stdout");
+    let client = mesh_tests::KillOnDrop(client);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let ready = lines.next().and_then(Result::ok);
+    assert_eq!(ready.as_deref(), Some("ready"), "{}", agent.log());
+    assert!(
+        eventually(|| agent.log().contains(HANDED_TO_KERNEL)),
+        "{}",
+        agent.log()
+    );
+    (client, lines)
+}
+
+#[test]
+fn an_agent_crash_ends_kernel_carried_connections_and_the_next_agent_accelerates_again() {
+    let mut world = World::start("crash-fast", true);
+    let server = EchoServer::start("127.0.0.1:0");
+    let (_client, mut lines) =
+        hold_connection_in_kernel(&world.tree, &world.workload, server.address, &world.agent);
+
+    // The agent's sockets close with its process: the workload sees its connection end
+    // (never a hang).
+    world.agent.kill();
+    let report = lines
+        .next()
+        .and_then(Result::ok)
+        .expect("the client printed no report");
+    let report: Value = serde_json::from_str(&report).expect("client report");
+    assert!(
+        report["outcome"] == "eof" || report["outcome"] == "reset",
+        "{report}"
+    );
+
+    world.agent.restart(&world.tree).expect("restart agent");
+    let redirected_before = field(&world.events(), "redirected");
+    assert_intact(
+        &world.peer(&world.workload, server.address, 3_000_000),
+        3_000_000,
+    );
+    assert!(field(&world.events(), "redirected") > redirected_before);
 }
