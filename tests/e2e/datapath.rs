@@ -707,7 +707,8 @@ fn four_parallel_bulk_streams_with_acceleration_arrive_byte_identical() {
 
 /// A client for the half-close and revocation tests, run with python3 in the workload's
 /// cgroup: `ping` then `pong` from the server, then per mode:
-/// - `halfclose`: sends 1 MiB, shuts its write side, reads to EOF and reports what it got;
+/// - `halfclose [BYTES]`: sends BYTES (1 MiB), shuts its write side, reads to EOF and reports
+///   what it got;
 /// - `hold`: prints `ready` and reads until the connection ends, reporting how it ended.
 const PY_CLIENT: &str = r#"
 import hashlib, json, socket, sys, time
@@ -724,7 +725,8 @@ def exact(n):
 s.sendall(b"\x00ping")
 pong = exact(5)
 if mode == "halfclose":
-    s.sendall(bytes(i % 251 for i in range(1 << 20)))
+    size = int(sys.argv[4]) if len(sys.argv) > 4 else 1 << 20
+    s.sendall((bytes(range(251)) * (size // 251 + 1))[:size])
     s.shutdown(socket.SHUT_WR)
     data = b""
     while True:
@@ -949,4 +951,69 @@ fn an_agent_crash_ends_kernel_carried_connections_and_the_next_agent_accelerates
         3_000_000,
     );
     assert!(field(&world.events(), "redirected") > redirected_before);
+}
+
+#[test]
+fn a_slow_reader_pauses_the_sender_instead_of_queueing_in_the_kernel() {
+    const UPLOAD: usize = 48 << 20;
+    let world = World::start("slow-fast", true);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    // The server takes the ping, then reads nothing until told: the client's upload piles up
+    // behind it, and the client's FIN arrives while the agent holds the sender back.
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut ping = [0u8; 5];
+        stream.read_exact(&mut ping).expect("ping");
+        stream.write_all(b"\x00pong").expect("pong");
+        let _ = wait.recv();
+        let mut upload = Vec::new();
+        stream
+            .read_to_end(&mut upload)
+            .expect("read to the client's EOF");
+        let answer = format!("{}\n", upload.len()).into_bytes();
+        stream.write_all(&answer).expect("answer");
+        stream.shutdown(Shutdown::Write).expect("shutdown");
+        (upload, answer)
+    });
+    let client = world
+        .tree
+        .spawn_in(
+            &world.workload,
+            py_client(address, "halfclose")
+                .arg(UPLOAD.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        )
+        .expect("start client");
+    let mut client = mesh_tests::KillOnDrop(client);
+    assert!(
+        eventually(|| world.agent.log().contains("pausing the source")),
+        "the kernel path never paused the sender:\n{}",
+        world.agent.log()
+    );
+    go.send(()).expect("start reading");
+    let (upload, answer) = server.join().expect("server thread");
+    let mut output = String::new();
+    client
+        .0
+        .stdout
+        .take()
+        .expect("client stdout")
+        .read_to_string(&mut output)
+        .expect("client report");
+    let report: Value = serde_json::from_str(output.trim()).unwrap_or_else(|error| {
+        panic!(
+            "client printed no report ({error}): {output}\n{}",
+            world.agent.log()
+        )
+    });
+    assert!(
+        upload == pattern(UPLOAD),
+        "the upload arrived whole and in order"
+    );
+    assert_eq!(field(&report, "received"), answer.len() as u64, "{report}");
+    let log = world.agent.log();
+    assert!(log.contains(HANDED_TO_KERNEL), "{log}");
 }

@@ -414,6 +414,10 @@ async fn finish_in_user_space(direction: &mut Direction<'_>) -> io::Result<u64> 
         }
     }
     socket2::SockRef::from(direction.dst).shutdown(Shutdown::Write)?;
+    debug!(
+        direction = direction.name,
+        moved, "source finished while paused; the agent moved its last bytes"
+    );
     direction.by_agent += moved;
     direction.done = true;
     Ok(moved)
