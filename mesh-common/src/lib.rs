@@ -51,6 +51,11 @@ pub mod map_names {
     pub const SPLICE_TARGETS: &str = "MESH_SPLICE_TARGETS";
     /// `HashMap<u64 socket cookie, SplicePeer>`: where each spliced socket's bytes go.
     pub const SPLICE_PEERS: &str = "MESH_SPLICE_PEERS";
+    /// `HashMap<u64 socket cookie, u64>`: the redirected-byte count at which the verdict wakes
+    /// the agent (its destination may be falling behind), written by the agent.
+    pub const SPLICE_LIMITS: &str = "MESH_SPLICE_LIMITS";
+    /// `RingBuf` of socket cookies (u64) whose redirected count crossed its limit.
+    pub const SPLICE_WAKE: &str = "MESH_SPLICE_WAKE";
     /// `LruHashMap<SockTuple, u32>`: highest TCP sequence seen per flow and direction, so
     /// retransmitted payload is counted once.
     pub const FLOW_SEQ: &str = "MESH_FLOW_SEQ";

@@ -25,7 +25,7 @@ use aya_ebpf::{
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops, stream_verdict},
     maps::{
-        Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash,
+        Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
@@ -72,6 +72,12 @@ static SPLICE_TARGETS: SockHash<u64> = SockHash::pinned(65536, 0);
 
 #[map(name = "MESH_SPLICE_PEERS")]
 static SPLICE_PEERS: HashMap<u64, SplicePeer> = HashMap::pinned(65536, 0);
+
+#[map(name = "MESH_SPLICE_LIMITS")]
+static SPLICE_LIMITS: HashMap<u64, u64> = HashMap::pinned(65536, 0);
+
+#[map(name = "MESH_SPLICE_WAKE")]
+static SPLICE_WAKE: RingBuf = RingBuf::pinned(64 * 1024, 0);
 
 #[map(name = "MESH_FLOW_SEQ")]
 static FLOW_SEQ: LruHashMap<SockTuple, u32> = LruHashMap::pinned(65536, 0);
@@ -456,10 +462,11 @@ fn on_close(ctx: &SockOpsContext) {
 }
 
 /// Verdict on each skb a spliced socket receives: redirect it to the egress of the peer socket
-/// (flags 0), so the peer's TCP sends it on. Both legs keep their own TCP flow control: the
-/// redirected bytes are written to the peer with the peer's send buffer, and the agent pauses
-/// a direction whose peer falls behind. Sockets without a peer entry (a connection being torn
-/// down) keep their bytes (`SK_PASS`) for the agent.
+/// (flags 0), so the peer's TCP sends it on. The kernel queues redirected skbs for the peer
+/// without a bound, so the count of redirected bytes is kept per socket, and crossing the
+/// limit the agent set (`MESH_SPLICE_LIMITS`) wakes the agent (`MESH_SPLICE_WAKE`), which
+/// pauses the direction while its destination catches up. Sockets without a peer entry keep
+/// their bytes (`SK_PASS`).
 #[stream_verdict]
 pub fn mesh_sk_skb_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the skb pointer is this program's own context; the cookie helper is allowed for
@@ -486,9 +493,20 @@ pub fn mesh_sk_skb_verdict(ctx: SkBuffContext) -> u32 {
     }
     // SAFETY: as above. One writer per entry: the verdict of a socket runs under that socket's
     // lock, so a plain add does; the aligned 8-byte store is what the agent reads whole.
-    unsafe {
+    let (before, after) = unsafe {
         let slot = core::ptr::addr_of_mut!((*entry).redirected);
-        core::ptr::write_volatile(slot, core::ptr::read_volatile(slot) + size);
+        let before = core::ptr::read_volatile(slot);
+        core::ptr::write_volatile(slot, before + size);
+        (before, before + size)
+    };
+    // Crossing the agent's limit wakes it: the destination may be falling behind.
+    // SAFETY: the map value is read (copied) at once; no reference outlives this statement.
+    // A full ring only delays the agent to its next tick.
+    if let Some(limit) = unsafe { SPLICE_LIMITS.get(cookie) }.copied()
+        && before < limit
+        && after >= limit
+    {
+        let _ = SPLICE_WAKE.output::<u64>(&cookie, 0);
     }
     count_event(DatapathEvent::Redirected);
     if let Some(counters) = counters_of(workload) {

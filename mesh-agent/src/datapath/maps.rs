@@ -11,7 +11,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, SockHash,
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -49,6 +49,9 @@ pub struct DatapathMaps {
     splice: Mutex<SockHash<MapData, u64>>,
     splice_targets: Mutex<SockHash<MapData, u64>>,
     splice_peers: Mutex<HashMap<MapData, u64, SplicePeer>>,
+    splice_limits: Mutex<HashMap<MapData, u64, u64>>,
+    /// The wake-up ring, until the agent's reader takes it.
+    splice_wake: Mutex<Option<RingBuf<MapData>>>,
     counters: Mutex<PerCpuHashMap<MapData, u64, TrafficCounters>>,
     events: PerCpuArray<MapData, u64>,
 }
@@ -142,6 +145,14 @@ impl DatapathMaps {
                 map_names::SPLICE_PEERS,
                 take(map_names::SPLICE_PEERS)?,
             )?),
+            splice_limits: Mutex::new(typed(
+                map_names::SPLICE_LIMITS,
+                take(map_names::SPLICE_LIMITS)?,
+            )?),
+            splice_wake: Mutex::new(Some(typed(
+                map_names::SPLICE_WAKE,
+                take(map_names::SPLICE_WAKE)?,
+            )?)),
             counters: Mutex::new(typed(map_names::COUNTERS, take(map_names::COUNTERS)?)?),
             events: typed(map_names::EVENTS, take(map_names::EVENTS)?)?,
         })
@@ -213,12 +224,51 @@ impl DatapathMaps {
                 optional(map.remove(&key), name)?;
             }
         }
-        let mut peers = locked(&self.splice_peers);
-        let keys: Vec<u64> = peers.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            optional(peers.remove(&key), map_names::SPLICE_PEERS)?;
+        for (name, map) in [
+            (map_names::SPLICE_PEERS, &self.splice_peers_keys()),
+            (map_names::SPLICE_LIMITS, &self.splice_limit_keys()),
+        ] {
+            for key in map {
+                self.forget(name, *key)?;
+            }
         }
         Ok(())
+    }
+
+    fn splice_peers_keys(&self) -> Vec<u64> {
+        locked(&self.splice_peers)
+            .keys()
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    fn splice_limit_keys(&self) -> Vec<u64> {
+        locked(&self.splice_limits)
+            .keys()
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    /// Removes a cookie's entry from the peer or limit map (absent is fine).
+    fn forget(&self, name: &'static str, cookie: u64) -> Result<(), DatapathError> {
+        let removed = if name == map_names::SPLICE_PEERS {
+            locked(&self.splice_peers).remove(&cookie)
+        } else {
+            locked(&self.splice_limits).remove(&cookie)
+        };
+        optional(removed, name).map(drop)
+    }
+
+    /// Sets the redirected-byte count at which the verdict wakes the agent for a socket.
+    pub fn splice_set_limit(&self, cookie: u64, limit: u64) -> Result<(), DatapathError> {
+        locked(&self.splice_limits)
+            .insert(cookie, limit, 0)
+            .map_err(map_error(map_names::SPLICE_LIMITS))
+    }
+
+    /// Takes the wake-up ring (once: for the agent's reader).
+    pub fn take_splice_wake(&self) -> Option<RingBuf<MapData>> {
+        locked(&self.splice_wake).take()
     }
 
     /// Attaches the `sk_skb` verdict program to the splice map (replacing any earlier one).
@@ -235,22 +285,23 @@ impl DatapathMaps {
         })
     }
 
-    /// Hands a connection's two sockets to the kernel: each becomes a redirect target, learns
-    /// its peer, and only then gets the verdict program, so no skb is ever redirected to a
-    /// socket that is not there yet. On error, whatever was added is removed again.
-    pub fn splice_add(
+    /// Prepares a connection's two sockets for the kernel path: each becomes a redirect target
+    /// and learns its peer. Nothing is redirected until a socket joins the verdict map
+    /// ([`Self::splice_resume`]), so a redirect never misses its target. On error, whatever
+    /// was added is removed again.
+    pub fn splice_prepare(
         &self,
         pair: [SpliceSocket; 2],
         workload_cgroup: u64,
     ) -> Result<(), DatapathError> {
-        let added = self.splice_add_all(pair, workload_cgroup);
-        if added.is_err() {
+        let prepared = self.splice_prepare_all(pair, workload_cgroup);
+        if prepared.is_err() {
             let _ = self.splice_remove(pair.map(|socket| socket.cookie));
         }
-        added
+        prepared
     }
 
-    fn splice_add_all(
+    fn splice_prepare_all(
         &self,
         pair: [SpliceSocket; 2],
         workload_cgroup: u64,
@@ -263,22 +314,17 @@ impl DatapathMaps {
                     .map_err(map_error(map_names::SPLICE_TARGETS))?;
             }
         }
-        {
-            let mut peers = locked(&self.splice_peers);
-            let [first, second] = pair;
-            for (socket, peer) in [(first, second), (second, first)] {
-                let entry = SplicePeer {
-                    peer_cookie: peer.cookie,
-                    workload_cgroup,
-                    redirected: 0,
-                };
-                peers
-                    .insert(socket.cookie, entry, 0)
-                    .map_err(map_error(map_names::SPLICE_PEERS))?;
-            }
-        }
-        for socket in pair {
-            self.splice_resume(socket)?;
+        let mut peers = locked(&self.splice_peers);
+        let [first, second] = pair;
+        for (socket, peer) in [(first, second), (second, first)] {
+            let entry = SplicePeer {
+                peer_cookie: peer.cookie,
+                workload_cgroup,
+                redirected: 0,
+            };
+            peers
+                .insert(socket.cookie, entry, 0)
+                .map_err(map_error(map_names::SPLICE_PEERS))?;
         }
         Ok(())
     }
@@ -313,10 +359,8 @@ impl DatapathMaps {
             optional(locked(&self.splice).remove(&cookie), map_names::SPLICE)?;
         }
         for cookie in cookies {
-            optional(
-                locked(&self.splice_peers).remove(&cookie),
-                map_names::SPLICE_PEERS,
-            )?;
+            self.forget(map_names::SPLICE_PEERS, cookie)?;
+            self.forget(map_names::SPLICE_LIMITS, cookie)?;
         }
         for cookie in cookies {
             optional(

@@ -89,6 +89,8 @@ pub struct Datapath {
     /// Process id of the agent that owns the datapath (this process, or the running agent when
     /// opened from pins).
     agent_pid: u32,
+    /// Connections the kernel carries, woken when their redirected count crosses a limit.
+    wakers: std::sync::Arc<offload::SpliceWakers>,
 }
 
 impl Datapath {
@@ -111,6 +113,7 @@ impl Datapath {
             .map_max_entries(map_names::SPLICE, settings.max_connections)
             .map_max_entries(map_names::SPLICE_TARGETS, settings.max_connections)
             .map_max_entries(map_names::SPLICE_PEERS, settings.max_connections)
+            .map_max_entries(map_names::SPLICE_LIMITS, settings.max_connections)
             .map_max_entries(map_names::FLOW_SEQ, settings.max_connections)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -160,6 +163,7 @@ impl Datapath {
             attach,
             accelerated,
             agent_pid: std::process::id(),
+            wakers: std::sync::Arc::default(),
         })
     }
 
@@ -198,12 +202,18 @@ impl Datapath {
             attach,
             accelerated,
             agent_pid: config.agent_tgid,
+            wakers: std::sync::Arc::default(),
         })
     }
 
     /// The datapath's maps.
     pub fn maps(&self) -> &DatapathMaps {
         &self.maps
+    }
+
+    /// The wake-ups of the connections the kernel carries.
+    pub fn splice_wakers(&self) -> &std::sync::Arc<offload::SpliceWakers> {
+        &self.wakers
     }
 
     /// Whether in-kernel acceleration is active.

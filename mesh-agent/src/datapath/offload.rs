@@ -13,7 +13,9 @@
 //!   redirected with the bytes the destination socket has taken (`TCP_INFO` bytes acked plus
 //!   `SIOCOUTQ`); when the backlog passes [`PAUSE_ABOVE`] it takes the source socket out of the
 //!   verdict map, so its bytes stay in its TCP receive queue and its window closes, and puts
-//!   it back once the backlog is under [`RESUME_BELOW`];
+//!   it back once the backlog is under [`RESUME_BELOW`]. The check runs on a tick and, so an
+//!   idle connection that starts a burst is caught at once, whenever the verdict reports (on
+//!   the `MESH_SPLICE_WAKE` ring) that a socket's count crossed the limit the agent set;
 //! - half-close: when a source reaches EOF and everything before its FIN has reached the
 //!   destination socket, the agent shuts the destination's write side; when both directions
 //!   are done (or either socket fails) it removes both sockets from the maps and closes them
@@ -22,16 +24,23 @@
 //!   ways) when policy no longer allows it.
 
 use std::{
+    collections::HashMap,
     io,
     net::Shutdown,
     os::fd::{AsRawFd, RawFd},
+    sync::{Arc, Mutex, Once, PoisonError},
     time::Duration,
 };
 
-use tokio::{io::Interest, net::TcpStream};
-use tracing::debug;
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    net::TcpStream,
+    sync::Notify,
+};
+use tracing::{debug, warn};
 
-use super::{DatapathError, DatapathMaps, SpliceSocket};
+use super::{Datapath, DatapathError, DatapathMaps, SpliceSocket};
 
 /// Bytes the agent may move itself while emptying the receive queues before a hand-off; a
 /// writer that keeps them busy longer is left on the user-space path.
@@ -41,10 +50,11 @@ const DRAIN_BUDGET: usize = 8 << 20;
 pub const PAUSE_ABOVE: u64 = 4 << 20;
 /// Backlog under which a paused direction resumes.
 pub const RESUME_BELOW: u64 = 1 << 20;
-/// Supervision tick while bytes are moving or a direction is paused or finishing.
+/// Supervision tick while a direction is paused or finishing.
 const TICK_MIN: Duration = Duration::from_millis(1);
-/// Supervision tick of an idle connection (the longest a revocation waits to take effect).
-const TICK_MAX: Duration = Duration::from_millis(100);
+/// Supervision tick otherwise (the longest a revocation waits to take effect); a backlog that
+/// grows wakes the supervision through the ring instead.
+const TICK_MAX: Duration = Duration::from_millis(250);
 
 /// Why the kernel path could not be used, or failed.
 #[derive(Debug, thiserror::Error)]
@@ -93,14 +103,94 @@ pub enum Offload {
     },
 }
 
+/// The connections the kernel carries, by socket cookie, and the reader of the wake-up ring
+/// that nudges them.
+#[derive(Debug)]
+pub struct SpliceWakers {
+    waiting: Mutex<HashMap<u64, Arc<Notify>>>,
+    reader: Once,
+}
+
+impl Default for SpliceWakers {
+    fn default() -> Self {
+        Self {
+            waiting: Mutex::new(HashMap::new()),
+            reader: Once::new(),
+        }
+    }
+}
+
+impl SpliceWakers {
+    fn register(&self, cookies: [u64; 2]) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        for cookie in cookies {
+            waiting.insert(cookie, Arc::clone(&notify));
+        }
+        notify
+    }
+
+    fn unregister(&self, cookies: [u64; 2]) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        for cookie in cookies {
+            waiting.remove(&cookie);
+        }
+    }
+
+    fn wake(&self, cookie: u64) {
+        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(notify) = waiting.get(&cookie) {
+            notify.notify_one();
+        }
+    }
+
+    /// Starts the ring reader on first use (it needs the agent's runtime).
+    fn ensure_reader(self: &Arc<Self>, maps: &DatapathMaps) {
+        self.reader.call_once(|| {
+            let Some(ring) = maps.take_splice_wake() else {
+                return;
+            };
+            // SAFETY: the ring owns its map descriptor, which stays open and unchanged for as
+            // long as the ring (moved into the AsyncFd) lives.
+            match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
+                Ok(ring) => {
+                    tokio::spawn(read_wakeups(ring, Arc::clone(self)));
+                }
+                Err(error) => {
+                    warn!(%error, "cannot watch the splice wake-up ring; pacing by tick only");
+                }
+            }
+        });
+    }
+}
+
+async fn read_wakeups(mut ring: AsyncFd<RingBuf<MapData>>, wakers: Arc<SpliceWakers>) {
+    loop {
+        let Ok(mut guard) = ring.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if let Some(bytes) = item.get(..8) {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(bytes);
+                wakers.wake(u64::from_ne_bytes(word));
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
 /// Removes a connection's sockets from the kernel maps however the supervision ends.
 struct Spliced<'a> {
     maps: &'a DatapathMaps,
+    wakers: &'a SpliceWakers,
     cookies: [u64; 2],
 }
 
 impl Drop for Spliced<'_> {
     fn drop(&mut self) {
+        self.wakers.unregister(self.cookies);
         if let Err(error) = self.maps.splice_remove(self.cookies) {
             debug!(%error, "removing spliced sockets from the maps failed");
         }
@@ -117,6 +207,8 @@ struct Direction<'a> {
     dst_base: u64,
     /// Bytes the agent moved itself (prefix and hand-off drain).
     by_agent: u64,
+    /// The wake-up limit last written for the source.
+    limit: u64,
     eof: bool,
     paused: bool,
     done: bool,
@@ -126,13 +218,16 @@ struct Direction<'a> {
 /// caller has already written the sniffed prefix to `upstream`. `revoked` is asked on every
 /// tick whether policy still allows the connection.
 pub async fn offload(
-    maps: &DatapathMaps,
+    datapath: &Datapath,
     client: &TcpStream,
     upstream: &TcpStream,
     prefix_sent: u64,
     workload_cgroup: u64,
     revoked: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<Offload, OffloadError> {
+    let maps = datapath.maps();
+    let wakers = datapath.splice_wakers();
+    wakers.ensure_reader(maps);
     // 1. Empty both receive queues, forwarding what they held.
     let mut buffer = vec![0u8; 64 * 1024];
     let mut budget = DRAIN_BUDGET;
@@ -183,8 +278,9 @@ pub async fn offload(
             fd: upstream.as_raw_fd(),
         },
     ];
-    // 3. Into the maps; from here on the kernel moves the bytes.
-    if let Err(error) = maps.splice_add(pair, workload_cgroup) {
+    // 3. Into the maps: redirect targets and peers first, then the verdict, socket by socket;
+    //    from here on the kernel moves the bytes.
+    if let Err(error) = maps.splice_prepare(pair, workload_cgroup) {
         debug!(%error, "the kernel path refused the connection; carrying it in user space");
         return declined(
             to_upstream,
@@ -194,7 +290,35 @@ pub async fn offload(
     }
     let guard = Spliced {
         maps,
+        wakers,
         cookies: [client_cookie, upstream_cookie],
+    };
+    let wake = wakers.register([client_cookie, upstream_cookie]);
+    for socket in pair {
+        if let Err(error) = maps.splice_set_limit(socket.cookie, PAUSE_ABOVE) {
+            debug!(%error, "no wake-up limit; pacing by tick only");
+        }
+    }
+    // Only established sockets may join the verdict map. The first one failing means nothing
+    // was redirected yet: the agent keeps the connection. The second one failing after the
+    // first joined (a FIN raced the hand-off) leaves its direction paused, and the supervision
+    // finishes it in user space once the other direction's bytes are through.
+    if let Err(error) = maps.splice_resume(pair[0]) {
+        drop(guard);
+        debug!(%error, "the kernel path refused the connection; carrying it in user space");
+        return declined(
+            to_upstream,
+            to_workload,
+            "a socket could not join the verdict map",
+        );
+    }
+    let upstream_joined = match maps.splice_resume(pair[1]) {
+        Ok(()) => true,
+        Err(_) if read_closed(upstream) => false,
+        Err(error) => {
+            drop(guard);
+            return Err(error.into());
+        }
     };
     debug!(
         client_cookie,
@@ -203,7 +327,9 @@ pub async fn offload(
     // Bytes that landed between the last read and the hand-off raised no event the verdict
     // saw: have the kernel look at the receive queues now.
     kick(client.as_raw_fd())?;
-    kick(upstream.as_raw_fd())?;
+    if upstream_joined {
+        kick(upstream.as_raw_fd())?;
+    }
 
     let mut directions = [
         Direction {
@@ -213,6 +339,7 @@ pub async fn offload(
             src_socket: pair[0],
             dst_base: upstream_base,
             by_agent: to_upstream,
+            limit: PAUSE_ABOVE,
             eof: false,
             paused: false,
             done: false,
@@ -224,12 +351,13 @@ pub async fn offload(
             src_socket: pair[1],
             dst_base: client_base,
             by_agent: to_workload,
-            eof: false,
-            paused: false,
+            limit: PAUSE_ABOVE,
+            eof: !upstream_joined,
+            paused: !upstream_joined,
             done: false,
         },
     ];
-    let end = supervise(maps, &mut directions, revoked).await;
+    let end = supervise(maps, &mut directions, &wake, revoked).await;
     let redirected = |direction: &Direction<'_>| {
         maps.splice_redirected(direction.src_socket.cookie)
             .ok()
@@ -256,10 +384,10 @@ pub async fn offload(
 async fn supervise(
     maps: &DatapathMaps,
     directions: &mut [Direction<'_>; 2],
+    wake: &Notify,
     revoked: &(dyn Fn() -> bool + Send + Sync),
 ) -> OffloadEnd {
-    let mut tick = TICK_MIN;
-    let mut last_redirected = [0u64; 2];
+    let mut tick = TICK_MAX;
     loop {
         if directions.iter().all(|direction| direction.done) {
             return OffloadEnd::Closed;
@@ -289,13 +417,14 @@ async fn supervise(
                     return OffloadEnd::Failed;
                 }
             }
+            () = wake.notified() => {}
             () = tokio::time::sleep(tick) => {}
         }
         if revoked() {
             return OffloadEnd::Revoked;
         }
         let mut busy = false;
-        for (index, direction) in directions.iter_mut().enumerate() {
+        for direction in directions.iter_mut() {
             if direction.done {
                 continue;
             }
@@ -303,13 +432,8 @@ async fn supervise(
                 direction.eof = true;
             }
             match step(maps, direction) {
-                Ok(Step {
-                    moving,
-                    redirected,
-                    finish,
-                }) => {
-                    busy |= moving || redirected != last_redirected[index];
-                    last_redirected[index] = redirected;
+                Ok(Step { moving, finish }) => {
+                    busy |= moving;
                     if finish == Finish::InUserSpace
                         && let Err(error) = finish_in_user_space(direction).await
                     {
@@ -323,32 +447,37 @@ async fn supervise(
                 }
             }
         }
-        tick = if busy {
-            TICK_MIN
-        } else {
-            (tick * 2).min(TICK_MAX)
-        };
+        // Growth of a backlog wakes the supervision through the ring; only a paused or
+        // finishing direction needs a short tick.
+        tick = if busy { TICK_MIN } else { TICK_MAX };
     }
 }
 
 struct Step {
-    /// The direction has a backlog, is paused or is finishing.
+    /// The direction is paused or finishing.
     moving: bool,
-    redirected: u64,
     finish: Finish,
 }
 
 /// One supervision step of a direction: backpressure, and the half-close once its source is
 /// at EOF and everything it sent is in the destination socket.
 fn step(maps: &DatapathMaps, direction: &mut Direction<'_>) -> Result<Step, OffloadError> {
-    // Taking the source's socket lock (TCP_INFO does) waits out a verdict run in progress, so
-    // the count read next includes every skb received before the FIN that EOF reflects.
-    let _ = taken(direction.src.as_raw_fd())?;
+    if direction.eof {
+        // Taking the source's socket lock (TCP_INFO does) waits out a verdict run in
+        // progress, so the count read next includes every skb received before the FIN.
+        let _ = taken(direction.src.as_raw_fd())?;
+    }
     let redirected = maps
         .splice_redirected(direction.src_socket.cookie)?
         .unwrap_or(0);
     let delivered = taken(direction.dst.as_raw_fd())?.saturating_sub(direction.dst_base);
     let backlog = redirected.saturating_sub(delivered);
+    // Wake when the backlog would pass the pause mark; moved in steps, not on every tick.
+    let limit = delivered + PAUSE_ABOVE;
+    if limit >= direction.limit + RESUME_BELOW {
+        maps.splice_set_limit(direction.src_socket.cookie, limit)?;
+        direction.limit = limit;
+    }
     if direction.paused && !direction.eof && backlog <= RESUME_BELOW {
         match maps.splice_resume(direction.src_socket) {
             Ok(()) => {
@@ -381,8 +510,7 @@ fn step(maps: &DatapathMaps, direction: &mut Direction<'_>) -> Result<Step, Offl
         Finish::NotYet
     };
     Ok(Step {
-        moving: backlog > 0 || direction.paused || direction.eof,
-        redirected,
+        moving: direction.paused || direction.eof,
         finish,
     })
 }

@@ -416,7 +416,7 @@ impl OutboundProxy {
         upstream.write_all(prefix).await?;
         let revoked = || check.revoked();
         let offloaded = offload::offload(
-            self.datapath.maps(),
+            &self.datapath,
             client,
             &upstream,
             prefix.len() as u64,
