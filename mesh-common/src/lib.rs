@@ -54,6 +54,9 @@ pub mod map_names {
     /// `HashMap<u64 socket cookie, u64>`: the redirected-byte count at which the verdict wakes
     /// the agent (its destination may be falling behind), written by the agent.
     pub const SPLICE_LIMITS: &str = "MESH_SPLICE_LIMITS";
+    /// `HashMap<u64 socket cookie, u8>`: spliced sockets whose received bytes the verdict now
+    /// passes to the socket itself (the agent carries that direction from then on).
+    pub const SPLICE_PASS: &str = "MESH_SPLICE_PASS";
     /// `RingBuf` of socket cookies (u64) whose redirected count crossed its limit.
     pub const SPLICE_WAKE: &str = "MESH_SPLICE_WAKE";
     /// `LruHashMap<SockTuple, u32>`: highest TCP sequence seen per flow and direction, so

@@ -76,6 +76,9 @@ static SPLICE_PEERS: HashMap<u64, SplicePeer> = HashMap::pinned(65536, 0);
 #[map(name = "MESH_SPLICE_LIMITS")]
 static SPLICE_LIMITS: HashMap<u64, u64> = HashMap::pinned(65536, 0);
 
+#[map(name = "MESH_SPLICE_PASS")]
+static SPLICE_PASS: HashMap<u64, u8> = HashMap::pinned(65536, 0);
+
 #[map(name = "MESH_SPLICE_WAKE")]
 static SPLICE_WAKE: RingBuf = RingBuf::pinned(64 * 1024, 0);
 
@@ -464,9 +467,10 @@ fn on_close(ctx: &SockOpsContext) {
 /// Verdict on each skb a spliced socket receives: redirect it to the egress of the peer socket
 /// (flags 0), so the peer's TCP sends it on. The kernel queues redirected skbs for the peer
 /// without a bound, so the count of redirected bytes is kept per socket, and crossing the
-/// limit the agent set (`MESH_SPLICE_LIMITS`) wakes the agent (`MESH_SPLICE_WAKE`), which
-/// pauses the direction while its destination catches up. Sockets without a peer entry keep
-/// their bytes (`SK_PASS`).
+/// limit the agent set (`MESH_SPLICE_LIMITS`) wakes the agent (`MESH_SPLICE_WAKE`). A direction
+/// whose destination falls behind is taken back by the agent (`MESH_SPLICE_PASS`): its skbs
+/// stay on the receiving socket (`SK_PASS`) under TCP flow control. Sockets without a peer
+/// entry keep their bytes too.
 #[stream_verdict]
 pub fn mesh_sk_skb_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the skb pointer is this program's own context; the cookie helper is allowed for
@@ -476,6 +480,12 @@ pub fn mesh_sk_skb_verdict(ctx: SkBuffContext) -> u32 {
         count_event(DatapathEvent::RedirectMissed);
         return sk_action::SK_PASS;
     };
+    // A direction the agent took back: its bytes queue on the socket itself (charged to its
+    // receive buffer, so TCP's window holds the sender back) for the agent to read, in order.
+    // SAFETY: the map value is read (compared) at once; no reference outlives this statement.
+    if unsafe { SPLICE_PASS.get(cookie) }.is_some() {
+        return sk_action::SK_PASS;
+    }
     let size = u64::from(ctx.len());
     if size == 0 {
         // A bare FIN: TCP already recorded it on this socket (the agent passes the half-close

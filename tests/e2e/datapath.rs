@@ -989,8 +989,11 @@ fn a_slow_reader_pauses_the_sender_instead_of_queueing_in_the_kernel() {
         .expect("start client");
     let mut client = mesh_tests::KillOnDrop(client);
     assert!(
-        eventually(|| world.agent.log().contains("pausing the source")),
-        "the kernel path never paused the sender:\n{}",
+        eventually(|| world
+            .agent
+            .log()
+            .contains("the agent takes this direction back")),
+        "the kernel path never handed the slow direction back:\n{}",
         world.agent.log()
     );
     go.send(()).expect("start reading");

@@ -50,6 +50,7 @@ pub struct DatapathMaps {
     splice_targets: Mutex<SockHash<MapData, u64>>,
     splice_peers: Mutex<HashMap<MapData, u64, SplicePeer>>,
     splice_limits: Mutex<HashMap<MapData, u64, u64>>,
+    splice_pass: Mutex<HashMap<MapData, u64, u8>>,
     /// The wake-up ring, until the agent's reader takes it.
     splice_wake: Mutex<Option<RingBuf<MapData>>>,
     counters: Mutex<PerCpuHashMap<MapData, u64, TrafficCounters>>,
@@ -149,6 +150,10 @@ impl DatapathMaps {
                 map_names::SPLICE_LIMITS,
                 take(map_names::SPLICE_LIMITS)?,
             )?),
+            splice_pass: Mutex::new(typed(
+                map_names::SPLICE_PASS,
+                take(map_names::SPLICE_PASS)?,
+            )?),
             splice_wake: Mutex::new(Some(typed(
                 map_names::SPLICE_WAKE,
                 take(map_names::SPLICE_WAKE)?,
@@ -227,6 +232,7 @@ impl DatapathMaps {
         for (name, map) in [
             (map_names::SPLICE_PEERS, &self.splice_peers_keys()),
             (map_names::SPLICE_LIMITS, &self.splice_limit_keys()),
+            (map_names::SPLICE_PASS, &self.splice_pass_keys()),
         ] {
             for key in map {
                 self.forget(name, *key)?;
@@ -242,6 +248,13 @@ impl DatapathMaps {
             .collect()
     }
 
+    fn splice_pass_keys(&self) -> Vec<u64> {
+        locked(&self.splice_pass)
+            .keys()
+            .filter_map(Result::ok)
+            .collect()
+    }
+
     fn splice_limit_keys(&self) -> Vec<u64> {
         locked(&self.splice_limits)
             .keys()
@@ -251,10 +264,10 @@ impl DatapathMaps {
 
     /// Removes a cookie's entry from the peer or limit map (absent is fine).
     fn forget(&self, name: &'static str, cookie: u64) -> Result<(), DatapathError> {
-        let removed = if name == map_names::SPLICE_PEERS {
-            locked(&self.splice_peers).remove(&cookie)
-        } else {
-            locked(&self.splice_limits).remove(&cookie)
+        let removed = match name {
+            map_names::SPLICE_PEERS => locked(&self.splice_peers).remove(&cookie),
+            map_names::SPLICE_PASS => locked(&self.splice_pass).remove(&cookie),
+            _ => locked(&self.splice_limits).remove(&cookie),
         };
         optional(removed, name).map(drop)
     }
@@ -329,13 +342,17 @@ impl DatapathMaps {
         Ok(())
     }
 
-    /// Stops the kernel from taking bytes off a spliced socket: they wait in its TCP receive
-    /// queue (closing its window) until [`Self::splice_resume`].
-    pub fn splice_pause(&self, cookie: u64) -> Result<(), DatapathError> {
-        optional(locked(&self.splice).remove(&cookie), map_names::SPLICE).map(drop)
+    /// Takes a direction back from the kernel: from the next skb on, the verdict leaves the
+    /// socket's received bytes on the socket (for the agent to read) instead of redirecting
+    /// them.
+    pub fn splice_take_back(&self, cookie: u64) -> Result<(), DatapathError> {
+        locked(&self.splice_pass)
+            .insert(cookie, 1, 0)
+            .map_err(map_error(map_names::SPLICE_PASS))
     }
 
-    /// Lets the kernel carry a socket's received bytes to its peer again.
+    /// Puts a prepared socket into the verdict map: the kernel carries its received bytes to
+    /// its peer from now on.
     pub fn splice_resume(&self, socket: SpliceSocket) -> Result<(), DatapathError> {
         locked(&self.splice)
             .insert(socket.cookie, socket.fd, 0)
@@ -361,6 +378,7 @@ impl DatapathMaps {
         for cookie in cookies {
             self.forget(map_names::SPLICE_PEERS, cookie)?;
             self.forget(map_names::SPLICE_LIMITS, cookie)?;
+            self.forget(map_names::SPLICE_PASS, cookie)?;
         }
         for cookie in cookies {
             optional(

@@ -114,6 +114,7 @@ impl Datapath {
             .map_max_entries(map_names::SPLICE_TARGETS, settings.max_connections)
             .map_max_entries(map_names::SPLICE_PEERS, settings.max_connections)
             .map_max_entries(map_names::SPLICE_LIMITS, settings.max_connections)
+            .map_max_entries(map_names::SPLICE_PASS, settings.max_connections)
             .map_max_entries(map_names::FLOW_SEQ, settings.max_connections)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {

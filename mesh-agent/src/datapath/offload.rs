@@ -45,12 +45,12 @@ use super::{Datapath, DatapathError, DatapathMaps, SpliceSocket};
 /// Bytes the agent may move itself while emptying the receive queues before a hand-off; a
 /// writer that keeps them busy longer is left on the user-space path.
 const DRAIN_BUDGET: usize = 8 << 20;
-/// Kernel backlog (redirected but not yet in the destination socket) above which a direction's
-/// source is paused.
+/// Kernel backlog (redirected but not yet in the destination socket) above which the agent
+/// takes a direction back from the kernel.
 pub const PAUSE_ABOVE: u64 = 4 << 20;
-/// Backlog under which a paused direction resumes.
-pub const RESUME_BELOW: u64 = 1 << 20;
-/// Supervision tick while a direction is paused or finishing.
+/// Step by which the wake-up limit moves.
+const RESUME_BELOW: u64 = 1 << 20;
+/// Supervision tick while a direction is being handed back or finishing.
 const TICK_MIN: Duration = Duration::from_millis(1);
 /// Supervision tick otherwise (the longest a revocation waits to take effect); a backlog that
 /// grows wakes the supervision through the ring instead.
@@ -197,6 +197,18 @@ impl Drop for Spliced<'_> {
     }
 }
 
+/// Who carries a direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    /// The kernel redirects the source's skbs to the destination.
+    Kernel,
+    /// The verdict now leaves the source's bytes on the source; the agent takes over once
+    /// everything the kernel redirected has reached the destination socket.
+    HandingBack,
+    /// The agent copies the rest (until the source's EOF).
+    Agent,
+}
+
 /// One direction of a spliced connection.
 struct Direction<'a> {
     name: &'static str,
@@ -205,12 +217,12 @@ struct Direction<'a> {
     src_socket: SpliceSocket,
     /// Bytes the destination socket had taken when the kernel took over.
     dst_base: u64,
-    /// Bytes the agent moved itself (prefix and hand-off drain).
+    /// Bytes the agent moved itself (prefix, hand-off drain, and after a hand-back).
     by_agent: u64,
     /// The wake-up limit last written for the source.
     limit: u64,
+    carrier: Carrier,
     eof: bool,
-    paused: bool,
     done: bool,
 }
 
@@ -340,8 +352,8 @@ pub async fn offload(
             dst_base: upstream_base,
             by_agent: to_upstream,
             limit: PAUSE_ABOVE,
+            carrier: Carrier::Kernel,
             eof: false,
-            paused: false,
             done: false,
         },
         Direction {
@@ -352,8 +364,13 @@ pub async fn offload(
             dst_base: client_base,
             by_agent: to_workload,
             limit: PAUSE_ABOVE,
-            eof: !upstream_joined,
-            paused: !upstream_joined,
+            // Not in the verdict map: plain TCP, which the agent carries.
+            carrier: if upstream_joined {
+                Carrier::Kernel
+            } else {
+                Carrier::Agent
+            },
+            eof: false,
             done: false,
         },
     ];
@@ -379,22 +396,42 @@ pub async fn offload(
     }))
 }
 
-/// Watches both sockets until the connection ends, passing half-closes on and pausing a
+/// A direction's copy by the agent, once taken back from the kernel.
+type Copy<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<u64>> + Send + 'a>>;
+
+/// Drives a direction's copy, or never completes when there is none.
+async fn run_copy(copy: &mut Option<Copy<'_>>) -> io::Result<u64> {
+    match copy {
+        Some(copy) => copy.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Watches both sockets until the connection ends, passing half-closes on and taking back a
 /// direction whose destination falls behind.
-async fn supervise(
-    maps: &DatapathMaps,
-    directions: &mut [Direction<'_>; 2],
+async fn supervise<'a>(
+    maps: &'a DatapathMaps,
+    directions: &mut [Direction<'a>; 2],
     wake: &Notify,
     revoked: &(dyn Fn() -> bool + Send + Sync),
 ) -> OffloadEnd {
     let mut tick = TICK_MAX;
+    let mut copies: [Option<Copy<'a>>; 2] = [None, None];
+    for (direction, copy) in directions.iter().zip(copies.iter_mut()) {
+        if direction.carrier == Carrier::Agent {
+            *copy = Some(copy_rest(maps, direction));
+        }
+    }
     loop {
         if directions.iter().all(|direction| direction.done) {
             return OffloadEnd::Closed;
         }
         let [first, second] = &*directions;
-        let watch_first = !first.eof;
-        let watch_second = !second.eof;
+        // The kernel-carried sources are watched for EOF; the others only for errors (their
+        // readability belongs to the copy).
+        let watch_first = !first.eof && first.carrier != Carrier::Agent;
+        let watch_second = !second.eof && second.carrier != Carrier::Agent;
+        let [first_copy, second_copy] = &mut copies;
         tokio::select! {
             ready = first.src.ready(Interest::READABLE | Interest::ERROR), if watch_first => {
                 if readiness_failed(first, ready) {
@@ -406,7 +443,6 @@ async fn supervise(
                     return OffloadEnd::Failed;
                 }
             }
-            // A side already at EOF is still watched for errors.
             ready = first.src.ready(Interest::ERROR), if !watch_first => {
                 if readiness_failed(first, ready) {
                     return OffloadEnd::Failed;
@@ -417,6 +453,18 @@ async fn supervise(
                     return OffloadEnd::Failed;
                 }
             }
+            copied = run_copy(first_copy) => {
+                if !copy_finished(&mut directions[0], copied) {
+                    return OffloadEnd::Failed;
+                }
+                copies[0] = None;
+            }
+            copied = run_copy(second_copy) => {
+                if !copy_finished(&mut directions[1], copied) {
+                    return OffloadEnd::Failed;
+                }
+                copies[1] = None;
+            }
             () = wake.notified() => {}
             () = tokio::time::sleep(tick) => {}
         }
@@ -424,47 +472,55 @@ async fn supervise(
             return OffloadEnd::Revoked;
         }
         let mut busy = false;
-        for direction in directions.iter_mut() {
-            if direction.done {
+        for (direction, copy) in directions.iter_mut().zip(copies.iter_mut()) {
+            if direction.done || direction.carrier == Carrier::Agent {
                 continue;
             }
             if !direction.eof && read_closed(direction.src) {
                 direction.eof = true;
             }
             match step(maps, direction) {
-                Ok(Step { moving, finish }) => {
-                    busy |= moving;
-                    if finish == Finish::InUserSpace
-                        && let Err(error) = finish_in_user_space(direction).await
-                    {
-                        debug!(direction = direction.name, %error, "finishing in user space failed");
-                        return OffloadEnd::Failed;
-                    }
-                }
+                Ok(moving) => busy |= moving,
                 Err(error) => {
                     debug!(direction = direction.name, %error, "kernel path supervision failed");
                     return OffloadEnd::Failed;
                 }
             }
+            if direction.carrier == Carrier::Agent {
+                // Everything the kernel redirected is in the destination socket: the rest of
+                // the source's bytes (queued on the source) follow in order.
+                *copy = Some(copy_rest(maps, direction));
+            }
         }
-        // Growth of a backlog wakes the supervision through the ring; only a paused or
-        // finishing direction needs a short tick.
+        // Growth of a backlog wakes the supervision through the ring; only a direction being
+        // handed back or finishing needs a short tick.
         tick = if busy { TICK_MIN } else { TICK_MAX };
     }
 }
 
-struct Step {
-    /// The direction is paused or finishing.
-    moving: bool,
-    finish: Finish,
+/// Records the end of a direction's copy; false when it failed.
+fn copy_finished(direction: &mut Direction<'_>, copied: io::Result<u64>) -> bool {
+    match copied {
+        Ok(copied) => {
+            direction.by_agent += copied;
+            direction.done = true;
+            true
+        }
+        Err(error) => {
+            debug!(direction = direction.name, %error, "copy after the hand-back failed");
+            false
+        }
+    }
 }
 
-/// One supervision step of a direction: backpressure, and the half-close once its source is
-/// at EOF and everything it sent is in the destination socket.
-fn step(maps: &DatapathMaps, direction: &mut Direction<'_>) -> Result<Step, OffloadError> {
-    if direction.eof {
+/// One supervision step of a kernel-carried direction: the hand-back when its destination
+/// falls behind, and the half-close once its source is at EOF and everything it sent is in the
+/// destination socket. Returns whether the direction needs a short tick.
+fn step(maps: &DatapathMaps, direction: &mut Direction<'_>) -> Result<bool, OffloadError> {
+    if direction.eof || direction.carrier == Carrier::HandingBack {
         // Taking the source's socket lock (TCP_INFO does) waits out a verdict run in
-        // progress, so the count read next includes every skb received before the FIN.
+        // progress, so the count read next is final for what came before (the FIN, or the
+        // hand-back).
         let _ = taken(direction.src.as_raw_fd())?;
     }
     let redirected = maps
@@ -472,83 +528,109 @@ fn step(maps: &DatapathMaps, direction: &mut Direction<'_>) -> Result<Step, Offl
         .unwrap_or(0);
     let delivered = taken(direction.dst.as_raw_fd())?.saturating_sub(direction.dst_base);
     let backlog = redirected.saturating_sub(delivered);
-    // Wake when the backlog would pass the pause mark; moved in steps, not on every tick.
-    let limit = delivered + PAUSE_ABOVE;
-    if limit >= direction.limit + RESUME_BELOW {
-        maps.splice_set_limit(direction.src_socket.cookie, limit)?;
-        direction.limit = limit;
-    }
-    if direction.paused && !direction.eof && backlog <= RESUME_BELOW {
-        match maps.splice_resume(direction.src_socket) {
-            Ok(()) => {
-                kick(direction.src.as_raw_fd())?;
-                direction.paused = false;
+    match direction.carrier {
+        Carrier::Kernel if backlog > PAUSE_ABOVE && !direction.eof => {
+            // The kernel would queue without bound: the agent carries this direction from
+            // here, at the destination's pace. (Taking the socket out of the verdict map
+            // instead could drop an skb whose verdict runs at that moment.)
+            maps.splice_take_back(direction.src_socket.cookie)?;
+            direction.carrier = Carrier::HandingBack;
+            debug!(
+                direction = direction.name,
+                backlog, "destination behind; the agent takes this direction back"
+            );
+            return Ok(true);
+        }
+        Carrier::Kernel => {
+            // Wake when the backlog would pass the mark; moved in steps, not on every tick.
+            let limit = delivered + PAUSE_ABOVE;
+            if limit >= direction.limit + RESUME_BELOW {
+                maps.splice_set_limit(direction.src_socket.cookie, limit)?;
+                direction.limit = limit;
             }
-            // Only established sockets may join a socket map: a FIN that arrived while the
-            // source was paused leaves the rest of its bytes to the agent.
-            Err(_) if read_closed(direction.src) => direction.eof = true,
-            Err(error) => return Err(error.into()),
+            if direction.eof && backlog == 0 {
+                // Everything before the FIN is in the destination's send queue: pass it on.
+                socket2::SockRef::from(direction.dst).shutdown(Shutdown::Write)?;
+                direction.done = true;
+                return Ok(false);
+            }
+            Ok(direction.eof)
         }
-    } else if !direction.paused && backlog > PAUSE_ABOVE {
-        maps.splice_pause(direction.src_socket.cookie)?;
-        direction.paused = true;
-        debug!(
-            direction = direction.name,
-            backlog, "destination behind; pausing the source"
-        );
+        Carrier::HandingBack => {
+            if backlog == 0 {
+                direction.carrier = Carrier::Agent;
+                return Ok(false);
+            }
+            Ok(true)
+        }
+        Carrier::Agent => Ok(false),
     }
-    let finish = if direction.eof && backlog == 0 {
-        if direction.paused {
-            Finish::InUserSpace
-        } else {
-            // Everything before the FIN is in the destination's send queue: pass it on.
-            socket2::SockRef::from(direction.dst).shutdown(Shutdown::Write)?;
-            direction.done = true;
-            Finish::Done
-        }
-    } else {
-        Finish::NotYet
-    };
-    Ok(Step {
-        moving: direction.paused || direction.eof,
-        finish,
-    })
 }
 
-/// Where a direction stands after a supervision step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Finish {
-    NotYet,
-    Done,
-    /// Its source reached EOF while paused and the kernel has delivered all it took: the
-    /// agent moves the rest of the source's receive queue itself, then passes the FIN on.
-    InUserSpace,
+/// Copies what the source still receives to the destination until the source's EOF, then
+/// half-closes the destination; returns the bytes copied. The source's bytes are read from
+/// the socket (the verdict leaves them there); EOF counts only once every byte the source
+/// received is accounted for (the agent's, the kernel's, the copy's), so none still queued
+/// inside the kernel is cut off.
+fn copy_rest<'a>(maps: &'a DatapathMaps, direction: &Direction<'a>) -> Copy<'a> {
+    Box::pin(copy_rest_of(
+        maps,
+        direction.name,
+        direction.src,
+        direction.dst,
+        direction.src_socket.cookie,
+        direction.by_agent,
+    ))
 }
 
-/// Moves what is left in a paused source (up to its FIN) to the destination and half-closes
-/// the destination. Returns the bytes moved.
-async fn finish_in_user_space(direction: &mut Direction<'_>) -> io::Result<u64> {
+async fn copy_rest_of(
+    maps: &DatapathMaps,
+    name: &'static str,
+    src: &TcpStream,
+    dst: &TcpStream,
+    cookie: u64,
+    read_before: u64,
+) -> io::Result<u64> {
     let mut buffer = vec![0u8; 64 * 1024];
-    let mut budget = usize::MAX;
-    let mut moved = 0;
+    let mut copied = 0u64;
     loop {
-        let drained = drain(direction.src, direction.dst, &mut buffer, &mut budget).await?;
-        moved += drained.moved;
-        if drained.eof {
+        let read = src.try_io(Interest::READABLE, || {
+            nix::sys::socket::recv(
+                src.as_raw_fd(),
+                &mut buffer,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(io::Error::from)
+        });
+        match read {
+            Ok(0) => {}
+            Ok(count) => {
+                write_all(dst, &buffer[..count]).await?;
+                copied += count as u64;
+                continue;
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                if !read_closed(src) {
+                    src.readable().await?;
+                    continue;
+                }
+            }
+            Err(error) => return Err(error),
+        }
+        // The source is at EOF, or says so: check that nothing is still on its way.
+        let received = bytes_received(src.as_raw_fd())?.saturating_sub(1);
+        let redirected = maps.splice_redirected(cookie).ok().flatten().unwrap_or(0);
+        if received <= read_before + redirected + copied {
             break;
         }
-        if drained.moved == 0 {
-            direction.src.readable().await?;
-        }
+        tokio::time::sleep(TICK_MIN).await;
     }
-    socket2::SockRef::from(direction.dst).shutdown(Shutdown::Write)?;
+    socket2::SockRef::from(dst).shutdown(Shutdown::Write)?;
     debug!(
-        direction = direction.name,
-        moved, "source finished while paused; the agent moved its last bytes"
+        direction = name,
+        copied, "the agent carried the rest of this direction"
     );
-    direction.by_agent += moved;
-    direction.done = true;
-    Ok(moved)
+    Ok(copied)
 }
 
 /// Whether a readiness event means the socket failed. Plain readability (which a spliced
@@ -674,10 +756,20 @@ fn socket_cookie(fd: RawFd) -> io::Result<u64> {
 
 /// Offset of `tcpi_bytes_acked` (u64) in `struct tcp_info` (stable kernel ABI since 4.1).
 const TCPI_BYTES_ACKED: usize = 120;
-/// Bytes of `struct tcp_info` read (up to and including `tcpi_bytes_acked`).
-const TCP_INFO_LEN: usize = TCPI_BYTES_ACKED + 8;
+/// Offset of `tcpi_bytes_received` (u64; a received FIN counts one).
+const TCPI_BYTES_RECEIVED: usize = 128;
+/// Bytes of `struct tcp_info` read (up to and including `tcpi_bytes_received`).
+const TCP_INFO_LEN: usize = TCPI_BYTES_RECEIVED + 8;
 
 fn bytes_acked(fd: RawFd) -> io::Result<u64> {
+    tcp_info_word(fd, TCPI_BYTES_ACKED)
+}
+
+fn bytes_received(fd: RawFd) -> io::Result<u64> {
+    tcp_info_word(fd, TCPI_BYTES_RECEIVED)
+}
+
+fn tcp_info_word(fd: RawFd, offset: usize) -> io::Result<u64> {
     let mut info = [0u8; TCP_INFO_LEN];
     let mut length = TCP_INFO_LEN as libc::socklen_t;
     // SAFETY: `info` and `length` are valid for writes of the sizes passed.
@@ -694,10 +786,12 @@ fn bytes_acked(fd: RawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     if (length as usize) < TCP_INFO_LEN {
-        return Err(io::Error::other("kernel tcp_info lacks tcpi_bytes_acked"));
+        return Err(io::Error::other(
+            "kernel tcp_info lacks tcpi_bytes_acked/tcpi_bytes_received",
+        ));
     }
     let mut word = [0u8; 8];
-    word.copy_from_slice(&info[TCPI_BYTES_ACKED..TCP_INFO_LEN]);
+    word.copy_from_slice(&info[offset..offset + 8]);
     Ok(u64::from_ne_bytes(word))
 }
 
