@@ -539,7 +539,7 @@ fn step(maps: &DatapathMaps, direction: &mut Direction<'_>) -> Result<bool, Offl
                 direction = direction.name,
                 backlog, "destination behind; the agent takes this direction back"
             );
-            return Ok(true);
+            Ok(true)
         }
         Carrier::Kernel => {
             // Wake when the backlog would pass the mark; moved in steps, not on every tick.
