@@ -9,13 +9,15 @@
 //!   queues are read empty, so the kernel only ever sees whole, unread skbs: nothing is lost,
 //!   doubled or reordered;
 //! - flow control: the redirected bytes are queued on the peer's psock, which writes them into
-//!   the peer's TCP send buffer. The agent compares, per direction, the bytes the verdict
-//!   redirected with the bytes the destination socket has taken (`TCP_INFO` bytes acked plus
-//!   `SIOCOUTQ`); when the backlog passes [`PAUSE_ABOVE`] it takes the source socket out of the
-//!   verdict map, so its bytes stay in its TCP receive queue and its window closes, and puts
-//!   it back once the backlog is under [`RESUME_BELOW`]. The check runs on a tick and, so an
-//!   idle connection that starts a burst is caught at once, whenever the verdict reports (on
-//!   the `MESH_SPLICE_WAKE` ring) that a socket's count crossed the limit the agent set;
+//!   the peer's TCP send buffer, without a bound of its own. The agent compares, per
+//!   direction, the bytes the verdict redirected with the bytes the destination socket has
+//!   taken (`TCP_INFO` bytes acked plus `SIOCOUTQ`), on a tick and whenever the verdict reports
+//!   (on the `MESH_SPLICE_WAKE` ring) that a socket's count crossed the limit the agent set.
+//!   When the backlog passes [`PAUSE_ABOVE`] the agent takes the direction back: the verdict
+//!   leaves the source's skbs on the source socket (charged to its receive buffer, so TCP's
+//!   window holds the sender back), and once the destination has taken everything redirected
+//!   before, the agent copies the rest in order. (Removing the socket from the verdict map
+//!   instead would race with a verdict run in progress, which then drops its skb.);
 //! - half-close: when a source reaches EOF and everything before its FIN has reached the
 //!   destination socket, the agent shuts the destination's write side; when both directions
 //!   are done (or either socket fails) it removes both sockets from the maps and closes them
@@ -313,8 +315,8 @@ pub async fn offload(
     }
     // Only established sockets may join the verdict map. The first one failing means nothing
     // was redirected yet: the agent keeps the connection. The second one failing after the
-    // first joined (a FIN raced the hand-off) leaves its direction paused, and the supervision
-    // finishes it in user space once the other direction's bytes are through.
+    // first joined (a FIN raced the hand-off) leaves its direction to the agent from the
+    // start (it never reached the verdict).
     if let Err(error) = maps.splice_resume(pair[0]) {
         drop(guard);
         debug!(%error, "the kernel path refused the connection; carrying it in user space");
@@ -383,6 +385,15 @@ pub async fn offload(
     };
     let kernel_up = redirected(&directions[0]);
     let kernel_down = redirected(&directions[1]);
+    if end == OffloadEnd::Closed {
+        let dropped = discard_leftovers(client) + discard_leftovers(upstream);
+        if dropped > 0 {
+            debug!(
+                dropped,
+                "dropped bytes presented again after the end of the streams"
+            );
+        }
+    }
     drop(guard);
     if end != OffloadEnd::Closed {
         reset(client);
@@ -593,37 +604,57 @@ async fn copy_rest_of(
 ) -> io::Result<u64> {
     let mut buffer = vec![0u8; 64 * 1024];
     let mut copied = 0u64;
+    // Final: the verdict redirects nothing after the hand-back.
+    let redirected = maps
+        .splice_redirected(cookie)
+        .map_err(io::Error::other)?
+        .unwrap_or(0);
     loop {
+        // Read exactly what the source received and nobody carried yet. At the end of a
+        // stream the socket can present the skb that carried the FIN a second time; reading
+        // by count never passes it on.
+        let received = received_so_far(src.as_raw_fd())?;
+        let remaining = received
+            .data
+            .saturating_sub(read_before + redirected + copied);
+        if remaining == 0 {
+            if received.fin {
+                break;
+            }
+            src.readable().await?;
+            // Clear a readiness that carried no new bytes, so the next wait sleeps.
+            if received_so_far(src.as_raw_fd())?.data == received.data && !read_closed(src) {
+                let _ = src.try_io(Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+            continue;
+        }
+        let want = buffer
+            .len()
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
         let read = src.try_io(Interest::READABLE, || {
             nix::sys::socket::recv(
                 src.as_raw_fd(),
-                &mut buffer,
+                &mut buffer[..want],
                 nix::sys::socket::MsgFlags::MSG_DONTWAIT,
             )
             .map_err(io::Error::from)
         });
         match read {
-            Ok(0) => {}
+            Ok(0) => {
+                // Counted bytes not readable yet (still queued inside the kernel).
+                tokio::time::sleep(TICK_MIN).await;
+            }
             Ok(count) => {
                 write_all(dst, &buffer[..count]).await?;
                 copied += count as u64;
-                continue;
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                if !read_closed(src) {
-                    src.readable().await?;
-                    continue;
-                }
+                src.readable().await?;
             }
             Err(error) => return Err(error),
         }
-        // The source is at EOF, or says so: check that nothing is still on its way.
-        let received = bytes_received(src.as_raw_fd())?.saturating_sub(1);
-        let redirected = maps.splice_redirected(cookie).ok().flatten().unwrap_or(0);
-        if received <= read_before + redirected + copied {
-            break;
-        }
-        tokio::time::sleep(TICK_MIN).await;
     }
     socket2::SockRef::from(dst).shutdown(Shutdown::Write)?;
     debug!(
@@ -631,6 +662,24 @@ async fn copy_rest_of(
         copied, "the agent carried the rest of this direction"
     );
     Ok(copied)
+}
+
+/// Reads and drops what a finished source still presents past its counted bytes, so closing
+/// it sends a FIN, not the RST that unread data would cause.
+fn discard_leftovers(stream: &TcpStream) -> u64 {
+    let mut buffer = [0u8; 16 * 1024];
+    let mut dropped = 0u64;
+    while let Ok(count) = nix::sys::socket::recv(
+        stream.as_raw_fd(),
+        &mut buffer,
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    ) {
+        if count == 0 {
+            break;
+        }
+        dropped += count as u64;
+    }
+    dropped
 }
 
 /// Whether a readiness event means the socket failed. Plain readability (which a spliced
@@ -765,11 +814,35 @@ fn bytes_acked(fd: RawFd) -> io::Result<u64> {
     tcp_info_word(fd, TCPI_BYTES_ACKED)
 }
 
-fn bytes_received(fd: RawFd) -> io::Result<u64> {
-    tcp_info_word(fd, TCPI_BYTES_RECEIVED)
+/// Bytes a socket received, read in one `TCP_INFO` snapshot with whether its peer's FIN is
+/// among them (the FIN counts one in `tcpi_bytes_received`).
+struct Received {
+    data: u64,
+    fin: bool,
+}
+
+fn received_so_far(fd: RawFd) -> io::Result<Received> {
+    let info = tcp_info(fd)?;
+    let total = word_at(&info, TCPI_BYTES_RECEIVED);
+    // CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT, CLOSE: the peer's FIN has arrived.
+    let fin = matches!(info[0], 6 | 7 | 8 | 9 | 11);
+    Ok(Received {
+        data: if fin { total.saturating_sub(1) } else { total },
+        fin,
+    })
+}
+
+fn word_at(info: &[u8; TCP_INFO_LEN], offset: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&info[offset..offset + 8]);
+    u64::from_ne_bytes(word)
 }
 
 fn tcp_info_word(fd: RawFd, offset: usize) -> io::Result<u64> {
+    Ok(word_at(&tcp_info(fd)?, offset))
+}
+
+fn tcp_info(fd: RawFd) -> io::Result<[u8; TCP_INFO_LEN]> {
     let mut info = [0u8; TCP_INFO_LEN];
     let mut length = TCP_INFO_LEN as libc::socklen_t;
     // SAFETY: `info` and `length` are valid for writes of the sizes passed.
@@ -790,9 +863,7 @@ fn tcp_info_word(fd: RawFd, offset: usize) -> io::Result<u64> {
             "kernel tcp_info lacks tcpi_bytes_acked/tcpi_bytes_received",
         ));
     }
-    let mut word = [0u8; 8];
-    word.copy_from_slice(&info[offset..offset + 8]);
-    Ok(u64::from_ne_bytes(word))
+    Ok(info)
 }
 
 fn unsent(fd: RawFd) -> io::Result<u64> {
