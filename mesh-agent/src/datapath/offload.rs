@@ -16,8 +16,10 @@
 //!   When the backlog passes [`PAUSE_ABOVE`] the agent takes the direction back: the verdict
 //!   leaves the source's skbs on the source socket (charged to its receive buffer, so TCP's
 //!   window holds the sender back), and once the destination has taken everything redirected
-//!   before, the agent copies the rest in order. (Removing the socket from the verdict map
-//!   instead would race with a verdict run in progress, which then drops its skb.);
+//!   before, the agent copies the rest in order, by count (what the source received minus
+//!   what was carried), because a socket can present the skb that carried its FIN a second
+//!   time. (Removing the socket from the verdict map instead would race with a verdict run in
+//!   progress, which then drops its skb.);
 //! - half-close: when a source reaches EOF and everything before its FIN has reached the
 //!   destination socket, the agent shuts the destination's write side; when both directions
 //!   are done (or either socket fails) it removes both sockets from the maps and closes them
@@ -934,6 +936,23 @@ mod tests {
         let mut sink = vec![0u8; 300_000];
         reader.read_exact(&mut sink).await.unwrap();
         assert_eq!(taken(writer.as_raw_fd()).unwrap() - base, 300_000);
+    }
+
+    #[tokio::test]
+    async fn received_counts_data_and_the_fin_apart() {
+        let (mut writer, reader) = pair().await;
+        writer.write_all(b"hello").await.unwrap();
+        while received_so_far(reader.as_raw_fd()).unwrap().data < 5 {
+            tokio::task::yield_now().await;
+        }
+        let before_fin = received_so_far(reader.as_raw_fd()).unwrap();
+        assert_eq!((before_fin.data, before_fin.fin), (5, false));
+        writer.shutdown().await.unwrap();
+        while !read_closed(&reader) {
+            tokio::task::yield_now().await;
+        }
+        let after_fin = received_so_far(reader.as_raw_fd()).unwrap();
+        assert_eq!((after_fin.data, after_fin.fin), (5, true));
     }
 
     #[tokio::test]
