@@ -3,8 +3,8 @@
 //! and never enter the agent's memory. A direction ends with a half-close (shutdown of the
 //! write side) when its source reaches EOF.
 //!
-//! Not for sockets in the sk_msg socket map: their received bytes sit in a queue that
-//! splice does not read, so accelerated connections use tokio's buffered copy.
+//! Not for sockets in the splice maps (acceleration): their received bytes can sit in a queue
+//! that splice does not read; `datapath::offload` reads those itself.
 
 use std::{
     io,

@@ -14,8 +14,7 @@
 //! `http-idle` (open many keep-alive connections, one request each, then hold them idle).
 //!
 //! Sockets are blocking, but a read or write that reports EAGAIN anyway waits in poll(2) and
-//! retries, so clients stay correct over the accelerated (sk_msg) path, where the kernel may
-//! wake a blocking reader without data.
+//! retries, so clients stay correct whatever path the kernel takes.
 
 use std::{
     io::{self, ErrorKind, Read, Write},
