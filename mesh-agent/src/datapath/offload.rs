@@ -16,9 +16,9 @@
 //!   When the backlog passes [`PAUSE_ABOVE`] the agent takes the direction back: the verdict
 //!   leaves the source's skbs on the source socket (charged to its receive buffer, so TCP's
 //!   window holds the sender back), and once the destination has taken everything redirected
-//!   before, the agent copies the rest in order, by count (what the source received minus
-//!   what was carried), because a socket can present the skb that carried its FIN a second
-//!   time. (Removing the socket from the verdict map instead would race with a verdict run in
+//!   before, the agent copies the rest in order, checking each read against what the source
+//!   received minus what was carried (a socket can present the skb that carried its FIN a
+//!   second time; the connection is then reset, never given a byte twice). (Removing the socket from the verdict map instead would race with a verdict run in
 //!   progress, which then drops its skb.);
 //! - half-close: when a source reaches EOF and everything before its FIN has reached the
 //!   destination socket, the agent shuts the destination's write side; when both directions
@@ -612,51 +612,55 @@ async fn copy_rest_of(
         .map_err(io::Error::other)?
         .unwrap_or(0);
     loop {
-        // Read exactly what the source received and nobody carried yet. At the end of a
-        // stream the socket can present the skb that carried the FIN a second time; reading
-        // by count never passes it on.
-        let received = received_so_far(src.as_raw_fd())?;
-        let remaining = received
-            .data
-            .saturating_sub(read_before + redirected + copied);
-        if remaining == 0 {
-            if received.fin {
-                break;
-            }
-            src.readable().await?;
-            // Clear a readiness that carried no new bytes, so the next wait sleeps.
-            if received_so_far(src.as_raw_fd())?.data == received.data && !read_closed(src) {
-                let _ = src.try_io(Interest::READABLE, || {
-                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                });
-            }
-            continue;
-        }
-        let want = buffer
-            .len()
-            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
         let read = src.try_io(Interest::READABLE, || {
             nix::sys::socket::recv(
                 src.as_raw_fd(),
-                &mut buffer[..want],
+                &mut buffer,
                 nix::sys::socket::MsgFlags::MSG_DONTWAIT,
             )
             .map_err(io::Error::from)
         });
         match read {
-            Ok(0) => {
-                // Counted bytes not readable yet (still queued inside the kernel).
-                tokio::time::sleep(TICK_MIN).await;
-            }
+            Ok(0) => {}
             Ok(count) => {
+                // Fail closed: never pass on more than the source received (what the agent
+                // read before, what the kernel redirected, what this copy moved); at the end
+                // of a stream a socket can present the skb that carried the FIN a second time.
+                // The FIN counts one in `tcpi_bytes_received`: the check is lenient by one.
+                let received = tcp_info_word(src.as_raw_fd(), TCPI_BYTES_RECEIVED)?;
+                let allowed = received.saturating_sub(read_before + redirected);
+                if copied + count as u64 > allowed {
+                    warn!(
+                        direction = name,
+                        received,
+                        read_before,
+                        redirected,
+                        copied,
+                        count,
+                        "read more bytes than the source received after the hand-back; resetting the connection"
+                    );
+                    return Err(io::Error::other(
+                        "byte accounting mismatch after the hand-back",
+                    ));
+                }
                 write_all(dst, &buffer[..count]).await?;
                 copied += count as u64;
+                continue;
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                src.readable().await?;
+                if !read_closed(src) {
+                    src.readable().await?;
+                    continue;
+                }
             }
             Err(error) => return Err(error),
         }
+        // The source is at EOF, or says so: check that nothing is still on its way.
+        let received = received_so_far(src.as_raw_fd())?;
+        if received.fin && received.data <= read_before + redirected + copied {
+            break;
+        }
+        tokio::time::sleep(TICK_MIN).await;
     }
     socket2::SockRef::from(dst).shutdown(Shutdown::Write)?;
     debug!(
