@@ -245,6 +245,43 @@ impl SpiffeServerVerifier {
     }
 }
 
+/// Which end of a handshake a peer certificate comes from.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    /// A server's certificate, checked by a client: a node identity, serverAuth.
+    Server,
+    /// A client's certificate, checked by a server: any identity, clientAuth.
+    Client,
+}
+
+/// The one check of a peer certificate for both verifiers, against the bundle of the moment;
+/// a refusal is logged.
+fn check_peer(
+    bundle: &SharedBundle,
+    algorithms: &WebPkiSupportedAlgorithms,
+    (end_entity, intermediates, now): (&CertificateDer<'_>, &[CertificateDer<'_>], UnixTime),
+    side: Side,
+) -> Result<(), TlsError> {
+    let (usage, node_required, what) = match side {
+        Side::Server => (KeyUsage::server_auth(), true, "server"),
+        Side::Client => (KeyUsage::client_auth(), false, "client"),
+    };
+    match bundle.load().verify_peer(
+        algorithms,
+        end_entity,
+        intermediates,
+        now,
+        usage,
+        node_required,
+    ) {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            info!(%error, "refused a {what} certificate");
+            Err(error.into())
+        }
+    }
+}
+
 impl ServerCertVerifier for SpiffeServerVerifier {
     fn verify_server_cert(
         &self,
@@ -254,21 +291,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let bundle = self.bundle.load();
-        match bundle.verify_peer(
+        check_peer(
+            &self.bundle,
             &self.algorithms,
-            end_entity,
-            intermediates,
-            now,
-            KeyUsage::server_auth(),
-            true,
-        ) {
-            Ok(_) => Ok(ServerCertVerified::assertion()),
-            Err(error) => {
-                info!(%error, "refused a server certificate");
-                Err(error.into())
-            }
-        }
+            (end_entity, intermediates, now),
+            Side::Server,
+        )
+        .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -331,21 +360,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        let bundle = self.bundle.load();
-        match bundle.verify_peer(
+        check_peer(
+            &self.bundle,
             &self.algorithms,
-            end_entity,
-            intermediates,
-            now,
-            KeyUsage::client_auth(),
-            false,
-        ) {
-            Ok(_) => Ok(ClientCertVerified::assertion()),
-            Err(error) => {
-                info!(%error, "refused a client certificate");
-                Err(error.into())
-            }
-        }
+            (end_entity, intermediates, now),
+            Side::Client,
+        )
+        .map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
