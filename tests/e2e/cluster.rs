@@ -24,11 +24,12 @@ use std::{
 };
 
 use mesh_tests::{
-    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, NodeLaunch,
+    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, NodeLaunch, TempDir,
     etcd::{AgentEtcd, EtcdServer},
-    mesh_agent_binary,
     netns::{NetNode, Network, PacketCapture},
-    read_lines_until, target_profile_dir, unique_name,
+    read_lines_until,
+    signer::{SignerOptions, SignerProcess},
+    target_profile_dir, unique_name,
 };
 use serde_json::Value;
 
@@ -51,23 +52,6 @@ const A: usize = 0;
 const B: usize = 1;
 const C: usize = 2;
 
-/// A temporary folder removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> Self {
-        let dir = std::env::temp_dir().join(unique_name(label));
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 fn loadgen() -> PathBuf {
     let path = target_profile_dir().join("mesh-loadgen");
     assert!(
@@ -76,63 +60,6 @@ fn loadgen() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// `mesh-agent ca init` then `mesh-agent ca run` in the switch's namespace, killed on drop
-/// (its log printed when the test fails).
-struct Signer {
-    process: Option<KillOnDrop>,
-    log: PathBuf,
-}
-
-impl Signer {
-    fn start(switch: &NetNode, etcd: &EtcdServer, dir: &Path) -> Self {
-        let ca_dir = dir.join("ca");
-        let output = Command::new(mesh_agent_binary().unwrap())
-            .args(["ca", "init", "--trust-domain", TRUST_DOMAIN, "--dir"])
-            .arg(&ca_dir)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "ca init: {output:?}");
-        let log = dir.join("signer.log");
-        let file = fs::File::create(&log).unwrap();
-        let child = switch
-            .command(&mesh_agent_binary().unwrap().to_string_lossy())
-            .args(["ca", "run", "--etcd", &etcd.endpoint(), "--resync", "1s"])
-            .args([
-                "--certificate-ttl",
-                &format!("{CERTIFICATE_TTL_SECONDS}s"),
-                "--dir",
-            ])
-            .arg(&ca_dir)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        let signer = Signer {
-            process: Some(KillOnDrop(child)),
-            log,
-        };
-        wait_for("the signer to run", || {
-            signer.log().contains("signer running")
-        });
-        signer
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Signer {
-    fn drop(&mut self) {
-        drop(self.process.take());
-        if std::thread::panicking() {
-            eprintln!("---- signer log ----\n{}", self.log());
-        }
-    }
 }
 
 /// Polls `done` every 20 ms for up to 30 s (a generous bound against a hung process, not a
@@ -157,7 +84,7 @@ struct Cluster {
     trees: Vec<(CgroupTree, PathBuf)>,
     /// The cgroups of [`FRESH`] on node A.
     fresh: Vec<PathBuf>,
-    signer: Signer,
+    signer: SignerProcess,
     etcd: EtcdServer,
     work: TempDir,
     network: Network,
@@ -166,10 +93,21 @@ struct Cluster {
 impl Cluster {
     fn start(label: &str) -> Self {
         let network = Network::create(label, 3).expect("create the network");
-        let work = TempDir::new(label);
+        let work = TempDir::new(label).expect("temporary folder");
         let switch = network.switch();
         let etcd = EtcdServer::start_in(&switch).expect("start etcd in the switch namespace");
-        let signer = Signer::start(&switch, &etcd, &work.0);
+        // In the switch's namespace, where etcd is.
+        let certificate_ttl = format!("{CERTIFICATE_TTL_SECONDS}s");
+        let signer = SignerProcess::start(
+            &etcd,
+            SignerOptions {
+                trust_domain: TRUST_DOMAIN,
+                certificate_ttl: &certificate_ttl,
+                extra: &[],
+                namespace: Some(&switch),
+            },
+        )
+        .expect("start the signer");
 
         // An HTTP server on nodes B and C (on their own addresses), in their namespaces.
         let mut servers = Vec::new();

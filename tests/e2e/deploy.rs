@@ -20,7 +20,7 @@ use std::{
     process::{Command, Output},
 };
 
-use mesh_tests::{mesh_agent_binary, unique_name, workspace_root};
+use mesh_tests::{TempDir, mesh_agent_binary, workspace_root};
 
 /// Kubernetes versions the manifests are validated against: the oldest the chart supports
 /// (`kubeVersion` in Chart.yaml; `appArmorProfile` is a 1.30 field) and the newest the
@@ -257,27 +257,6 @@ else:
 
 // ------------------------------------------------------------------------------------ helpers
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> Self {
-        let path = std::env::temp_dir().join(unique_name(label));
-        fs::create_dir_all(&path).expect("create a temporary directory");
-        Self(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 fn deploy_dir() -> PathBuf {
     workspace_root().join("deploy")
 }
@@ -477,7 +456,7 @@ fn kustomization_lists_every_manifest() {
 
 #[test]
 fn kubernetes_config_is_accepted_by_the_agent_and_consistent() {
-    let dir = TempDir::new("deploy-k8s");
+    let dir = TempDir::new("deploy-k8s").expect("temporary folder");
     let all = dir.path().join("all.yaml");
     let joined: Vec<String> = kubernetes_manifests()
         .iter()
@@ -537,7 +516,7 @@ fn helm_chart_lints_clean() {
 
 #[test]
 fn helm_defaults_render_valid_manifests_that_match_the_plain_ones() {
-    let dir = TempDir::new("deploy-helm");
+    let dir = TempDir::new("deploy-helm").expect("temporary folder");
     let (manifests, notes) = render_chart("{}", dir.path());
     validate_against_schemas(std::slice::from_ref(&manifests));
     let rendered = fs::read_to_string(&manifests).unwrap();
@@ -580,7 +559,7 @@ fn helm_defaults_render_valid_manifests_that_match_the_plain_ones() {
 
 #[test]
 fn helm_with_everything_on_renders_valid_manifests() {
-    let dir = TempDir::new("deploy-helm-all");
+    let dir = TempDir::new("deploy-helm-all").expect("temporary folder");
     let (manifests, notes) = render_chart(&everything_on_values(), dir.path());
     validate_against_schemas(std::slice::from_ref(&manifests));
     let rendered = fs::read_to_string(&manifests).unwrap();
@@ -655,7 +634,7 @@ fn helm_with_everything_on_renders_valid_manifests() {
 
 #[test]
 fn helm_policy_files_reach_the_agent() {
-    let dir = TempDir::new("deploy-helm-policies");
+    let dir = TempDir::new("deploy-helm-policies").expect("temporary folder");
     let (manifests, notes) = render_chart(&standalone_policy_values(), dir.path());
     validate_against_schemas(std::slice::from_ref(&manifests));
     assert!(notes.contains("-policies (reloaded live)"), "{notes}");
@@ -677,7 +656,7 @@ fn helm_policy_files_reach_the_agent() {
 
 #[test]
 fn helm_refuses_values_that_cannot_work() {
-    let dir = TempDir::new("deploy-helm-bad");
+    let dir = TempDir::new("deploy-helm-bad").expect("temporary folder");
     for (values, message) in [
         (
             r#"{"proxy": {"drainTimeoutSeconds": 30}, "terminationGracePeriodSeconds": 30}"#,
@@ -758,7 +737,7 @@ fn units_for_verification(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn systemd_units_verify() {
     let analyze = system_tool("systemd-analyze", "systemd");
-    let dir = TempDir::new("deploy-units");
+    let dir = TempDir::new("deploy-units").expect("temporary folder");
     let units = units_for_verification(dir.path());
     let output = run(Command::new(&analyze)
         .args(["verify", "--man=no"])
@@ -894,7 +873,7 @@ fn install_script_check_passes_on_this_machine() {
 
 #[test]
 fn install_script_installs_into_a_root_and_uninstalls_without_a_trace() {
-    let root = TempDir::new("deploy-root");
+    let root = TempDir::new("deploy-root").expect("temporary folder");
     let root_arg = root.path().to_str().unwrap();
     let agent = mesh_agent_binary().expect("the mesh-agent binary");
     let agent_arg = agent.to_str().unwrap();
@@ -1043,7 +1022,7 @@ fn install_script_installs_into_a_root_and_uninstalls_without_a_trace() {
 
 #[test]
 fn install_script_uninstall_keeps_what_it_did_not_create() {
-    let root = TempDir::new("deploy-root-keep");
+    let root = TempDir::new("deploy-root-keep").expect("temporary folder");
     let root_arg = root.path().to_str().unwrap();
     let agent = mesh_agent_binary().expect("the mesh-agent binary");
     // A pre-existing folder and a file the operator adds after installing.
@@ -1101,8 +1080,8 @@ fn admin_status(port: u16, path: &str) -> Option<String> {
 
 #[test]
 fn install_script_uninstall_detaches_capture_pinned_under_the_root() {
-    let root = TempDir::new("deploy-root-pins");
-    let work = TempDir::new("deploy-pins-work");
+    let root = TempDir::new("deploy-root-pins").expect("temporary folder");
+    let work = TempDir::new("deploy-pins-work").expect("temporary folder");
     let agent = mesh_agent_binary().expect("the mesh-agent binary");
     let root_arg = root.path().to_str().unwrap();
     let output = installer(&[
@@ -1191,7 +1170,7 @@ fn install_script_uninstall_detaches_capture_pinned_under_the_root() {
 
 #[test]
 fn install_script_reports_usage_errors() {
-    let root = TempDir::new("deploy-root-usage");
+    let root = TempDir::new("deploy-root-usage").expect("temporary folder");
     let root_arg = root.path().to_str().unwrap();
     for (args, code, message) in [
         (vec![], 2, "usage:"),

@@ -11,29 +11,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use mesh_tests::{AgentOptions, AgentProcess, CgroupTree, unique_name};
+use mesh_tests::{AgentOptions, AgentProcess, CgroupTree, TempDir};
 use serde_json::Value;
-
-/// A temporary folder removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> Self {
-        let dir = std::env::temp_dir().join(unique_name(label));
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn quote(text: &str) -> String {
     serde_json::Value::String(text.to_owned()).to_string()
@@ -63,7 +42,7 @@ fn identity_status(agent: &AgentProcess) -> Vec<Value> {
 fn a_standalone_agent_gets_its_node_certificate_from_the_local_ca() {
     let tree = CgroupTree::create("identity-standalone").expect("cgroup tree");
     let agent_cgroup = tree.child("agent").unwrap();
-    let work = TempDir::new("identity-standalone");
+    let work = TempDir::new("identity-standalone").expect("temporary folder");
     let ca_dir = work.path().join("ca");
     let spec = format!(
         "  identity:\n    trustDomain: mesh.local\n    localCa:\n      dir: {}\n",
@@ -107,7 +86,7 @@ fn a_standalone_agent_gets_its_node_certificate_from_the_local_ca() {
 fn an_unusable_local_ca_is_reported_and_capture_serves_on() {
     let tree = CgroupTree::create("identity-broken-ca").expect("cgroup tree");
     let agent_cgroup = tree.child("agent").unwrap();
-    let work = TempDir::new("identity-broken-ca");
+    let work = TempDir::new("identity-broken-ca").expect("temporary folder");
     // A regular file where the CA folder should be.
     let blocker = work.path().join("not-a-folder");
     fs::write(&blocker, "x").unwrap();
@@ -131,7 +110,7 @@ fn an_unusable_local_ca_is_reported_and_capture_serves_on() {
 // etcd mode: the signer process, agents and requests written by hand.
 
 use std::{
-    process::{Command, Stdio},
+    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -142,75 +121,23 @@ use mesh_agent::identity::{
     resources::{CertificateRequest, request_key, trust_bundle_key},
 };
 use mesh_tests::{
-    KillOnDrop,
     etcd::{AgentEtcd, EtcdServer},
     mesh_agent_binary,
+    signer::{SignerOptions, SignerProcess},
 };
 
-/// `mesh-agent ca init` then `mesh-agent ca run` against `etcd`, killed on drop (its log is
-/// printed when a test fails).
-struct SignerProcess {
-    process: Option<KillOnDrop>,
-    log: PathBuf,
-    dir: PathBuf,
-    _work: TempDir,
-}
-
-impl SignerProcess {
-    fn start(etcd: &EtcdServer, ttl: &str) -> Self {
-        Self::start_with(etcd, ttl, &[])
-    }
-
-    fn start_with(etcd: &EtcdServer, ttl: &str, extra: &[&str]) -> Self {
-        let work = TempDir::new("signer");
-        let dir = work.path().join("ca");
-        let output = Command::new(mesh_agent_binary().unwrap())
-            .args(["ca", "init", "--trust-domain", "mesh.local", "--dir"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{output:?}");
-        let log = work.path().join("signer.log");
-        let file = fs::File::create(&log).unwrap();
-        let child = Command::new(mesh_agent_binary().unwrap())
-            .args(["ca", "run", "--etcd", &etcd.endpoint(), "--resync", "1s"])
-            .args(extra)
-            .args(["--certificate-ttl", ttl, "--dir"])
-            .arg(&dir)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        let signer = SignerProcess {
-            process: Some(KillOnDrop(child)),
-            log,
-            dir,
-            _work: work,
-        };
-        signer.wait_for_log("signer running");
-        signer
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for_log(&self, text: &str) {
-        wait_for(&format!("{text:?} in the signer's log"), || {
-            self.log().contains(text)
-        });
-    }
-}
-
-impl Drop for SignerProcess {
-    fn drop(&mut self) {
-        self.process.take();
-        if std::thread::panicking() {
-            eprintln!("---- signer log ----\n{}", self.log());
-        }
-    }
+/// The signer against `etcd` with certificates of `ttl` and more `ca run` arguments.
+fn start_signer(etcd: &EtcdServer, ttl: &str, extra: &[&str]) -> SignerProcess {
+    SignerProcess::start(
+        etcd,
+        SignerOptions {
+            trust_domain: "mesh.local",
+            certificate_ttl: ttl,
+            extra,
+            namespace: None,
+        },
+    )
+    .expect("start the signer")
 }
 
 /// Polls `done` until it holds (60 s at most: a generous deadline, not a measurement).
@@ -312,7 +239,7 @@ fn request_for(identity: &SpiffeId, node: &str, key: &rcgen::KeyPair) -> Certifi
 #[test]
 fn the_signer_answers_only_what_the_registry_and_node_records_grant() {
     let etcd = EtcdServer::start().expect("start etcd");
-    let signer = SignerProcess::start(&etcd, "1h");
+    let signer = start_signer(&etcd, "1h", &[]);
     register_node(&etcd, "node-a");
     let tools = SpiffeId::for_agent("mesh.local", "tools").unwrap();
 
@@ -406,7 +333,7 @@ fn without_a_signer_the_agent_serves_and_reports_the_missing_certificate() {
     let etcd = EtcdServer::start().expect("start etcd");
     let tree = CgroupTree::create("identity-no-signer").expect("cgroup tree");
     let agent_cgroup = tree.child("agent").unwrap();
-    let work = TempDir::new("identity-no-signer");
+    let work = TempDir::new("identity-no-signer").expect("temporary folder");
     let agent = AgentProcess::start_with_spec(
         &tree,
         options(agent_cgroup),
@@ -433,7 +360,7 @@ fn without_a_signer_the_agent_serves_and_reports_the_missing_certificate() {
 #[test]
 fn answered_requests_nobody_deleted_are_collected() {
     let etcd = EtcdServer::start().expect("start etcd");
-    let _signer = SignerProcess::start_with(&etcd, "1h", &["--max-request-age", "1s"]);
+    let _signer = start_signer(&etcd, "1h", &["--max-request-age", "1s"]);
     let tools = SpiffeId::for_agent("mesh.local", "tools").unwrap();
     // Answered (denied: no node record), then left behind as by a node that died.
     let request = request_for(&tools, "ghost", &new_key());
@@ -451,10 +378,10 @@ fn answered_requests_nobody_deleted_are_collected() {
 #[test]
 fn an_agent_in_etcd_mode_gets_its_node_certificate_and_renews_it_before_expiry() {
     let etcd = EtcdServer::start().expect("start etcd");
-    let signer = SignerProcess::start(&etcd, "20s");
+    let signer = start_signer(&etcd, "20s", &[]);
     let tree = CgroupTree::create("identity-etcd").expect("cgroup tree");
     let agent_cgroup = tree.child("agent").unwrap();
-    let work = TempDir::new("identity-etcd");
+    let work = TempDir::new("identity-etcd").expect("temporary folder");
     let agent = AgentProcess::start_with_spec(
         &tree,
         options(agent_cgroup),
@@ -620,7 +547,7 @@ async fn handshake(
 #[test]
 fn the_node_server_config_refuses_forged_expired_and_foreign_certificates() {
     let etcd = EtcdServer::start().expect("start etcd");
-    let signer = SignerProcess::start(&etcd, "1h");
+    let signer = start_signer(&etcd, "1h", &[]);
     register_node(&etcd, "node-a");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -651,7 +578,7 @@ fn the_node_server_config_refuses_forged_expired_and_foreign_certificates() {
         .unwrap();
 
         // Same identity from another CA (a forgery).
-        let forger = TempDir::new("forger");
+        let forger = TempDir::new("forger").expect("temporary folder");
         CaDir::init(forger.path(), "mesh.local").unwrap();
         let (chain, key) = certificate_from(forger.path(), "spiffe://mesh.local/agent/x", -60, 600);
         let error = handshake(

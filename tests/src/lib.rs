@@ -17,6 +17,7 @@ use std::{
 
 pub mod etcd;
 pub mod netns;
+pub mod signer;
 pub mod two_nodes;
 
 /// Prefix of every cgroup and pin folder the harness creates.
@@ -42,6 +43,29 @@ pub enum HarnessError {
 fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> HarnessError {
     let what = what.into();
     move |source| HarnessError::Io { what, source }
+}
+
+/// A temporary folder, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh folder under the system's temporary directory, named after `label`.
+    pub fn new(label: &str) -> Result<Self, HarnessError> {
+        let dir = std::env::temp_dir().join(unique_name(label));
+        fs::create_dir_all(&dir).map_err(io_error("creating a temporary folder"))?;
+        Ok(TempDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The cgroup2 mount point, from `/proc/self/mountinfo`.

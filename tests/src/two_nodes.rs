@@ -16,9 +16,10 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    AgentOptions, AgentProcess, CgroupTree, HarnessError, KillOnDrop, NodeLaunch, io_error,
+    AgentOptions, AgentProcess, CgroupTree, HarnessError, KillOnDrop, NodeLaunch, TempDir,
+    io_error,
     netns::{NetNode, Network},
-    read_lines_until, target_profile_dir, unique_name,
+    read_lines_until, target_profile_dir,
 };
 
 pub const TRUST_DOMAIN: &str = "mesh.e2e";
@@ -47,24 +48,6 @@ impl Binaries {
             loadgen: target_profile_dir().join("mesh-loadgen"),
             log_filter: "info,mesh_agent=debug".into(),
         }
-    }
-}
-
-/// A folder removed on drop.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(label: &str) -> Result<Self, HarnessError> {
-        let dir = std::env::temp_dir().join(unique_name(label));
-        fs::create_dir_all(&dir).map_err(io_error("creating a work folder"))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
