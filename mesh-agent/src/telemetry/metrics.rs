@@ -372,12 +372,7 @@ pub fn render_pods(pods: &crate::kube::PodEnrolmentSample) -> String {
             pods.pending,
         ),
     ];
-    for (name, help, value) in gauges {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
-    }
+    write_gauges(&mut out, &gauges);
     write_counters(
         &mut out,
         &[
@@ -402,11 +397,20 @@ pub fn render_pods(pods: &crate::kube::PodEnrolmentSample) -> String {
 }
 
 /// Writes unlabelled counters: `(name, help, value)` each.
-fn write_counters(out: &mut String, counters: &[(&str, &str, u64)]) {
-    for (name, help, value) in counters {
+pub(crate) fn write_counters(out: &mut String, counters: &[(&str, &str, u64)]) {
+    write_unlabelled(out, "counter", counters);
+}
+
+/// Writes unlabelled gauges: `(name, help, value)` each.
+pub(crate) fn write_gauges(out: &mut String, gauges: &[(&str, &str, u64)]) {
+    write_unlabelled(out, "gauge", gauges);
+}
+
+fn write_unlabelled(out: &mut String, kind: &str, series: &[(&str, &str, u64)]) {
+    for (name, help, value) in series {
         let _ = writeln!(
             out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
 }

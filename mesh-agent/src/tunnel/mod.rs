@@ -23,7 +23,6 @@ pub(crate) mod testing;
 mod tests;
 
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -33,7 +32,10 @@ pub use client::{Peer, TunnelClient, TunnelStream};
 pub use peers::{LookupFuture, PeerDirectory, PeerLookup};
 pub use server::TunnelServer;
 
-use crate::identity::IdentityError;
+use crate::{
+    identity::IdentityError,
+    telemetry::metrics::{write_counters, write_gauges},
+};
 
 /// ALPN protocol of the tunnel.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -252,12 +254,7 @@ impl TunnelStats {
                 s.server_bytes_from_target,
             ),
         ];
-        for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        }
+        write_counters(&mut out, &counters);
         let gauges: [(&str, &str, u64); 2] = [
             (
                 "mesh_tunnel_client_streams_active",
@@ -270,12 +267,7 @@ impl TunnelStats {
                 s.server_streams_active,
             ),
         ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        }
+        write_gauges(&mut out, &gauges);
         out
     }
 }
