@@ -1044,7 +1044,12 @@ impl PolicySnapshot {
         deny_rule: impl Fn(&CompiledPolicy) -> Option<usize>,
         allow_rule: impl Fn(&CompiledPolicy) -> Option<usize>,
     ) -> Verdict<'_> {
-        let namespace = self.namespace_of(request.destination);
+        // A namespace lookup only when some policy is scoped to a namespace.
+        let namespace = if self.deny.by_namespace.is_empty() && self.allow.by_namespace.is_empty() {
+            None
+        } else {
+            self.namespace_of(request.destination)
+        };
         for index in self.deny.applicable(request.destination, namespace) {
             let policy = &self.policies[index];
             if let Some(rule) = deny_rule(policy) {
