@@ -196,6 +196,7 @@ impl Drop for Guard {
 pub(crate) struct Tools {
     pub(crate) agent: PathBuf,
     pub(crate) loadgen: PathBuf,
+    pub(crate) handshake: PathBuf,
 }
 
 pub(crate) fn build_release() -> anyhow::Result<Tools> {
@@ -213,6 +214,7 @@ pub(crate) fn build_release() -> anyhow::Result<Tools> {
     Ok(Tools {
         agent: release.join("mesh-agent"),
         loadgen: release.join("mesh-loadgen"),
+        handshake: release.join("mesh-handshake"),
     })
 }
 

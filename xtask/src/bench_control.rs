@@ -13,7 +13,8 @@
 //!   workload on node A calls node B's servers through both agents and the mutual-TLS tunnel,
 //!   against plain TCP between the same namespaces: request/response latency and rate, bulk
 //!   throughput, new connections (one tunnel stream each, over the pooled TLS connection),
-//!   HTTP GETs; each as a ratio to plain TCP.
+//!   HTTP GETs; each as a ratio to plain TCP. Then handshakes: new mutual-TLS tunnel
+//!   connections per second that one agent accepts, with its CPU per handshake.
 
 use std::{
     fs,
@@ -417,7 +418,9 @@ fn cross_node(tools: &Tools, rounds: usize, duration_ms: u64) -> anyhow::Result<
             }
         }
     }
+    let handshakes = tunnel_handshakes(tools, &nodes, rounds, duration_ms)?;
     let mut result = serde_json::Map::new();
+    result.insert("handshakes".to_owned(), handshakes);
     for path in ["plain", "tunnel"] {
         let mut values = serde_json::Map::new();
         for (_, _, fields) in &runs {
@@ -433,6 +436,81 @@ fn cross_node(tools: &Tools, rounds: usize, duration_ms: u64) -> anyhow::Result<
         result.insert(path.to_owned(), Value::Object(values));
     }
     Ok(Value::Object(result))
+}
+
+/// New tunnel connections per second that node B's agent accepts: `mesh-handshake` on node A
+/// opens connections as a peer agent does (TCP, TLS 1.3 with a CA-issued client certificate and
+/// no resumption, HTTP/2 SETTINGS exchange) on 4 threads; the agent's CPU per handshake comes
+/// from its /proc stat. Median of the rounds.
+fn tunnel_handshakes(
+    tools: &Tools,
+    nodes: &mesh_tests::two_nodes::TwoNodes,
+    rounds: usize,
+    duration_ms: u64,
+) -> anyhow::Result<Value> {
+    use mesh_tests::two_nodes::{TRUST_DOMAIN, TUNNEL_PORT};
+    let pid = nodes.b.pid().context("node B's agent is not running")?;
+    let to = format!("{}:{TUNNEL_PORT}", nodes.node_b().address);
+    let ca_dir = nodes.work.0.join("ca");
+    let mut samples: Vec<[f64; 4]> = Vec::new();
+    for _ in 0..rounds {
+        let cpu_before = crate::bench::cpu_seconds(pid)?;
+        let output = nodes
+            .node_a()
+            .command(&tools.handshake.to_string_lossy())
+            .args([
+                "--to",
+                &to,
+                "--trust-domain",
+                TRUST_DOMAIN,
+                "--concurrency",
+                "4",
+            ])
+            .arg("--ca-dir")
+            .arg(&ca_dir)
+            .args(["--duration-ms", &duration_ms.to_string()])
+            .output()
+            .context("running mesh-handshake")?;
+        let cpu = crate::bench::cpu_seconds(pid)? - cpu_before;
+        let report: Value = serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "mesh-handshake printed no report: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+        if let Some(error) = report.get("error") {
+            bail!("tunnel handshakes: {error}");
+        }
+        let field = |name: &str| {
+            report[name]
+                .as_f64()
+                .with_context(|| format!("no {name} in the mesh-handshake report"))
+        };
+        let count = field("handshakes")?;
+        if field("failures")? > 0.0 {
+            bail!(
+                "{} of the tunnel handshakes failed: {}",
+                report["failures"],
+                report["first_failure"]
+            );
+        }
+        samples.push([
+            field("handshakes_per_second")?,
+            field("p50_us")?,
+            field("p99_us")?,
+            cpu / count * 1e6,
+        ]);
+    }
+    let median = |index: usize| {
+        let series: Vec<f64> = samples.iter().map(|sample| sample[index]).collect();
+        percentile(&series, 0.5)
+    };
+    Ok(json!({
+        "per_second": median(0),
+        "p50_us": median(1),
+        "p99_us": median(2),
+        "agent_cpu_us_per_handshake": median(3),
+    }))
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -518,6 +596,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 tunnel / plain
             );
         }
+    }
+    if let Ok(crossed) = &crossed {
+        let handshakes = &crossed["handshakes"];
+        println!(
+            "\nnew tunnel connections accepted by one agent (TCP + TLS 1.3 mutual, P-256, no resumption + HTTP/2 SETTINGS; 4 parallel clients): {:.0} per second, p50 {:.0} µs, p99 {:.0} µs, agent CPU {:.0} µs per handshake",
+            handshakes["per_second"].as_f64().unwrap_or(f64::NAN),
+            handshakes["p50_us"].as_f64().unwrap_or(f64::NAN),
+            handshakes["p99_us"].as_f64().unwrap_or(f64::NAN),
+            handshakes["agent_cpu_us_per_handshake"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
     }
     let output = write_json_report(args.output.as_deref(), "control", &report)?;
     step(&format!("JSON report: {}", output.display()));
