@@ -862,3 +862,158 @@ fn an_agent_keeps_syncing_when_a_member_of_a_three_member_etcd_cluster_is_lost()
     });
     assert_eq!(mesh.call(backend, "add"), 200);
 }
+
+/// `etcd`'s TLS files with the client certificate of `user` (its common name).
+fn as_user(etcd: &EtcdServer, user: &str) -> mesh_tests::etcd::EtcdTlsFiles {
+    let files = etcd.tls.clone().expect("TLS files");
+    let (client_cert, client_key) = files.client_for(user).expect("client certificate");
+    mesh_tests::etcd::EtcdTlsFiles {
+        client_cert,
+        client_key,
+        ..files
+    }
+}
+
+/// meshctl against `etcd` with `files`' client certificate: (exit code, stdout, stderr).
+fn ctl_as(
+    etcd: &EtcdServer,
+    files: &mesh_tests::etcd::EtcdTlsFiles,
+    args: &[&str],
+) -> (i32, String, String) {
+    let mut all = vec![
+        format!("--etcd-ca={}", files.ca.display()),
+        format!("--etcd-cert={}", files.client_cert.display()),
+        format!("--etcd-key={}", files.client_key.display()),
+        "--timeout=3s".to_owned(),
+    ];
+    all.extend(args.iter().map(|arg| (*arg).to_owned()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    text(&meshctl(&etcd.endpoint(), &all).unwrap())
+}
+
+/// A put of `key` with etcdctl as `files`' user: its output, or the error.
+fn put_as(
+    etcd: &EtcdServer,
+    files: &mesh_tests::etcd::EtcdTlsFiles,
+    key: &str,
+) -> Result<String, String> {
+    let output = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            &format!("--endpoints={}", etcd.endpoint()),
+            &format!("--cacert={}", files.ca.display()),
+            &format!("--cert={}", files.client_cert.display()),
+            &format!("--key={}", files.client_key.display()),
+            "--command-timeout=3s",
+            "put",
+            key,
+            "{}",
+        ])
+        .output()
+        .unwrap();
+    let (status, stdout, stderr) = text(&output);
+    if status == 0 { Ok(stdout) } else { Err(stderr) }
+}
+
+#[test]
+fn etcd_roles_let_each_node_write_only_what_it_owns() {
+    let mut etcd = EtcdServer::start_tls().expect("start etcd with TLS");
+    let root = as_user(&etcd, "root");
+    let admin = as_user(&etcd, "admin");
+    let node = as_user(&etcd, "e2e");
+    let intruder = as_user(&etcd, "intruder");
+
+    // The plan can be reviewed without etcd.
+    let (status, plan, _) = ctl_as(&etcd, &root, &["rbac", "--node", "e2e", "--dry-run"]);
+    assert_eq!(status, 0, "{plan}");
+    assert!(
+        plan.contains("role mesh-node.e2e: readwrite /mesh/v1/nodes/e2e\n"),
+        "{plan}"
+    );
+
+    // root sets up the roles and turns authentication on.
+    let args = [
+        "rbac",
+        "--node",
+        "e2e",
+        "--signer",
+        "signer",
+        "--operator",
+        "admin",
+        "--enable",
+    ];
+    let (status, stdout, stderr) = ctl_as(&etcd, &root, &args);
+    assert_eq!(status, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("role mesh-node: created"), "{stdout}");
+    assert!(stdout.contains("authentication: enabled"), "{stdout}");
+    // Again: nothing to change (authentication is already on).
+    let (status, stdout, stderr) = ctl_as(&etcd, &root, &args[..args.len() - 1]);
+    assert_eq!(status, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("unchanged"), "{stdout}");
+
+    // From here on the harness's meshctl and etcdctl act as the operator.
+    etcd.tls = Some(admin.clone());
+    let backend = start_backend();
+    let files = Files::new();
+    let registry = files.write(
+        "registry.yaml",
+        &[agent_doc("tools", "tools.mesh", backend)],
+    );
+    ctl(&etcd, &["apply", "-f", &registry], 0);
+
+    // A node's certificate reads the mesh but cannot change policy or the registry.
+    let (status, stdout, stderr) = ctl_as(&etcd, &node, &["get", "agents"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("tools"), "{stdout}");
+    let lock = files.write(
+        "lock.yaml",
+        &[policy_doc("lock", "tools", "Allow", "nobody", "add")],
+    );
+    let (status, _, stderr) = ctl_as(&etcd, &node, &["apply", "-f", &lock]);
+    assert_ne!(status, 0, "a node applied a policy");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    assert!(!mesh_keys(&etcd).iter().any(|key| key.contains("/lock")));
+    // Nor write another node's record, the trust bundle or the signer's records.
+    for key in [
+        "/mesh/v1/nodes/other",
+        "/mesh/v1/trustbundles/mesh-system/default",
+        "/mesh/v1/signer/nonces/x",
+        "/mesh/v1/agents/default/tools",
+    ] {
+        let error = put_as(&etcd, &node, key).expect_err(key);
+        assert!(error.contains("permission denied"), "{key}: {error}");
+    }
+    // What it owns it may write.
+    put_as(&etcd, &node, "/mesh/v1/nodes/e2e").expect("its own node record");
+    put_as(&etcd, &node, "/mesh/v1/agentinstances/default/tools.e2e.1")
+        .expect("an instance record");
+    etcd.etcdctl(&["del", "--prefix", "/mesh/v1/agentinstances/"])
+        .unwrap();
+    etcd.etcdctl(&["del", "/mesh/v1/nodes/e2e"]).unwrap();
+    // A certificate of the same CA whose name etcd does not know gets nothing.
+    let (status, stdout, _) = ctl_as(&etcd, &intruder, &["get", "agents"]);
+    assert_ne!(status, 0, "{stdout}");
+    assert!(!stdout.contains("tools"), "{stdout}");
+
+    // An agent with the node's certificate syncs, registers its node record and enforces
+    // what the operator applies.
+    let mesh = EtcdMesh::start_with("control-rbac", |work| AgentEtcd {
+        tls: Some(node.clone()),
+        ..AgentEtcd::new(&etcd, work)
+    });
+    assert_eq!(mesh.call(backend, "search"), 200);
+    mesh.wait_for("the node record", Duration::from_secs(30), || {
+        let (status, stdout, _) = text(&etcd.meshctl(&["nodes"]).unwrap());
+        status == 0 && stdout.contains("e2e") && stdout.contains("Ready")
+    });
+    ctl(&etcd, &["apply", "-f", &lock], 0);
+    mesh.wait_for("the policy to be enforced", Duration::from_secs(30), || {
+        mesh.call(backend, "search") == 403
+    });
+    assert_eq!(
+        mesh.metric("mesh_control_connection_failures_total"),
+        0.0,
+        "{}",
+        mesh.agent.log()
+    );
+}

@@ -17,6 +17,7 @@ use crate::{HarnessError, free_port, io_error, target_profile_dir, unique_name};
 #[derive(Debug, Clone)]
 pub struct EtcdTlsFiles {
     pub ca: PathBuf,
+    pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
@@ -40,6 +41,7 @@ impl EtcdTlsFiles {
         let ca_cert = ca_params
             .self_signed(&ca_key)
             .map_err(|e| failed("CA", e))?;
+        let ca_key_pem = ca_key.serialize_pem();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let leaf = |names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose| {
             let key = rcgen::KeyPair::generate().map_err(|e| failed("leaf key", e))?;
@@ -63,6 +65,7 @@ impl EtcdTlsFiles {
         )?;
         let files = EtcdTlsFiles {
             ca: dir.join("ca.pem"),
+            ca_key: dir.join("ca-key.pem"),
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server-key.pem"),
             client_cert: dir.join("client.pem"),
@@ -70,6 +73,7 @@ impl EtcdTlsFiles {
         };
         for (path, text) in [
             (&files.ca, ca_cert.pem()),
+            (&files.ca_key, ca_key_pem),
             (&files.server_cert, server_cert),
             (&files.server_key, server_key),
             (&files.client_cert, client_cert),
@@ -78,6 +82,35 @@ impl EtcdTlsFiles {
             fs::write(path, text).map_err(io_error("writing a test certificate"))?;
         }
         Ok(files)
+    }
+}
+
+impl EtcdTlsFiles {
+    /// A client certificate and key whose common name is `user` (etcd's user name under
+    /// `--client-cert-auth` with authentication on), next to the CA: `(certificate, key)`.
+    pub fn client_for(&self, user: &str) -> Result<(PathBuf, PathBuf), HarnessError> {
+        let failed = |error: rcgen::Error| HarnessError::CommandFailed {
+            command: format!("rcgen (client certificate for {user})"),
+            output: error.to_string(),
+        };
+        let read = |path: &Path| fs::read_to_string(path).map_err(io_error("reading the test CA"));
+        let ca_key = rcgen::KeyPair::from_pem(&read(&self.ca_key)?).map_err(failed)?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&read(&self.ca)?, ca_key).map_err(failed)?;
+        let key = rcgen::KeyPair::generate().map_err(failed)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, user);
+        let certificate = params.signed_by(&key, &issuer).map_err(failed)?;
+        let dir = self.ca.parent().unwrap_or(Path::new("."));
+        let (cert_path, key_path) = (
+            dir.join(format!("client-{user}.pem")),
+            dir.join(format!("client-{user}-key.pem")),
+        );
+        fs::write(&cert_path, certificate.pem()).map_err(io_error("writing a test certificate"))?;
+        fs::write(&key_path, key.serialize_pem()).map_err(io_error("writing a test key"))?;
+        Ok((cert_path, key_path))
     }
 }
 

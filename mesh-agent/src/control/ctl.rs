@@ -156,6 +156,29 @@ pub enum CtlCommand {
     },
     /// Nodes registered in etcd (each agent in etcd mode, while it runs).
     Nodes,
+    /// Set up etcd roles and users so that each client may write only what it owns: node
+    /// agents their node record, registered instances and certificate requests; the signer
+    /// the certificate requests and the trust bundle; operators everything. Users are the
+    /// common names of the client certificates (etcd --client-cert-auth). Idempotent.
+    Rbac {
+        /// A node, `NAME` (its certificate's common name is NAME) or `NAME=USER`; repeatable.
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// A user of the certificate signer (`mesh-agent ca run`); repeatable.
+        #[arg(long = "signer")]
+        signers: Vec<String>,
+        /// A user allowed to change everything under the prefix (`meshctl apply`); repeatable.
+        #[arg(long = "operator")]
+        operators: Vec<String>,
+        /// Also create etcd's `root` user if missing and turn authentication on (run this
+        /// with a client certificate whose common name is `root`, and keep it: afterwards only
+        /// root can change roles).
+        #[arg(long)]
+        enable: bool,
+        /// Print the roles and users without changing etcd.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `-n NS` or `-A`.
@@ -730,6 +753,32 @@ pub async fn execute(cli: Meshctl, out: &mut dyn Write) -> Result<u8, ControlErr
             };
             write_out(out, &text)?;
             Ok(if decision.allowed { 0 } else { 1 })
+        }
+        CtlCommand::Rbac {
+            nodes,
+            signers,
+            operators,
+            enable,
+            dry_run,
+        } => {
+            let nodes = nodes
+                .iter()
+                .map(|text| super::rbac::NodeUser::parse(text))
+                .collect::<Result<Vec<_>, _>>()?;
+            let plan = super::rbac::plan(&cli.prefix, &nodes, signers, operators);
+            if *dry_run {
+                write_out(out, &super::rbac::describe(&plan))?;
+                return Ok(0);
+            }
+            let etcd = Etcd::connect(cli.settings()).await?;
+            let changes = super::rbac::apply(&etcd, &plan, *enable).await?;
+            let mut text = changes.join("\n");
+            if changes.is_empty() {
+                text.push_str("unchanged: etcd's roles and users already match");
+            }
+            text.push('\n');
+            write_out(out, &text)?;
+            Ok(0)
         }
         CtlCommand::Nodes => {
             let etcd = Etcd::connect(cli.settings()).await?;

@@ -392,6 +392,16 @@ fn classify(settings: &EtcdSettings, what: &str, error: etcd_client::Error) -> E
         _ => false,
     };
     let cause = match &error {
+        etcd_client::Error::GRpcStatus(status)
+            if status.code() == tonic::Code::PermissionDenied =>
+        {
+            format!(
+                "{:?}: {} (etcd authentication is on and this client's user, the common name \
+                 of its certificate, has no role allowing it; roles are set with `meshctl rbac`)",
+                status.code(),
+                status.message()
+            )
+        }
         etcd_client::Error::GRpcStatus(status) => {
             format!("{:?}: {}", status.code(), status.message())
         }

@@ -43,6 +43,7 @@ pub mod etcd;
 pub mod keys;
 pub mod node;
 pub mod ops;
+pub mod rbac;
 pub mod sync;
 
 pub use etcd::{Etcd, EtcdError, EtcdSettings, EtcdTls};

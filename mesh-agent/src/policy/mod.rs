@@ -65,6 +65,7 @@ pub use load::{
     LoadError, LoadReport, Loaded, Origin, dir_fingerprint, load_dir, load_file, parse_documents,
 };
 pub use ratelimit::{DEFAULT_MAX_KEYS, RateLimit, RateLimitKey, RateLimiter};
+pub(crate) use resources::name_problem;
 pub use resources::{
     A2aMatch, API_VERSION, AccessPolicy, AccessPolicySpec, Action, Agent, AgentInstance,
     AgentInstanceSpec, AgentSpec, Capabilities, CircuitBreaker, DEFAULT_MAX_REQUEST_BODY_BYTES,
