@@ -497,6 +497,14 @@ impl EtcdMesh {
             .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
     }
 
+    /// Waits until `meshctl nodes` shows this agent's node record, ready.
+    fn wait_for_node_record(&self, etcd: &EtcdServer) {
+        self.wait_for("the node record", Duration::from_secs(30), || {
+            let (status, stdout, _) = text(&etcd.meshctl(&["nodes"]).unwrap());
+            status == 0 && stdout.contains("e2e") && stdout.contains("Ready")
+        });
+    }
+
     /// Polls until `condition` holds; returns how long it took.
     fn wait_for(
         &self,
@@ -541,10 +549,7 @@ fn an_agent_enforces_a_policy_applied_with_meshctl() {
     assert_eq!(mesh.call(backend, "search"), 200);
 
     // The agent registered its node record.
-    mesh.wait_for("the node record", Duration::from_secs(30), || {
-        let (status, stdout, _) = text(&etcd.meshctl(&["nodes"]).unwrap());
-        status == 0 && stdout.contains("e2e") && stdout.contains("Ready")
-    });
+    mesh.wait_for_node_record(&etcd);
 
     let policy = files.write(
         "policy.yaml",
@@ -1002,10 +1007,7 @@ fn etcd_roles_let_each_node_write_only_what_it_owns() {
         ..AgentEtcd::new(&etcd, work)
     });
     assert_eq!(mesh.call(backend, "search"), 200);
-    mesh.wait_for("the node record", Duration::from_secs(30), || {
-        let (status, stdout, _) = text(&etcd.meshctl(&["nodes"]).unwrap());
-        status == 0 && stdout.contains("e2e") && stdout.contains("Ready")
-    });
+    mesh.wait_for_node_record(&etcd);
     ctl(&etcd, &["apply", "-f", &lock], 0);
     mesh.wait_for("the policy to be enforced", Duration::from_secs(30), || {
         mesh.call(backend, "search") == 403

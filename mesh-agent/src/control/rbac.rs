@@ -255,6 +255,22 @@ pub fn describe(plan: &RbacPlan) -> String {
     text
 }
 
+/// Revokes a role's permission on the range `[key, end)` (`end` empty: the key alone).
+async fn revoke(etcd: &Etcd, role: &str, key: Vec<u8>, end: Vec<u8>) -> Result<(), ControlError> {
+    let role = role.to_owned();
+    etcd.call("revoking an etcd permission", |mut client| async move {
+        client
+            .role_revoke_permission(
+                role,
+                key,
+                Some(RoleRevokePermissionOptions::new().with_range_end(end)),
+            )
+            .await
+    })
+    .await?;
+    Ok(())
+}
+
 /// Makes etcd's roles and users match `plan`: missing roles, permissions and users are added,
 /// and permissions of the plan's roles that the plan does not hold are revoked (a role is
 /// exactly what the plan says). Users get the plan's roles added; roles they hold besides are
@@ -291,18 +307,12 @@ pub async fn apply(
                         held.insert(grant);
                     }
                     None => {
-                        let key = permission.key().to_vec();
-                        let end = permission.range_end().to_vec();
-                        let name = role.name.clone();
-                        etcd.call("revoking an etcd permission", |mut client| async move {
-                            client
-                                .role_revoke_permission(
-                                    name,
-                                    key,
-                                    Some(RoleRevokePermissionOptions::new().with_range_end(end)),
-                                )
-                                .await
-                        })
+                        revoke(
+                            etcd,
+                            &role.name,
+                            permission.key().to_vec(),
+                            permission.range_end().to_vec(),
+                        )
                         .await?;
                         changes.push(format!(
                             "role {}: revoked a permission the plan does not hold ({})",
@@ -323,22 +333,12 @@ pub async fn apply(
             BTreeSet::new()
         };
         for stale in held.difference(&role.grants) {
-            let (name, key) = (role.name.clone(), stale.key.clone());
             let end = if stale.prefix {
                 prefix_end(stale.key.as_bytes())
             } else {
                 Vec::new()
             };
-            etcd.call("revoking an etcd permission", |mut client| async move {
-                client
-                    .role_revoke_permission(
-                        name,
-                        key,
-                        Some(RoleRevokePermissionOptions::new().with_range_end(end)),
-                    )
-                    .await
-            })
-            .await?;
+            revoke(etcd, &role.name, stale.key.clone().into_bytes(), end).await?;
             changes.push(format!("role {}: revoked {}", role.name, stale.describe()));
         }
         for missing in role.grants.difference(&held) {
