@@ -410,12 +410,21 @@ impl EtcdMesh {
 
     /// An agent whose etcd settings `settings` makes (given the agent's work folder).
     fn start_with(label: &str, settings: impl FnOnce(&Path) -> AgentEtcd) -> Self {
+        Self::start_with_spec(label, "", settings)
+    }
+
+    /// As [`EtcdMesh::start_with`], adding `extra_spec` to the agent's `spec`.
+    fn start_with_spec(
+        label: &str,
+        extra_spec: &str,
+        settings: impl FnOnce(&Path) -> AgentEtcd,
+    ) -> Self {
         let tree = CgroupTree::create(label).expect("create cgroup tree");
         let agent_cgroup = tree.child("agent").unwrap();
         let planner = tree.child("planner").unwrap();
         let work = std::env::temp_dir().join(unique_name("control-agent"));
         fs::create_dir_all(&work).unwrap();
-        let agent = AgentProcess::start_with_etcd(
+        let agent = AgentProcess::start_with_spec(
             &tree,
             AgentOptions {
                 accelerate: false,
@@ -427,7 +436,8 @@ impl EtcdMesh {
                 agent_binary: None,
                 policy_dir: None,
             },
-            settings(&work),
+            Some(settings(&work)),
+            extra_spec,
         )
         .expect("start agent");
         EtcdMesh {
@@ -1000,12 +1010,47 @@ fn etcd_roles_let_each_node_write_only_what_it_owns() {
     assert_ne!(status, 0, "{stdout}");
     assert!(!stdout.contains("tools"), "{stdout}");
 
-    // An agent with the node's certificate syncs, registers its node record and enforces
-    // what the operator applies.
-    let mesh = EtcdMesh::start_with("control-rbac", |work| AgentEtcd {
-        tls: Some(node.clone()),
-        ..AgentEtcd::new(&etcd, work)
-    });
+    // The signer with its certificate answers the node's certificate request; an agent with
+    // the node's certificate syncs, gets its node identity, registers its node record and
+    // enforces what the operator applies.
+    let signer_files = as_user(&etcd, "signer");
+    let signer_tls = [
+        format!("--etcd-ca={}", signer_files.ca.display()),
+        format!("--etcd-cert={}", signer_files.client_cert.display()),
+        format!("--etcd-key={}", signer_files.client_key.display()),
+    ];
+    let signer_tls: Vec<&str> = signer_tls.iter().map(String::as_str).collect();
+    let signer = mesh_tests::signer::SignerProcess::start(
+        &etcd,
+        mesh_tests::signer::SignerOptions {
+            trust_domain: "mesh.local",
+            certificate_ttl: "1h",
+            extra: &signer_tls,
+            namespace: None,
+        },
+    )
+    .expect("start the signer with its own certificate");
+    let mesh = EtcdMesh::start_with_spec(
+        "control-rbac",
+        "  identity:\n    requestTimeout: 10s\n",
+        |work| AgentEtcd {
+            tls: Some(node.clone()),
+            ..AgentEtcd::new(&etcd, work)
+        },
+    );
+    let log = mesh.agent.log();
+    assert!(log.contains("node identity ready"), "{log}");
+    assert!(!log.contains("PermissionDenied"), "{log}");
+    assert!(
+        signer.log().contains("certificate issued"),
+        "{}",
+        signer.log()
+    );
+    assert!(
+        !signer.log().contains("PermissionDenied"),
+        "{}",
+        signer.log()
+    );
     assert_eq!(mesh.call(backend, "search"), 200);
     mesh.wait_for_node_record(&etcd);
     ctl(&etcd, &["apply", "-f", &lock], 0);
