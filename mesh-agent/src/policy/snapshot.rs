@@ -600,7 +600,8 @@ impl PolicySnapshot {
 
         // Deterministic order regardless of input order.
         let mut sorted: Vec<&Resource> = resources.iter().collect();
-        sorted.sort_by_key(|r| r.key());
+        // One key (two Strings) per resource, not two per comparison.
+        sorted.sort_by_cached_key(|r| r.key());
         let mut seen: HashSet<ResourceKey> = HashSet::new();
         for resource in &sorted {
             if let Err(problems) = resource.validate() {
@@ -1970,3 +1971,4 @@ spec:
         );
     }
 }
+
