@@ -41,8 +41,10 @@ pub mod codec;
 pub mod ctl;
 pub mod etcd;
 pub mod keys;
+pub mod lease;
 pub mod node;
 pub mod ops;
+pub mod records;
 pub mod sync;
 
 pub use etcd::{Etcd, EtcdError, EtcdSettings, EtcdTls};
