@@ -5,6 +5,17 @@
 //! multiplexing); concurrent first uses wait for the one handshake. A connection that closed
 //! (peer restarted, keepalive PING unanswered) is replaced on the next use; a stream refused
 //! because its connection had just died is tried once more on a fresh connection.
+//!
+//! # Rotation
+//!
+//! A pooled connection remembers the client configuration (the source's certificate) it was
+//! handshaken with and the peer certificate's expiry. Before each stream the pool asks the
+//! credentials for the source's current configuration: when it is another one (the
+//! certificate was renewed, e.g. by the new CA after a rotation), or the peer's certificate
+//! has expired, the connection is **retired**: new streams go on a new connection made with
+//! the current certificate, and the old one closes by itself once its streams have finished
+//! (the pool drops its handle; HTTP/2 ends the connection when no stream and no handle is
+//! left), so no stream fails.
 
 use std::{
     collections::HashMap,
@@ -12,6 +23,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex, OnceLock, PoisonError, atomic::Ordering},
     task::{Context, Poll},
+    time::SystemTime,
 };
 
 use bytes::Bytes;
@@ -24,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info, warn};
 
 use super::{TunnelError, TunnelSettings, TunnelStats, dial_uncaptured};
-use crate::identity::{SpiffeId, TlsCredentials, spiffe_id_of_certificate};
+use crate::identity::{SpiffeId, TlsCredentials, ca::validity, spiffe_id_of_certificate};
 
 /// Largest refusal reason read from a peer's error response.
 const MAX_REASON: usize = 1024;
@@ -48,8 +60,39 @@ struct PoolKey {
 }
 
 type Sender = SendRequest<Empty<Bytes>>;
+
+/// A pooled connection and what it was made with.
+struct Pooled {
+    sender: Sender,
+    /// The client configuration (source certificate) of its handshake.
+    config: Arc<rustls::ClientConfig>,
+    /// When the peer's certificate expires.
+    peer_not_after: SystemTime,
+}
+
+impl Pooled {
+    fn is_open(&self) -> bool {
+        !self.sender.is_closed()
+    }
+
+    /// Why it must not carry new streams any more, if it must not.
+    fn retired(
+        &self,
+        current: &Arc<rustls::ClientConfig>,
+        now: SystemTime,
+    ) -> Option<&'static str> {
+        if !Arc::ptr_eq(&self.config, current) {
+            Some("the source's certificate was renewed")
+        } else if now >= self.peer_not_after {
+            Some("the peer's certificate expired")
+        } else {
+            None
+        }
+    }
+}
+
 /// The pooled connection of one key; its lock is held while that connection is made.
-type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
 
 /// Opens tunnelled connections to peer nodes.
 pub struct TunnelClient {
@@ -110,7 +153,7 @@ impl TunnelClient {
             .values()
             .filter(|slot| {
                 slot.try_lock()
-                    .map(|sender| sender.as_ref().is_some_and(|s| !s.is_closed()))
+                    .map(|pooled| pooled.as_ref().is_some_and(Pooled::is_open))
                     .unwrap_or(true)
             })
             .count()
@@ -124,13 +167,22 @@ impl TunnelClient {
         target: SocketAddr,
     ) -> Result<TunnelStream, TunnelError> {
         let credentials = self.credentials.get().ok_or(TunnelError::NoCredentials)?;
+        // The source's configuration of the moment: a pooled connection made with another one
+        // is retired (see the module documentation). Asking also marks the identity as in use.
+        let config = credentials
+            .client_config(source)
+            .await
+            .map_err(|source_error| TunnelError::Credentials {
+                identity: source.to_string(),
+                source: source_error,
+            })?;
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
             // Forget keys whose connection is gone, so the map does not grow without bound.
             if slots.len() > 64 {
                 slots.retain(|_, slot| {
                     slot.try_lock()
-                        .map(|sender| sender.as_ref().is_some_and(|s| !s.is_closed()))
+                        .map(|pooled| pooled.as_ref().is_some_and(Pooled::is_open))
                         .unwrap_or(true)
                 });
             }
@@ -145,7 +197,9 @@ impl TunnelClient {
         };
         let mut last_error = None;
         for _ in 0..2 {
-            let (mut sender, fresh) = self.sender(&slot, credentials, source, peer).await?;
+            let (mut sender, fresh) = self
+                .sender(&slot, credentials, &config, source, peer)
+                .await?;
             let request = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
@@ -178,27 +232,38 @@ impl TunnelClient {
         })
     }
 
-    /// The pooled connection of `slot`, made when missing or closed; `true` when new.
+    /// The pooled connection of `slot`, made when missing, closed or retired; `true` when new.
     async fn sender(
         &self,
         slot: &Slot,
         credentials: &Arc<dyn TlsCredentials>,
+        config: &Arc<rustls::ClientConfig>,
         source: &SpiffeId,
         peer: Peer<'_>,
     ) -> Result<(Sender, bool), TunnelError> {
         let mut pooled = slot.lock().await;
-        if let Some(sender) = pooled.as_ref()
-            && !sender.is_closed()
+        if let Some(current) = pooled.as_ref()
+            && current.is_open()
         {
-            return Ok((sender.clone(), false));
+            match current.retired(config, SystemTime::now()) {
+                None => return Ok((current.sender.clone(), false)),
+                Some(reason) => {
+                    self.stats
+                        .client_connections_retired
+                        .fetch_add(1, Ordering::Relaxed);
+                    info!(node = peer.node, peer = %peer.address, %source, reason, "tunnel connection retired: new streams go on a new connection, open ones finish on it");
+                }
+            }
         }
+        // Dropping the handle lets the old connection close once its streams are done.
         *pooled = None;
-        match self.connect(credentials, source, peer).await {
-            Ok(sender) => {
+        match self.connect(credentials, config, source, peer).await {
+            Ok(connection) => {
                 self.stats
                     .client_connections
                     .fetch_add(1, Ordering::Relaxed);
-                *pooled = Some(sender.clone());
+                let sender = connection.sender.clone();
+                *pooled = Some(connection);
                 Ok((sender, true))
             }
             Err(error) => {
@@ -214,20 +279,14 @@ impl TunnelClient {
     async fn connect(
         &self,
         credentials: &Arc<dyn TlsCredentials>,
+        config: &Arc<rustls::ClientConfig>,
         source: &SpiffeId,
         peer: Peer<'_>,
-    ) -> Result<Sender, TunnelError> {
+    ) -> Result<Pooled, TunnelError> {
         let node = peer.node.to_owned();
         let address = peer.address;
         let expected = SpiffeId::for_node(credentials.trust_domain(), peer.node)
             .map_err(|error| TunnelError::Identity(peer.node.to_owned(), error.to_string()))?;
-        let config = credentials
-            .client_config(source)
-            .await
-            .map_err(|source_error| TunnelError::Credentials {
-                identity: source.to_string(),
-                source: source_error,
-            })?;
         let tcp = dial_uncaptured(address, self.settings.connect_timeout)
             .await
             .map_err(|error| TunnelError::Connect {
@@ -240,7 +299,7 @@ impl TunnelClient {
             address,
             reason,
         };
-        let connector = tokio_rustls::TlsConnector::from(config);
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
         let name = ServerName::IpAddress(address.ip().into());
         let tls = tokio::time::timeout(
             self.settings.handshake_timeout,
@@ -255,15 +314,15 @@ impl TunnelClient {
         })?
         .map_err(|error| tls_error(error.to_string()))?;
         // The verifier checked the chain; this checks it is the node we meant to reach.
-        let presented = tls
+        let leaf = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|certificates| certificates.first())
-            .ok_or_else(|| tls_error("the peer presented no certificate".to_owned()))
-            .and_then(|certificate| {
-                spiffe_id_of_certificate(certificate).map_err(|error| tls_error(error.to_string()))
-            })?;
+            .ok_or_else(|| tls_error("the peer presented no certificate".to_owned()))?;
+        let presented =
+            spiffe_id_of_certificate(leaf).map_err(|error| tls_error(error.to_string()))?;
+        let (_, peer_not_after) = validity(leaf).map_err(|error| tls_error(error.to_string()))?;
         if presented != expected {
             return Err(TunnelError::PeerIdentity {
                 node,
@@ -285,7 +344,7 @@ impl TunnelClient {
                 node: node.clone(),
                 reason: format!("HTTP/2 handshake: {error}"),
             })?;
-        info!(%node, peer = %address, %source, "tunnel connection established");
+        info!(%node, peer = %address, %source, peer_not_after = %humantime::format_rfc3339_seconds(peer_not_after), "tunnel connection established");
         tokio::spawn(async move {
             match connection.await {
                 Ok(()) => debug!(%node, peer = %address, "tunnel connection closed"),
@@ -294,7 +353,11 @@ impl TunnelClient {
                 }
             }
         });
-        Ok(sender)
+        Ok(Pooled {
+            sender,
+            config: Arc::clone(config),
+            peer_not_after,
+        })
     }
 
     async fn finish(
