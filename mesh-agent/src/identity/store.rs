@@ -573,6 +573,18 @@ impl TlsCredentials for Identities {
             Ok(Arc::clone(&credentials.client))
         })
     }
+
+    fn current_client_config(&self, source: &SpiffeId) -> Option<Arc<ClientConfig>> {
+        let slot = self
+            .inner
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(source)
+            .cloned()?;
+        let current = slot.current.load_full()?;
+        Some(Arc::clone(&current.client))
+    }
 }
 
 #[cfg(test)]

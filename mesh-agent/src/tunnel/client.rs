@@ -15,7 +15,9 @@
 //! has expired, the connection is **retired**: new streams go on a new connection made with
 //! the current certificate, and the old one closes by itself once its streams have finished
 //! (the pool drops its handle; HTTP/2 ends the connection when no stream and no handle is
-//! left), so no stream fails.
+//! left), so no stream fails. Each stream carries a [`Freshness`] handle with the same test,
+//! so what is pooled on top of streams (the proxy's HTTP/1.1 and HTTP/2 upstream connections)
+//! stops reusing a stream of a retired connection too.
 
 use std::{
     collections::HashMap,
@@ -64,30 +66,77 @@ type Sender = SendRequest<Empty<Bytes>>;
 /// A pooled connection and what it was made with.
 struct Pooled {
     sender: Sender,
-    /// The client configuration (source certificate) of its handshake.
-    config: Arc<rustls::ClientConfig>,
-    /// When the peer's certificate expires.
-    peer_not_after: SystemTime,
+    freshness: Freshness,
 }
 
 impl Pooled {
     fn is_open(&self) -> bool {
         !self.sender.is_closed()
     }
+}
 
-    /// Why it must not carry new streams any more, if it must not.
-    fn retired(
+/// Whether a tunnel connection (and so every stream on it) may still be used for new work:
+/// not once the source's certificate was renewed (another client configuration is current)
+/// or the peer's certificate expired. Cheap to clone and to ask.
+#[derive(Clone)]
+pub struct Freshness(Arc<FreshnessInner>);
+
+struct FreshnessInner {
+    credentials: Arc<dyn TlsCredentials>,
+    source: SpiffeId,
+    /// The client configuration (source certificate) of the connection's handshake.
+    config: Arc<rustls::ClientConfig>,
+    /// When the peer's certificate expires.
+    peer_not_after: SystemTime,
+    /// 0 while current, else the index of the reason in [`RETIREMENT_REASONS`] plus one.
+    retired: std::sync::atomic::AtomicU8,
+}
+
+/// Why a connection was retired.
+const RETIREMENT_REASONS: [&str; 2] = [
+    "the source's certificate was renewed",
+    "the peer's certificate expired",
+];
+
+impl std::fmt::Debug for Freshness {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Freshness")
+            .field("source", &self.0.source)
+            .field("retired", &(self.0.retired.load(Ordering::Relaxed) != 0))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Freshness {
+    /// True while the connection may carry new streams (and pooled work on its streams).
+    pub fn is_current(&self) -> bool {
+        let current = self.0.credentials.current_client_config(&self.0.source);
+        self.retirement(current.as_ref(), SystemTime::now())
+            .is_none()
+    }
+
+    /// Why the connection must not carry new work any more, if it must not; `current` is
+    /// the source's configuration of the moment, if known. Once retired, always retired.
+    fn retirement(
         &self,
-        current: &Arc<rustls::ClientConfig>,
+        current: Option<&Arc<rustls::ClientConfig>>,
         now: SystemTime,
     ) -> Option<&'static str> {
-        if !Arc::ptr_eq(&self.config, current) {
-            Some("the source's certificate was renewed")
-        } else if now >= self.peer_not_after {
-            Some("the peer's certificate expired")
+        let retired = self.0.retired.load(Ordering::Relaxed);
+        if retired != 0 {
+            return RETIREMENT_REASONS.get(usize::from(retired) - 1).copied();
+        }
+        let reason = if current.is_some_and(|current| !Arc::ptr_eq(&self.0.config, current)) {
+            Some(0)
+        } else if now >= self.0.peer_not_after {
+            Some(1)
         } else {
             None
-        }
+        };
+        let index: u8 = reason?;
+        self.0.retired.store(index + 1, Ordering::Relaxed);
+        RETIREMENT_REASONS.get(usize::from(index)).copied()
     }
 }
 
@@ -197,7 +246,7 @@ impl TunnelClient {
         };
         let mut last_error = None;
         for _ in 0..2 {
-            let (mut sender, fresh) = self
+            let (mut sender, fresh, freshness) = self
                 .sender(&slot, credentials, &config, source, peer)
                 .await?;
             let request = Request::builder()
@@ -213,7 +262,7 @@ impl TunnelClient {
                 Err(error) => Err(error),
             };
             match sent {
-                Ok(response) => return self.finish(peer, target, response).await,
+                Ok(response) => return self.finish(peer, target, response, freshness).await,
                 Err(error) => {
                     // The connection is broken (or going away): the next stream makes a new
                     // one; streams still open on it finish there.
@@ -232,7 +281,8 @@ impl TunnelClient {
         })
     }
 
-    /// The pooled connection of `slot`, made when missing, closed or retired; `true` when new.
+    /// The pooled connection of `slot`, made when missing, closed or retired; `true` when new;
+    /// and its freshness.
     async fn sender(
         &self,
         slot: &Slot,
@@ -240,13 +290,16 @@ impl TunnelClient {
         config: &Arc<rustls::ClientConfig>,
         source: &SpiffeId,
         peer: Peer<'_>,
-    ) -> Result<(Sender, bool), TunnelError> {
+    ) -> Result<(Sender, bool, Freshness), TunnelError> {
         let mut pooled = slot.lock().await;
         if let Some(current) = pooled.as_ref()
             && current.is_open()
         {
-            match current.retired(config, SystemTime::now()) {
-                None => return Ok((current.sender.clone(), false)),
+            match current
+                .freshness
+                .retirement(Some(config), SystemTime::now())
+            {
+                None => return Ok((current.sender.clone(), false, current.freshness.clone())),
                 Some(reason) => {
                     self.stats
                         .client_connections_retired
@@ -263,8 +316,9 @@ impl TunnelClient {
                     .client_connections
                     .fetch_add(1, Ordering::Relaxed);
                 let sender = connection.sender.clone();
+                let freshness = connection.freshness.clone();
                 *pooled = Some(connection);
-                Ok((sender, true))
+                Ok((sender, true, freshness))
             }
             Err(error) => {
                 self.stats
@@ -355,8 +409,13 @@ impl TunnelClient {
         });
         Ok(Pooled {
             sender,
-            config: Arc::clone(config),
-            peer_not_after,
+            freshness: Freshness(Arc::new(FreshnessInner {
+                credentials: Arc::clone(credentials),
+                source: source.clone(),
+                config: Arc::clone(config),
+                peer_not_after,
+                retired: std::sync::atomic::AtomicU8::new(0),
+            })),
         })
     }
 
@@ -365,6 +424,7 @@ impl TunnelClient {
         peer: Peer<'_>,
         target: SocketAddr,
         mut response: Response<Incoming>,
+        freshness: Freshness,
     ) -> Result<TunnelStream, TunnelError> {
         let status = response.status();
         if status == StatusCode::OK {
@@ -382,6 +442,7 @@ impl TunnelClient {
             return Ok(TunnelStream {
                 io: TokioIo::new(upgraded),
                 stats: Arc::clone(&self.stats),
+                freshness,
             });
         }
         self.stats
@@ -425,6 +486,14 @@ impl TunnelClient {
 pub struct TunnelStream {
     io: TokioIo<Upgraded>,
     stats: Arc<TunnelStats>,
+    freshness: Freshness,
+}
+
+impl TunnelStream {
+    /// Whether this stream's connection may still be used for new work (see [`Freshness`]).
+    pub fn freshness(&self) -> Freshness {
+        self.freshness.clone()
+    }
 }
 
 impl std::fmt::Debug for TunnelStream {

@@ -28,7 +28,7 @@ use std::{
     time::Duration,
 };
 
-pub use client::{Peer, TunnelClient, TunnelStream};
+pub use client::{Freshness, Peer, TunnelClient, TunnelStream};
 pub use peers::{LookupFuture, PeerDirectory, PeerLookup};
 pub use server::TunnelServer;
 

@@ -158,7 +158,7 @@ impl TunnelServer {
                 return;
             }
         };
-        let (caller, caller_not_after) = match self.caller_of(&tls) {
+        let (caller, caller_not_after, serial) = match self.caller_of(&tls) {
             Ok(caller) => caller,
             Err(reason) => {
                 self.stats
@@ -173,7 +173,7 @@ impl TunnelServer {
             .fetch_add(1, Ordering::Relaxed);
         let stats = Arc::clone(&self.stats);
         let _active = GaugeGuard::up(&stats.server_connections_active);
-        debug!(%remote, %caller, "tunnel connection accepted");
+        debug!(%remote, %caller, %serial, "tunnel connection accepted");
         let server = Arc::clone(&self);
         let service_caller = Arc::new(caller.clone());
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -240,11 +240,11 @@ impl TunnelServer {
     }
 
     /// The caller's SPIFFE ID, from its verified certificate (it must be of our trust domain),
-    /// and when that certificate expires.
+    /// when that certificate expires, and its serial number (hex, for logs).
     fn caller_of(
         &self,
         tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    ) -> Result<(SpiffeId, SystemTime), String> {
+    ) -> Result<(SpiffeId, SystemTime, String), String> {
         let certificate = tls
             .get_ref()
             .1
@@ -259,7 +259,13 @@ impl TunnelServer {
             ));
         }
         let (_, not_after) = validity(certificate).map_err(|error| error.to_string())?;
-        Ok((caller, not_after))
+        let serial = {
+            use x509_parser::prelude::FromDer;
+            x509_parser::certificate::X509Certificate::from_der(certificate.as_ref())
+                .map(|(_, parsed)| parsed.tbs_certificate.raw_serial_as_string())
+                .unwrap_or_default()
+        };
+        Ok((caller, not_after, serial))
     }
 
     /// One stream: checks, dial, then the byte copy in a task of its own.

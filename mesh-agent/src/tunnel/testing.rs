@@ -227,4 +227,9 @@ impl TlsCredentials for TestCredentials {
             Ok(config)
         })
     }
+
+    fn current_client_config(&self, source: &SpiffeId) -> Option<Arc<ClientConfig>> {
+        let identity = self.client_override.as_ref().unwrap_or(source);
+        self.configs.lock().unwrap().get(identity).cloned()
+    }
 }
