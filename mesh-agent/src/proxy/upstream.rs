@@ -576,4 +576,87 @@ mod tests {
         assert_eq!(body_text(response).await, "hello");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
+
+    /// An HTTP/1.1 connection pooled on a tunnel stream is reused until the source's
+    /// certificate is renewed; then the next request goes on a new tunnel connection (and the
+    /// old upstream connection is dropped, not reused).
+    #[tokio::test]
+    async fn tunnelled_connections_are_not_reused_after_the_source_certificate_is_renewed() {
+        use crate::{
+            identity::{SpiffeId, TlsCredentials},
+            policy::{Action, PolicySnapshot, PolicyStore, parse_documents},
+            tunnel::{
+                PeerDirectory, TunnelClient, TunnelServer, TunnelSettings, TunnelStats,
+                testing::{TestCa, TestCredentials},
+            },
+        };
+        let (address, accepted) = upstream("hello").await;
+        let text = format!(
+            "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata: {{name: up}}\nspec: {{endpoints: [{{address: \"{address}\", node: node-b}}]}}\n"
+        );
+        let report = parse_documents(&text, "test.yaml");
+        let snapshot = PolicySnapshot::compile(&report.resources(), Action::Allow).unwrap();
+        let ca = TestCa::new();
+        let server_stats = Arc::new(TunnelStats::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tunnel_address = listener.local_addr().unwrap();
+        let server = Arc::new(TunnelServer::new(
+            TestCredentials::new(&ca, "mesh.test", "node-b"),
+            Arc::new(PolicyStore::new(snapshot)),
+            "node-b",
+            TunnelSettings::default(),
+            Arc::clone(&server_stats),
+        ));
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(server.serve(listener, stopped));
+        let credentials = TestCredentials::new(&ca, "mesh.test", "node-a");
+        let client_stats = Arc::new(TunnelStats::default());
+        let tunnel = TunnelClient::new(
+            Some(Arc::clone(&credentials) as Arc<dyn TlsCredentials>),
+            TunnelSettings::default(),
+            Arc::clone(&client_stats),
+        );
+        let dialer = Arc::new(Dialer::new(
+            "node-a",
+            Duration::from_secs(2),
+            Arc::new(tunnel),
+            PeerDirectory::new([("node-b".to_owned(), tunnel_address)]),
+        ));
+        let pool = Http1Pool::with_dialer(dialer, Duration::from_secs(90), 8);
+        let source: Arc<str> = Arc::from("client");
+        for _ in 0..3 {
+            let response = pool
+                .send_as(&source, address, Some("node-b"), get())
+                .await
+                .unwrap();
+            assert_eq!(body_text(response).await, "hello");
+        }
+        assert_eq!(client_stats.snapshot().client_connections, 1);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        credentials.renew(&SpiffeId::for_agent("mesh.test", "client").unwrap());
+        for _ in 0..3 {
+            let response = pool
+                .send_as(&source, address, Some("node-b"), get())
+                .await
+                .unwrap();
+            assert_eq!(body_text(response).await, "hello");
+        }
+        let snapshot = client_stats.snapshot();
+        assert_eq!(snapshot.client_connections, 2, "{snapshot:?}");
+        assert_eq!(snapshot.client_connections_retired, 1, "{snapshot:?}");
+        // One new upstream connection (on the new tunnel stream), reused after that.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(pool.idle(), 1);
+        // The old upstream connection was dropped, so the old tunnel connection closes.
+        let start = std::time::Instant::now();
+        while server_stats.snapshot().server_connections_active != 1 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                server_stats.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

@@ -145,7 +145,24 @@ impl TestCredentials {
     /// renewal does.
     pub fn renew(&self, identity: &SpiffeId) {
         self.issued.lock().unwrap().remove(identity);
-        self.configs.lock().unwrap().remove(identity);
+        let renewed = self.build_client_config(identity);
+        self.configs
+            .lock()
+            .unwrap()
+            .insert(identity.clone(), renewed);
+    }
+
+    /// A client configuration presenting `identity`'s certificate (issued when missing).
+    fn build_client_config(&self, identity: &SpiffeId) -> Arc<ClientConfig> {
+        let (chain, key) = self.leaf(identity);
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&TLS13])
+            .unwrap()
+            .with_root_certificates(self.roots())
+            .with_client_auth_cert(chain, key_of(&key))
+            .unwrap();
+        config.alpn_protocols = vec![super::ALPN_H2.to_vec()];
+        Arc::new(config)
     }
 
     /// Credentials whose client side always presents `identity`.
@@ -213,13 +230,7 @@ impl TlsCredentials for TestCredentials {
             if let Some(config) = self.configs.lock().unwrap().get(identity) {
                 return Ok(Arc::clone(config));
             }
-            let (chain, key) = self.leaf(identity);
-            let mut config = ClientConfig::builder_with_provider(provider())
-                .with_protocol_versions(&[&TLS13])?
-                .with_root_certificates(self.roots())
-                .with_client_auth_cert(chain, key_of(&key))?;
-            config.alpn_protocols = vec![super::ALPN_H2.to_vec()];
-            let config = Arc::new(config);
+            let config = self.build_client_config(identity);
             self.configs
                 .lock()
                 .unwrap()
