@@ -8,8 +8,9 @@
 //! three nodes without restarts (timings printed); certificates issued by the signer with a
 //! short lifetime rotate under load without one failed request (a curl per request, keep-alive
 //! load, and new source identities whose first calls make fresh certificate requests and fresh
-//! tunnel handshakes throughout); and the identity the signer issued for node A's workload is
-//! the one nodes B and C see and decide on.
+//! tunnel handshakes throughout), each renewal of the busy identity retiring its tunnel
+//! connection so node B sees every new certificate on a new handshake; and the identity the
+//! signer issued for node A's workload is the one nodes B and C see and decide on.
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]

@@ -4,6 +4,11 @@
 //! the test's own), captures their connections with the real eBPF programs and names them by
 //! their service accounts' SPIFFE IDs, which policies match.
 //!
+//! In etcd mode (two agents of one real etcd as nodes A and B, and the real signer), a pod on
+//! node A gets its service account's certificate from the signer because node A published a
+//! leased `WorkloadIdentity` record for it, and calls node B through the mTLS tunnel; node B
+//! cannot obtain that identity, and the record goes with the pod and with node A's agent.
+//!
 //! The API server is `tests/python/kube_api.py`: no kube-apiserver can be installed from the
 //! package registries the tests reach, so the pod resource is served by a small server that
 //! speaks the same protocol. Everything else is real.
