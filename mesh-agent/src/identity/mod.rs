@@ -16,7 +16,7 @@
 //! | [`ca`] | the CA folder, issuing certificates from CSRs, the [`CertificateAuthority`] seam, [`LocalCa`] |
 //! | [`store`] | [`Identities`]: in-memory keys, CSRs, renewal, cached rustls configs |
 //! | [`etcd_ca`] | [`EtcdCa`]: requests through etcd, the watched trust bundle |
-//! | [`resources`] | the `CertificateRequest` and `TrustBundle` documents and their keys |
+//! | [`resources`] | the `CertificateRequest`, `TrustBundle` and `WorkloadIdentity` documents and their keys |
 //! | [`signer`] | `mesh-agent ca run`: validation, signing, exactly-once answers |
 //! | [`setup`] | the agent's identities from `spec.identity` |
 
