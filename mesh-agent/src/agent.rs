@@ -393,6 +393,19 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     };
     let mut servers = source.spawn(&config, Arc::clone(&policy), shutdown_rx.clone());
     if let Some(enroller) = pod_enroller {
+        // etcd mode: the pods' identities are published for the signer, under a node lease.
+        if let Some(spec) = &config.spec.etcd {
+            let etcd = Etcd::connect(etcd_settings(spec))
+                .await
+                .map_err(AgentError::Etcd)?;
+            let records =
+                crate::kube::PodIdentityRecords::new(Arc::clone(&enroller), &config.metadata.name);
+            servers.push(tokio::spawn(
+                records
+                    .publisher(etcd, spec.lease_ttl)
+                    .run(shutdown_rx.clone()),
+            ));
+        }
         servers.push(tokio::spawn(enroller.run(shutdown_rx.clone())));
     }
     if let Some(listener) = registration_listener {

@@ -8,8 +8,9 @@
 //! three nodes without restarts (timings printed); certificates issued by the signer with a
 //! short lifetime rotate under load without one failed request (a curl per request, keep-alive
 //! load, and new source identities whose first calls make fresh certificate requests and fresh
-//! tunnel handshakes throughout); and the identity the signer issued for node A's workload is
-//! the one nodes B and C see and decide on.
+//! tunnel handshakes throughout), each renewal of the busy identity retiring its tunnel
+//! connection so node B sees every new certificate on a new handshake; and the identity the
+//! signer issued for node A's workload is the one nodes B and C see and decide on.
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -530,6 +531,7 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
     let connections_before = (
         cluster.metric(A, "mesh_tunnel_client_connections_total"),
         cluster.metric(B, "mesh_tunnel_server_connections_total"),
+        cluster.metric(A, "mesh_tunnel_client_connections_retired_total"),
     );
     let before = [
         cluster.issued(A, &a_id),
@@ -640,14 +642,58 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
         );
     }
     // Each fresh identity made its own tunnel connection, handshaken with certificates of the
-    // moment (node B's own renewed meanwhile), and none failed.
+    // moment (node B's own renewed meanwhile); and each renewal of alpha's certificate retired
+    // alpha's pooled connection: later streams went on a new connection made with the new
+    // certificate while those under way finished on the old one. Nothing else reconnected,
+    // and no request failed.
+    let retired =
+        cluster.metric(A, "mesh_tunnel_client_connections_retired_total") - connections_before.2;
+    println!("tunnel connections retired during the rotation: {retired}");
+    assert!(
+        retired >= 1.0,
+        "no connection was retired: {}",
+        cluster.log(A)
+    );
     assert_eq!(
         cluster.metric(A, "mesh_tunnel_client_connections_total") - connections_before.0,
-        FRESH.len() as f64
+        FRESH.len() as f64 + retired
     );
     assert_eq!(
         cluster.metric(B, "mesh_tunnel_server_connections_total") - connections_before.1,
-        FRESH.len() as f64
+        FRESH.len() as f64 + retired
+    );
+    // Node B saw alpha's renewed certificates on new connections (the serials its tunnel
+    // accepted), and closed none for an expired certificate: the pool had moved on.
+    let serials: Vec<String> = cluster
+        .log(B)
+        .lines()
+        .filter(|line| {
+            line.contains("tunnel connection accepted") && line.contains(&format!("caller={a_id} "))
+        })
+        .filter_map(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("serial="))
+                .map(str::to_owned)
+        })
+        .collect();
+    let mut distinct = serials.clone();
+    distinct.dedup();
+    println!("alpha's certificate serials seen by node B, in order: {distinct:?}");
+    assert!(distinct.len() >= 2, "{serials:?}");
+    // The pool moved alpha on before its certificates expired: node B closed none of alpha's
+    // connections for an expired certificate (only idle connections of identities used once).
+    println!(
+        "connections node B closed at their caller's certificate expiry (idle, of identities \
+         used once): {}",
+        cluster.metric(B, "mesh_tunnel_server_connections_expired_total")
+    );
+    assert!(
+        !cluster
+            .log(B)
+            .lines()
+            .any(|line| line.contains("caller's certificate")
+                && line.contains(&format!("caller={a_id} "))),
+        "node B closed a connection of alpha at expiry"
     );
     assert_eq!(
         cluster.metric(A, "mesh_tunnel_client_connect_failures_total"),

@@ -1002,8 +1002,15 @@ fn etcd_roles_let_each_node_write_only_what_it_owns() {
     put_as(&etcd, &node, "/mesh/v1/nodes/e2e").expect("its own node record");
     put_as(&etcd, &node, "/mesh/v1/agentinstances/default/tools.e2e.1")
         .expect("an instance record");
-    etcd.etcdctl(&["del", "--prefix", "/mesh/v1/agentinstances/"])
-        .unwrap();
+    put_as(
+        &etcd,
+        &node,
+        "/mesh/v1/workloadidentities/default/planner@e2e",
+    )
+    .expect("a workload identity record");
+    for prefix in ["/mesh/v1/agentinstances/", "/mesh/v1/workloadidentities/"] {
+        etcd.etcdctl(&["del", "--prefix", prefix]).unwrap();
+    }
     etcd.etcdctl(&["del", "/mesh/v1/nodes/e2e"]).unwrap();
     // A certificate of the same CA whose name etcd does not know gets nothing.
     let (status, stdout, _) = ctl_as(&etcd, &intruder, &["get", "agents"]);

@@ -118,7 +118,7 @@ use std::{
 use mesh_agent::identity::{
     CaDir, EtcdCa, Identities, RenewalSettings, SpiffeId, SpiffeServerVerifier, TlsCredentials,
     ca::certificate_request,
-    resources::{CertificateRequest, request_key, trust_bundle_key},
+    resources::{CertificateRequest, WorkloadIdentityRecord, request_key, trust_bundle_key},
 };
 use mesh_tests::{
     etcd::{AgentEtcd, EtcdServer},
@@ -355,6 +355,117 @@ fn without_a_signer_the_agent_serves_and_reports_the_missing_certificate() {
         "{status:?}"
     );
     assert!(status[0]["serial"].is_null());
+}
+
+/// Writes `value` at `key`, attached to a new lease when `leased` (as a running agent does).
+fn put_record(etcd: &EtcdServer, key: &str, value: &str, leased: bool) {
+    if leased {
+        let granted = etcd.etcdctl(&["lease", "grant", "120"]).unwrap();
+        let lease = granted.split_whitespace().nth(1).unwrap().to_owned();
+        etcd.etcdctl(&["put", &format!("--lease={lease}"), key, value])
+            .unwrap();
+    } else {
+        etcd.etcdctl(&["put", key, value]).unwrap();
+    }
+}
+
+/// A `WorkloadIdentity` record of `identity` on `node`, as an agent publishes it for the
+/// enrolled pods of a service account.
+fn pod_identity_record(etcd: &EtcdServer, identity: &SpiffeId, node: &str, leased: bool) -> String {
+    let record = WorkloadIdentityRecord::new(identity, node, vec!["planner-0".into()]).unwrap();
+    let key = record.key("/mesh/v1");
+    put_record(etcd, &key, &serde_json::to_string(&record).unwrap(), leased);
+    key
+}
+
+/// An `Agent` `<namespace>/<name>` with one endpoint on `node`.
+fn place_agent_in(etcd: &EtcdServer, namespace: &str, name: &str, node: &str) {
+    let agent = serde_json::json!({
+        "apiVersion": "mesh.agentmesh.dev/v1alpha1", "kind": "Agent",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"endpoints": [{"address": "10.0.0.9:8080", "node": node}]}
+    });
+    etcd.etcdctl(&[
+        "put",
+        &format!("/mesh/v1/agents/{namespace}/{name}"),
+        &agent.to_string(),
+    ])
+    .unwrap();
+}
+
+#[test]
+fn the_signer_places_pods_by_their_nodes_records_and_agents_in_any_namespace() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let _signer = start_signer(&etcd, "1h", &[]);
+    register_node(&etcd, "node-a");
+    register_node(&etcd, "node-b");
+    let planner = SpiffeId::for_service_account("mesh.local", "prod", "planner").unwrap();
+
+    // No pod of that service account enrolled anywhere: refused.
+    let reason = submit(&etcd, &request_for(&planner, "node-a", &new_key())).unwrap_err();
+    assert!(
+        reason.contains("no pod of that service account is enrolled there"),
+        "{reason}"
+    );
+    // Node B's record grants node B, not node A.
+    let b_key = pod_identity_record(&etcd, &planner, "node-b", true);
+    assert!(
+        b_key.ends_with("/workloadidentities/prod/planner@node-b"),
+        "{b_key}"
+    );
+    let reason = submit(&etcd, &request_for(&planner, "node-a", &new_key())).unwrap_err();
+    assert!(reason.contains("node-a"), "{reason}");
+    assert!(submit(&etcd, &request_for(&planner, "node-b", &new_key())).is_ok());
+    // A record nobody holds a lease for (not written by a running agent) grants nothing.
+    let a_key = pod_identity_record(&etcd, &planner, "node-a", false);
+    let reason = submit(&etcd, &request_for(&planner, "node-a", &new_key())).unwrap_err();
+    assert!(reason.contains("WorkloadIdentity"), "{reason}");
+    // A record under node A's key that names node B (forged or misplaced) grants nothing.
+    let forged = WorkloadIdentityRecord::new(&planner, "node-b", vec![]).unwrap();
+    put_record(
+        &etcd,
+        &a_key,
+        &serde_json::to_string(&forged).unwrap(),
+        true,
+    );
+    let reason = submit(&etcd, &request_for(&planner, "node-a", &new_key())).unwrap_err();
+    assert!(reason.contains("WorkloadIdentity"), "{reason}");
+    // Node A's own leased record: granted; deleted (the pod left): refused again.
+    pod_identity_record(&etcd, &planner, "node-a", true);
+    let certificate = submit(&etcd, &request_for(&planner, "node-a", &new_key())).unwrap();
+    assert!(certificate.starts_with("-----BEGIN CERTIFICATE-----"));
+    etcd.etcdctl(&["del", &a_key]).unwrap();
+    let reason = submit(&etcd, &request_for(&planner, "node-a", &new_key())).unwrap_err();
+    assert!(
+        reason.contains("no pod of that service account"),
+        "{reason}"
+    );
+
+    // /agent/<name> of an Agent outside `default`: found in its namespace, on its node only.
+    let ledger = SpiffeId::for_agent("mesh.local", "ledger").unwrap();
+    place_agent_in(&etcd, "finance", "ledger", "node-a");
+    assert!(submit(&etcd, &request_for(&ledger, "node-a", &new_key())).is_ok());
+    let reason = submit(&etcd, &request_for(&ledger, "node-b", &new_key())).unwrap_err();
+    assert!(reason.contains("in any namespace"), "{reason}");
+    // The same name in another namespace on node B: each record places it on its own node.
+    place_agent_in(&etcd, "audit", "ledger", "node-b");
+    assert!(submit(&etcd, &request_for(&ledger, "node-b", &new_key())).is_ok());
+    assert!(submit(&etcd, &request_for(&ledger, "node-a", &new_key())).is_ok());
+    // An agent merely sharing a prefix of the name places nothing.
+    let ledge = SpiffeId::for_agent("mesh.local", "ledge").unwrap();
+    assert!(submit(&etcd, &request_for(&ledge, "node-a", &new_key())).is_err());
+
+    // meshctl lists the records.
+    let output = etcd
+        .meshctl(&["get", "workloadidentities", "-n", "prod"])
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success()
+            && text.contains("planner@node-b")
+            && text.contains(planner.as_str()),
+        "{text}"
+    );
 }
 
 #[test]

@@ -4,6 +4,11 @@
 //! the test's own), captures their connections with the real eBPF programs and names them by
 //! their service accounts' SPIFFE IDs, which policies match.
 //!
+//! In etcd mode (two agents of one real etcd as nodes A and B, and the real signer), a pod on
+//! node A gets its service account's certificate from the signer because node A published a
+//! leased `WorkloadIdentity` record for it, and calls node B through the mTLS tunnel; node B
+//! cannot obtain that identity, and the record goes with the pod and with node A's agent.
+//!
 //! The API server is `tests/python/kube_api.py`: no kube-apiserver can be installed from the
 //! package registries the tests reach, so the pod resource is served by a small server that
 //! speaks the same protocol. Everything else is real.
@@ -21,8 +26,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mesh_agent::identity::{
+    SpiffeId,
+    ca::certificate_request,
+    resources::{CertificateRequest, request_key},
+};
 use mesh_tests::{
-    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, etcd::EtcdTlsFiles, free_port,
+    AgentOptions, AgentProcess, CgroupTree, KillOnDrop, TempDir,
+    etcd::{AgentEtcd, EtcdServer, EtcdTlsFiles},
+    free_port,
+    signer::{SignerOptions, SignerProcess},
     start_python_server, unique_name,
 };
 
@@ -253,7 +266,11 @@ fn pods_of_the_node_are_enrolled_by_cgroup_and_named_by_service_account() {
     wait_for(&agent, "two pods enrolled", || {
         metric(&agent, "mesh_kubernetes_pods_enrolled") == 2.0
     });
-    // The agent asked for this node's pods with the selector, and authenticated.
+    // The agent asked for this node's pods with the selector, and authenticated (the watch
+    // follows the listing that enrolled the pods: wait for it).
+    wait_for(&agent, "the watch request", || {
+        api.requests().contains("watch=1")
+    });
     let requests = api.requests();
     assert!(
         requests.contains("fieldSelector=spec.nodeName%3Dnode-a")
@@ -376,4 +393,223 @@ fn a_wrong_token_or_an_untrusted_api_server_enrols_nothing_and_says_why() {
     );
     assert_eq!(metric(&agent, "mesh_kubernetes_pods_enrolled"), 0.0);
     let _ = fs::remove_dir_all(&other);
+}
+
+// ---------------------------------------------------------------------------------------------
+// etcd mode: pods' identities come from the signer, which only grants them to their node.
+
+/// Polls `done` every 20 ms for up to 30 s (a bound against a hang, not a measurement).
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Posts a certificate request for `identity` in `node`'s name (as that node's agent would)
+/// and waits for the signer's answer: `Ok(certificate)` or `Err(reason)`.
+fn request_certificate(
+    etcd: &EtcdServer,
+    identity: &SpiffeId,
+    node: &str,
+) -> Result<String, String> {
+    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = certificate_request(identity, &key_pair).unwrap();
+    let request = CertificateRequest::new(identity, node, &csr);
+    let key = request_key(
+        "/mesh/v1",
+        &request.metadata.namespace,
+        &request.metadata.name,
+    );
+    etcd.etcdctl(&["put", &key, &serde_json::to_string(&request).unwrap()])
+        .unwrap();
+    let mut answer = None;
+    eventually(&format!("the signer's answer to {key}"), || {
+        let text = etcd.etcdctl(&["get", &key, "--print-value-only"]).unwrap();
+        let stored: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        let status = &stored["status"];
+        if let Some(certificate) = status["certificate"].as_str() {
+            answer = Some(Ok(certificate.to_owned()));
+        } else if let Some(reason) = status["denied"].as_str() {
+            answer = Some(Err(reason.to_owned()));
+        }
+        answer.is_some()
+    });
+    answer.unwrap()
+}
+
+/// The lease `key` is held by in etcd; `None` when the key does not exist.
+fn lease_of(etcd: &EtcdServer, key: &str) -> Option<i64> {
+    let text = etcd.etcdctl(&["get", key, "-w", "json"]).unwrap();
+    let listing: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    listing["kvs"]
+        .as_array()
+        .and_then(|kvs| kvs.first())
+        .map(|kv| kv["lease"].as_i64().unwrap_or(0))
+}
+
+#[test]
+fn pods_get_their_certificates_from_the_signer_and_call_across_nodes_in_etcd_mode() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let signer = SignerProcess::start(
+        &etcd,
+        SignerOptions {
+            trust_domain: "mesh.local",
+            certificate_ttl: "1h",
+            extra: &[],
+            namespace: None,
+        },
+    )
+    .expect("start the signer");
+    let api = FakeApi::start();
+    let backend = start_backend();
+    let work = TempDir::new("kube-etcd").unwrap();
+    let planner_id = SpiffeId::for_service_account("mesh.local", "prod", "planner").unwrap();
+
+    // The backend runs on node B; only the planner service account may call it.
+    let resources = work.path().join("mesh.yaml");
+    fs::write(
+        &resources,
+        format!(
+            "{HEAD}kind: Agent\nmetadata: {{name: backend}}\nspec:\n  endpoints: [{{address: \"{backend}\", node: node-b}}]\n---\n{HEAD}kind: AccessPolicy\nmetadata: {{name: backend-access}}\nspec:\n  targetAgent: backend\n  action: Allow\n  rules:\n    - from: [\"{planner_id}\"]\n"
+        ),
+    )
+    .unwrap();
+    let applied = etcd
+        .meshctl(&["apply", "-f", &resources.to_string_lossy()])
+        .unwrap();
+    assert!(applied.status.success(), "{applied:?}");
+
+    let options = |tree: &CgroupTree| AgentOptions {
+        accelerate: false,
+        workloads: vec![],
+        exclude_ports: vec![],
+        exclude_cidrs: vec![],
+        agent_cgroup: tree.child("agent").unwrap(),
+        log_filter: "info,mesh_agent=debug".into(),
+        agent_binary: None,
+        policy_dir: None,
+    };
+    let identity = "  identity:\n    trustDomain: mesh.local\n";
+    // Two nodes of one etcd on this host's network, each capturing its own cgroup tree.
+    let tree_b = CgroupTree::create("kube-etcd-b").expect("create cgroup tree");
+    let dir_b = work.path().join("node-b");
+    fs::create_dir_all(&dir_b).unwrap();
+    let agent_b = AgentProcess::start_named_with_spec(
+        &tree_b,
+        options(&tree_b),
+        Some(AgentEtcd::new(&etcd, &dir_b)),
+        "node-b",
+        identity,
+    )
+    .expect("start node B's agent");
+    let tree_a = CgroupTree::create("kube-etcd-a").expect("create cgroup tree");
+    let dir_a = work.path().join("node-a");
+    fs::create_dir_all(&dir_a).unwrap();
+    let planner_uid = "0a1b2c3d-0000-4000-8000-0000000000e1";
+    let planner = pod_container_cgroup(&tree_a, planner_uid);
+    let mut agent_a = AgentProcess::start_named_with_spec(
+        &tree_a,
+        options(&tree_a),
+        Some(AgentEtcd::new(&etcd, &dir_a)),
+        NODE,
+        &format!("{identity}{}", api.agent_spec()),
+    )
+    .expect("start node A's agent");
+
+    // The pod is enrolled on node A, which publishes its identity under a lease.
+    api.put_pod(planner_uid, "prod", "planner", true);
+    wait_for(&agent_a, "the pod enrolled", || {
+        metric(&agent_a, "mesh_kubernetes_pods_enrolled") == 1.0
+    });
+    let record_key = "/mesh/v1/workloadidentities/prod/planner@node-a";
+    eventually("node A's WorkloadIdentity record", || {
+        lease_of(&etcd, record_key).is_some()
+    });
+    assert_ne!(
+        lease_of(&etcd, record_key),
+        Some(0),
+        "the record must be leased"
+    );
+    let listed = etcd.meshctl(&["get", "wi", "-A"]).unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains("planner@node-a") && listed.contains("pod-planner"),
+        "{listed}"
+    );
+
+    // Its call to the backend on node B goes through the tunnel with the certificate the
+    // signer issued to node A for the pod's service account; node B admits it by that identity.
+    let status = call_from(&tree_a, &planner, backend);
+    assert_eq!(
+        status,
+        200,
+        "node A:\n{}\nnode B:\n{}\nsigner:\n{}",
+        agent_a.log(),
+        agent_b.log(),
+        signer.log()
+    );
+    assert!(
+        signer
+            .log()
+            .lines()
+            .any(|line| line.contains("certificate issued")
+                && line.contains(&format!("identity={planner_id} "))
+                && line.contains("node=node-a ")),
+        "{}",
+        signer.log()
+    );
+    assert!(
+        agent_b
+            .log()
+            .lines()
+            .any(|line| line.contains("tunnel stream accepted")
+                && line.contains(&format!("source={planner_id}"))),
+        "{}",
+        agent_b.log()
+    );
+    assert_eq!(
+        metric(
+            &agent_a,
+            "mesh_identity_issuance_failures_total{identity=\"spiffe://mesh.local/ns/prod/sa/planner\"}"
+        ),
+        0.0
+    );
+
+    // Another node cannot get the pod's identity: node B runs no such pod.
+    let reason = request_certificate(&etcd, &planner_id, "node-b").unwrap_err();
+    assert!(
+        reason.contains("does not place") && reason.contains("node-b"),
+        "{reason}"
+    );
+
+    // The pod is deleted: it leaves the mesh, its record goes, and a new request for the
+    // identity in node A's name is refused.
+    api.control("DELETE", &format!("/pods/{planner_uid}"), "");
+    wait_for(&agent_a, "the deleted pod to leave", || {
+        metric(&agent_a, "mesh_kubernetes_pods_enrolled") == 0.0
+    });
+    eventually("the record to go", || lease_of(&etcd, record_key).is_none());
+    let reason = request_certificate(&etcd, &planner_id, NODE).unwrap_err();
+    assert!(
+        reason.contains("no pod of that service account is enrolled there"),
+        "{reason}"
+    );
+
+    // A pod of that account again, then the agent stops: its lease goes, and the record with
+    // it.
+    let again_uid = "0a1b2c3d-0000-4000-8000-0000000000e2";
+    let _again = pod_container_cgroup(&tree_a, again_uid);
+    api.put_pod(again_uid, "prod", "planner", true);
+    eventually("the record again", || lease_of(&etcd, record_key).is_some());
+    assert!(request_certificate(&etcd, &planner_id, NODE).is_ok());
+    agent_a.stop().expect("stop node A's agent");
+    assert!(
+        lease_of(&etcd, record_key).is_none(),
+        "the record outlived its node"
+    );
 }

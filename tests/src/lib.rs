@@ -528,6 +528,19 @@ impl AgentProcess {
         Self::start_configured(tree, options, &[], etcd, (node, registration, ""), None)
     }
 
+    /// As [`start_with_spec`](Self::start_with_spec), as node `node` (`metadata.name`) on
+    /// this host's network: several such agents can share one etcd as distinct nodes (each
+    /// with its own loopback tunnel listener, published in its node record).
+    pub fn start_named_with_spec(
+        tree: &CgroupTree,
+        options: AgentOptions,
+        etcd: Option<etcd::AgentEtcd>,
+        node: &str,
+        extra_spec: &str,
+    ) -> Result<Self, HarnessError> {
+        Self::start_configured(tree, options, &[], etcd, (node, "", extra_spec), None)
+    }
+
     fn start_full(
         tree: &CgroupTree,
         options: AgentOptions,

@@ -102,7 +102,7 @@ pub enum CtlCommand {
     /// List resources of a kind, or show one.
     Get {
         /// agents, accesspolicies (ap), trafficpolicies (tp), trustbundles,
-        /// certificaterequests (csr); singular or plural.
+        /// certificaterequests (csr), workloadidentities (wi); singular or plural.
         kind: String,
         name: Option<String>,
         #[command(flatten)]

@@ -26,7 +26,10 @@
 //!   debounce bursts into one snapshot swap, list again after a compaction or a lost
 //!   connection, and keep the last good version of a key whose new value is invalid. The last
 //!   good set is cached on local disk ([`cache`]) for starts while etcd is away.
-//! - Agents register a node record under a lease ([`node`]); `meshctl nodes` lists them.
+//! - Agents register a node record under a lease ([`node`]); `meshctl nodes` lists them. The
+//!   other keys a node keeps alive (its registered instances, its pods' `WorkloadIdentity`
+//!   records) are written by [`records`] under a lease of their own; [`lease`] is the one
+//!   grant / keep-alive / re-grant / revoke loop all of them use.
 //!
 //! # Seams for what comes next
 //!
@@ -41,9 +44,11 @@ pub mod codec;
 pub mod ctl;
 pub mod etcd;
 pub mod keys;
+pub mod lease;
 pub mod node;
 pub mod ops;
 pub mod rbac;
+pub mod records;
 pub mod sync;
 
 pub use etcd::{Etcd, EtcdError, EtcdSettings, EtcdTls};

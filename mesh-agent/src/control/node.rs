@@ -23,16 +23,17 @@
 
 use std::{sync::Arc, time::Duration, time::SystemTime};
 
-use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions};
+use etcd_client::PutOptions;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::policy::{API_VERSION, PolicyStore};
 
 use super::{
     etcd::{Etcd, EtcdError},
     keys,
+    lease::NodeLease,
     sync::ControlStatus,
 };
 
@@ -90,12 +91,6 @@ pub struct NodeRegistration {
     tunnel_address: Option<std::net::SocketAddr>,
 }
 
-struct Lease {
-    id: i64,
-    keeper: LeaseKeeper,
-    responses: LeaseKeepAliveStream,
-}
-
 impl NodeRegistration {
     pub fn new(
         etcd: Etcd,
@@ -107,7 +102,7 @@ impl NodeRegistration {
         NodeRegistration {
             etcd,
             name: name.to_owned(),
-            ttl: ttl.max(Duration::from_secs(2)),
+            ttl: ttl.max(super::lease::MIN_TTL),
             started: SystemTime::now(),
             store,
             status,
@@ -150,9 +145,9 @@ impl NodeRegistration {
     /// Registers, renews and rewrites the record until `shutdown`; then revokes the lease.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let key = keys::node_key(self.etcd.prefix(), &self.name);
-        let mut ticker = tokio::time::interval(self.ttl / 3);
+        let mut lease = NodeLease::new(self.etcd.clone(), self.ttl, "node");
+        let mut ticker = tokio::time::interval(lease.renew_interval());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lease: Option<Lease> = None;
         let mut failing = false;
         loop {
             tokio::select! {
@@ -176,69 +171,31 @@ impl NodeRegistration {
                         warn!(node = %self.name, %error, "cannot renew the node record; retrying");
                     }
                     failing = true;
-                    // The stream may be broken: open a new one next time (same lease).
-                    if let Some(current) = lease.take() {
-                        lease = self.reopen(current.id).await;
-                    }
                 }
             }
         }
-        if let Some(current) = lease {
-            let id = current.id;
-            let revoked = self
-                .etcd
-                .call("revoking the node lease", |mut client| async move {
-                    client.lease_revoke(id).await
-                })
-                .await;
-            match revoked {
-                Ok(_) => info!(node = %self.name, "node record removed from etcd"),
-                Err(error) => debug!(%error, "node lease not revoked; it expires on its own"),
-            }
+        if lease.revoke().await {
+            info!(node = %self.name, "node record removed from etcd");
         }
     }
 
-    async fn beat(&self, key: &str, lease: &mut Option<Lease>) -> Result<(), EtcdError> {
-        let expired = match lease.as_mut() {
-            Some(current) => !self.renew(current).await?,
-            None => false,
-        };
-        if expired {
+    /// Renews the lease (granting a new one when it expired or none is held) and rewrites the
+    /// record with a fresh heartbeat.
+    async fn beat(&self, key: &str, lease: &mut NodeLease) -> Result<(), EtcdError> {
+        let held = lease.id().is_some();
+        if !lease.renew().await? {
             info!(node = %self.name, "node lease expired while etcd was away; registering again");
-            *lease = None;
         }
-        if lease.is_none() {
-            let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
-            let granted = self
-                .etcd
-                .call("granting the node lease", |mut client| async move {
-                    client.lease_grant(ttl, None).await
-                })
-                .await?;
-            let id = granted.id();
-            let (keeper, responses) = self
-                .etcd
-                .call("keeping the node lease alive", |mut client| async move {
-                    client.lease_keep_alive(id).await
-                })
-                .await?;
-            *lease = Some(Lease {
-                id,
-                keeper,
-                responses,
-            });
-            info!(node = %self.name, lease = id, ttl_seconds = ttl, "node registered in etcd");
+        let id = lease.ensure().await?;
+        if !held {
+            info!(node = %self.name, lease = id, ttl_seconds = lease.ttl_seconds(), "node registered in etcd");
         }
-        let Some(current) = lease.as_ref() else {
-            return Ok(());
-        };
         let value = serde_json::to_vec(&self.record()).map_err(|error| EtcdError::Failed {
             endpoints: String::new(),
             what: "encoding the node record".to_owned(),
             cause: error.to_string(),
         })?;
         let key = key.to_owned();
-        let id = current.id;
         self.etcd
             .call("writing the node record", |mut client| async move {
                 client
@@ -247,48 +204,6 @@ impl NodeRegistration {
             })
             .await?;
         Ok(())
-    }
-
-    /// Renews the lease once. `Ok(false)` when etcd says it expired.
-    async fn renew(&self, lease: &mut Lease) -> Result<bool, EtcdError> {
-        let timeout = self.etcd.settings().request_timeout;
-        let renewed = tokio::time::timeout(timeout, async {
-            lease.keeper.keep_alive().await?;
-            lease.responses.message().await
-        })
-        .await;
-        match renewed {
-            Ok(Ok(Some(response))) => Ok(response.ttl() > 0),
-            Ok(Ok(None)) => Err(EtcdError::Unreachable {
-                endpoints: self.etcd.settings().endpoints.join(","),
-                what: "keeping the node lease alive".to_owned(),
-                cause: "the keep-alive stream ended".to_owned(),
-            }),
-            Ok(Err(error)) => Err(self.etcd.error("keeping the node lease alive", error)),
-            Err(_) => Err(EtcdError::Unreachable {
-                endpoints: self.etcd.settings().endpoints.join(","),
-                what: "keeping the node lease alive".to_owned(),
-                cause: format!("no answer within {timeout:?}"),
-            }),
-        }
-    }
-
-    async fn reopen(&self, id: i64) -> Option<Lease> {
-        let opened = self
-            .etcd
-            .call("keeping the node lease alive", |mut client| async move {
-                client.lease_keep_alive(id).await
-            })
-            .await;
-        match opened {
-            Ok((keeper, responses)) => Some(Lease {
-                id,
-                keeper,
-                responses,
-            }),
-            // Registered again from scratch at the next beat.
-            Err(_) => None,
-        }
     }
 }
 

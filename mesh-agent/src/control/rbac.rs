@@ -7,7 +7,7 @@
 //!
 //! | role | may read | may write |
 //! |---|---|---|
-//! | `mesh-node` | everything under the prefix | `agentinstances/`, `certificaterequests/` |
+//! | `mesh-node` | everything under the prefix | `agentinstances/`, `certificaterequests/`, `workloadidentities/` |
 //! | `mesh-node.<name>` | | its own node record `nodes/<name>` |
 //! | `mesh-signer` | everything under the prefix | `certificaterequests/`, `trustbundles/`, `signer/` |
 //! | `mesh-operator` | everything under the prefix | everything under the prefix |
@@ -21,7 +21,9 @@ use etcd_client::{Permission, PermissionType, RoleRevokePermissionOptions, UserA
 
 use super::{ControlError, Etcd, keys};
 use crate::{
-    identity::resources::{CERTIFICATE_REQUESTS_SEGMENT, TRUST_BUNDLES_SEGMENT},
+    identity::resources::{
+        CERTIFICATE_REQUESTS_SEGMENT, TRUST_BUNDLES_SEGMENT, WORKLOAD_IDENTITIES_SEGMENT,
+    },
     policy::Kind,
 };
 
@@ -143,6 +145,7 @@ pub fn plan(
                     Access::ReadWrite,
                 ),
                 under(prefix, CERTIFICATE_REQUESTS_SEGMENT, Access::ReadWrite),
+                under(prefix, WORKLOAD_IDENTITIES_SEGMENT, Access::ReadWrite),
             ],
         ),
         role(
@@ -441,6 +444,7 @@ mod tests {
             "role mesh-node: read /mesh/v1/*",
             "role mesh-node: readwrite /mesh/v1/agentinstances/*",
             "role mesh-node: readwrite /mesh/v1/certificaterequests/*",
+            "role mesh-node: readwrite /mesh/v1/workloadidentities/*",
             "role mesh-node.node-a: readwrite /mesh/v1/nodes/node-a",
             "role mesh-node.node-b: readwrite /mesh/v1/nodes/node-b",
             "role mesh-signer: readwrite /mesh/v1/trustbundles/*",

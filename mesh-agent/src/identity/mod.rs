@@ -16,7 +16,7 @@
 //! | [`ca`] | the CA folder, issuing certificates from CSRs, the [`CertificateAuthority`] seam, [`LocalCa`] |
 //! | [`store`] | [`Identities`]: in-memory keys, CSRs, renewal, cached rustls configs |
 //! | [`etcd_ca`] | [`EtcdCa`]: requests through etcd, the watched trust bundle |
-//! | [`resources`] | the `CertificateRequest` and `TrustBundle` documents and their keys |
+//! | [`resources`] | the `CertificateRequest`, `TrustBundle` and `WorkloadIdentity` documents and their keys |
 //! | [`signer`] | `mesh-agent ca run`: validation, signing, exactly-once answers |
 //! | [`setup`] | the agent's identities from `spec.identity` |
 
@@ -82,4 +82,13 @@ pub trait TlsCredentials: Send + Sync + std::fmt::Debug {
         &'a self,
         source: &'a SpiffeId,
     ) -> CredentialsFuture<'a, Arc<rustls::ClientConfig>>;
+
+    /// The configuration [`client_config`](Self::client_config) would return for `source`
+    /// now, without waiting, issuing or marking the identity as used; `None` when there is
+    /// none (or the implementation cannot tell). Lets connections pooled above the transport
+    /// notice a renewal between uses (a different `Arc` than the one they were made with).
+    fn current_client_config(&self, source: &SpiffeId) -> Option<Arc<rustls::ClientConfig>> {
+        let _ = source;
+        None
+    }
 }

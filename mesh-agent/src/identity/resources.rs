@@ -1,11 +1,13 @@
 //! The identity resources in etcd: `CertificateRequest` (a node asks the signer for a
-//! certificate) and `TrustBundle` (the CA certificates every peer trusts), their keys, and the
-//! signer's own records.
+//! certificate), `TrustBundle` (the CA certificates every peer trusts), `WorkloadIdentity` (a
+//! node says a workload identity runs on it), their keys, and the signer's own records.
 //!
 //! ```text
 //! <prefix>/certificaterequests/<namespace>/<name>    CertificateRequest (node writes spec,
 //!                                                     signer writes status once)
 //! <prefix>/trustbundles/<namespace>/<name>           TrustBundle (mesh-system/default)
+//! <prefix>/workloadidentities/<ns>/<account>@<node>  WorkloadIdentity (node writes it under
+//!                                                     its lease while such a pod runs there)
 //! <prefix>/signer/nonces/<nonce>                     nonces already signed (leased)
 //! <prefix>/signer/keys/<sha256 of the public key>    public keys already signed (leased)
 //! ```
@@ -37,6 +39,10 @@ pub const TRUST_BUNDLE_KIND: &str = "TrustBundle";
 pub const CERTIFICATE_REQUESTS_SEGMENT: &str = "certificaterequests";
 /// Key segment of trust bundles.
 pub const TRUST_BUNDLES_SEGMENT: &str = "trustbundles";
+/// `kind` of workload identity records.
+pub const WORKLOAD_IDENTITY_KIND: &str = "WorkloadIdentity";
+/// Key segment of workload identity records.
+pub const WORKLOAD_IDENTITIES_SEGMENT: &str = "workloadidentities";
 /// Namespace of the mesh's own resources (the trust bundle, node certificate requests).
 pub const SYSTEM_NAMESPACE: &str = "mesh-system";
 /// Name of the trust bundle agents read.
@@ -176,6 +182,101 @@ impl TrustBundleResource {
     }
 }
 
+/// A node's statement that pods running on it carry a service account identity
+/// (`spiffe://<td>/ns/<ns>/sa/<account>`): one record per (identity, node), named
+/// `<account>@<node>` in the identity's namespace (`@` appears in neither a service account
+/// nor a node name, so no two pairs share a name). The node writes it under its lease while
+/// at least one such pod is enrolled there and deletes it when the last one goes; the signer
+/// grants that identity to that node only while the record lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadIdentityRecord {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: WorkloadIdentitySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadIdentitySpec {
+    /// The SPIFFE ID.
+    pub identity: String,
+    /// The node the pods run on (its `Node` record's name).
+    pub node: String,
+    /// The pods carrying it there (names in the namespace), for operators.
+    #[serde(default)]
+    pub pods: Vec<String>,
+}
+
+impl WorkloadIdentityRecord {
+    /// The record of `identity` (a `/ns/<ns>/sa/<account>` ID) on `node`; `None` for another
+    /// kind of ID.
+    pub fn new(identity: &SpiffeId, node: &str, pods: Vec<String>) -> Option<Self> {
+        let (namespace, account) = service_account_of(identity)?;
+        Some(WorkloadIdentityRecord {
+            api_version: API_VERSION.to_owned(),
+            kind: WORKLOAD_IDENTITY_KIND.to_owned(),
+            metadata: ObjectMeta {
+                name: workload_identity_name(account, node),
+                namespace: namespace.to_owned(),
+            },
+            spec: WorkloadIdentitySpec {
+                identity: identity.to_string(),
+                node: node.to_owned(),
+                pods,
+            },
+        })
+    }
+
+    /// Decodes a stored record; `kind` and `apiVersion` must match.
+    pub fn decode(value: &[u8]) -> Result<Self, String> {
+        let record: Self = serde_json::from_slice(value).map_err(|error| error.to_string())?;
+        if record.kind != WORKLOAD_IDENTITY_KIND || record.api_version != API_VERSION {
+            return Err(format!(
+                "not a {API_VERSION} {WORKLOAD_IDENTITY_KIND} (kind {:?}, apiVersion {:?})",
+                record.kind, record.api_version
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Its key under `prefix`.
+    pub fn key(&self, prefix: &str) -> String {
+        workload_identity_key(prefix, &self.metadata.namespace, &self.metadata.name)
+    }
+}
+
+/// `(namespace, account)` of a `/ns/<ns>/sa/<account>` ID.
+pub fn service_account_of(identity: &SpiffeId) -> Option<(&str, &str)> {
+    let mut segments = identity.path().trim_start_matches('/').split('/');
+    match (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) {
+        (Some("ns"), Some(namespace), Some("sa"), Some(account), None) => {
+            Some((namespace, account))
+        }
+        _ => None,
+    }
+}
+
+/// The name of the record of `account` on `node`.
+pub fn workload_identity_name(account: &str, node: &str) -> String {
+    format!("{account}@{node}")
+}
+
+/// The key of a workload identity record.
+pub fn workload_identity_key(prefix: &str, namespace: &str, name: &str) -> String {
+    format!(
+        "{}/{WORKLOAD_IDENTITIES_SEGMENT}/{namespace}/{name}",
+        trimmed(prefix)
+    )
+}
+
 /// The namespace a request for `identity` is written in.
 pub fn request_namespace(identity: &SpiffeId) -> &str {
     if identity.node_name().is_some() {
@@ -238,15 +339,20 @@ pub fn hex(bytes: &[u8]) -> String {
 pub enum IdentityKind {
     TrustBundle,
     CertificateRequest,
+    WorkloadIdentity,
 }
 
 impl IdentityKind {
-    /// `trustbundle(s)`, `certificaterequest(s)`, `csr` (case-insensitive).
+    /// `trustbundle(s)`, `certificaterequest(s)`, `csr`, `workloadidentit(y|ies)`, `wi`
+    /// (case-insensitive).
     pub fn parse(text: &str) -> Option<Self> {
         match text.to_ascii_lowercase().as_str() {
             "trustbundle" | "trustbundles" => Some(IdentityKind::TrustBundle),
             "certificaterequest" | "certificaterequests" | "csr" => {
                 Some(IdentityKind::CertificateRequest)
+            }
+            "workloadidentity" | "workloadidentities" | "wi" => {
+                Some(IdentityKind::WorkloadIdentity)
             }
             _ => None,
         }
@@ -256,6 +362,7 @@ impl IdentityKind {
         match self {
             IdentityKind::TrustBundle => TRUST_BUNDLES_SEGMENT,
             IdentityKind::CertificateRequest => CERTIFICATE_REQUESTS_SEGMENT,
+            IdentityKind::WorkloadIdentity => WORKLOAD_IDENTITIES_SEGMENT,
         }
     }
 }
@@ -268,7 +375,8 @@ pub enum Format {
     Yaml,
 }
 
-/// `meshctl get trustbundles|certificaterequests [NAME] [-n NS]`: every namespace unless one
+/// `meshctl get trustbundles|certificaterequests|workloadidentities [NAME] [-n NS]`: every
+/// namespace unless one
 /// is given. Values that do not decode are listed as such, never hidden.
 pub async fn render_get(
     etcd: &crate::control::Etcd,
@@ -347,6 +455,22 @@ pub async fn render_get(
                         })
                         .collect(),
                 ),
+                IdentityKind::WorkloadIdentity => (
+                    &["NAMESPACE", "NAME", "IDENTITY", "NODE", "PODS"],
+                    entries
+                        .iter()
+                        .map(|entry| match WorkloadIdentityRecord::decode(&entry.value) {
+                            Ok(record) => vec![
+                                record.metadata.namespace,
+                                record.metadata.name,
+                                record.spec.identity,
+                                record.spec.node,
+                                record.spec.pods.join(","),
+                            ],
+                            Err(error) => vec![entry.key.clone(), format!("invalid: {error}")],
+                        })
+                        .collect(),
+                ),
             };
             if rows.is_empty() {
                 String::new()
@@ -387,6 +511,38 @@ mod tests {
         let text = serde_json::to_vec(&bundle).unwrap();
         assert_eq!(TrustBundleResource::decode(&text).unwrap(), bundle);
         assert!(TrustBundleResource::decode(&serde_json::to_vec(&request).unwrap()).is_err());
+    }
+
+    #[test]
+    fn workload_identity_records_name_the_account_and_the_node() {
+        let id = SpiffeId::for_service_account("mesh.local", "prod", "planner").unwrap();
+        let record =
+            WorkloadIdentityRecord::new(&id, "ip-10-0-0-1.ec2.internal", vec!["p-0".into()])
+                .unwrap();
+        assert_eq!(record.metadata.namespace, "prod");
+        assert_eq!(record.metadata.name, "planner@ip-10-0-0-1.ec2.internal");
+        assert_eq!(
+            record.key("/mesh/v1"),
+            "/mesh/v1/workloadidentities/prod/planner@ip-10-0-0-1.ec2.internal"
+        );
+        let text = serde_json::to_vec(&record).unwrap();
+        assert_eq!(WorkloadIdentityRecord::decode(&text).unwrap(), record);
+        assert!(WorkloadIdentityRecord::decode(b"{}").is_err());
+        let bundle = serde_json::to_vec(&TrustBundleResource::new("mesh.local", "PEM")).unwrap();
+        assert!(WorkloadIdentityRecord::decode(&bundle).is_err());
+        // Only service account IDs have records.
+        let agent = SpiffeId::for_agent("mesh.local", "tools").unwrap();
+        assert!(WorkloadIdentityRecord::new(&agent, "node-a", vec![]).is_none());
+        assert_eq!(service_account_of(&id), Some(("prod", "planner")));
+        assert_eq!(service_account_of(&agent), None);
+        assert_eq!(
+            IdentityKind::parse("wi"),
+            Some(IdentityKind::WorkloadIdentity)
+        );
+        assert_eq!(
+            IdentityKind::parse("WorkloadIdentities"),
+            Some(IdentityKind::WorkloadIdentity)
+        );
     }
 
     #[test]

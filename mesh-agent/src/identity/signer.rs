@@ -27,7 +27,9 @@
 //!    (`mesh-system` for nodes, `<ns>` for `/ns/<ns>/sa/<sa>`).
 //! 3. The requesting node has a live `Node` record (`<prefix>/nodes/<node>`, held by a lease).
 //! 4. [`authorize`]: a node may get its own node ID only; a workload ID only if the registry
-//!    places that workload on that node.
+//!    places that workload on that node (an `Agent` endpoint or a registered `AgentInstance`
+//!    for `/agent/<name>`, in any namespace; a live `WorkloadIdentity` record the node wrote
+//!    for an enrolled pod, or an `Agent` endpoint, for `/ns/<ns>/sa/<sa>`).
 //! 5. The CSR's signature verifies (proof of possession) and it names no other identity.
 //! 6. Not a replay: neither its nonce nor its public key was signed before.
 
@@ -729,9 +731,17 @@ fn workload_parts(identity: &SpiffeId) -> Option<(Option<&str>, &str)> {
 }
 
 /// May `node` hold `identity`? A node gets its own node ID only; a workload ID only when the
-/// registry places that workload on that node: an `Agent` resource `<namespace>/<name>` (the
-/// name is the ID's last segment) with an endpoint whose `node` is the requester. The one
-/// place to extend when more registry sources (agent instance records) place workloads.
+/// registry places that workload on that node:
+///
+/// - `/agent/<name>`: an `Agent` named `<name>` in any namespace with an endpoint whose `node`
+///   is the requester, or an `AgentInstance` `<name>.<node>.<id>` (any namespace) of that
+///   identity that the node's registration API published. Every record is checked on its own:
+///   two namespaces with an agent of that name place it on their own nodes only.
+/// - `/ns/<ns>/sa/<account>`: a live `WorkloadIdentity` record `<ns>/<account>@<node>` that the
+///   node wrote under its lease while such a pod runs there, or an `Agent` `<ns>/<account>`
+///   with an endpoint on the node.
+///
+/// `namespace` is the request's (checked against the ID by the caller).
 pub async fn authorize(
     etcd: &Etcd,
     identity: &SpiffeId,
@@ -746,13 +756,64 @@ pub async fn authorize(
             "node {node:?} may get only its own node identity, not {identity}"
         ));
     }
-    let Some((_, name)) = workload_parts(identity) else {
-        return Err(format!(
+    match workload_parts(identity) {
+        Some((None, name)) => {
+            if agent_placed_anywhere(etcd, name, node).await?
+                || registered_on(etcd, identity, node, name).await?
+            {
+                return Ok(());
+            }
+            Err(format!(
+                "the registry does not place {identity} on node {node:?} (no Agent named \
+                 {name} in any namespace with an endpoint on that node, and no instance of it \
+                 registered there)"
+            ))
+        }
+        Some((Some(account_namespace), account)) => {
+            if pod_identity_on(etcd, identity, node).await?
+                || agent_placed(etcd, account_namespace, account, node).await?
+            {
+                return Ok(());
+            }
+            Err(format!(
+                "the registry does not place {identity} on node {node:?} (no live \
+                 WorkloadIdentity {account_namespace}/{} written by that node: no pod of that \
+                 service account is enrolled there; and no Agent {account_namespace}/{account} \
+                 with an endpoint on that node; request namespace {namespace})",
+                resources::workload_identity_name(account, node)
+            ))
+        }
+        None => Err(format!(
             "{identity} is neither a node (/node/<name>) nor a workload (/agent/<name>, \
              /ns/<ns>/sa/<sa>) identity"
-        ));
-    };
-    let agent_key = keys::resource_key(
+        )),
+    }
+}
+
+/// Whether a decoded `Agent` has an endpoint on `node`.
+fn places_on(etcd: &Etcd, key: &str, value: &[u8], node: &str) -> bool {
+    match crate::control::codec::decode(etcd.prefix(), key, value) {
+        Ok(Resource::Agent(agent)) => agent
+            .spec
+            .endpoints
+            .iter()
+            .any(|endpoint| endpoint.node.as_deref() == Some(node)),
+        Ok(_) => false,
+        Err(problems) => {
+            debug!(?problems, key, "an invalid Agent resource places nothing");
+            false
+        }
+    }
+}
+
+/// Whether the `Agent` `<namespace>/<name>` has an endpoint on `node`.
+async fn agent_placed(
+    etcd: &Etcd,
+    namespace: &str,
+    name: &str,
+    node: &str,
+) -> Result<bool, String> {
+    let key = keys::resource_key(
         etcd.prefix(),
         &crate::policy::ResourceKey {
             kind: crate::policy::Kind::Agent,
@@ -761,64 +822,90 @@ pub async fn authorize(
         },
     );
     let entry = etcd
-        .get(&agent_key)
+        .get(&key)
         .await
         .map_err(|error| format!("cannot read the registry: {error}"))?;
-    let placed = entry.is_some_and(|entry| {
-        match crate::control::codec::decode(etcd.prefix(), &agent_key, &entry.value) {
-            Ok(Resource::Agent(agent)) => agent
-                .spec
-                .endpoints
-                .iter()
-                .any(|endpoint| endpoint.node.as_deref() == Some(node)),
-            Ok(_) => false,
-            Err(problems) => {
-                debug!(?problems, "an invalid Agent resource places nothing");
-                false
-            }
-        }
-    });
-    if placed || registered_on(etcd, identity, node, namespace, name).await? {
-        Ok(())
-    } else {
-        Err(format!(
-            "the registry does not place {identity} on node {node:?} (no Agent \
-             {namespace}/{name} with an endpoint on that node, and no instance of it registered \
-             there)"
-        ))
-    }
+    Ok(entry.is_some_and(|entry| places_on(etcd, &key, &entry.value, node)))
+}
+
+/// Whether an `Agent` named `name`, in any namespace, has an endpoint on `node`.
+async fn agent_placed_anywhere(etcd: &Etcd, name: &str, node: &str) -> Result<bool, String> {
+    let prefix = keys::kind_prefix(etcd.prefix(), crate::policy::Kind::Agent);
+    let listing = etcd
+        .list_prefix(&prefix)
+        .await
+        .map_err(|error| format!("cannot read the registry: {error}"))?;
+    Ok(listing.entries.iter().any(|entry| {
+        // `<prefix>/agents/<namespace>/<name>`: the last segment is the name.
+        entry.key.rsplit('/').next() == Some(name)
+            && places_on(etcd, &entry.key, &entry.value, node)
+    }))
 }
 
 /// Whether a workload registered on `node` through its agent's registration API (an
-/// `AgentInstance` `<name>.<node>.<id>`, held by that node's lease) carries `identity`.
+/// `AgentInstance` `<name>.<node>.<id>` in any namespace, held by that node's lease) carries
+/// `identity`.
 async fn registered_on(
     etcd: &Etcd,
     identity: &SpiffeId,
     node: &str,
-    namespace: &str,
     name: &str,
 ) -> Result<bool, String> {
-    let segment = keys::resource_key(
-        etcd.prefix(),
-        &crate::policy::ResourceKey {
-            kind: crate::policy::Kind::AgentInstance,
-            namespace: namespace.to_owned(),
-            name: format!("{name}.{node}."),
-        },
-    );
+    let prefix = keys::kind_prefix(etcd.prefix(), crate::policy::Kind::AgentInstance);
     let listing = etcd
-        .list_prefix(&segment)
+        .list_prefix(&prefix)
         .await
         .map_err(|error| format!("cannot read the registered instances: {error}"))?;
+    let record_prefix = format!("{name}.{node}.");
     Ok(listing.entries.iter().any(|entry| {
-        matches!(
-            crate::control::codec::decode(etcd.prefix(), &entry.key, &entry.value),
-            Ok(Resource::AgentInstance(instance))
-                if instance.spec.node == node
-                    && instance.spec.agent == name
-                    && instance.spec.identity == identity.as_str()
-        )
+        entry
+            .key
+            .rsplit('/')
+            .next()
+            .is_some_and(|record| record.starts_with(&record_prefix))
+            && matches!(
+                crate::control::codec::decode(etcd.prefix(), &entry.key, &entry.value),
+                Ok(Resource::AgentInstance(instance))
+                    if instance.spec.node == node
+                        && instance.spec.agent == name
+                        && instance.spec.identity == identity.as_str()
+            )
     }))
+}
+
+/// Whether `node` holds a live `WorkloadIdentity` record for `identity` (a service account
+/// ID): written under a lease (by a running agent, gone with it), naming that node and that
+/// identity under the key both determine.
+async fn pod_identity_on(etcd: &Etcd, identity: &SpiffeId, node: &str) -> Result<bool, String> {
+    let Some((namespace, account)) = resources::service_account_of(identity) else {
+        return Ok(false);
+    };
+    let key = resources::workload_identity_key(
+        etcd.prefix(),
+        namespace,
+        &resources::workload_identity_name(account, node),
+    );
+    let Some(entry) = etcd
+        .get(&key)
+        .await
+        .map_err(|error| format!("cannot read the workload identity records: {error}"))?
+    else {
+        return Ok(false);
+    };
+    if entry.lease == 0 {
+        warn!(%key, "a WorkloadIdentity record not held by a lease places nothing (not written by a running agent)");
+        return Ok(false);
+    }
+    match resources::WorkloadIdentityRecord::decode(&entry.value) {
+        Ok(record) => Ok(record.spec.node == node
+            && record.spec.identity == identity.as_str()
+            && record.metadata.namespace == namespace
+            && record.metadata.name == resources::workload_identity_name(account, node)),
+        Err(error) => {
+            warn!(%key, %error, "an invalid WorkloadIdentity record places nothing");
+            Ok(false)
+        }
+    }
 }
 
 fn short_serial(certificate: &rustls::pki_types::CertificateDer<'_>) -> String {

@@ -573,6 +573,18 @@ impl TlsCredentials for Identities {
             Ok(Arc::clone(&credentials.client))
         })
     }
+
+    fn current_client_config(&self, source: &SpiffeId) -> Option<Arc<ClientConfig>> {
+        let slot = self
+            .inner
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(source)
+            .cloned()?;
+        let current = slot.current.load_full()?;
+        Some(Arc::clone(&current.client))
+    }
 }
 
 #[cfg(test)]
@@ -822,6 +834,17 @@ mod tests {
             .unwrap();
         let first = identities.credentials(identities.node_identity()).unwrap();
         let first_server = identities.server_config().unwrap();
+        let node = identities.node_identity().clone();
+        let first_client = identities.client_config(&node).await.unwrap();
+        // The non-waiting read answers what `client_config` would, and nothing for an identity
+        // never asked for (it issues nothing).
+        assert!(Arc::ptr_eq(
+            &identities.current_client_config(&node).unwrap(),
+            &first_client
+        ));
+        let never = SpiffeId::for_agent("mesh.local", "never-asked").unwrap();
+        assert!(identities.current_client_config(&never).is_none());
+        assert!(identities.credentials(&never).is_none());
         // Renewal fails for a while: the first certificate stays served.
         ca.failing.store(true, Ordering::SeqCst);
         let slot = identities.slot(identities.node_identity());
@@ -844,6 +867,13 @@ mod tests {
         assert!(!Arc::ptr_eq(
             &identities.server_config().unwrap(),
             &first_server
+        ));
+        // Renewed: another client configuration is current (pooled connections retire on it).
+        let renewed = identities.current_client_config(&node).unwrap();
+        assert!(!Arc::ptr_eq(&renewed, &first_client));
+        assert!(Arc::ptr_eq(
+            &renewed,
+            &identities.client_config(&node).await.unwrap()
         ));
         assert!(identities.status()[0].issued >= 2);
     }

@@ -11,11 +11,13 @@
 
 mod client;
 pub mod pods;
+pub mod records;
 
 pub use client::{KubeClient, KubeError, KubeSettings};
+pub use records::PodIdentityRecords;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     sync::{
         Arc, Mutex, PoisonError,
@@ -27,7 +29,7 @@ use std::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::{datapath::Datapath, proxy::OutboundProxy};
+use crate::{datapath::Datapath, identity::SpiffeId, proxy::OutboundProxy};
 
 use pods::{PodIdentity, PodList, WatchEvent, find_pod_cgroup, parse_watch_event, selected};
 
@@ -116,6 +118,8 @@ pub struct PodEnroller {
     proxy: Arc<OutboundProxy>,
     state: Mutex<PodState>,
     status: Arc<PodEnrolmentStatus>,
+    /// Bumped whenever the set of enrolled pods changes.
+    changed: watch::Sender<u64>,
 }
 
 impl PodEnroller {
@@ -131,7 +135,29 @@ impl PodEnroller {
             proxy,
             state: Mutex::default(),
             status: Arc::default(),
+            changed: watch::channel(0).0,
         })
+    }
+
+    /// Notified (a counter) whenever a pod joins or leaves the mesh.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The identities of the enrolled pods, each with its pods' names (sorted).
+    pub fn enrolled_identities(&self) -> BTreeMap<SpiffeId, Vec<String>> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut identities: BTreeMap<SpiffeId, Vec<String>> = BTreeMap::new();
+        for pod in state.enrolled.values() {
+            identities
+                .entry(pod.identity.identity.clone())
+                .or_default()
+                .push(pod.identity.name.clone());
+        }
+        for pods in identities.values_mut() {
+            pods.sort();
+        }
+        identities
     }
 
     pub fn status(&self) -> Arc<PodEnrolmentStatus> {
@@ -275,6 +301,8 @@ impl PodEnroller {
             refused,
         } = &mut *state;
         refused.retain(|uid| desired.contains_key(uid));
+        let enrolled_before = enrolled.len();
+        let mut joined = false;
         enrolled.retain(|uid, pod| {
             if desired.contains_key(uid) {
                 return true;
@@ -292,6 +320,7 @@ impl PodEnroller {
             }
             false
         });
+        let left = enrolled.len() < enrolled_before;
         let mut pending = 0;
         for (uid, identity) in desired.iter() {
             if enrolled.contains_key(uid) || refused.contains(uid) {
@@ -328,6 +357,7 @@ impl PodEnroller {
                             identity: identity.clone(),
                         },
                     );
+                    joined = true;
                 }
                 Err(error) => {
                     // Refused (e.g. the agent's own pod): not retried until the pod changes.
@@ -341,6 +371,10 @@ impl PodEnroller {
             .enrolled
             .store(enrolled.len() as u64, Ordering::Relaxed);
         self.status.pending.store(pending, Ordering::Relaxed);
+        drop(state);
+        if joined || left {
+            self.changed.send_modify(|version| *version += 1);
+        }
     }
 }
 

@@ -23,7 +23,9 @@ use tokio::{
 use crate::{
     identity::SpiffeId,
     policy::PolicySnapshot,
-    tunnel::{Peer, PeerDirectory, TunnelClient, TunnelError, TunnelStream, dial_uncaptured},
+    tunnel::{
+        Freshness, Peer, PeerDirectory, TunnelClient, TunnelError, TunnelStream, dial_uncaptured,
+    },
 };
 
 /// Why an endpoint could not be reached.
@@ -136,6 +138,15 @@ pub enum Upstream {
 }
 
 impl Upstream {
+    /// For a tunnelled connection, whether its tunnel connection may still carry new work
+    /// (what is pooled on top must not be reused once it is retired); `None` when direct.
+    pub fn freshness(&self) -> Option<Freshness> {
+        match self {
+            Upstream::Direct(_) => None,
+            Upstream::Tunnel(stream) => Some(stream.get_ref().freshness()),
+        }
+    }
+
     /// Waits until the endpoint has sent something (or closed), without consuming it.
     pub async fn wait_readable(&mut self) -> std::io::Result<()> {
         match self {

@@ -230,9 +230,8 @@ pub struct HttpProxy {
     /// request (HTTP/1.1 goes through `pool`, which uses it too).
     dialer: Arc<Dialer>,
     /// HTTP/2 connections to endpoints on other nodes, by endpoint and source.
-    tunnel_h2: Mutex<
-        std::collections::HashMap<UpstreamKey, hyper::client::conn::http2::SendRequest<ProxyBody>>,
-    >,
+    /// With each: whether its tunnel connection is still current (not reused once retired).
+    tunnel_h2: Mutex<std::collections::HashMap<UpstreamKey, PooledH2>>,
     balancer: Balancer,
     sessions: SessionAffinity,
     admission: Arc<Admission>,
@@ -1024,18 +1023,22 @@ impl HttpProxy {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(&key)
-                .filter(|sender| !sender.is_closed())
-                .cloned();
+                .filter(|pooled| usable_h2(pooled))
+                .map(|(sender, _)| sender.clone());
             let mut sender = match pooled {
                 Some(sender) => sender,
                 None => {
-                    let sender = h2_connection(dial().await?).await.map_err(failed)?;
+                    let stream = dial().await?;
+                    let freshness = stream.freshness();
+                    let sender = h2_connection(stream).await.map_err(failed)?;
                     let mut pool = self
                         .tunnel_h2
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    pool.retain(|_, pooled| !pooled.is_closed());
-                    pool.insert(key, sender.clone());
+                    // Dropping a closed or retired sender lets its connection end once its
+                    // requests are done.
+                    pool.retain(|_, pooled| usable_h2(pooled));
+                    pool.insert(key, (sender.clone(), freshness));
                     sender
                 }
             };
@@ -1224,6 +1227,21 @@ fn node_of_endpoint(agent: Option<&AgentEntry>, endpoint: SocketAddr) -> Option<
                 .find(|candidate| candidate.address == endpoint)
         })
         .and_then(|found| found.node.clone())
+}
+
+/// A tunnelled HTTP/2 upstream connection and the freshness of its tunnel connection.
+type PooledH2 = (
+    hyper::client::conn::http2::SendRequest<ProxyBody>,
+    Option<crate::tunnel::Freshness>,
+);
+
+/// Whether a pooled tunnelled HTTP/2 connection may take new requests: open, and its tunnel
+/// connection not retired.
+fn usable_h2((sender, freshness): &PooledH2) -> bool {
+    !sender.is_closed()
+        && freshness
+            .as_ref()
+            .is_none_or(crate::tunnel::Freshness::is_current)
 }
 
 /// An HTTP/2 connection over `stream`, driven by a task of its own.

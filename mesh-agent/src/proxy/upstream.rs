@@ -9,7 +9,9 @@
 //! task spawned per request. Each connection is driven by its own task, which also notices an
 //! upstream that closes an idle connection. A request that a reused connection refused
 //! before sending a byte (it closed meanwhile) is sent again on a fresh one, as the pooled
-//! client of `hyper-util` does; anything else is the caller's to retry.
+//! client of `hyper-util` does; anything else is the caller's to retry. A tunnelled connection
+//! is not reused once its tunnel connection is retired (the source's certificate was renewed):
+//! the next request makes a new one, on the new certificate.
 
 use std::{
     collections::HashMap,
@@ -33,7 +35,7 @@ use super::{
     dialer::{DialError, Dialer},
     http::ProxyBody,
 };
-use crate::tunnel::TunnelError;
+use crate::tunnel::{Freshness, TunnelError};
 
 /// What a pooled connection is tied to: its endpoint, and the source workload when the
 /// connection goes through the tunnel (the peer node authorised that source, so it must not
@@ -63,6 +65,16 @@ pub enum SendError {
 struct Idle {
     sender: SendRequest<ProxyBody>,
     since: Instant,
+    /// For a tunnelled connection: whether its tunnel connection is still current.
+    freshness: Option<Freshness>,
+}
+
+impl Idle {
+    fn reusable(&self, now: Instant, idle_timeout: Duration) -> bool {
+        !self.sender.is_closed()
+            && now.duration_since(self.since) < idle_timeout
+            && self.freshness.as_ref().is_none_or(Freshness::is_current)
+    }
 }
 
 /// Idle connections by endpoint, most recently used last.
@@ -85,9 +97,7 @@ impl IdleSet {
         self.last_sweep = Some(now);
         let mut count = 0;
         self.by_endpoint.retain(|_, idle| {
-            idle.retain(|conn| {
-                !conn.sender.is_closed() && now.duration_since(conn.since) < idle_timeout
-            });
+            idle.retain(|conn| conn.reusable(now, idle_timeout));
             count += idle.len();
             !idle.is_empty()
         });
@@ -104,8 +114,13 @@ struct PoolInner {
 }
 
 impl PoolInner {
-    fn put_back(&self, endpoint: UpstreamKey, sender: SendRequest<ProxyBody>) {
-        if sender.is_closed() {
+    fn put_back(
+        &self,
+        endpoint: UpstreamKey,
+        sender: SendRequest<ProxyBody>,
+        freshness: Option<Freshness>,
+    ) {
+        if sender.is_closed() || freshness.as_ref().is_some_and(|fresh| !fresh.is_current()) {
             return;
         }
         let now = Instant::now();
@@ -118,14 +133,18 @@ impl PoolInner {
             idle.count -= 1;
         }
         if let Some(list) = idle.by_endpoint.get_mut(&endpoint) {
-            list.push(Idle { sender, since: now });
+            list.push(Idle {
+                sender,
+                since: now,
+                freshness,
+            });
             idle.count += 1;
         }
     }
 
     /// The most recently used idle connection to `endpoint` still open and within the idle
     /// timeout.
-    fn take(&self, endpoint: &UpstreamKey) -> Option<SendRequest<ProxyBody>> {
+    fn take(&self, endpoint: &UpstreamKey) -> Option<(SendRequest<ProxyBody>, Option<Freshness>)> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.by_endpoint.get_mut(endpoint)?;
@@ -133,8 +152,8 @@ impl PoolInner {
         let mut dropped = 0;
         while let Some(conn) = list.pop() {
             dropped += 1;
-            if !conn.sender.is_closed() && now.duration_since(conn.since) < self.idle_timeout {
-                taken = Some(conn.sender);
+            if conn.reusable(now, self.idle_timeout) {
+                taken = Some((conn.sender, conn.freshness));
                 break;
             }
         }
@@ -234,7 +253,7 @@ impl Http1Pool {
             let Some(unsent) = request.take() else {
                 break None;
             };
-            let Some(mut sender) = self.inner.take(&endpoint) else {
+            let Some((mut sender, freshness)) = self.inner.take(&endpoint) else {
                 request = Some(unsent);
                 break None;
             };
@@ -246,13 +265,20 @@ impl Http1Pool {
                     continue;
                 }
                 Poll::Pending => {
-                    busy.push(sender);
+                    busy.push((sender, freshness));
                     request = Some(unsent);
                     continue;
                 }
             }
             match sender.try_send_request(unsent).await {
-                Ok(response) => break Some(Ok(self.pooled(endpoint.clone(), sender, response))),
+                Ok(response) => {
+                    break Some(Ok(self.pooled(
+                        endpoint.clone(),
+                        sender,
+                        freshness,
+                        response,
+                    )));
+                }
                 Err(mut error) => match error.take_message() {
                     // Never sent: the connection closed meanwhile; try another.
                     Some(unsent) => {
@@ -263,8 +289,8 @@ impl Http1Pool {
                 },
             }
         };
-        for sender in busy {
-            self.inner.put_back(endpoint.clone(), sender);
+        for (sender, freshness) in busy {
+            self.inner.put_back(endpoint.clone(), sender, freshness);
         }
         if let Some(sent) = sent {
             return sent;
@@ -273,9 +299,9 @@ impl Http1Pool {
         let Some(request) = request else {
             return Err(SendError::Connect("no request left to send".to_owned()));
         };
-        let mut sender = self.connect(source, &endpoint, node).await?;
+        let (mut sender, freshness) = self.connect(source, &endpoint, node).await?;
         match sender.send_request(request).await {
-            Ok(response) => Ok(self.pooled(endpoint, sender, response)),
+            Ok(response) => Ok(self.pooled(endpoint, sender, freshness, response)),
             Err(error) => Err(SendError::Failed(error)),
         }
     }
@@ -284,6 +310,7 @@ impl Http1Pool {
         &self,
         endpoint: UpstreamKey,
         sender: SendRequest<ProxyBody>,
+        freshness: Option<Freshness>,
         response: Response<Incoming>,
     ) -> Response<PooledBody> {
         response.map(|body| PooledBody {
@@ -292,6 +319,7 @@ impl Http1Pool {
                 pool: Arc::downgrade(&self.inner),
                 endpoint,
                 sender,
+                freshness,
             }),
         })
     }
@@ -301,7 +329,7 @@ impl Http1Pool {
         source: &str,
         key: &UpstreamKey,
         node: Option<&str>,
-    ) -> Result<SendRequest<ProxyBody>, SendError> {
+    ) -> Result<(SendRequest<ProxyBody>, Option<Freshness>), SendError> {
         let endpoint = key.endpoint;
         let stream = self
             .inner
@@ -314,6 +342,7 @@ impl Http1Pool {
                 }
                 other => SendError::Connect(other.to_string()),
             })?;
+        let freshness = stream.freshness();
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, ProxyBody>(TokioIo::new(stream))
             .await
@@ -323,7 +352,7 @@ impl Http1Pool {
                 debug!(%endpoint, %error, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok((sender, freshness))
     }
 }
 
@@ -332,6 +361,7 @@ struct Back {
     pool: Weak<PoolInner>,
     endpoint: UpstreamKey,
     sender: SendRequest<ProxyBody>,
+    freshness: Option<Freshness>,
 }
 
 /// A response body from the pool: the upstream's body, and the connection it came on, which
@@ -364,7 +394,7 @@ impl Drop for PooledBody {
             && self.inner.is_end_stream()
             && let Some(pool) = back.pool.upgrade()
         {
-            pool.put_back(back.endpoint, back.sender);
+            pool.put_back(back.endpoint, back.sender, back.freshness);
         }
     }
 }
@@ -545,5 +575,88 @@ mod tests {
         let response = pool.send(address, get()).await.unwrap();
         assert_eq!(body_text(response).await, "hello");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// An HTTP/1.1 connection pooled on a tunnel stream is reused until the source's
+    /// certificate is renewed; then the next request goes on a new tunnel connection (and the
+    /// old upstream connection is dropped, not reused).
+    #[tokio::test]
+    async fn tunnelled_connections_are_not_reused_after_the_source_certificate_is_renewed() {
+        use crate::{
+            identity::{SpiffeId, TlsCredentials},
+            policy::{Action, PolicySnapshot, PolicyStore, parse_documents},
+            tunnel::{
+                PeerDirectory, TunnelClient, TunnelServer, TunnelSettings, TunnelStats,
+                testing::{TestCa, TestCredentials},
+            },
+        };
+        let (address, accepted) = upstream("hello").await;
+        let text = format!(
+            "apiVersion: mesh.agentmesh.dev/v1alpha1\nkind: Agent\nmetadata: {{name: up}}\nspec: {{endpoints: [{{address: \"{address}\", node: node-b}}]}}\n"
+        );
+        let report = parse_documents(&text, "test.yaml");
+        let snapshot = PolicySnapshot::compile(&report.resources(), Action::Allow).unwrap();
+        let ca = TestCa::new();
+        let server_stats = Arc::new(TunnelStats::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tunnel_address = listener.local_addr().unwrap();
+        let server = Arc::new(TunnelServer::new(
+            TestCredentials::new(&ca, "mesh.test", "node-b"),
+            Arc::new(PolicyStore::new(snapshot)),
+            "node-b",
+            TunnelSettings::default(),
+            Arc::clone(&server_stats),
+        ));
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(server.serve(listener, stopped));
+        let credentials = TestCredentials::new(&ca, "mesh.test", "node-a");
+        let client_stats = Arc::new(TunnelStats::default());
+        let tunnel = TunnelClient::new(
+            Some(Arc::clone(&credentials) as Arc<dyn TlsCredentials>),
+            TunnelSettings::default(),
+            Arc::clone(&client_stats),
+        );
+        let dialer = Arc::new(Dialer::new(
+            "node-a",
+            Duration::from_secs(2),
+            Arc::new(tunnel),
+            PeerDirectory::new([("node-b".to_owned(), tunnel_address)]),
+        ));
+        let pool = Http1Pool::with_dialer(dialer, Duration::from_secs(90), 8);
+        let source: Arc<str> = Arc::from("client");
+        for _ in 0..3 {
+            let response = pool
+                .send_as(&source, address, Some("node-b"), get())
+                .await
+                .unwrap();
+            assert_eq!(body_text(response).await, "hello");
+        }
+        assert_eq!(client_stats.snapshot().client_connections, 1);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        credentials.renew(&SpiffeId::for_agent("mesh.test", "client").unwrap());
+        for _ in 0..3 {
+            let response = pool
+                .send_as(&source, address, Some("node-b"), get())
+                .await
+                .unwrap();
+            assert_eq!(body_text(response).await, "hello");
+        }
+        let snapshot = client_stats.snapshot();
+        assert_eq!(snapshot.client_connections, 2, "{snapshot:?}");
+        assert_eq!(snapshot.client_connections_retired, 1, "{snapshot:?}");
+        // One new upstream connection (on the new tunnel stream), reused after that.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(pool.idle(), 1);
+        // The old upstream connection was dropped, so the old tunnel connection closes.
+        let start = std::time::Instant::now();
+        while server_stats.snapshot().server_connections_active != 1 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                server_stats.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

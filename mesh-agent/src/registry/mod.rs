@@ -241,7 +241,7 @@ pub async fn spawn(
     if let Some(spec) = &config.spec.etcd {
         let etcd = crate::control::Etcd::connect(crate::agent::etcd_settings(spec)).await?;
         let publisher =
-            publish::InstancePublisher::new(etcd, Arc::clone(&registry), registration.lease_ttl);
+            publish::instance_publisher(etcd, Arc::clone(&registry), registration.lease_ttl);
         tasks.push(tokio::spawn(publisher.run(shutdown.clone())));
     }
     let server = RegistryServer::new(settings, registry, enroller, shutdown);

@@ -5,6 +5,19 @@
 //! multiplexing); concurrent first uses wait for the one handshake. A connection that closed
 //! (peer restarted, keepalive PING unanswered) is replaced on the next use; a stream refused
 //! because its connection had just died is tried once more on a fresh connection.
+//!
+//! # Rotation
+//!
+//! A pooled connection remembers the client configuration (the source's certificate) it was
+//! handshaken with and the peer certificate's expiry. Before each stream the pool asks the
+//! credentials for the source's current configuration: when it is another one (the
+//! certificate was renewed, e.g. by the new CA after a rotation), or the peer's certificate
+//! has expired, the connection is **retired**: new streams go on a new connection made with
+//! the current certificate, and the old one closes by itself once its streams have finished
+//! (the pool drops its handle; HTTP/2 ends the connection when no stream and no handle is
+//! left), so no stream fails. Each stream carries a [`Freshness`] handle with the same test,
+//! so what is pooled on top of streams (the proxy's HTTP/1.1 and HTTP/2 upstream connections)
+//! stops reusing a stream of a retired connection too.
 
 use std::{
     collections::HashMap,
@@ -12,6 +25,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex, OnceLock, PoisonError, atomic::Ordering},
     task::{Context, Poll},
+    time::SystemTime,
 };
 
 use bytes::Bytes;
@@ -24,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info, warn};
 
 use super::{TunnelError, TunnelSettings, TunnelStats, dial_uncaptured};
-use crate::identity::{SpiffeId, TlsCredentials, spiffe_id_of_certificate};
+use crate::identity::{SpiffeId, TlsCredentials, ca::validity, spiffe_id_of_certificate};
 
 /// Largest refusal reason read from a peer's error response.
 const MAX_REASON: usize = 1024;
@@ -48,8 +62,86 @@ struct PoolKey {
 }
 
 type Sender = SendRequest<Empty<Bytes>>;
+
+/// A pooled connection and what it was made with.
+struct Pooled {
+    sender: Sender,
+    freshness: Freshness,
+}
+
+impl Pooled {
+    fn is_open(&self) -> bool {
+        !self.sender.is_closed()
+    }
+}
+
+/// Whether a tunnel connection (and so every stream on it) may still be used for new work:
+/// not once the source's certificate was renewed (another client configuration is current)
+/// or the peer's certificate expired. Cheap to clone and to ask.
+#[derive(Clone)]
+pub struct Freshness(Arc<FreshnessInner>);
+
+struct FreshnessInner {
+    credentials: Arc<dyn TlsCredentials>,
+    source: SpiffeId,
+    /// The client configuration (source certificate) of the connection's handshake.
+    config: Arc<rustls::ClientConfig>,
+    /// When the peer's certificate expires.
+    peer_not_after: SystemTime,
+    /// 0 while current, else the index of the reason in [`RETIREMENT_REASONS`] plus one.
+    retired: std::sync::atomic::AtomicU8,
+}
+
+/// Why a connection was retired.
+const RETIREMENT_REASONS: [&str; 2] = [
+    "the source's certificate was renewed",
+    "the peer's certificate expired",
+];
+
+impl std::fmt::Debug for Freshness {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Freshness")
+            .field("source", &self.0.source)
+            .field("retired", &(self.0.retired.load(Ordering::Relaxed) != 0))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Freshness {
+    /// True while the connection may carry new streams (and pooled work on its streams).
+    pub fn is_current(&self) -> bool {
+        let current = self.0.credentials.current_client_config(&self.0.source);
+        self.retirement(current.as_ref(), SystemTime::now())
+            .is_none()
+    }
+
+    /// Why the connection must not carry new work any more, if it must not; `current` is
+    /// the source's configuration of the moment, if known. Once retired, always retired.
+    fn retirement(
+        &self,
+        current: Option<&Arc<rustls::ClientConfig>>,
+        now: SystemTime,
+    ) -> Option<&'static str> {
+        let retired = self.0.retired.load(Ordering::Relaxed);
+        if retired != 0 {
+            return RETIREMENT_REASONS.get(usize::from(retired) - 1).copied();
+        }
+        let reason = if current.is_some_and(|current| !Arc::ptr_eq(&self.0.config, current)) {
+            Some(0)
+        } else if now >= self.0.peer_not_after {
+            Some(1)
+        } else {
+            None
+        };
+        let index: u8 = reason?;
+        self.0.retired.store(index + 1, Ordering::Relaxed);
+        RETIREMENT_REASONS.get(usize::from(index)).copied()
+    }
+}
+
 /// The pooled connection of one key; its lock is held while that connection is made.
-type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
 
 /// Opens tunnelled connections to peer nodes.
 pub struct TunnelClient {
@@ -110,7 +202,7 @@ impl TunnelClient {
             .values()
             .filter(|slot| {
                 slot.try_lock()
-                    .map(|sender| sender.as_ref().is_some_and(|s| !s.is_closed()))
+                    .map(|pooled| pooled.as_ref().is_some_and(Pooled::is_open))
                     .unwrap_or(true)
             })
             .count()
@@ -124,13 +216,22 @@ impl TunnelClient {
         target: SocketAddr,
     ) -> Result<TunnelStream, TunnelError> {
         let credentials = self.credentials.get().ok_or(TunnelError::NoCredentials)?;
+        // The source's configuration of the moment: a pooled connection made with another one
+        // is retired (see the module documentation). Asking also marks the identity as in use.
+        let config = credentials
+            .client_config(source)
+            .await
+            .map_err(|source_error| TunnelError::Credentials {
+                identity: source.to_string(),
+                source: source_error,
+            })?;
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
             // Forget keys whose connection is gone, so the map does not grow without bound.
             if slots.len() > 64 {
                 slots.retain(|_, slot| {
                     slot.try_lock()
-                        .map(|sender| sender.as_ref().is_some_and(|s| !s.is_closed()))
+                        .map(|pooled| pooled.as_ref().is_some_and(Pooled::is_open))
                         .unwrap_or(true)
                 });
             }
@@ -145,7 +246,9 @@ impl TunnelClient {
         };
         let mut last_error = None;
         for _ in 0..2 {
-            let (mut sender, fresh) = self.sender(&slot, credentials, source, peer).await?;
+            let (mut sender, fresh, freshness) = self
+                .sender(&slot, credentials, &config, source, peer)
+                .await?;
             let request = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
@@ -159,7 +262,7 @@ impl TunnelClient {
                 Err(error) => Err(error),
             };
             match sent {
-                Ok(response) => return self.finish(peer, target, response).await,
+                Ok(response) => return self.finish(peer, target, response, freshness).await,
                 Err(error) => {
                     // The connection is broken (or going away): the next stream makes a new
                     // one; streams still open on it finish there.
@@ -178,28 +281,44 @@ impl TunnelClient {
         })
     }
 
-    /// The pooled connection of `slot`, made when missing or closed; `true` when new.
+    /// The pooled connection of `slot`, made when missing, closed or retired; `true` when new;
+    /// and its freshness.
     async fn sender(
         &self,
         slot: &Slot,
         credentials: &Arc<dyn TlsCredentials>,
+        config: &Arc<rustls::ClientConfig>,
         source: &SpiffeId,
         peer: Peer<'_>,
-    ) -> Result<(Sender, bool), TunnelError> {
+    ) -> Result<(Sender, bool, Freshness), TunnelError> {
         let mut pooled = slot.lock().await;
-        if let Some(sender) = pooled.as_ref()
-            && !sender.is_closed()
+        if let Some(current) = pooled.as_ref()
+            && current.is_open()
         {
-            return Ok((sender.clone(), false));
+            match current
+                .freshness
+                .retirement(Some(config), SystemTime::now())
+            {
+                None => return Ok((current.sender.clone(), false, current.freshness.clone())),
+                Some(reason) => {
+                    self.stats
+                        .client_connections_retired
+                        .fetch_add(1, Ordering::Relaxed);
+                    info!(node = peer.node, peer = %peer.address, %source, reason, "tunnel connection retired: new streams go on a new connection, open ones finish on it");
+                }
+            }
         }
+        // Dropping the handle lets the old connection close once its streams are done.
         *pooled = None;
-        match self.connect(credentials, source, peer).await {
-            Ok(sender) => {
+        match self.connect(credentials, config, source, peer).await {
+            Ok(connection) => {
                 self.stats
                     .client_connections
                     .fetch_add(1, Ordering::Relaxed);
-                *pooled = Some(sender.clone());
-                Ok((sender, true))
+                let sender = connection.sender.clone();
+                let freshness = connection.freshness.clone();
+                *pooled = Some(connection);
+                Ok((sender, true, freshness))
             }
             Err(error) => {
                 self.stats
@@ -214,20 +333,14 @@ impl TunnelClient {
     async fn connect(
         &self,
         credentials: &Arc<dyn TlsCredentials>,
+        config: &Arc<rustls::ClientConfig>,
         source: &SpiffeId,
         peer: Peer<'_>,
-    ) -> Result<Sender, TunnelError> {
+    ) -> Result<Pooled, TunnelError> {
         let node = peer.node.to_owned();
         let address = peer.address;
         let expected = SpiffeId::for_node(credentials.trust_domain(), peer.node)
             .map_err(|error| TunnelError::Identity(peer.node.to_owned(), error.to_string()))?;
-        let config = credentials
-            .client_config(source)
-            .await
-            .map_err(|source_error| TunnelError::Credentials {
-                identity: source.to_string(),
-                source: source_error,
-            })?;
         let tcp = dial_uncaptured(address, self.settings.connect_timeout)
             .await
             .map_err(|error| TunnelError::Connect {
@@ -240,7 +353,7 @@ impl TunnelClient {
             address,
             reason,
         };
-        let connector = tokio_rustls::TlsConnector::from(config);
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
         let name = ServerName::IpAddress(address.ip().into());
         let tls = tokio::time::timeout(
             self.settings.handshake_timeout,
@@ -255,15 +368,15 @@ impl TunnelClient {
         })?
         .map_err(|error| tls_error(error.to_string()))?;
         // The verifier checked the chain; this checks it is the node we meant to reach.
-        let presented = tls
+        let leaf = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|certificates| certificates.first())
-            .ok_or_else(|| tls_error("the peer presented no certificate".to_owned()))
-            .and_then(|certificate| {
-                spiffe_id_of_certificate(certificate).map_err(|error| tls_error(error.to_string()))
-            })?;
+            .ok_or_else(|| tls_error("the peer presented no certificate".to_owned()))?;
+        let presented =
+            spiffe_id_of_certificate(leaf).map_err(|error| tls_error(error.to_string()))?;
+        let (_, peer_not_after) = validity(leaf).map_err(|error| tls_error(error.to_string()))?;
         if presented != expected {
             return Err(TunnelError::PeerIdentity {
                 node,
@@ -285,7 +398,7 @@ impl TunnelClient {
                 node: node.clone(),
                 reason: format!("HTTP/2 handshake: {error}"),
             })?;
-        info!(%node, peer = %address, %source, "tunnel connection established");
+        info!(%node, peer = %address, %source, peer_not_after = %humantime::format_rfc3339_seconds(peer_not_after), "tunnel connection established");
         tokio::spawn(async move {
             match connection.await {
                 Ok(()) => debug!(%node, peer = %address, "tunnel connection closed"),
@@ -294,7 +407,16 @@ impl TunnelClient {
                 }
             }
         });
-        Ok(sender)
+        Ok(Pooled {
+            sender,
+            freshness: Freshness(Arc::new(FreshnessInner {
+                credentials: Arc::clone(credentials),
+                source: source.clone(),
+                config: Arc::clone(config),
+                peer_not_after,
+                retired: std::sync::atomic::AtomicU8::new(0),
+            })),
+        })
     }
 
     async fn finish(
@@ -302,6 +424,7 @@ impl TunnelClient {
         peer: Peer<'_>,
         target: SocketAddr,
         mut response: Response<Incoming>,
+        freshness: Freshness,
     ) -> Result<TunnelStream, TunnelError> {
         let status = response.status();
         if status == StatusCode::OK {
@@ -319,6 +442,7 @@ impl TunnelClient {
             return Ok(TunnelStream {
                 io: TokioIo::new(upgraded),
                 stats: Arc::clone(&self.stats),
+                freshness,
             });
         }
         self.stats
@@ -362,6 +486,14 @@ impl TunnelClient {
 pub struct TunnelStream {
     io: TokioIo<Upgraded>,
     stats: Arc<TunnelStats>,
+    freshness: Freshness,
+}
+
+impl TunnelStream {
+    /// Whether this stream's connection may still be used for new work (see [`Freshness`]).
+    pub fn freshness(&self) -> Freshness {
+        self.freshness.clone()
+    }
 }
 
 impl std::fmt::Debug for TunnelStream {

@@ -28,7 +28,7 @@ use std::{
     time::Duration,
 };
 
-pub use client::{Peer, TunnelClient, TunnelStream};
+pub use client::{Freshness, Peer, TunnelClient, TunnelStream};
 pub use peers::{LookupFuture, PeerDirectory, PeerLookup};
 pub use server::TunnelServer;
 
@@ -126,6 +126,9 @@ pub struct TunnelStats {
     pub(crate) client_connections: AtomicU64,
     /// Client: connection attempts that failed (TCP, TLS, identity, HTTP/2 handshake).
     pub(crate) client_connect_failures: AtomicU64,
+    /// Client: pooled connections retired because the source's certificate was renewed or
+    /// the peer's expired (new streams went on a new connection).
+    pub(crate) client_connections_retired: AtomicU64,
     /// Client: streams opened (accepted by the peer).
     pub(crate) client_streams: AtomicU64,
     /// Client: streams the peer refused (403) or could not deliver (502/504).
@@ -135,6 +138,10 @@ pub struct TunnelStats {
     pub(crate) server_connections: AtomicU64,
     /// Server: handshakes that failed or timed out, peers refused for their identity.
     pub(crate) server_handshake_failures: AtomicU64,
+    /// Server: connections closed because the peer's certificate expired.
+    pub(crate) server_connections_expired: AtomicU64,
+    /// Server: connections open now (handshaken, not yet closed).
+    pub(crate) server_connections_active: AtomicU64,
     pub(crate) server_streams: AtomicU64,
     pub(crate) server_streams_active: AtomicU64,
     /// Server: streams refused by policy or because the target is not a local endpoint.
@@ -153,11 +160,14 @@ pub struct TunnelStats {
 pub struct TunnelStatsSnapshot {
     pub client_connections: u64,
     pub client_connect_failures: u64,
+    pub client_connections_retired: u64,
     pub client_streams: u64,
     pub client_streams_refused: u64,
     pub client_streams_active: u64,
     pub server_connections: u64,
     pub server_handshake_failures: u64,
+    pub server_connections_expired: u64,
+    pub server_connections_active: u64,
     pub server_streams: u64,
     pub server_streams_active: u64,
     pub server_denied: u64,
@@ -173,11 +183,14 @@ impl TunnelStats {
         TunnelStatsSnapshot {
             client_connections: load(&self.client_connections),
             client_connect_failures: load(&self.client_connect_failures),
+            client_connections_retired: load(&self.client_connections_retired),
             client_streams: load(&self.client_streams),
             client_streams_refused: load(&self.client_streams_refused),
             client_streams_active: load(&self.client_streams_active),
             server_connections: load(&self.server_connections),
             server_handshake_failures: load(&self.server_handshake_failures),
+            server_connections_expired: load(&self.server_connections_expired),
+            server_connections_active: load(&self.server_connections_active),
             server_streams: load(&self.server_streams),
             server_streams_active: load(&self.server_streams_active),
             server_denied: load(&self.server_denied),
@@ -192,7 +205,7 @@ impl TunnelStats {
     pub fn render(&self) -> String {
         let s = self.snapshot();
         let mut out = String::new();
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 14] = [
             (
                 "mesh_tunnel_client_connections_total",
                 "TLS connections established to peer nodes' tunnels.",
@@ -202,6 +215,11 @@ impl TunnelStats {
                 "mesh_tunnel_client_connect_failures_total",
                 "Failed attempts to connect to a peer node's tunnel (TCP, TLS, identity, HTTP/2).",
                 s.client_connect_failures,
+            ),
+            (
+                "mesh_tunnel_client_connections_retired_total",
+                "Pooled connections retired (source certificate renewed, or the peer's expired); new streams went on a new connection.",
+                s.client_connections_retired,
             ),
             (
                 "mesh_tunnel_client_streams_total",
@@ -222,6 +240,11 @@ impl TunnelStats {
                 "mesh_tunnel_server_handshake_failures_total",
                 "Tunnel connections refused: TLS handshake failed or timed out, or a foreign identity.",
                 s.server_handshake_failures,
+            ),
+            (
+                "mesh_tunnel_server_connections_expired_total",
+                "Tunnel connections closed because the peer's certificate expired.",
+                s.server_connections_expired,
             ),
             (
                 "mesh_tunnel_server_streams_total",
@@ -255,7 +278,12 @@ impl TunnelStats {
             ),
         ];
         write_counters(&mut out, &counters);
-        let gauges: [(&str, &str, u64); 2] = [
+        let gauges: [(&str, &str, u64); 3] = [
+            (
+                "mesh_tunnel_server_connections_active",
+                "Tunnel connections from peer nodes open now.",
+                s.server_connections_active,
+            ),
             (
                 "mesh_tunnel_client_streams_active",
                 "Tunnelled connections open to peer nodes.",

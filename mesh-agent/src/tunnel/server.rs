@@ -4,11 +4,16 @@
 //! of an agent registered on this node, and the policy must let the caller reach that agent.
 //! Anything else is refused (403, logged); a target that does not answer is a 502 (504 on
 //! timeout); a method other than CONNECT is a 405.
+//!
+//! A connection lives no longer than the caller's certificate: one drain timeout before it
+//! expires the server sends GOAWAY (no new streams; the caller's pool has normally retired the
+//! connection long before, at its renewal), and at expiry it closes what is left.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError, atomic::Ordering},
+    time::SystemTime,
 };
 
 use bytes::Bytes;
@@ -21,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::{GaugeGuard, TunnelSettings, TunnelStats, dial_uncaptured};
 use crate::{
-    identity::{SpiffeId, TlsCredentials, spiffe_id_of_certificate},
+    identity::{SpiffeId, TlsCredentials, ca::validity, spiffe_id_of_certificate},
     policy::{PolicyStore, RequestAttributes},
 };
 
@@ -153,7 +158,7 @@ impl TunnelServer {
                 return;
             }
         };
-        let caller = match self.caller_of(&tls) {
+        let (caller, caller_not_after, serial) = match self.caller_of(&tls) {
             Ok(caller) => caller,
             Err(reason) => {
                 self.stats
@@ -166,7 +171,9 @@ impl TunnelServer {
         self.stats
             .server_connections
             .fetch_add(1, Ordering::Relaxed);
-        debug!(%remote, %caller, "tunnel connection accepted");
+        let stats = Arc::clone(&self.stats);
+        let _active = GaugeGuard::up(&stats.server_connections_active);
+        debug!(%remote, %caller, %serial, "tunnel connection accepted");
         let server = Arc::clone(&self);
         let service_caller = Arc::new(caller.clone());
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -188,16 +195,42 @@ impl TunnelServer {
             // The guard `wait_for` returns is not `Send`: drop it here.
             let _ = shutdown.wait_for(|stop| *stop).await.is_ok();
         };
+        // The caller's certificate bounds the connection: GOAWAY one drain timeout before it
+        // expires, closed at expiry.
+        let deadline = |at: SystemTime| {
+            tokio::time::Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
+        };
+        let expiry = deadline(caller_not_after);
+        let goaway = deadline(
+            caller_not_after
+                .checked_sub(self.settings.drain_timeout)
+                .unwrap_or(caller_not_after),
+        );
         let finished = tokio::select! {
-            result = connection.as_mut() => Some(result),
-            () = stopping => None,
+            result = connection.as_mut() => Ok(result),
+            () = stopping => Err(false),
+            () = tokio::time::sleep_until(goaway) => Err(true),
         };
         let result = match finished {
-            Some(result) => result,
-            None => {
+            Ok(result) => result,
+            Err(false) => {
                 // GOAWAY: open streams finish, no new ones start.
                 connection.as_mut().graceful_shutdown();
                 connection.await
+            }
+            Err(true) => {
+                self.stats
+                    .server_connections_expired
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(%remote, %caller, not_after = %humantime::format_rfc3339_seconds(caller_not_after), "the caller's certificate expires: closing its tunnel connection (GOAWAY; open streams end at expiry)");
+                connection.as_mut().graceful_shutdown();
+                match tokio::time::timeout_at(expiry, connection.as_mut()).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        warn!(%remote, %caller, "the caller's certificate expired: tunnel connection closed with streams open");
+                        return;
+                    }
+                }
             }
         };
         match result {
@@ -206,11 +239,12 @@ impl TunnelServer {
         }
     }
 
-    /// The caller's SPIFFE ID, from its verified certificate; it must be of our trust domain.
+    /// The caller's SPIFFE ID, from its verified certificate (it must be of our trust domain),
+    /// when that certificate expires, and its serial number (hex, for logs).
     fn caller_of(
         &self,
         tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    ) -> Result<SpiffeId, String> {
+    ) -> Result<(SpiffeId, SystemTime, String), String> {
         let certificate = tls
             .get_ref()
             .1
@@ -224,7 +258,14 @@ impl TunnelServer {
                 "identity {caller} is outside the trust domain {trust_domain}"
             ));
         }
-        Ok(caller)
+        let (_, not_after) = validity(certificate).map_err(|error| error.to_string())?;
+        let serial = {
+            use x509_parser::prelude::FromDer;
+            x509_parser::certificate::X509Certificate::from_der(certificate.as_ref())
+                .map(|(_, parsed)| parsed.tbs_certificate.raw_serial_as_string())
+                .unwrap_or_default()
+        };
+        Ok((caller, not_after, serial))
     }
 
     /// One stream: checks, dial, then the byte copy in a task of its own.

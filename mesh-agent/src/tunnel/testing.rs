@@ -1,11 +1,13 @@
 //! Test-only [`TlsCredentials`]: a CA made with rcgen in memory, a node certificate
 //! (`spiffe://<td>/node/<name>`, with an IP SAN for the loopback address so the stock webpki
-//! server verifier accepts it) and workload certificates issued on first use.
+//! server verifier accepts it) and workload certificates issued on first use, kept (with their
+//! client configuration, as the real store does) until [`TestCredentials::renew`].
 
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
 };
 
 use rcgen::{
@@ -51,9 +53,14 @@ impl TestCa {
         self.issuer.der().clone()
     }
 
-    /// A leaf certificate for `identity` (and for the loopback address).
-    fn issue(&self, identity: &SpiffeId) -> Leaf {
+    /// A leaf certificate for `identity` (and for the loopback address), valid for `lifetime`
+    /// when given (else rcgen's default, years).
+    fn issue(&self, identity: &SpiffeId, lifetime: Option<Duration>) -> Leaf {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        if let Some(lifetime) = lifetime {
+            params.not_before = (SystemTime::now() - Duration::from_secs(60)).into();
+            params.not_after = (SystemTime::now() + lifetime).into();
+        }
         params.subject_alt_names = vec![
             SanType::URI(identity.as_str().try_into().unwrap()),
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
@@ -79,7 +86,11 @@ pub struct TestCredentials {
     node: SpiffeId,
     /// Presented instead of the source's own identity (to test foreign identities).
     client_override: Option<SpiffeId>,
+    /// Lifetime of the workload (client) certificates; `None`: years.
+    client_lifetime: Option<Duration>,
     issued: Mutex<HashMap<SpiffeId, Leaf>>,
+    /// Client configurations, one per identity until it is renewed.
+    configs: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
 
 impl std::fmt::Debug for TestCredentials {
@@ -106,8 +117,52 @@ impl TestCredentials {
             trust_domain: trust_domain.to_owned(),
             node: SpiffeId::for_node(trust_domain, node).unwrap(),
             client_override: None,
+            client_lifetime: None,
             issued: Mutex::new(HashMap::new()),
+            configs: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// As [`new`](Self::new), with workload certificates valid for `lifetime` only.
+    pub fn with_client_lifetime(
+        ca: &Arc<TestCa>,
+        trust_domain: &str,
+        node: &str,
+        lifetime: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            ca: Arc::clone(ca),
+            trust_domain: trust_domain.to_owned(),
+            node: SpiffeId::for_node(trust_domain, node).unwrap(),
+            client_override: None,
+            client_lifetime: Some(lifetime),
+            issued: Mutex::new(HashMap::new()),
+            configs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Replaces `identity`'s certificate (and client configuration) by a new one, as a
+    /// renewal does.
+    pub fn renew(&self, identity: &SpiffeId) {
+        self.issued.lock().unwrap().remove(identity);
+        let renewed = self.build_client_config(identity);
+        self.configs
+            .lock()
+            .unwrap()
+            .insert(identity.clone(), renewed);
+    }
+
+    /// A client configuration presenting `identity`'s certificate (issued when missing).
+    fn build_client_config(&self, identity: &SpiffeId) -> Arc<ClientConfig> {
+        let (chain, key) = self.leaf(identity);
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&TLS13])
+            .unwrap()
+            .with_root_certificates(self.roots())
+            .with_client_auth_cert(chain, key_of(&key))
+            .unwrap();
+        config.alpn_protocols = vec![super::ALPN_H2.to_vec()];
+        Arc::new(config)
     }
 
     /// Credentials whose client side always presents `identity`.
@@ -117,16 +172,23 @@ impl TestCredentials {
             trust_domain: trust_domain.to_owned(),
             node: SpiffeId::for_node(trust_domain, "unused").unwrap(),
             client_override: Some(identity),
+            client_lifetime: None,
             issued: Mutex::new(HashMap::new()),
+            configs: Mutex::new(HashMap::new()),
         })
     }
 
     fn leaf(&self, identity: &SpiffeId) -> Leaf {
+        let lifetime = if identity == &self.node {
+            None
+        } else {
+            self.client_lifetime
+        };
         self.issued
             .lock()
             .unwrap()
             .entry(identity.clone())
-            .or_insert_with(|| self.ca.issue(identity))
+            .or_insert_with(|| self.ca.issue(identity, lifetime))
             .clone()
     }
 
@@ -165,13 +227,20 @@ impl TlsCredentials for TestCredentials {
     ) -> CredentialsFuture<'a, Arc<ClientConfig>> {
         Box::pin(async move {
             let identity = self.client_override.as_ref().unwrap_or(source);
-            let (chain, key) = self.leaf(identity);
-            let mut config = ClientConfig::builder_with_provider(provider())
-                .with_protocol_versions(&[&TLS13])?
-                .with_root_certificates(self.roots())
-                .with_client_auth_cert(chain, key_of(&key))?;
-            config.alpn_protocols = vec![super::ALPN_H2.to_vec()];
-            Ok(Arc::new(config))
+            if let Some(config) = self.configs.lock().unwrap().get(identity) {
+                return Ok(Arc::clone(config));
+            }
+            let config = self.build_client_config(identity);
+            self.configs
+                .lock()
+                .unwrap()
+                .insert(identity.clone(), Arc::clone(&config));
+            Ok(config)
         })
+    }
+
+    fn current_client_config(&self, source: &SpiffeId) -> Option<Arc<ClientConfig>> {
+        let identity = self.client_override.as_ref().unwrap_or(source);
+        self.configs.lock().unwrap().get(identity).cloned()
     }
 }

@@ -589,3 +589,115 @@ spec:
         .unwrap_err();
     assert!(matches!(error, TunnelError::Denied { .. }), "{error}");
 }
+
+#[tokio::test]
+async fn a_renewed_certificate_retires_the_connection_and_open_streams_finish_on_it() {
+    let setup = setup().await;
+    let credentials = TestCredentials::new(&setup.ca, TD, "node-a");
+    let stats = Arc::new(TunnelStats::default());
+    let client = TunnelClient::new(
+        Some(Arc::clone(&credentials) as Arc<dyn crate::identity::TlsCredentials>),
+        settings(),
+        Arc::clone(&stats),
+    );
+    let source = agent("client");
+    let mut old = client
+        .open(&source, setup.server.peer(), setup.echo)
+        .await
+        .unwrap();
+    old.write_all(b"before").await.unwrap();
+    assert_eq!(read_exactly(&mut old, 6).await, b"before");
+    // Streams before the renewal share the connection.
+    let mut second = client
+        .open(&source, setup.server.peer(), setup.echo)
+        .await
+        .unwrap();
+    second.write_all(b"2").await.unwrap();
+    assert_eq!(read_exactly(&mut second, 1).await, b"2");
+    assert_eq!(stats.snapshot().client_connections, 1);
+
+    credentials.renew(&source);
+    let mut new = client
+        .open(&source, setup.server.peer(), setup.echo)
+        .await
+        .unwrap();
+    new.write_all(b"after").await.unwrap();
+    assert_eq!(read_exactly(&mut new, 5).await, b"after");
+    let snapshot = stats.snapshot();
+    assert_eq!(
+        snapshot.client_connections, 2,
+        "a new connection after the renewal"
+    );
+    assert_eq!(snapshot.client_connections_retired, 1);
+    assert_eq!(setup.server.stats.snapshot().server_connections, 2);
+    // The streams opened before go on, on the old connection, to their end.
+    for (stream, message) in [
+        (&mut old, &b"still open"[..]),
+        (&mut second, &b"me too"[..]),
+    ] {
+        stream.write_all(message).await.unwrap();
+        assert_eq!(read_exactly(stream, message.len()).await, message);
+        stream.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+            .await
+            .expect("read timed out")
+            .unwrap();
+        assert_eq!(rest, EOF_MARK);
+    }
+    // Later streams share the new connection.
+    let mut later = client
+        .open(&source, setup.server.peer(), setup.echo)
+        .await
+        .unwrap();
+    later.write_all(b"x").await.unwrap();
+    assert_eq!(read_exactly(&mut later, 1).await, b"x");
+    assert_eq!(stats.snapshot().client_connections, 2);
+    assert_eq!(stats.snapshot().client_streams_refused, 0);
+    assert_eq!(client.connections(), 1);
+    // With its streams done (and dropped) and no handle left, the old connection closes.
+    drop((old, second));
+    let start = std::time::Instant::now();
+    while setup.server.stats.snapshot().server_connections_active != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the retired connection stayed open: {:?}",
+            setup.server.stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_server_closes_a_connection_when_the_callers_certificate_expires() {
+    let setup = setup().await;
+    // Valid for 4 s: the server sends GOAWAY a drain timeout (2 s) before, closes at expiry.
+    let credentials =
+        TestCredentials::with_client_lifetime(&setup.ca, TD, "node-a", Duration::from_secs(4));
+    let stats = Arc::new(TunnelStats::default());
+    let client = TunnelClient::new(Some(credentials), settings(), Arc::clone(&stats));
+    let mut stream = client
+        .open(&agent("client"), setup.server.peer(), setup.echo)
+        .await
+        .unwrap();
+    stream.write_all(b"hello").await.unwrap();
+    assert_eq!(read_exactly(&mut stream, 5).await, b"hello");
+    // The stream is left open; the connection must not outlive the certificate.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the stream outlived the caller's certificate"
+    );
+    assert_eq!(setup.server.stats.snapshot().server_connections_expired, 1);
+    assert!(rest.is_empty() || rest == EOF_MARK, "{rest:?}");
+    assert_eq!(setup.server.stats.snapshot().server_connections_active, 0);
+    let start = std::time::Instant::now();
+    while client.connections() != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the client kept the connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
