@@ -9,10 +9,12 @@
 //! Enrolments survive an agent restart (they live in the pinned map); the first listing
 //! after a restart names them again.
 
+pub mod attest;
 mod client;
 pub mod pods;
 pub mod records;
 
+pub use attest::{Attestation, KubernetesArgs, PodAttestor};
 pub use client::{KubeClient, KubeError, KubeSettings};
 pub use records::PodIdentityRecords;
 
