@@ -191,7 +191,7 @@ impl Signer {
             dir = %self.settings.dir.display(),
             trust_domain = self.ca.trust_domain(),
             ttl = %humantime::format_duration(self.settings.certificate_ttl),
-            kubernetes = self.pods.as_ref().map_or("off (registry only)", PodAttestor::api_server),
+            kubernetes = %self.pods.as_ref().map_or("off (registry only)", PodAttestor::api_server),
             "signer running"
         );
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
