@@ -120,7 +120,7 @@ pub enum CaCommand {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         resync: std::time::Duration,
         #[command(flatten)]
-        kubernetes: crate::kube::KubernetesArgs,
+        kubernetes: Box<crate::kube::KubernetesArgs>,
     },
     /// Make a new signing CA next to the old one (both stay trusted until `prune`).
     Rotate {
