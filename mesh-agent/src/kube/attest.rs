@@ -17,10 +17,16 @@
 //! are rare (one per identity and node per half certificate lifetime), the answer is the API
 //! server's current view rather than a cache's, a failure is visible as a failure (a cache
 //! would have to decide how stale is too stale), and the signer holds no cluster-wide state.
+//!
+//! The signer answers requests one at a time, so an API server that does not answer at all
+//! would cost every request the whole timeout. After such a failure (unreachable, no answer in
+//! time) the API server is not asked again for one timeout: requests meanwhile are refused at
+//! once with the same cause (agents retry with backoff). A 401 or another answer is not held.
 
 use std::{
     path::PathBuf,
-    time::{Duration, SystemTime},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime},
 };
 
 use super::{KubeClient, KubeError, KubeSettings, encode_query, pods::PodList};
@@ -124,6 +130,30 @@ pub struct PodAttestor {
     client: KubeClient,
     api_server: String,
     timeout: Duration,
+    outage: Arc<Mutex<Outage>>,
+}
+
+/// The last time the API server could not be reached, held for a while (see the module
+/// comment).
+#[derive(Debug, Default)]
+struct Outage {
+    last: Option<(Instant, String)>,
+}
+
+impl Outage {
+    /// The cause of an outage seen less than `hold` before `now`.
+    fn current(&self, now: Instant, hold: Duration) -> Option<(Duration, &str)> {
+        let (at, cause) = self.last.as_ref()?;
+        let ago = now.saturating_duration_since(*at);
+        (ago < hold).then_some((ago, cause.as_str()))
+    }
+
+    fn record(&mut self, now: Instant, result: &Result<PodList, KubeError>) {
+        match result {
+            Err(KubeError::Unreachable { cause, .. }) => self.last = Some((now, cause.clone())),
+            _ => self.last = None,
+        }
+    }
 }
 
 impl PodAttestor {
@@ -133,6 +163,7 @@ impl PodAttestor {
             client: KubeClient::new(settings)?,
             api_server: settings.api_server.clone(),
             timeout: settings.request_timeout,
+            outage: Arc::default(),
         })
     }
 
@@ -159,13 +190,33 @@ impl PodAttestor {
         account: &str,
         node: &str,
     ) -> Result<Attestation, KubeError> {
+        {
+            let outage = self.outage.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((ago, cause)) = outage.current(Instant::now(), self.timeout) {
+                return Err(KubeError::Unreachable {
+                    address: self.api_server.clone(),
+                    cause: format!(
+                        "{cause} ({}s ago; not asked again for {:?} after that)",
+                        ago.as_secs(),
+                        self.timeout
+                    ),
+                });
+            }
+        }
         let path = Self::query_path(namespace, node);
-        let list: PodList = tokio::time::timeout(self.timeout, self.client.get_json(&path))
+        let result = tokio::time::timeout(self.timeout, self.client.get_json(&path))
             .await
-            .map_err(|_| KubeError::Unreachable {
-                address: self.api_server.clone(),
-                cause: format!("no complete answer to {path} within {:?}", self.timeout),
-            })??;
+            .unwrap_or_else(|_| {
+                Err(KubeError::Unreachable {
+                    address: self.api_server.clone(),
+                    cause: format!("no complete answer to {path} within {:?}", self.timeout),
+                })
+            });
+        self.outage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(Instant::now(), &result);
+        let list = result?;
         Ok(attestation(
             &list,
             namespace,
@@ -417,6 +468,45 @@ mod tests {
             panic!("granted");
         };
         assert!(reason.contains("static pod"), "{reason}");
+    }
+
+    #[test]
+    fn an_unreachable_api_server_is_held_for_one_timeout_and_other_errors_are_not() {
+        let start = Instant::now();
+        let hold = Duration::from_secs(5);
+        let mut outage = Outage::default();
+        assert_eq!(outage.current(start, hold), None);
+        outage.record(
+            start,
+            &Err(KubeError::Unreachable {
+                address: "10.96.0.1:443".into(),
+                cause: "connection refused".into(),
+            }),
+        );
+        assert_eq!(
+            outage.current(start + Duration::from_secs(2), hold),
+            Some((Duration::from_secs(2), "connection refused"))
+        );
+        assert_eq!(outage.current(start + hold, hold), None);
+        // An answer (even a refusal) ends it.
+        outage.record(
+            start,
+            &Err(KubeError::Status {
+                status: 401,
+                path: "/api/v1/namespaces/prod/pods".into(),
+                body: String::new(),
+            }),
+        );
+        assert_eq!(outage.current(start, hold), None);
+        outage.record(
+            start,
+            &Err(KubeError::Unreachable {
+                address: "10.96.0.1:443".into(),
+                cause: "timed out".into(),
+            }),
+        );
+        outage.record(start, &Ok(PodList::default()));
+        assert_eq!(outage.current(start, hold), None);
     }
 
     #[test]
