@@ -9,6 +9,11 @@
 //! leased `WorkloadIdentity` record for it, and calls node B through the mTLS tunnel; node B
 //! cannot obtain that identity, and the record goes with the pod and with node A's agent.
 //!
+//! The signer with Kubernetes settings (`ca run --kubernetes`) asks the API server for each
+//! service account identity: a node's forged `WorkloadIdentity` record, a finished pod, a pod
+//! long overdue for deletion, and an API server that refuses the token, hangs or is down all
+//! get the request refused with the reason.
+//!
 //! The API server is `tests/python/kube_api.py`: no kube-apiserver can be installed from the
 //! package registries the tests reach, so the pod resource is served by a small server that
 //! speaks the same protocol. Everything else is real.
@@ -861,4 +866,42 @@ fn the_signer_grants_pod_identities_only_where_the_kubernetes_api_runs_the_pods(
             && log.contains("has finished (Succeeded)"),
         "{log}"
     );
+}
+
+#[test]
+fn the_signer_refuses_unusable_kubernetes_settings_at_start() {
+    let binary = mesh_tests::mesh_agent_binary().unwrap();
+    let work = TempDir::new("signer-kube-flags").unwrap();
+    let ca = work.path().join("ca");
+    let init = Command::new(&binary)
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let run = |kubernetes: &[&str]| {
+        let output = Command::new(&binary)
+            .args(["ca", "run", "--etcd", "http://127.0.0.1:9", "--dir"])
+            .arg(&ca)
+            .args(kubernetes)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("MESH_KUBERNETES")
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    // Usage errors (exit 2), before etcd is even tried: not in a pod, not https, a token file
+    // without an API server.
+    let (code, stderr) = run(&["--kubernetes", "in-cluster"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("KUBERNETES_SERVICE_HOST"), "{stderr}");
+    let (code, stderr) = run(&["--kubernetes", "http://10.96.0.1:443"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("expected https://"), "{stderr}");
+    let (code, stderr) = run(&["--kubernetes-token-file", "/tmp/token"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--kubernetes"), "{stderr}");
 }
