@@ -119,6 +119,8 @@ pub enum CaCommand {
         /// How often requests are listed again and the CA folder re-read.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         resync: std::time::Duration,
+        #[command(flatten)]
+        kubernetes: Box<crate::kube::KubernetesArgs>,
     },
     /// Make a new signing CA next to the old one (both stay trusted until `prune`).
     Rotate {

@@ -567,8 +567,10 @@ fn helm_with_everything_on_renders_valid_manifests() {
         "kind: Deployment", // the signer
         "- ca",             // its subcommand: ca run
         "- --certificate-ttl=4h",
+        "- --kubernetes=in-cluster", // pod identities confirmed with the API server
+        "name: agent-mesh-signer\n  labels:", // and its ClusterRole (+ binding) to read pods
         "trustDomain: \"cluster.local\"", // agents ask the signer for certificates
-        "secretName: etcd-client-tls",    // etcd TLS Secret mounted
+        "secretName: etcd-client-tls", // etcd TLS Secret mounted
         "caFile: /etc/agent-mesh/etcd-tls/ca.crt", // and read by the agent
         "image: registry.example.com/mesh-agent:test",
         "admin: 0.0.0.0:15020",
@@ -579,6 +581,33 @@ fn helm_with_everything_on_renders_valid_manifests() {
             "missing {expected:?} in:\n{rendered}"
         );
     }
+    // The signer reads pods with its own token, and nothing but pods.
+    let documents: Vec<&str> = rendered.split("\n---").collect();
+    let signer_role = documents
+        .iter()
+        .find(|d| d.contains("kind: ClusterRole\n") && d.contains("name: agent-mesh-signer"))
+        .unwrap_or_else(|| panic!("no signer ClusterRole in:\n{rendered}"));
+    assert!(
+        signer_role.contains("resources: [\"pods\"]")
+            && signer_role.contains("verbs: [\"get\", \"list\"]"),
+        "{signer_role}"
+    );
+    let signer_binding = documents
+        .iter()
+        .find(|d| d.contains("kind: ClusterRoleBinding") && d.contains("name: agent-mesh-signer"))
+        .unwrap_or_else(|| panic!("no signer ClusterRoleBinding in:\n{rendered}"));
+    assert!(
+        signer_binding.contains("kind: ServiceAccount\n    name: agent-mesh-signer"),
+        "{signer_binding}"
+    );
+    let signer_deployment = documents
+        .iter()
+        .find(|d| d.contains("kind: Deployment"))
+        .unwrap();
+    assert!(
+        signer_deployment.contains("automountServiceAccountToken: true"),
+        "{signer_deployment}"
+    );
     // etcd mode: the policy folder is neither rendered nor mounted (the inspector checks it).
     assert!(
         !rendered.contains("agent-mesh-policies"),

@@ -9,6 +9,11 @@
 //! leased `WorkloadIdentity` record for it, and calls node B through the mTLS tunnel; node B
 //! cannot obtain that identity, and the record goes with the pod and with node A's agent.
 //!
+//! The signer with Kubernetes settings (`ca run --kubernetes`) asks the API server for each
+//! service account identity: a node's forged `WorkloadIdentity` record, a finished pod, a pod
+//! long overdue for deletion, and an API server that refuses the token, hangs or is down all
+//! get the request refused with the reason.
+//!
 //! The API server is `tests/python/kube_api.py`: no kube-apiserver can be installed from the
 //! package registries the tests reach, so the pod resource is served by a small server that
 //! speaks the same protocol. Everything else is real.
@@ -23,13 +28,13 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use mesh_agent::identity::{
     SpiffeId,
     ca::certificate_request,
-    resources::{CertificateRequest, request_key},
+    resources::{CertificateRequest, WorkloadIdentityRecord, request_key},
 };
 use mesh_tests::{
     AgentOptions, AgentProcess, CgroupTree, KillOnDrop, TempDir,
@@ -44,7 +49,7 @@ const NODE: &str = "node-a";
 
 /// The API server, its control port and the files it was started with.
 struct FakeApi {
-    _server: KillOnDrop,
+    server: Option<KillOnDrop>,
     address: SocketAddr,
     control: SocketAddr,
     dir: PathBuf,
@@ -74,7 +79,7 @@ impl FakeApi {
         )
         .expect("start the API server");
         FakeApi {
-            _server: server,
+            server: Some(server),
             address,
             control: SocketAddr::from(([127, 0, 0, 1], control_port)),
             dir,
@@ -111,8 +116,30 @@ impl FakeApi {
         self.control("PUT", "/pods", &pod);
     }
 
+    /// Any pod object, as given.
+    fn put_pod_object(&self, pod: &serde_json::Value) {
+        self.control("PUT", "/pods", &pod.to_string());
+    }
+
     fn requests(&self) -> String {
         self.control("GET", "/requests", "")
+    }
+
+    /// Stops the server (an API server that is down).
+    fn stop(&mut self) {
+        self.server.take();
+    }
+
+    /// `mesh-agent ca run` flags for this server, authenticating with `token_file`.
+    fn signer_args(&self, token_file: &Path) -> Vec<String> {
+        vec![
+            "--kubernetes".into(),
+            format!("https://{}", self.address),
+            "--kubernetes-token-file".into(),
+            token_file.display().to_string(),
+            "--kubernetes-ca-file".into(),
+            self.tls.ca.display().to_string(),
+        ]
     }
 
     /// `spec.kubernetes` for an agent of node `NODE`.
@@ -455,17 +482,20 @@ fn lease_of(etcd: &EtcdServer, key: &str) -> Option<i64> {
 #[test]
 fn pods_get_their_certificates_from_the_signer_and_call_across_nodes_in_etcd_mode() {
     let etcd = EtcdServer::start().expect("start etcd");
+    let api = FakeApi::start();
+    // The signer checks pod identities with the same API server, as on a real cluster.
+    let signer_args = api.signer_args(&api.dir.join("token"));
+    let signer_args: Vec<&str> = signer_args.iter().map(String::as_str).collect();
     let signer = SignerProcess::start(
         &etcd,
         SignerOptions {
             trust_domain: "mesh.local",
             certificate_ttl: "1h",
-            extra: &[],
+            extra: &signer_args,
             namespace: None,
         },
     )
     .expect("start the signer");
-    let api = FakeApi::start();
     let backend = start_backend();
     let work = TempDir::new("kube-etcd").unwrap();
     let planner_id = SpiffeId::for_service_account("mesh.local", "prod", "planner").unwrap();
@@ -572,6 +602,12 @@ fn pods_get_their_certificates_from_the_signer_and_call_across_nodes_in_etcd_mod
         "{}",
         agent_b.log()
     );
+    // The signer asked the API server about the pod's namespace on node A.
+    let requests = api.requests();
+    assert!(
+        requests.contains("/api/v1/namespaces/prod/pods?fieldSelector=spec.nodeName%3Dnode-a"),
+        "{requests}"
+    );
     assert_eq!(
         metric(
             &agent_a,
@@ -612,4 +648,260 @@ fn pods_get_their_certificates_from_the_signer_and_call_across_nodes_in_etcd_mod
         lease_of(&etcd, record_key).is_none(),
         "the record outlived its node"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The signer with Kubernetes settings: the API server, not the node's own claim, decides.
+
+/// A live `Node` record for `node`, held by a lease, as a running agent writes it.
+fn register_node(etcd: &EtcdServer, node: &str) {
+    let record = serde_json::json!({
+        "apiVersion": "mesh.agentmesh.dev/v1alpha1", "kind": "Node",
+        "metadata": {"name": node},
+        "status": {"version": "test", "startTime": "2026-01-01T00:00:00.000Z",
+                   "heartbeatTime": "2026-01-01T00:00:00.000Z", "pid": 1,
+                   "leaseTtlSeconds": 120}
+    });
+    put_leased(etcd, &format!("/mesh/v1/nodes/{node}"), &record.to_string());
+}
+
+fn put_leased(etcd: &EtcdServer, key: &str, value: &str) {
+    let granted = etcd.etcdctl(&["lease", "grant", "120"]).unwrap();
+    let lease = granted.split_whitespace().nth(1).unwrap().to_owned();
+    etcd.etcdctl(&["put", &format!("--lease={lease}"), key, value])
+        .unwrap();
+}
+
+/// A leased `WorkloadIdentity` record of `identity` on `node`: what a node's agent publishes
+/// for its enrolled pods, or what a compromised node (or anyone who can write etcd) forges.
+fn claim_identity(etcd: &EtcdServer, identity: &SpiffeId, node: &str) {
+    let record = WorkloadIdentityRecord::new(identity, node, vec!["pod-planner".into()]).unwrap();
+    put_leased(
+        etcd,
+        &record.key("/mesh/v1"),
+        &serde_json::to_string(&record).unwrap(),
+    );
+}
+
+/// A pod as the API server stores it.
+fn pod_object(
+    uid: &str,
+    namespace: &str,
+    account: &str,
+    node: &str,
+    phase: &str,
+    deletion: Option<SystemTime>,
+) -> serde_json::Value {
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("{account}-0"), "namespace": namespace, "uid": uid},
+        "spec": {"nodeName": node, "serviceAccountName": account,
+                 "containers": [{"name": "main", "image": "demo"}]},
+        "status": {"phase": phase}
+    });
+    if let Some(at) = deletion {
+        pod["metadata"]["deletionTimestamp"] =
+            humantime::format_rfc3339_seconds(at).to_string().into();
+        pod["metadata"]["deletionGracePeriodSeconds"] = 30.into();
+    }
+    pod
+}
+
+#[test]
+fn the_signer_grants_pod_identities_only_where_the_kubernetes_api_runs_the_pods() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let mut api = FakeApi::start();
+    // The signer's own token file, so a test can make it wrong.
+    let signer_token = api.dir.join("signer-token");
+    fs::write(&signer_token, "token-1\n").unwrap();
+    let mut args = api.signer_args(&signer_token);
+    args.extend(["--kubernetes-timeout".into(), "2s".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let signer = SignerProcess::start(
+        &etcd,
+        SignerOptions {
+            trust_domain: "mesh.local",
+            certificate_ttl: "1h",
+            extra: &args,
+            namespace: None,
+        },
+    )
+    .expect("start the signer");
+    assert!(
+        signer
+            .log()
+            .contains(&format!("kubernetes=https://{}", api.address)),
+        "{}",
+        signer.log()
+    );
+    register_node(&etcd, "node-a");
+    register_node(&etcd, "node-b");
+    let planner = SpiffeId::for_service_account("mesh.local", "prod", "planner").unwrap();
+    let uid = "0a1b2c3d-0000-4000-8000-0000000000f1";
+    api.put_pod_object(&pod_object(
+        uid, "prod", "planner", "node-a", "Running", None,
+    ));
+
+    // Node A runs the pod and publishes its record: granted.
+    claim_identity(&etcd, &planner, "node-a");
+    assert!(request_certificate(&etcd, &planner, "node-a").is_ok());
+    let requests = api.requests();
+    assert!(
+        requests.contains("/api/v1/namespaces/prod/pods?fieldSelector=spec.nodeName%3Dnode-a"),
+        "{requests}"
+    );
+
+    // Node B forges a record for the account (the registry alone would grant it): the API
+    // server has no such pod on node B, so it is refused, with the reason.
+    claim_identity(&etcd, &planner, "node-b");
+    let reason = request_certificate(&etcd, &planner, "node-b").unwrap_err();
+    assert!(
+        reason.contains("the Kubernetes API server does not confirm")
+            && reason.contains("no pod of service account prod/planner")
+            && reason.contains("\"node-b\""),
+        "{reason}"
+    );
+    // Nor does an Agent entry placing the account on node B, nor a pod of an account of the
+    // same name in another namespace on node B.
+    let agent = serde_json::json!({
+        "apiVersion": "mesh.agentmesh.dev/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "planner", "namespace": "prod"},
+        "spec": {"endpoints": [{"address": "10.0.0.9:8080", "node": "node-b"}]}
+    });
+    etcd.etcdctl(&["put", "/mesh/v1/agents/prod/planner", &agent.to_string()])
+        .unwrap();
+    api.put_pod_object(&pod_object(
+        "0a1b2c3d-0000-4000-8000-0000000000f2",
+        "staging",
+        "planner",
+        "node-b",
+        "Running",
+        None,
+    ));
+    let reason = request_certificate(&etcd, &planner, "node-b").unwrap_err();
+    assert!(reason.contains("does not confirm"), "{reason}");
+
+    // The pod finishes: node A no longer gets the identity, though its record is still there.
+    api.put_pod_object(&pod_object(
+        uid,
+        "prod",
+        "planner",
+        "node-a",
+        "Succeeded",
+        None,
+    ));
+    let reason = request_certificate(&etcd, &planner, "node-a").unwrap_err();
+    assert!(reason.contains("has finished (Succeeded)"), "{reason}");
+    // Being deleted: granted during its grace period, refused once it is long overdue (a node
+    // that is gone, or that keeps a deleted pod).
+    let now = SystemTime::now();
+    api.put_pod_object(&pod_object(
+        uid,
+        "prod",
+        "planner",
+        "node-a",
+        "Running",
+        Some(now + Duration::from_secs(30)),
+    ));
+    assert!(request_certificate(&etcd, &planner, "node-a").is_ok());
+    api.put_pod_object(&pod_object(
+        uid,
+        "prod",
+        "planner",
+        "node-a",
+        "Running",
+        Some(now - Duration::from_secs(600)),
+    ));
+    let reason = request_certificate(&etcd, &planner, "node-a").unwrap_err();
+    assert!(
+        reason.contains("is being deleted and was to be gone by"),
+        "{reason}"
+    );
+    api.put_pod_object(&pod_object(
+        uid, "prod", "planner", "node-a", "Running", None,
+    ));
+    assert!(request_certificate(&etcd, &planner, "node-a").is_ok());
+
+    // The API server refuses the signer's token (401): refused with the API's answer; the
+    // token is re-read for every request, so fixing the file is enough.
+    fs::write(api.dir.join("token"), "token-2\n").unwrap();
+    let reason = request_certificate(&etcd, &planner, "node-a").unwrap_err();
+    assert!(
+        reason.contains("cannot confirm") && reason.contains("answered 401"),
+        "{reason}"
+    );
+    fs::write(&signer_token, "token-2\n").unwrap();
+    assert!(request_certificate(&etcd, &planner, "node-a").is_ok());
+
+    // A hung API server: refused once --kubernetes-timeout has passed; the signer goes on
+    // (it asks again one timeout later: requests meanwhile are refused at once, and agents
+    // retry, as this loop does).
+    api.control("POST", "/stall", "");
+    let reason = request_certificate(&etcd, &planner, "node-a").unwrap_err();
+    assert!(
+        reason.contains("cannot reach the Kubernetes API server") && reason.contains("within 2s"),
+        "{reason}"
+    );
+    api.control("POST", "/unstall", "");
+    eventually("a grant once the API server answers again", || {
+        request_certificate(&etcd, &planner, "node-a").is_ok()
+    });
+
+    // The API server is down: refused (fail closed), not granted on the record's word.
+    api.stop();
+    let reason = request_certificate(&etcd, &planner, "node-a").unwrap_err();
+    assert!(
+        reason.contains("cannot reach the Kubernetes API server")
+            && reason.contains("refused until it answers"),
+        "{reason}"
+    );
+    // Node identities do not depend on the API server.
+    let node_a = SpiffeId::for_node("mesh.local", "node-a").unwrap();
+    assert!(request_certificate(&etcd, &node_a, "node-a").is_ok());
+    // Every refusal is logged with its reason.
+    let log = signer.log();
+    assert!(
+        log.contains("certificate request denied")
+            && log.contains("answered 401")
+            && log.contains("has finished (Succeeded)"),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_signer_refuses_unusable_kubernetes_settings_at_start() {
+    let binary = mesh_tests::mesh_agent_binary().unwrap();
+    let work = TempDir::new("signer-kube-flags").unwrap();
+    let ca = work.path().join("ca");
+    let init = Command::new(&binary)
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let run = |kubernetes: &[&str]| {
+        let output = Command::new(&binary)
+            .args(["ca", "run", "--etcd", "http://127.0.0.1:9", "--dir"])
+            .arg(&ca)
+            .args(kubernetes)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("MESH_KUBERNETES")
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    // Usage errors (exit 2), before etcd is even tried: not in a pod, not https, a token file
+    // without an API server.
+    let (code, stderr) = run(&["--kubernetes", "in-cluster"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("KUBERNETES_SERVICE_HOST"), "{stderr}");
+    let (code, stderr) = run(&["--kubernetes", "http://10.96.0.1:443"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("expected https://"), "{stderr}");
+    let (code, stderr) = run(&["--kubernetes-token-file", "/tmp/token"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--kubernetes"), "{stderr}");
 }

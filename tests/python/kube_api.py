@@ -1,17 +1,21 @@
 """The pod part of a Kubernetes API server, for the agent's pod enrolment tests.
 
 No kube-apiserver can be installed from the registries the tests reach, so this serves the
-one resource the agent reads, with the API's real wire behaviour: HTTPS, bearer tokens
-(re-read from a file for every request, so a test can rotate them), `GET /api/v1/pods` with
-`fieldSelector=spec.nodeName=...` and equality `labelSelector`s, and watches from a
-`resourceVersion` streamed as chunked JSON lines (ADDED, MODIFIED, DELETED, BOOKMARK), with
-`410 Gone` as an ERROR event when the version is older than the retained history.
+one resource the agent and the signer read, with the API's real wire behaviour: HTTPS, bearer
+tokens (re-read from a file for every request, so a test can rotate them), `GET /api/v1/pods`
+and `GET /api/v1/namespaces/<ns>/pods` with field selectors (`=`, `==`, `!=` on the fields
+the real API lets pods be selected by; any other field is `400 field label not supported`) and
+equality `labelSelector`s, and watches from a `resourceVersion` streamed as chunked JSON lines
+(ADDED, MODIFIED, DELETED, BOOKMARK), with `410 Gone` as an ERROR event when the version is
+older than the retained history.
 
 A plain-HTTP control port on loopback lets the test change the pods:
   PUT    /pods          a pod object (JSON); ADDED or MODIFIED
   DELETE /pods/<uid>    DELETED
   POST   /compact       forget the event history (the next resumed watch gets 410)
   POST   /drop-watches  end every open watch (as an API server restart would)
+  POST   /stall         hold every API request without an answer (a hung API server)
+  POST   /unstall       answer again (held requests go on)
   GET    /requests      the request lines the API port saw (JSON list)
 
 Usage: kube_api.py PORT --control-port N --cert F --key F --token-file F
@@ -29,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 lock = threading.Condition()
 pods = {}  # uid -> pod
 events = []  # (resourceVersion:int, type, pod)
-state = {"version": 100, "oldest": 100, "generation": 0}
+state = {"version": 100, "oldest": 100, "generation": 0, "stalled": False}
 requests_seen = []
 
 
@@ -42,24 +46,57 @@ def bump(kind, pod):
     return pod
 
 
-def matches(pod, node, labels):
-    if node is not None and pod.get("spec", {}).get("nodeName") != node:
+# The pod fields the real API server selects by (pkg/registry/core/pod: ToSelectableFields).
+POD_FIELDS = {
+    "metadata.name": lambda p: p.get("metadata", {}).get("name", ""),
+    "metadata.namespace": lambda p: p.get("metadata", {}).get("namespace", ""),
+    "spec.nodeName": lambda p: p.get("spec", {}).get("nodeName", ""),
+    "spec.restartPolicy": lambda p: p.get("spec", {}).get("restartPolicy", ""),
+    "spec.schedulerName": lambda p: p.get("spec", {}).get("schedulerName", ""),
+    "spec.serviceAccountName": lambda p: p.get("spec", {}).get("serviceAccountName", ""),
+    "spec.hostNetwork": lambda p: "true" if p.get("spec", {}).get("hostNetwork") else "false",
+    "status.phase": lambda p: p.get("status", {}).get("phase", ""),
+    "status.podIP": lambda p: p.get("status", {}).get("podIP", ""),
+    "status.nominatedNodeName": lambda p: p.get("status", {}).get("nominatedNodeName", ""),
+}
+
+
+class BadSelector(Exception):
+    pass
+
+
+def matches(pod, namespace, fields, labels):
+    if namespace is not None and pod.get("metadata", {}).get("namespace") != namespace:
         return False
+    for field, equal, value in fields:
+        if (POD_FIELDS[field](pod) == value) != equal:
+            return False
     have = pod.get("metadata", {}).get("labels", {}) or {}
     return all(have.get(k) == v for k, v in labels.items())
 
 
 def parse_selectors(query):
-    node = None
+    fields = []
+    for term in query.get("fieldSelector", [""])[0].split(","):
+        if not term:
+            continue
+        if "!=" in term:
+            field, value = term.split("!=", 1)
+            equal = False
+        elif "=" in term:
+            field, value = term.split("==", 1) if "==" in term else term.split("=", 1)
+            equal = True
+        else:
+            raise BadSelector(f"invalid selector: '{term}'; can't understand '{term}'")
+        if field not in POD_FIELDS:
+            raise BadSelector(f'field label not supported: {field}')
+        fields.append((field, equal, value))
     labels = {}
-    for field in query.get("fieldSelector", [""])[0].split(","):
-        if field.startswith("spec.nodeName="):
-            node = field.split("=", 1)[1]
     for label in query.get("labelSelector", [""])[0].split(","):
         if "=" in label:
             key, value = label.split("=", 1)
             labels[key.strip()] = value.strip()
-    return node, labels
+    return fields, labels
 
 
 class Api(BaseHTTPRequestHandler):
@@ -85,18 +122,34 @@ class Api(BaseHTTPRequestHandler):
     def do_GET(self):
         with lock:
             requests_seen.append(self.path)
+            while state["stalled"]:
+                lock.wait()
         with open(Api.token_file) as f:
             token = f.read().strip()
         if self.headers.get("authorization") != f"Bearer {token}":
-            return self.reply(401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
+            return self.reply(401, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                    "message": "Unauthorized", "reason": "Unauthorized",
+                                    "code": 401})
         url = urllib.parse.urlparse(self.path)
-        if url.path != "/api/v1/pods":
+        parts = url.path.split("/")
+        if url.path == "/api/v1/pods":
+            namespace = None
+        elif len(parts) == 6 and parts[:4] == ["", "api", "v1", "namespaces"] \
+                and parts[4] and parts[5] == "pods":
+            namespace = urllib.parse.unquote(parts[4])
+        else:
             return self.reply(404, {"kind": "Status", "code": 404, "message": "not found"})
         query = urllib.parse.parse_qs(url.query)
-        node, labels = parse_selectors(query)
+        try:
+            fields, labels = parse_selectors(query)
+        except BadSelector as problem:
+            return self.reply(400, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                    "message": str(problem), "reason": "BadRequest",
+                                    "code": 400})
         if query.get("watch", ["0"])[0] not in ("1", "true"):
             with lock:
-                items = [copy.deepcopy(p) for p in pods.values() if matches(p, node, labels)]
+                items = [copy.deepcopy(p) for p in pods.values()
+                         if matches(p, namespace, fields, labels)]
                 version = state["version"]
             return self.reply(
                 200,
@@ -132,7 +185,7 @@ class Api(BaseHTTPRequestHandler):
                 return
             for version, kind, pod in pending:
                 sent = version
-                if matches(pod, node, labels):
+                if matches(pod, namespace, fields, labels):
                     self.chunk({"type": kind, "object": pod})
             if not pending and query.get("allowWatchBookmarks", ["false"])[0] == "true":
                 self.chunk({"type": "BOOKMARK", "object": {
@@ -180,6 +233,11 @@ class Control(BaseHTTPRequestHandler):
                 state["oldest"] = state["version"] + 1
             elif self.path == "/drop-watches":
                 state["generation"] += 1
+                lock.notify_all()
+            elif self.path == "/stall":
+                state["stalled"] = True
+            elif self.path == "/unstall":
+                state["stalled"] = False
                 lock.notify_all()
             else:
                 return self.reply(404, {})

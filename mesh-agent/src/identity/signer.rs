@@ -32,6 +32,10 @@
 //!    for an enrolled pod, or an `Agent` endpoint, for `/ns/<ns>/sa/<sa>`).
 //! 5. The CSR's signature verifies (proof of possession) and it names no other identity.
 //! 6. Not a replay: neither its nonce nor its public key was signed before.
+//! 7. With Kubernetes settings (`--kubernetes`), for `/ns/<ns>/sa/<sa>`: the API server has a
+//!    pod of that service account scheduled on the requesting node and not finished
+//!    ([`crate::kube::attest`]); the node's own record is not enough. An API server that cannot
+//!    be asked is a refusal too.
 
 use std::{
     path::PathBuf,
@@ -47,6 +51,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     control::{Etcd, EtcdError, keys, node::decode_node, sync::Backoff},
+    kube::{Attestation, KubeError, KubeSettings, PodAttestor},
     policy::Resource,
 };
 
@@ -66,6 +71,8 @@ pub enum SignerError {
     Ca(#[from] CaError),
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error("{0}")]
     Other(String),
 }
@@ -81,6 +88,9 @@ pub struct SignerSettings {
     pub max_request_age: Duration,
     /// How often requests are listed again and the CA folder re-read.
     pub resync: Duration,
+    /// The Kubernetes API server that must confirm every `/ns/<ns>/sa/<sa>` grant; `None`
+    /// (bare metal) leaves the registry's word final.
+    pub kubernetes: Option<KubeSettings>,
 }
 
 impl SignerSettings {
@@ -90,6 +100,7 @@ impl SignerSettings {
             certificate_ttl: DEFAULT_CERTIFICATE_TTL,
             max_request_age: Duration::from_secs(300),
             resync: Duration::from_secs(30),
+            kubernetes: None,
         }
     }
 }
@@ -124,13 +135,25 @@ pub struct Signer {
     etcd: Etcd,
     settings: SignerSettings,
     ca: Arc<CaDir>,
+    /// Present with Kubernetes settings.
+    pods: Option<PodAttestor>,
 }
 
 impl Signer {
     /// Loads the CA folder.
     pub fn new(etcd: Etcd, settings: SignerSettings) -> Result<Self, SignerError> {
         let ca = Arc::new(CaDir::load(&settings.dir)?);
-        Ok(Signer { etcd, settings, ca })
+        let pods = settings
+            .kubernetes
+            .as_ref()
+            .map(PodAttestor::new)
+            .transpose()?;
+        Ok(Signer {
+            etcd,
+            settings,
+            ca,
+            pods,
+        })
     }
 
     /// The CA in use.
@@ -168,6 +191,7 @@ impl Signer {
             dir = %self.settings.dir.display(),
             trust_domain = self.ca.trust_domain(),
             ttl = %humantime::format_duration(self.settings.certificate_ttl),
+            kubernetes = %self.pods.as_ref().map_or("off (registry only)", PodAttestor::api_server),
             "signer running"
         );
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
@@ -536,6 +560,8 @@ impl Signer {
                 ));
             }
         }
+        // Last: the one check that leaves this process.
+        self.check_kubernetes(&identity, &spec.node).await?;
         let issued = self
             .ca
             .issue(&spec.request, &identity, self.settings.certificate_ttl)
@@ -576,6 +602,30 @@ impl Signer {
             ));
         }
         Ok(())
+    }
+
+    /// With Kubernetes settings, a service account ID needs the API server's confirmation
+    /// that a pod of that account is scheduled on `node` (see [`crate::kube::attest`]).
+    async fn check_kubernetes(&self, identity: &SpiffeId, node: &str) -> Result<(), String> {
+        let Some(pods) = &self.pods else {
+            return Ok(());
+        };
+        let Some((namespace, account)) = resources::service_account_of(identity) else {
+            return Ok(());
+        };
+        match pods.attest(namespace, account, node).await {
+            Ok(Attestation::Runs { pod }) => {
+                debug!(%identity, node, pod = %pod, "the Kubernetes API server confirms the pod");
+                Ok(())
+            }
+            Ok(Attestation::NoPod { reason }) => Err(format!(
+                "the Kubernetes API server does not confirm {identity} on node {node:?}: {reason}"
+            )),
+            Err(error) => Err(format!(
+                "cannot confirm {identity} on node {node:?} with the Kubernetes API server \
+                 (refused until it answers): {error}"
+            )),
+        }
     }
 
     async fn check_node_live(&self, node: &str) -> Result<(), String> {
@@ -649,6 +699,7 @@ pub async fn execute(command: crate::cli::CaCommand) -> Result<(), (u8, anyhow::
             certificate_ttl,
             max_request_age,
             resync,
+            kubernetes,
         } => {
             if certificate_ttl < Duration::from_secs(10)
                 || certificate_ttl > Duration::from_secs(30 * 24 * 3600)
@@ -658,6 +709,9 @@ pub async fn execute(command: crate::cli::CaCommand) -> Result<(), (u8, anyhow::
                     anyhow::anyhow!("--certificate-ttl must be between 10s and 30d"),
                 ));
             }
+            let kubernetes = kubernetes
+                .settings()
+                .map_err(|error| (2, anyhow::Error::new(error)))?;
             let mut etcd_settings = crate::control::EtcdSettings::new(etcd);
             etcd_settings.prefix = prefix;
             etcd_settings.tls = etcd_tls.settings();
@@ -672,10 +726,12 @@ pub async fn execute(command: crate::cli::CaCommand) -> Result<(), (u8, anyhow::
                     certificate_ttl,
                     max_request_age,
                     resync,
+                    kubernetes,
                 },
             )
             .map_err(|error| match error {
                 SignerError::Ca(error) => ca_failure(error),
+                SignerError::Kube(error) => (2, anyhow::Error::new(error)),
                 other => (1, anyhow::Error::new(other)),
             })?;
             let (stop, stopped) = watch::channel(false);

@@ -28,6 +28,10 @@ pub enum KubeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "KUBERNETES_SERVICE_HOST is not set (not in a pod?): give the API server's https:// address"
+    )]
+    NotInCluster,
     #[error("the CA file {0} holds no PEM certificate")]
     NoCertificate(PathBuf),
     #[error("TLS settings for the API server: {0}")]

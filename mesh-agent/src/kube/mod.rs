@@ -8,11 +8,16 @@
 //! (the watch is usually faster than the container runtime) is retried until it appears.
 //! Enrolments survive an agent restart (they live in the pinned map); the first listing
 //! after a restart names them again.
+//!
+//! [`attest`] is the signer's side: it asks the API server whether a service account's pod
+//! runs on a node before that node gets the account's certificate.
 
+pub mod attest;
 mod client;
 pub mod pods;
 pub mod records;
 
+pub use attest::{Attestation, KubernetesArgs, PodAttestor};
 pub use client::{KubeClient, KubeError, KubeSettings};
 pub use records::PodIdentityRecords;
 

@@ -35,6 +35,11 @@ pub struct ObjectMeta {
     pub resource_version: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Set when the pod is being deleted: the time by which it is to be gone (RFC 3339).
+    #[serde(default)]
+    pub deletion_timestamp: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
