@@ -147,17 +147,31 @@ def inspect(manifests, out_dir):
         local_script = (script.replace(config_path, source)
                         .replace("/tmp/agent.yaml", local_config)
                         .replace("exec mesh-agent ", "exec echo mesh-agent "))
-        import subprocess
-        result = subprocess.run(["/bin/sh", "-c", local_script], capture_output=True, text=True,
-                                env={"PATH": os.environ["PATH"], "NODE_NAME": "node-a.example"})
-        if result.returncode != 0 or result.stdout.strip() != "mesh-agent run --config " + local_config:
-            fail("the start script failed or runs something else: %r %r" % (result.stdout, result.stderr))
-        with open(local_config) as handle:
-            generated = yaml.safe_load(handle)
-        if generated["metadata"]["name"] != "node-a.example":
-            fail("metadata.name is not the node's name: %s" % generated["metadata"])
-        if generated["spec"] != spec:
-            fail("the start script changed more than metadata.name")
+        import copy, subprocess
+        if "identity" in spec and "HOST_IP" not in env:
+            fail("etcd mode with identities needs HOST_IP (status.hostIP): %s" % agent.get("env"))
+        if "identity" in spec and env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] != "status.hostIP":
+            fail("HOST_IP must come from status.hostIP: %s" % env["HOST_IP"])
+        for host_ip, host in (("10.1.2.3", "10.1.2.3"), ("fd00::5", "[fd00::5]")):
+            result = subprocess.run(["/bin/sh", "-c", local_script], capture_output=True, text=True,
+                                    env={"PATH": os.environ["PATH"], "NODE_NAME": "node-a.example",
+                                         "HOST_IP": host_ip})
+            if result.returncode != 0 or result.stdout.strip() != "mesh-agent run --config " + local_config:
+                fail("the start script failed or runs something else: %r %r" % (result.stdout, result.stderr))
+            with open(local_config) as handle:
+                generated = yaml.safe_load(handle)
+            if generated["metadata"]["name"] != "node-a.example":
+                fail("metadata.name is not the node's name: %s" % generated["metadata"])
+            expected = copy.deepcopy(spec)
+            if "identity" in spec:
+                # The tunnel's advertised address is the node's, on the tunnel listener's port.
+                port = spec["listeners"]["tunnel"].rsplit(":", 1)[1]
+                if spec.get("tunnel", {}).get("advertiseAddress") != "@HOST_ADDRESS@:" + port:
+                    fail("the tunnel must advertise the node's address: %s" % spec.get("tunnel"))
+                expected["tunnel"]["advertiseAddress"] = "%s:%s" % (host, port)
+            if generated["spec"] != expected:
+                fail("the start script changed more than metadata.name and the tunnel address: %s"
+                     % generated["spec"].get("tunnel"))
 
     # Probes reach the admin endpoint the configuration binds.
     admin = spec["listeners"]["admin"]

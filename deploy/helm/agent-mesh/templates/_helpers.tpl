@@ -84,6 +84,7 @@ spec:
     outbound: 127.0.0.1:{{ int .Values.ports.outbound }}
     outboundV6: "::1"
     admin: {{ .Values.admin.bindAddress }}:{{ int .Values.ports.admin }}
+    tunnel: 0.0.0.0:{{ int .Values.ports.tunnel }}
   proxy:
     connectTimeout: {{ .Values.proxy.connectTimeout }}
     drainTimeout: {{ int .Values.proxy.drainTimeoutSeconds }}s
@@ -122,6 +123,10 @@ spec:
 {{- if and .Values.etcd.endpoints .Values.signer.enabled }}
   identity:
     trustDomain: {{ .Values.trustDomain | quote }}
+  tunnel:
+    # Where the other nodes reach this node's tunnel (published in its node record): the
+    # node's address (status.hostIP), filled in by the start script.
+    advertiseAddress: "@HOST_ADDRESS@:{{ int .Values.ports.tunnel }}"
 {{- end }}
 {{- if .Values.telemetry.otlpEndpoint }}
 # Recorded for when the agent reads them (NOT READ by this version):
@@ -135,7 +140,8 @@ spec:
 {{/*
 The agent container's command and args. etcd mode: a copy of the shared configuration with
 metadata.name set to the node's name (NODE_NAME, from spec.nodeName), so that every node has its
-own record under <prefix>/nodes/; /tmp is the pod's emptyDir.
+own record under <prefix>/nodes/, and the tunnel's advertised address set to the node's address
+(HOST_IP, from status.hostIP; IPv6 in brackets); /tmp is the pod's emptyDir.
 */}}
 {{- define "agent-mesh.agentCommand" -}}
 {{- if .Values.etcd.endpoints }}
@@ -143,7 +149,9 @@ command: ["nsenter", "--cgroup=/proc/1/ns/cgroup", "--", "/bin/sh", "-c"]
 args:
   - |
     set -eu
-    sed "0,/^  name: .*/s//  name: ${NODE_NAME}/" /etc/agent-mesh/config/agent.yaml > /tmp/agent.yaml
+    case "${HOST_IP:-}" in *:*) host="[${HOST_IP}]" ;; *) host="${HOST_IP:-}" ;; esac
+    sed -e "0,/^  name: .*/s//  name: ${NODE_NAME}/" -e "s/@HOST_ADDRESS@/${host}/" \
+      /etc/agent-mesh/config/agent.yaml > /tmp/agent.yaml
     exec mesh-agent run --config /tmp/agent.yaml
 {{- else }}
 command: ["nsenter", "--cgroup=/proc/1/ns/cgroup", "--", "mesh-agent"]
