@@ -494,6 +494,9 @@ pub struct ProxySpec {
     /// request, retries. Off: every captured connection is carried as opaque bytes, with one
     /// policy check per connection.
     pub l7: bool,
+    /// Threads that serve captured connections, each with a single-threaded runtime; a
+    /// connection stays on one for its life. 0: one per CPU.
+    pub worker_threads: usize,
 }
 
 /// Standalone source of mesh resources: a folder of YAML/JSON files, watched for changes.
@@ -526,6 +529,7 @@ impl Default for ProxySpec {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             l7: true,
+            worker_threads: 0,
         }
     }
 }

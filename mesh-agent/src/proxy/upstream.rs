@@ -32,6 +32,7 @@ use tracing::debug;
 use super::{
     dialer::{DialError, Dialer},
     http::ProxyBody,
+    workers::{MAX_WORKERS, current_worker},
 };
 use crate::tunnel::TunnelError;
 
@@ -97,19 +98,29 @@ impl IdleSet {
 
 /// The shared part of a [`Http1Pool`]; pooled bodies hold it weakly.
 struct PoolInner {
-    idle: Mutex<IdleSet>,
+    /// Idle connections by connection worker (see [`super::workers`]; index 0 for any other
+    /// thread): a connection is driven by a task on the worker that made it, so it is only
+    /// handed to requests on that worker, and no request wakes another thread.
+    idle: Box<[Mutex<IdleSet>]>,
     dialer: Arc<Dialer>,
     idle_timeout: Duration,
     max_idle_per_endpoint: usize,
 }
 
 impl PoolInner {
-    fn put_back(&self, endpoint: UpstreamKey, sender: SendRequest<ProxyBody>) {
+    fn idle_of(&self, worker: usize) -> &Mutex<IdleSet> {
+        &self.idle[worker % self.idle.len()]
+    }
+
+    fn put_back(&self, worker: usize, endpoint: UpstreamKey, sender: SendRequest<ProxyBody>) {
         if sender.is_closed() {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self
+            .idle_of(worker)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         idle.sweep(now, self.idle_timeout, self.idle_timeout / 4);
         let list = idle.by_endpoint.entry(endpoint.clone()).or_default();
         if list.len() >= self.max_idle_per_endpoint {
@@ -125,9 +136,12 @@ impl PoolInner {
 
     /// The most recently used idle connection to `endpoint` still open and within the idle
     /// timeout.
-    fn take(&self, endpoint: &UpstreamKey) -> Option<SendRequest<ProxyBody>> {
+    fn take(&self, worker: usize, endpoint: &UpstreamKey) -> Option<SendRequest<ProxyBody>> {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self
+            .idle_of(worker)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let list = idle.by_endpoint.get_mut(endpoint)?;
         let mut taken = None;
         let mut dropped = 0;
@@ -153,15 +167,9 @@ pub struct Http1Pool {
 
 impl std::fmt::Debug for Http1Pool {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let idle = self
-            .inner
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .count;
         formatter
             .debug_struct("Http1Pool")
-            .field("idle", &idle)
+            .field("idle", &self.idle())
             .finish_non_exhaustive()
     }
 }
@@ -185,7 +193,9 @@ impl Http1Pool {
     ) -> Self {
         Self {
             inner: Arc::new(PoolInner {
-                idle: Mutex::new(IdleSet::default()),
+                idle: (0..=MAX_WORKERS)
+                    .map(|_| Mutex::new(IdleSet::default()))
+                    .collect(),
                 dialer,
                 idle_timeout,
                 max_idle_per_endpoint,
@@ -197,9 +207,9 @@ impl Http1Pool {
     pub fn idle(&self) -> usize {
         self.inner
             .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .count
+            .iter()
+            .map(|idle| idle.lock().unwrap_or_else(PoisonError::into_inner).count)
+            .sum()
     }
 
     /// Sends `request` (origin-form URI, `Host` set) to `endpoint` on an idle connection, or
@@ -225,6 +235,7 @@ impl Http1Pool {
             endpoint: address,
             via: self.inner.dialer.identity_key(source, node),
         };
+        let worker = current_worker();
         let mut request = Some(request);
         // Reused connections first; one that turns out closed gives the request back. One
         // still busy (its request body still going out after the response ended) is not
@@ -234,7 +245,7 @@ impl Http1Pool {
             let Some(unsent) = request.take() else {
                 break None;
             };
-            let Some(mut sender) = self.inner.take(&endpoint) else {
+            let Some(mut sender) = self.inner.take(worker, &endpoint) else {
                 request = Some(unsent);
                 break None;
             };
@@ -252,7 +263,9 @@ impl Http1Pool {
                 }
             }
             match sender.try_send_request(unsent).await {
-                Ok(response) => break Some(Ok(self.pooled(endpoint.clone(), sender, response))),
+                Ok(response) => {
+                    break Some(Ok(self.pooled(worker, endpoint.clone(), sender, response)));
+                }
                 Err(mut error) => match error.take_message() {
                     // Never sent: the connection closed meanwhile; try another.
                     Some(unsent) => {
@@ -264,7 +277,7 @@ impl Http1Pool {
             }
         };
         for sender in busy {
-            self.inner.put_back(endpoint.clone(), sender);
+            self.inner.put_back(worker, endpoint.clone(), sender);
         }
         if let Some(sent) = sent {
             return sent;
@@ -275,13 +288,14 @@ impl Http1Pool {
         };
         let mut sender = self.connect(source, &endpoint, node).await?;
         match sender.send_request(request).await {
-            Ok(response) => Ok(self.pooled(endpoint, sender, response)),
+            Ok(response) => Ok(self.pooled(worker, endpoint, sender, response)),
             Err(error) => Err(SendError::Failed(error)),
         }
     }
 
     fn pooled(
         &self,
+        worker: usize,
         endpoint: UpstreamKey,
         sender: SendRequest<ProxyBody>,
         response: Response<Incoming>,
@@ -290,6 +304,7 @@ impl Http1Pool {
             inner: body,
             back: Some(Back {
                 pool: Arc::downgrade(&self.inner),
+                worker,
                 endpoint,
                 sender,
             }),
@@ -330,6 +345,8 @@ impl Http1Pool {
 /// Where a finished response's connection goes back to.
 struct Back {
     pool: Weak<PoolInner>,
+    /// The worker whose pool the connection belongs to (its task runs there).
+    worker: usize,
     endpoint: UpstreamKey,
     sender: SendRequest<ProxyBody>,
 }
@@ -364,7 +381,7 @@ impl Drop for PooledBody {
             && self.inner.is_end_stream()
             && let Some(pool) = back.pool.upgrade()
         {
-            pool.put_back(back.endpoint, back.sender);
+            pool.put_back(back.worker, back.endpoint, back.sender);
         }
     }
 }
