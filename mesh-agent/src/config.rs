@@ -681,6 +681,15 @@ impl AgentConfig {
                 "must be greater than zero",
             ));
         }
+        if self.spec.proxy.worker_threads > crate::proxy::workers::MAX_WORKERS {
+            return Err(invalid(
+                "spec.proxy.workerThreads",
+                format!(
+                    "must be at most {} (0: one per CPU)",
+                    crate::proxy::workers::MAX_WORKERS
+                ),
+            ));
+        }
         if let Some(etcd) = &self.spec.etcd {
             self.validate_etcd(etcd)?;
         }
@@ -1093,6 +1102,10 @@ spec:
         );
         let message = error_of(&format!("{head}spec:\n  datapath:\n    pinDir: relative\n"));
         assert!(message.contains("spec.datapath.pinDir"), "{message}");
+        let message = error_of(&format!("{head}spec:\n  proxy:\n    workerThreads: 65\n"));
+        assert!(message.contains("spec.proxy.workerThreads"), "{message}");
+        let config = parse(&format!("{head}spec:\n  proxy:\n    workerThreads: 4\n")).expect("ok");
+        assert_eq!(config.spec.proxy.worker_threads, 4);
     }
 
     #[test]
