@@ -30,7 +30,7 @@ use crate::{
     datapath::{Datapath, DatapathError, DatapathSettings},
     kube::{KubeSettings, PodEnroller, PodEnrolmentSettings},
     policy::{Action, PolicySnapshot, PolicyStore},
-    proxy::{OutboundProxy, dialer::Dialer},
+    proxy::{OutboundProxy, dialer::Dialer, workers::ConnectionWorkers},
     tunnel::{PeerDirectory, TunnelClient, TunnelServer, TunnelSettings, TunnelStats},
 };
 
@@ -61,6 +61,8 @@ pub enum AgentError {
     Registration(#[from] crate::registry::RegistryError),
     #[error("workload identity: {0}")]
     Identity(String),
+    #[error(transparent)]
+    Workers(#[from] crate::proxy::workers::WorkerError),
 }
 
 /// Where the agent's mesh resources come from. Both sources end in [`PolicyStore::install`].
@@ -330,7 +332,8 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             config.spec.proxy.l7,
             Arc::clone(&policy),
         )
-        .with_dialer(dialer),
+        .with_dialer(dialer)
+        .with_workers(Arc::new(start_workers(config.spec.proxy.worker_threads)?)),
     );
 
     // A workload that cannot be enrolled is reported and skipped; the others are served.
@@ -474,6 +477,17 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     info!(stats = ?proxy.stats(), "agent stopped");
     Ok(())
+}
+
+/// The threads that serve captured connections: `configured`, or one per CPU.
+fn start_workers(configured: usize) -> Result<ConnectionWorkers, AgentError> {
+    let count = match configured {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        count => count,
+    };
+    let workers = ConnectionWorkers::start(count)?;
+    info!(threads = workers.len(), "connection workers started");
+    Ok(workers)
 }
 
 fn bind(address: SocketAddr) -> Result<TcpListener, AgentError> {

@@ -494,6 +494,9 @@ pub struct ProxySpec {
     /// request, retries. Off: every captured connection is carried as opaque bytes, with one
     /// policy check per connection.
     pub l7: bool,
+    /// Threads that serve captured connections, each with a single-threaded runtime; a
+    /// connection stays on one for its life. 0: one per CPU.
+    pub worker_threads: usize,
 }
 
 /// Standalone source of mesh resources: a folder of YAML/JSON files, watched for changes.
@@ -526,6 +529,7 @@ impl Default for ProxySpec {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             l7: true,
+            worker_threads: 0,
         }
     }
 }
@@ -675,6 +679,15 @@ impl AgentConfig {
             return Err(invalid(
                 "spec.proxy.connectTimeout",
                 "must be greater than zero",
+            ));
+        }
+        if self.spec.proxy.worker_threads > crate::proxy::workers::MAX_WORKERS {
+            return Err(invalid(
+                "spec.proxy.workerThreads",
+                format!(
+                    "must be at most {} (0: one per CPU)",
+                    crate::proxy::workers::MAX_WORKERS
+                ),
             ));
         }
         if let Some(etcd) = &self.spec.etcd {
@@ -1089,6 +1102,10 @@ spec:
         );
         let message = error_of(&format!("{head}spec:\n  datapath:\n    pinDir: relative\n"));
         assert!(message.contains("spec.datapath.pinDir"), "{message}");
+        let message = error_of(&format!("{head}spec:\n  proxy:\n    workerThreads: 65\n"));
+        assert!(message.contains("spec.proxy.workerThreads"), "{message}");
+        let config = parse(&format!("{head}spec:\n  proxy:\n    workerThreads: 4\n")).expect("ok");
+        assert_eq!(config.spec.proxy.worker_threads, 4);
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// One short round (1 s per measurement, 300 connects): a smoke run, not for reporting.
     #[arg(long)]
     pub quick: bool,
+    /// Only these paths (l7: direct, mesh, nginx, haproxy; comma-separated), to look at
+    /// one proxy (for instance under a profiler) without running the others.
+    #[arg(long, value_delimiter = ',')]
+    pub paths: Vec<String>,
     /// Where the JSON report goes (default: target/bench/<suite>.json).
     #[arg(long)]
     pub output: Option<PathBuf>,

@@ -877,7 +877,9 @@ fn run_path(kind: PathKind, bench: &Bench<'_>) -> anyhow::Result<Value> {
 /// Adds each path's added p99 latency (its p99 minus direct's in the same round), so the
 /// median is taken over per-round differences.
 fn add_added_latency(samples: &mut [Vec<Value>]) {
-    let direct = samples[0].clone();
+    let Some(direct) = samples.first().cloned() else {
+        return;
+    };
     for path in samples.iter_mut() {
         for (sample, direct) in path.iter_mut().zip(&direct) {
             for load in &LOADS {
@@ -1001,6 +1003,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let mut samples: Vec<Vec<Value>> = vec![Vec::new(); PathKind::ALL.len()];
         for round in 1..=plan.rounds {
             for (index, kind) in PathKind::ALL.into_iter().enumerate() {
+                if !args.paths.is_empty() && !args.paths.iter().any(|path| path == kind.key()) {
+                    continue;
+                }
                 step(&format!("round {round}/{}: {}", plan.rounds, kind.label()));
                 let sample = run_path(kind, &bench)
                     .with_context(|| format!("round {round}, {}", kind.label()))?;

@@ -434,8 +434,10 @@ impl HttpProxy {
             Some(name) => name.into(),
             None => caller.original_dst.to_string().into(),
         };
-        let leader = match dedup_key(caller, &admission_key, &parts, &body, &facts)
-            .filter(|_| !traffic.dedup.window.is_zero() && client_upgrade.is_none())
+        let deduplicate = !traffic.dedup.window.is_zero() && client_upgrade.is_none();
+        let leader = match deduplicate
+            .then(|| dedup_key(caller, &admission_key, &parts, &body, &facts))
+            .flatten()
         {
             Some(key) => match self.dedup.join(
                 key,
@@ -1599,6 +1601,10 @@ impl SessionAffinity {
             .headers()
             .get(MCP_SESSION_HEADER)
             .and_then(|value| value.to_str().ok());
+        if sent_session.is_none() && issued.is_none() {
+            // Nothing to learn or forget (most requests): the shared map is not locked.
+            return;
+        }
         let mut sessions = self
             .sessions
             .lock()

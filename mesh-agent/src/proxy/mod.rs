@@ -1,6 +1,7 @@
 //! Listeners and the forwarding of captured connections: protocol detection on the first
 //! client bytes, the L7 path for HTTP/1.1 and HTTP/2 (MCP, A2A, gRPC, WebSocket), and opaque
-//! TCP (spliced) for everything else; pooled HTTP/1.1 connections to upstreams (`upstream`).
+//! TCP (spliced) for everything else; pooled HTTP/1.1 connections to upstreams (`upstream`);
+//! the worker threads that serve the connections (`workers`).
 
 pub mod balance;
 pub mod dedup;
@@ -14,5 +15,6 @@ pub mod sniff;
 pub mod splice;
 pub mod sse;
 pub mod upstream;
+pub mod workers;
 
 pub use outbound::{OutboundProxy, PROTOCOL_LABELS, ProxyStats, ProxyStatsSnapshot};

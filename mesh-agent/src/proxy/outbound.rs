@@ -29,6 +29,7 @@ use super::{
     prefixed::PrefixedStream,
     sniff::{Detection, MAX_SNIFF, Protocol, detect},
     splice::forward_one_way,
+    workers::ConnectionWorkers,
 };
 use crate::{
     datapath::{CapturedConnection, Datapath},
@@ -139,6 +140,8 @@ pub struct OutboundProxy {
     http: Arc<HttpProxy>,
     /// Direct connections, or the tunnel for endpoints on other nodes.
     dialer: Arc<Dialer>,
+    /// Threads that serve the accepted connections (none: the caller's runtime does).
+    workers: Option<Arc<ConnectionWorkers>>,
     stats: ProxyStats,
 }
 
@@ -167,8 +170,16 @@ impl OutboundProxy {
             policy,
             http,
             dialer,
+            workers: None,
             stats: ProxyStats::default(),
         }
+    }
+
+    /// Serves accepted connections on `workers` (each connection on one worker thread for
+    /// its whole life) instead of on the runtime that accepts them.
+    pub fn with_workers(mut self, workers: Arc<ConnectionWorkers>) -> Self {
+        self.workers = Some(workers);
+        self
     }
 
     /// Reaches endpoints (opaque and L7) through `dialer` (which knows this node's name and
@@ -232,7 +243,14 @@ impl OutboundProxy {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let proxy = Arc::clone(&self);
-                        connections.spawn(async move { proxy.handle(stream, peer).await });
+                        match &self.workers {
+                            Some(workers) => workers.dispatch(stream, peer, move |stream| async move {
+                                proxy.handle(stream, peer).await;
+                            }),
+                            None => {
+                                connections.spawn(async move { proxy.handle(stream, peer).await });
+                            }
+                        }
                     }
                     Err(error) => {
                         // EMFILE and friends: keep serving, but do not spin.
@@ -245,6 +263,9 @@ impl OutboundProxy {
             }
         }
         drop(listener);
+        if let Some(workers) = &self.workers {
+            workers.drain(drain).await;
+        }
         let open = connections.len();
         if open > 0 {
             info!(listener = ?local, open, "draining open connections");

@@ -34,6 +34,7 @@ use tracing::debug;
 use super::{
     dialer::{DialError, Dialer},
     http::ProxyBody,
+    workers::{MAX_WORKERS, current_worker},
 };
 use crate::tunnel::{Freshness, TunnelError};
 
@@ -107,15 +108,23 @@ impl IdleSet {
 
 /// The shared part of a [`Http1Pool`]; pooled bodies hold it weakly.
 struct PoolInner {
-    idle: Mutex<IdleSet>,
+    /// Idle connections by connection worker (see [`super::workers`]; index 0 for any other
+    /// thread): a connection is driven by a task on the worker that made it, so it is only
+    /// handed to requests on that worker, and no request wakes another thread.
+    idle: Box<[Mutex<IdleSet>]>,
     dialer: Arc<Dialer>,
     idle_timeout: Duration,
     max_idle_per_endpoint: usize,
 }
 
 impl PoolInner {
+    fn idle_of(&self, worker: usize) -> &Mutex<IdleSet> {
+        &self.idle[worker % self.idle.len()]
+    }
+
     fn put_back(
         &self,
+        worker: usize,
         endpoint: UpstreamKey,
         sender: SendRequest<ProxyBody>,
         freshness: Option<Freshness>,
@@ -124,7 +133,10 @@ impl PoolInner {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self
+            .idle_of(worker)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         idle.sweep(now, self.idle_timeout, self.idle_timeout / 4);
         let list = idle.by_endpoint.entry(endpoint.clone()).or_default();
         if list.len() >= self.max_idle_per_endpoint {
@@ -144,9 +156,16 @@ impl PoolInner {
 
     /// The most recently used idle connection to `endpoint` still open and within the idle
     /// timeout.
-    fn take(&self, endpoint: &UpstreamKey) -> Option<(SendRequest<ProxyBody>, Option<Freshness>)> {
+    fn take(
+        &self,
+        worker: usize,
+        endpoint: &UpstreamKey,
+    ) -> Option<(SendRequest<ProxyBody>, Option<Freshness>)> {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self
+            .idle_of(worker)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let list = idle.by_endpoint.get_mut(endpoint)?;
         let mut taken = None;
         let mut dropped = 0;
@@ -172,15 +191,9 @@ pub struct Http1Pool {
 
 impl std::fmt::Debug for Http1Pool {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let idle = self
-            .inner
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .count;
         formatter
             .debug_struct("Http1Pool")
-            .field("idle", &idle)
+            .field("idle", &self.idle())
             .finish_non_exhaustive()
     }
 }
@@ -204,7 +217,9 @@ impl Http1Pool {
     ) -> Self {
         Self {
             inner: Arc::new(PoolInner {
-                idle: Mutex::new(IdleSet::default()),
+                idle: (0..=MAX_WORKERS)
+                    .map(|_| Mutex::new(IdleSet::default()))
+                    .collect(),
                 dialer,
                 idle_timeout,
                 max_idle_per_endpoint,
@@ -216,9 +231,9 @@ impl Http1Pool {
     pub fn idle(&self) -> usize {
         self.inner
             .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .count
+            .iter()
+            .map(|idle| idle.lock().unwrap_or_else(PoisonError::into_inner).count)
+            .sum()
     }
 
     /// Sends `request` (origin-form URI, `Host` set) to `endpoint` on an idle connection, or
@@ -244,6 +259,7 @@ impl Http1Pool {
             endpoint: address,
             via: self.inner.dialer.identity_key(source, node),
         };
+        let worker = current_worker();
         let mut request = Some(request);
         // Reused connections first; one that turns out closed gives the request back. One
         // still busy (its request body still going out after the response ended) is not
@@ -253,7 +269,7 @@ impl Http1Pool {
             let Some(unsent) = request.take() else {
                 break None;
             };
-            let Some((mut sender, freshness)) = self.inner.take(&endpoint) else {
+            let Some((mut sender, freshness)) = self.inner.take(worker, &endpoint) else {
                 request = Some(unsent);
                 break None;
             };
@@ -273,6 +289,7 @@ impl Http1Pool {
             match sender.try_send_request(unsent).await {
                 Ok(response) => {
                     break Some(Ok(self.pooled(
+                        worker,
                         endpoint.clone(),
                         sender,
                         freshness,
@@ -290,7 +307,8 @@ impl Http1Pool {
             }
         };
         for (sender, freshness) in busy {
-            self.inner.put_back(endpoint.clone(), sender, freshness);
+            self.inner
+                .put_back(worker, endpoint.clone(), sender, freshness);
         }
         if let Some(sent) = sent {
             return sent;
@@ -301,13 +319,14 @@ impl Http1Pool {
         };
         let (mut sender, freshness) = self.connect(source, &endpoint, node).await?;
         match sender.send_request(request).await {
-            Ok(response) => Ok(self.pooled(endpoint, sender, freshness, response)),
+            Ok(response) => Ok(self.pooled(worker, endpoint, sender, freshness, response)),
             Err(error) => Err(SendError::Failed(error)),
         }
     }
 
     fn pooled(
         &self,
+        worker: usize,
         endpoint: UpstreamKey,
         sender: SendRequest<ProxyBody>,
         freshness: Option<Freshness>,
@@ -317,6 +336,7 @@ impl Http1Pool {
             inner: body,
             back: Some(Back {
                 pool: Arc::downgrade(&self.inner),
+                worker,
                 endpoint,
                 sender,
                 freshness,
@@ -359,6 +379,8 @@ impl Http1Pool {
 /// Where a finished response's connection goes back to.
 struct Back {
     pool: Weak<PoolInner>,
+    /// The worker whose pool the connection belongs to (its task runs there).
+    worker: usize,
     endpoint: UpstreamKey,
     sender: SendRequest<ProxyBody>,
     freshness: Option<Freshness>,
@@ -394,7 +416,7 @@ impl Drop for PooledBody {
             && self.inner.is_end_stream()
             && let Some(pool) = back.pool.upgrade()
         {
-            pool.put_back(back.endpoint, back.sender, back.freshness);
+            pool.put_back(back.worker, back.endpoint, back.sender, back.freshness);
         }
     }
 }
