@@ -434,6 +434,9 @@ impl OutboundProxy {
         captured: &CapturedConnection,
         workload: &str,
     ) -> std::io::Result<Opening> {
+        if !self.l7 {
+            return self.read_opening_dialling(client, captured, workload).await;
+        }
         let mut upstream = None;
         // `peek`, not `readable`: a readiness report may be a false positive (a fresh accepted
         // socket often reports readable with nothing to read), and only bytes or an end of
@@ -464,49 +467,74 @@ impl OutboundProxy {
                 Err(error) => debug!(dst = %captured.original_dst, %error, "early dial failed"),
             }
         }
-        let mut prefix = Vec::with_capacity(1024);
-        let deadline = tokio::time::Instant::now() + DETECTION_TIMEOUT;
-        loop {
-            if tokio::time::timeout_at(deadline, client.readable())
-                .await
-                .is_err()
-            {
-                // A client that stalls mid-prefix is carried as opaque bytes.
-                return Ok(Opening::Client {
-                    prefix,
-                    protocol: Protocol::Opaque,
-                    upstream,
-                });
-            }
-            if prefix.len() == prefix.capacity() {
-                // Grow by doubling, never past the detector's window.
-                let wanted = (prefix.len() * 2).clamp(1024, MAX_SNIFF);
-                prefix.reserve_exact(wanted - prefix.len());
-            }
-            // Into the spare capacity, without zeroing it first.
-            let room = MAX_SNIFF - prefix.len();
-            let read = client.try_read_buf(&mut bytes::BufMut::limit(&mut prefix, room));
-            let count = match read {
-                Ok(count) => count,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(error) => return Err(error),
-            };
-            let protocol = if count == 0 {
-                // The client finished sending (or never sent): whatever it sent is opaque.
-                Protocol::Opaque
-            } else {
-                match detect(&prefix) {
-                    Detection::Known(protocol) => protocol,
-                    Detection::NeedMore if prefix.len() >= MAX_SNIFF => Protocol::Opaque,
-                    Detection::NeedMore => continue,
-                }
-            };
+        let (prefix, protocol) = sniff_prefix(client).await?;
+        Ok(Opening::Client {
+            prefix,
+            protocol,
+            upstream,
+        })
+    }
+
+    /// [`Self::read_opening`] when every connection is carried as opaque bytes (L7 off), so
+    /// the original destination is dialled anyway (when policy lets the workload reach it at
+    /// all): the dial starts at once and runs while the client's first bytes are read, and
+    /// whichever side speaks first is known without a grace period.
+    async fn read_opening_dialling(
+        &self,
+        client: &TcpStream,
+        captured: &CapturedConnection,
+        workload: &str,
+    ) -> std::io::Result<Opening> {
+        if !self.may_reach(workload, captured.original_dst) {
+            // Never dialled: the L4 decision below refuses the connection.
+            let (prefix, protocol) = sniff_prefix(client).await?;
             return Ok(Opening::Client {
                 prefix,
                 protocol,
-                upstream,
+                upstream: None,
             });
         }
+        let node = node_of(&self.policy.current(), captured.original_dst);
+        let dial = self
+            .dialer
+            .connect(workload, captured.original_dst, node.as_deref());
+        tokio::pin!(dial);
+        let mut upstream = None;
+        let mut dial_done = false;
+        let mut first = [0u8; 1];
+        tokio::select! {
+            spoke = client.peek(&mut first) => { spoke?; }
+            dialled = &mut dial => {
+                dial_done = true;
+                match dialled {
+                    Ok(mut dialled) => {
+                        let server_first = tokio::select! {
+                            spoke = client.peek(&mut first) => { spoke?; false }
+                            ready = dialled.wait_readable() => { ready?; true }
+                        };
+                        if server_first {
+                            return Ok(Opening::ServerFirst(dialled));
+                        }
+                        upstream = Some(dialled);
+                    }
+                    // Dialled again (and reported) once the connection is authorised.
+                    Err(error) => debug!(dst = %captured.original_dst, %error, "early dial failed"),
+                }
+            }
+        }
+        // The connect started above (its SYN is out); the kernel completes it meanwhile.
+        let (prefix, protocol) = sniff_prefix(client).await?;
+        if !dial_done {
+            match dial.await {
+                Ok(dialled) => upstream = Some(dialled),
+                Err(error) => debug!(dst = %captured.original_dst, %error, "early dial failed"),
+            }
+        }
+        Ok(Opening::Client {
+            prefix,
+            protocol,
+            upstream,
+        })
     }
 
     /// Whether `workload` may reach `destination` at all, before anything is known of what it
@@ -558,4 +586,43 @@ impl OutboundProxy {
 /// Closes a connection with RST so the workload sees a failure, not a clean end of stream.
 fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Reads the client's first bytes until the detector decides; returns them (to replay) and
+/// the protocol. A client that stalls mid-prefix, or finishes, is carried as opaque bytes.
+async fn sniff_prefix(client: &TcpStream) -> std::io::Result<(Vec<u8>, Protocol)> {
+    let mut prefix = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + DETECTION_TIMEOUT;
+    loop {
+        if tokio::time::timeout_at(deadline, client.readable())
+            .await
+            .is_err()
+        {
+            return Ok((prefix, Protocol::Opaque));
+        }
+        if prefix.len() == prefix.capacity() {
+            // Grow by doubling, never past the detector's window.
+            let wanted = (prefix.len() * 2).clamp(1024, MAX_SNIFF);
+            prefix.reserve_exact(wanted - prefix.len());
+        }
+        // Into the spare capacity, without zeroing it first.
+        let room = MAX_SNIFF - prefix.len();
+        let read = client.try_read_buf(&mut bytes::BufMut::limit(&mut prefix, room));
+        let count = match read {
+            Ok(count) => count,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        };
+        let protocol = if count == 0 {
+            // The client finished sending (or never sent): whatever it sent is opaque.
+            Protocol::Opaque
+        } else {
+            match detect(&prefix) {
+                Detection::Known(protocol) => protocol,
+                Detection::NeedMore if prefix.len() >= MAX_SNIFF => Protocol::Opaque,
+                Detection::NeedMore => continue,
+            }
+        };
+        return Ok((prefix, protocol));
+    }
 }
