@@ -108,6 +108,8 @@ impl Datapath {
             .map_max_entries(map_names::ORIG_BY_COOKIE, settings.max_connections)
             .map_max_entries(map_names::CONNS, settings.max_connections)
             .map_max_entries(map_names::SOCKS, settings.max_connections)
+            .map_max_entries(map_names::REDIRECT_STATE, settings.max_connections)
+            .map_max_entries(map_names::REDIRECT_ALLOWANCE, settings.max_connections)
             .map_max_entries(map_names::FLOW_SEQ, settings.max_connections)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -219,6 +221,23 @@ impl Datapath {
     /// Whether in-kernel acceleration is active.
     pub fn accelerated(&self) -> bool {
         self.accelerated
+    }
+
+    /// Tells `sk_msg` that the agent has read `consumed` bytes of what the workload socket
+    /// connected to `agent_end` from `workload_end` sent: it may queue up to
+    /// [`mesh_common::REDIRECT_WINDOW`] more on the agent's socket.
+    pub fn report_consumed(
+        &self,
+        workload_end: SocketAddr,
+        agent_end: SocketAddr,
+        consumed: u64,
+    ) -> Result<(), DatapathError> {
+        let workload_socket =
+            mesh_common::SockTuple::new(endpoint_of(workload_end), endpoint_of(agent_end));
+        self.maps.set_redirect_allowance(
+            &workload_socket,
+            consumed.saturating_add(mesh_common::REDIRECT_WINDOW),
+        )
     }
 
     /// The cgroup the programs are attached to.

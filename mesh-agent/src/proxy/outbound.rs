@@ -572,14 +572,112 @@ impl OutboundProxy {
                 .fetch_add(to_upstream.spliced + to_workload.spliced, Ordering::Relaxed);
             return Ok((sent_first + to_upstream.total, to_workload.total));
         }
-        let (to_upstream, to_workload) = tokio::io::copy_bidirectional_with_sizes(
-            client,
-            &mut upstream,
-            COPY_BUFFER,
-            COPY_BUFFER,
-        )
-        .await?;
+        let (to_upstream, to_workload) = if self.datapath.accelerated() {
+            // The workload's bytes may arrive by sk_msg redirect, which queues on this socket
+            // only as far as the agent reports having read.
+            let mut client = ConsumptionReport::new(client, &self.datapath, prefix.len() as u64);
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut upstream,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await?
+        } else {
+            tokio::io::copy_bidirectional_with_sizes(
+                client,
+                &mut upstream,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await?
+        };
         Ok((sent_first + to_upstream, to_workload))
+    }
+}
+
+/// The accepted socket of an accelerated connection, reporting to the datapath how much of
+/// what the workload sent the agent has read, so `sk_msg` keeps redirecting while the agent
+/// keeps up (and falls back to TCP when it does not). Reports go out every quarter window.
+struct ConsumptionReport<'a> {
+    inner: &'a mut TcpStream,
+    datapath: &'a Datapath,
+    /// The workload's end and the agent's end of the connection (the kernel's key).
+    ends: Option<(SocketAddr, SocketAddr)>,
+    consumed: u64,
+    next_report: u64,
+}
+
+impl<'a> ConsumptionReport<'a> {
+    const STEP: u64 = mesh_common::REDIRECT_WINDOW / 4;
+
+    fn new(inner: &'a mut TcpStream, datapath: &'a Datapath, already_read: u64) -> Self {
+        let ends = inner.peer_addr().ok().zip(inner.local_addr().ok());
+        let mut report = Self {
+            inner,
+            datapath,
+            ends,
+            consumed: already_read,
+            next_report: 0,
+        };
+        report.report();
+        report
+    }
+
+    fn report(&mut self) {
+        if let Some((workload_end, agent_end)) = self.ends
+            && let Err(error) =
+                self.datapath
+                    .report_consumed(workload_end, agent_end, self.consumed)
+        {
+            // Without a report the redirect stops at its window and the connection goes on
+            // over TCP: nothing is lost.
+            debug!(%error, "cannot report consumed bytes to the datapath");
+            self.ends = None;
+        }
+        self.next_report = self.consumed.saturating_add(Self::STEP);
+    }
+}
+
+impl tokio::io::AsyncRead for ConsumptionReport<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            self.consumed += (buf.filled().len() - before) as u64;
+            if self.consumed >= self.next_report {
+                self.report();
+            }
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for ConsumptionReport<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
