@@ -364,6 +364,15 @@ fn large_transfer(accelerate: bool) {
             field(&events, "redirected") > 0,
             "sk_msg did not carry the transfer: {events}"
         );
+        // Past its window the upload took TCP for good, and once the agent had read what was
+        // redirected it moved the rest by splice(2).
+        assert!(field(&events, "redirect_missed") > 0, "{events}");
+        let spliced = admin_get(&world.agent, "/metrics")
+            .lines()
+            .find_map(|line| line.strip_prefix("mesh_proxy_spliced_bytes_total "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(spliced > 0.0, "nothing was spliced after the fall back");
     } else {
         assert_eq!(field(&events, "redirected"), 0, "{events}");
     }

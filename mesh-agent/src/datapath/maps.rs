@@ -17,8 +17,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use mesh_common::{
-    ConnInfo, DatapathConfig, DatapathEvent, Endpoint, SockTuple, TrafficCounters, WorkloadInfo,
-    map_names,
+    ConnInfo, DatapathConfig, DatapathEvent, Endpoint, RedirectState, SockTuple, TrafficCounters,
+    WorkloadInfo, map_names,
 };
 
 use super::{DatapathError, sys};
@@ -41,6 +41,7 @@ pub struct DatapathMaps {
     conns: HashMap<MapData, Endpoint, ConnInfo>,
     socks: Mutex<SockHash<MapData, SockTuple>>,
     redirect_allowance: Mutex<HashMap<MapData, SockTuple, u64>>,
+    redirect_state: HashMap<MapData, SockTuple, RedirectState>,
     counters: Mutex<PerCpuHashMap<MapData, u64, TrafficCounters>>,
     events: PerCpuArray<MapData, u64>,
 }
@@ -130,6 +131,7 @@ impl DatapathMaps {
                 map_names::REDIRECT_ALLOWANCE,
                 take(map_names::REDIRECT_ALLOWANCE)?,
             )?),
+            redirect_state: typed(map_names::REDIRECT_STATE, take(map_names::REDIRECT_STATE)?)?,
             counters: Mutex::new(typed(map_names::COUNTERS, take(map_names::COUNTERS)?)?),
             events: typed(map_names::EVENTS, take(map_names::EVENTS)?)?,
         })
@@ -211,6 +213,17 @@ impl DatapathMaps {
         locked(&self.redirect_allowance)
             .insert(socket, bytes, 0)
             .map_err(map_error(map_names::REDIRECT_ALLOWANCE))
+    }
+
+    /// The redirect bookkeeping of a socket in `MESH_SOCKS`, if it has any.
+    pub fn redirect_state(
+        &self,
+        socket: &SockTuple,
+    ) -> Result<Option<RedirectState>, DatapathError> {
+        optional(
+            self.redirect_state.get(socket, 0),
+            map_names::REDIRECT_STATE,
+        )
     }
 
     /// Attaches the `sk_msg` program to the socket map (replacing any earlier one).

@@ -28,7 +28,7 @@ use super::{
     http::{CallerContext, HttpProxy, HttpVersion},
     prefixed::PrefixedStream,
     sniff::{Detection, MAX_SNIFF, Protocol, detect},
-    splice::forward_one_way,
+    splice::{Moved, forward_one_way},
 };
 use crate::{
     datapath::{CapturedConnection, Datapath},
@@ -572,112 +572,96 @@ impl OutboundProxy {
                 .fetch_add(to_upstream.spliced + to_workload.spliced, Ordering::Relaxed);
             return Ok((sent_first + to_upstream.total, to_workload.total));
         }
-        let (to_upstream, to_workload) = if self.datapath.accelerated() {
-            // The workload's bytes may arrive by sk_msg redirect, which queues on this socket
-            // only as far as the agent reports having read.
-            let mut client = ConsumptionReport::new(client, &self.datapath, prefix.len() as u64);
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut upstream,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await?
-        } else {
-            tokio::io::copy_bidirectional_with_sizes(
-                client,
-                &mut upstream,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await?
-        };
+        if let (true, Upstream::Direct(upstream)) = (self.datapath.accelerated(), &upstream) {
+            // The workload's bytes may arrive by sk_msg redirect (a queue splice(2) does not
+            // read) until its socket falls back to TCP; the agent's own bytes can be spliced
+            // (writes to a redirecting socket go through sk_msg either way).
+            let (to_upstream, to_workload) = tokio::try_join!(
+                upload_accelerated(&self.datapath, client, upstream, sent_first),
+                forward_one_way(upstream, &*client),
+            )?;
+            self.stats
+                .bytes_spliced
+                .fetch_add(to_upstream.spliced + to_workload.spliced, Ordering::Relaxed);
+            return Ok((sent_first + to_upstream.total, to_workload.total));
+        }
+        let (to_upstream, to_workload) = tokio::io::copy_bidirectional_with_sizes(
+            client,
+            &mut upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        )
+        .await?;
         Ok((sent_first + to_upstream, to_workload))
     }
 }
 
-/// The accepted socket of an accelerated connection, reporting to the datapath how much of
-/// what the workload sent the agent has read, so `sk_msg` keeps redirecting while the agent
-/// keeps up (and falls back to TCP when it does not). Reports go out every quarter window.
-struct ConsumptionReport<'a> {
-    inner: &'a mut TcpStream,
-    datapath: &'a Datapath,
-    /// The workload's end and the agent's end of the connection (the kernel's key).
-    ends: Option<(SocketAddr, SocketAddr)>,
-    consumed: u64,
-    next_report: u64,
-}
-
-impl<'a> ConsumptionReport<'a> {
+/// Carries a workload's bytes to the upstream on an accelerated connection, until the
+/// workload's EOF (then half-closes the upstream). Every quarter window it tells the datapath
+/// how much it has read, so `sk_msg` keeps redirecting while the agent keeps up; once the
+/// workload's socket has fallen back to TCP and everything it redirected has been read, its
+/// redirect queue stays empty and the rest moves by splice(2).
+async fn upload_accelerated(
+    datapath: &Datapath,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    already_read: u64,
+) -> std::io::Result<Moved> {
     const STEP: u64 = mesh_common::REDIRECT_WINDOW / 4;
-
-    fn new(inner: &'a mut TcpStream, datapath: &'a Datapath, already_read: u64) -> Self {
-        let ends = inner.peer_addr().ok().zip(inner.local_addr().ok());
-        let mut report = Self {
-            inner,
-            datapath,
-            ends,
-            consumed: already_read,
-            next_report: 0,
-        };
-        report.report();
-        report
-    }
-
-    fn report(&mut self) {
-        if let Some((workload_end, agent_end)) = self.ends
-            && let Err(error) =
-                self.datapath
-                    .report_consumed(workload_end, agent_end, self.consumed)
+    let mut ends = client.peer_addr().ok().zip(client.local_addr().ok());
+    let mut consumed = already_read;
+    let mut next_report = consumed;
+    let mut total = 0u64;
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    loop {
+        if consumed >= next_report
+            && let Some((workload_end, agent_end)) = ends
         {
-            // Without a report the redirect stops at its window and the connection goes on
-            // over TCP: nothing is lost.
-            debug!(%error, "cannot report consumed bytes to the datapath");
-            self.ends = None;
-        }
-        self.next_report = self.consumed.saturating_add(Self::STEP);
-    }
-}
-
-impl tokio::io::AsyncRead for ConsumptionReport<'_> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = &polled {
-            self.consumed += (buf.filled().len() - before) as u64;
-            if self.consumed >= self.next_report {
-                self.report();
+            next_report = consumed.saturating_add(STEP);
+            let finished = datapath
+                .report_consumed(workload_end, agent_end, consumed)
+                .and_then(|()| datapath.redirect_finished(workload_end, agent_end));
+            match finished {
+                Ok(Some(redirected)) if consumed >= redirected => {
+                    let rest = forward_one_way(client, upstream).await?;
+                    return Ok(Moved {
+                        total: total + rest.total,
+                        spliced: rest.spliced,
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    // Unreported, the redirect stops at its window and the connection goes on
+                    // over TCP, copied here: nothing is lost.
+                    debug!(%error, "cannot exchange redirect state with the datapath");
+                    ends = None;
+                }
             }
         }
-        polled
-    }
-}
-
-impl tokio::io::AsyncWrite for ConsumptionReport<'_> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+        // Plain reads (not the short-read readiness shortcut of `forward_one_way`): the
+        // redirect queue and the TCP queue each wake the reader.
+        client.readable().await?;
+        let count = match client.try_read(&mut buffer) {
+            Ok(count) => count,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        };
+        if count == 0 {
+            socket2::SockRef::from(upstream).shutdown(std::net::Shutdown::Write)?;
+            return Ok(Moved { total, spliced: 0 });
+        }
+        let mut data = &buffer[..count];
+        while !data.is_empty() {
+            upstream.writable().await?;
+            match upstream.try_write(data) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(written) => data = &data[written..],
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err(error),
+            }
+        }
+        total += count as u64;
+        consumed += count as u64;
     }
 }
 
