@@ -45,6 +45,14 @@ pub mod map_names {
     pub const CONNS: &str = "MESH_CONNS";
     /// `SockHash<SockTuple>`: sockets of local hops eligible for in-kernel redirection.
     pub const SOCKS: &str = "MESH_SOCKS";
+    /// `HashMap<SockTuple, RedirectState>`: per socket of `MESH_SOCKS` (keyed as seen from that
+    /// socket), the bytes `sk_msg` redirected from it and whether it fell back to TCP for good.
+    /// Created when the socket joins `MESH_SOCKS`, removed when it closes: a socket without an
+    /// entry is never redirected.
+    pub const REDIRECT_STATE: &str = "MESH_REDIRECT_STATE";
+    /// `LruHashMap<SockTuple, u64>`: redirected-byte count up to which a socket may be redirected,
+    /// written by the agent as it reads what the socket sent (absent: [`REDIRECT_WINDOW`]).
+    pub const REDIRECT_ALLOWANCE: &str = "MESH_REDIRECT_ALLOWANCE";
     /// `LruHashMap<SockTuple, u32>`: highest TCP sequence seen per flow and direction, so
     /// retransmitted payload is counted once.
     pub const FLOW_SEQ: &str = "MESH_FLOW_SEQ";
@@ -173,6 +181,18 @@ pub struct SockTuple {
 }
 
 impl SockTuple {
+    /// The socket with local end `local` connected to `remote` (both of one family).
+    pub const fn new(local: Endpoint, remote: Endpoint) -> Self {
+        Self {
+            family: local.family,
+            local_port: local.port,
+            remote_port: remote.port,
+            pad: 0,
+            local_addr: local.addr,
+            remote_addr: remote.addr,
+        }
+    }
+
     /// The same connection as seen from the other end.
     pub const fn reversed(&self) -> Self {
         Self {
@@ -202,6 +222,23 @@ impl SockTuple {
             addr: self.remote_addr,
         }
     }
+}
+
+/// Bytes an `sk_msg` redirect may queue on the receiving socket beyond what its reader has
+/// taken (the redirect has no flow control of its own): a socket whose redirected bytes would
+/// pass its allowance (this window, or what the agent wrote to `MESH_REDIRECT_ALLOWANCE`)
+/// falls back to TCP for the rest of its life.
+pub const REDIRECT_WINDOW: u64 = 4 << 20;
+
+/// Redirect bookkeeping of one socket: value of `MESH_REDIRECT_STATE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectState {
+    /// Bytes `sk_msg` redirected from this socket to its peer.
+    pub redirected: u64,
+    /// Non-zero once a message of this socket took the TCP path: every later one does too, so
+    /// bytes never overtake earlier ones still travelling through TCP.
+    pub fallen_back: u64,
 }
 
 /// Per-workload traffic counters (per CPU in the kernel, summed by the agent).
@@ -266,7 +303,8 @@ pub enum DatapathEvent {
     SockHashFailed = 4,
     /// A message was redirected socket to socket.
     Redirected = 5,
-    /// A message whose peer was not in `MESH_SOCKS` took the TCP path.
+    /// A message took the TCP path: its peer was not in `MESH_SOCKS`, or its socket fell back
+    /// to TCP (its peer's queue reached the redirect window).
     RedirectMissed = 6,
 }
 
@@ -313,6 +351,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockTuple {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TrafficCounters {}
+    // SAFETY: as above (two u64 fields).
+    unsafe impl aya::Pod for super::RedirectState {}
 }
 
 #[cfg(test)]
@@ -330,6 +370,7 @@ mod tests {
         assert_eq!(size_of::<ConnInfo>(), 24 + 8 + 8);
         assert_eq!(align_of::<ConnInfo>(), 8);
         assert_eq!(size_of::<SockTuple>(), 16 + 32);
+        assert_eq!(size_of::<RedirectState>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 10 * 8);
     }
 

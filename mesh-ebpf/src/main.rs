@@ -5,7 +5,9 @@
 //! - `cgroup/getpeername4|6` hand the dialled address back, so capture is invisible.
 //! - `sockops` publishes each captured connection by client address and port for the agent, and
 //!   (with acceleration on) puts both ends of a workload-to-agent hop into `MESH_SOCKS`.
-//! - `sk_msg` splices bytes between the two ends of such a hop inside the kernel.
+//! - `sk_msg` splices bytes between the two ends of such a hop inside the kernel, while the
+//!   receiving end's queue stays within a window; past it the sending socket falls back to
+//!   TCP for good (the redirect itself has no flow control).
 //! - `cgroup_skb` ingress and egress count bytes, packets and connections per workload.
 //!
 //! Every map is pinned by name so an agent restart keeps capture state and counters; sizes are
@@ -32,7 +34,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ConnInfo, DatapathConfig, DatapathEvent, Endpoint, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH,
-    SockTuple, TrafficCounters, WorkloadInfo, config_flags,
+    REDIRECT_WINDOW, RedirectState, SockTuple, TrafficCounters, WorkloadInfo, config_flags,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -66,6 +68,12 @@ static CONNS: LruHashMap<Endpoint, ConnInfo> = LruHashMap::pinned(65536, 0);
 
 #[map(name = "MESH_SOCKS")]
 static SOCKS: SockHash<SockTuple> = SockHash::pinned(65536, 0);
+
+#[map(name = "MESH_REDIRECT_STATE")]
+static REDIRECT_STATE: HashMap<SockTuple, RedirectState> = HashMap::pinned(65536, 0);
+
+#[map(name = "MESH_REDIRECT_ALLOWANCE")]
+static REDIRECT_ALLOWANCE: LruHashMap<SockTuple, u64> = LruHashMap::pinned(65536, 0);
 
 #[map(name = "MESH_FLOW_SEQ")]
 static FLOW_SEQ: LruHashMap<SockTuple, u32> = LruHashMap::pinned(65536, 0);
@@ -374,10 +382,32 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn sock_ops_tuple(ctx: &SockOpsContext) -> SockTuple {
     let family = ctx.family();
-    let (local_addr, remote_addr) = if family == FAMILY_INET {
-        ([ctx.local_ip4(), 0, 0, 0], [ctx.remote_ip4(), 0, 0, 0])
-    } else {
-        (ctx.local_ip6(), ctx.remote_ip6())
+    let ops = ctx.ops;
+    // Volatile loads at fixed offsets: the verifier refuses a context access through a pointer
+    // the compiler computed (it would otherwise pick the IPv4 or IPv6 field by pointer).
+    // SAFETY: the context pointer is valid for the program's run and the verifier checks that this hook may access these fields.
+    let (local_addr, remote_addr) = unsafe {
+        if family == FAMILY_INET {
+            (
+                [
+                    core::ptr::read_volatile(core::ptr::addr_of!((*ops).local_ip4)),
+                    0,
+                    0,
+                    0,
+                ],
+                [
+                    core::ptr::read_volatile(core::ptr::addr_of!((*ops).remote_ip4)),
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        } else {
+            (
+                read_ctx_words(core::ptr::addr_of!((*ops).local_ip6)),
+                read_ctx_words(core::ptr::addr_of!((*ops).remote_ip6)),
+            )
+        }
     };
     SockTuple {
         family,
@@ -461,9 +491,20 @@ fn on_active_established(ctx: &SockOpsContext) {
     }
 }
 
-/// Puts the socket of a sock_ops callback into `MESH_SOCKS` under its own tuple.
+/// Puts the socket of a sock_ops callback into `MESH_SOCKS` under its own tuple, with fresh
+/// redirect bookkeeping (written first: `sk_msg` never redirects a socket without it). The close
+/// callback removes both.
 #[inline(always)]
 fn add_to_sockhash(ctx: &SockOpsContext, tuple: SockTuple) {
+    if REDIRECT_STATE
+        .insert(&tuple, &RedirectState::default(), BPF_ANY as u64)
+        .is_err()
+    {
+        count_event(DatapathEvent::SockHashFailed);
+        return;
+    }
+    let _ = REDIRECT_ALLOWANCE.remove(&tuple);
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     let mut key = tuple;
     if SOCKS
         // SAFETY: `ctx.ops` is the sock_ops context the kernel passed to this program, valid for its run.
@@ -501,6 +542,8 @@ fn on_close(ctx: &SockOpsContext) {
     let _ = ORIG_BY_COOKIE.remove(cookie);
     let tuple = sock_ops_tuple(ctx);
     let _ = CONNS.remove(conn_key(tuple.local()));
+    let _ = REDIRECT_STATE.remove(&tuple);
+    let _ = REDIRECT_ALLOWANCE.remove(&tuple);
 }
 
 /// The connection of an sk_msg call as seen from the sending socket; same port encodings as
@@ -534,19 +577,53 @@ fn sk_msg_tuple(ctx: &SkMsgContext) -> SockTuple {
     }
 }
 
+/// Redirects a message into the peer socket's receive queue (ingress), or lets it take the TCP
+/// path. The redirect has no flow control (the peer's queue grows until the kernel refuses
+/// memory, and the sender then sees `ENOMEM`), so a socket may only queue up to its allowance
+/// on its peer: `REDIRECT_WINDOW` beyond what the peer's reader took, as far as the agent
+/// reports it (`MESH_REDIRECT_ALLOWANCE`), else `REDIRECT_WINDOW` in all. A message that would
+/// pass it, or whose peer is missing, takes the TCP path, and so does every later message of
+/// that socket: the receiver reads its redirect queue before its TCP queue, so a redirected
+/// byte must never follow one sent through TCP.
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     let tuple = sk_msg_tuple(&ctx);
+    let size = u64::from(ctx.size());
+    let Some(state) = REDIRECT_STATE.get_ptr_mut(&tuple) else {
+        count_event(DatapathEvent::RedirectMissed);
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: a map value pointer the verifier checked for null, valid until the program
+    // returns; one writer per entry (sk_msg runs under its socket's lock).
+    let redirected = unsafe {
+        if (*state).fallen_back != 0 {
+            count_event(DatapathEvent::RedirectMissed);
+            return sk_action::SK_PASS;
+        }
+        (*state).redirected
+    };
+    // SAFETY: the map value is read (copied) at once; no reference outlives this statement.
+    let allowance = unsafe { REDIRECT_ALLOWANCE.get(&tuple) }
+        .copied()
+        .unwrap_or(REDIRECT_WINDOW);
     let mut peer = tuple.reversed();
-    let verdict = SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
+    let verdict = if redirected + size > allowance {
+        i64::from(sk_action::SK_DROP)
+    } else {
+        SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
+    };
     if verdict != i64::from(sk_action::SK_PASS) {
-        // No peer socket (the agent's end is not in the map yet or is gone): take the TCP path.
+        // Over the allowance, or no peer socket (the agent's end is not in the map yet or is
+        // gone): the TCP path, from now on.
+        // SAFETY: as above.
+        unsafe { (*state).fallen_back = 1 };
         count_event(DatapathEvent::RedirectMissed);
         return sk_action::SK_PASS;
     }
+    // SAFETY: as above.
+    unsafe { (*state).redirected = redirected + size };
     count_event(DatapathEvent::Redirected);
     // Bytes that skip the TCP stack skip cgroup_skb too: account for them here.
-    let size = u64::from(ctx.size());
     let from_agent = config().is_some_and(|cfg| is_outbound_listener(cfg, &tuple.local()));
     let client = if from_agent {
         tuple.remote()

@@ -364,6 +364,15 @@ fn large_transfer(accelerate: bool) {
             field(&events, "redirected") > 0,
             "sk_msg did not carry the transfer: {events}"
         );
+        // Past its window the upload took TCP for good, and once the agent had read what was
+        // redirected it moved the rest by splice(2).
+        assert!(field(&events, "redirect_missed") > 0, "{events}");
+        let spliced = admin_get(&world.agent, "/metrics")
+            .lines()
+            .find_map(|line| line.strip_prefix("mesh_proxy_spliced_bytes_total "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(spliced > 0.0, "nothing was spliced after the fall back");
     } else {
         assert_eq!(field(&events, "redirected"), 0, "{events}");
     }
@@ -666,4 +675,312 @@ fn a_second_agent_cannot_take_over_a_running_datapath() {
     // The first agent still owns and serves the datapath.
     assert_intact(&world.peer(&world.workload, server.address, 256), 256);
     assert_eq!(field(&world.counters(), "connections_captured"), 1);
+}
+
+#[test]
+fn four_parallel_bulk_streams_with_acceleration_arrive_byte_identical() {
+    const BYTES: u64 = 64 * 1024 * 1024;
+    const STREAMS: usize = 4;
+    let world = World::start("bulk4-fast", true);
+    let server = EchoServer::start("127.0.0.1:0");
+
+    let reports: Vec<Value> = thread::scope(|scope| {
+        let streams: Vec<_> = (0..STREAMS)
+            .map(|_| scope.spawn(|| run_peer(&world.tree, &world.workload, server.address, BYTES)))
+            .collect();
+        streams
+            .into_iter()
+            .map(|stream| stream.join().expect("peer thread"))
+            .collect()
+    });
+    // No ENOMEM (or any other error) reaches a writer, and every byte comes back in order.
+    for report in &reports {
+        assert_intact(report, BYTES);
+    }
+    let counters = world.counters();
+    assert!(
+        field(&counters, "redirected_bytes") > 0,
+        "sk_msg carried part of the streams: {counters}"
+    );
+    assert_eq!(
+        field(&counters, "tx_payload_bytes"),
+        STREAMS as u64 * BYTES,
+        "{counters}"
+    );
+}
+
+#[test]
+fn timed_bulk_streams_with_acceleration_confirm_every_byte() {
+    let world = World::start("timed-bulk-fast", true);
+    let loadgen = testpeer_binary()
+        .expect("mesh-testpeer binary")
+        .with_file_name("mesh-loadgen");
+    let mut server = Command::new(&loadgen)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start mesh-loadgen serve");
+    let stdout = server.stdout.take().expect("server stdout");
+    let _server = mesh_tests::KillOnDrop(server);
+    let lines = mesh_tests::read_lines_until(stdout, |line| line.starts_with("listening "));
+    let address = lines
+        .last()
+        .and_then(|line| line.strip_prefix("listening "))
+        .expect("server address")
+        .trim()
+        .to_owned();
+    for streams in ["1", "4"] {
+        // The client streams for a while, shuts its write side, and checks the byte count the
+        // server confirms: nothing lost, nothing doubled, no error.
+        let output = world
+            .tree
+            .run_in(
+                &world.workload,
+                Command::new(&loadgen).args([
+                    "bulk",
+                    "--to",
+                    &address,
+                    "--streams",
+                    streams,
+                    "--duration-ms",
+                    "1500",
+                ]),
+            )
+            .expect("run mesh-loadgen bulk");
+        assert!(
+            output.status.success(),
+            "{streams} stream(s): {} {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            world.agent.log()
+        );
+    }
+    let events = world.events();
+    assert!(field(&events, "redirected") > 0, "{events}");
+}
+
+/// A client for the half-close and slow-reader tests, run with python3 in the workload's
+/// cgroup: sends `ping`, expects `pong`, sends BYTES of a pattern, shuts its write side,
+/// reads to EOF and prints what it got (a send error is printed too, never swallowed).
+const PY_CLIENT: &str = r#"
+import hashlib, json, socket, sys
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port), timeout=120)
+def exact(n):
+    got = b""
+    while len(got) < n:
+        chunk = s.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+try:
+    s.sendall(b"\x00ping")
+    pong = exact(5)
+    s.sendall((bytes(range(251)) * (size // 251 + 1))[:size])
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    print(json.dumps({"pong": pong.hex(), "received": len(data),
+                      "sha256": hashlib.sha256(data).hexdigest()}))
+except OSError as error:
+    print(json.dumps({"error": str(error)}))
+"#;
+
+fn py_client(to: SocketAddr, size: usize) -> Command {
+    let mut command = Command::new("python3");
+    command.args([
+        "-c",
+        PY_CLIENT,
+        &to.ip().to_string(),
+        &to.port().to_string(),
+        &size.to_string(),
+    ]);
+    command
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|index| (index % 251) as u8).collect()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// A server for [`PY_CLIENT`]: answers the ping, waits for `go` (if any) before reading the
+/// upload to its EOF, then answers with the upload's length and `answer_extra` bytes of the
+/// pattern and shuts its write side. Returns the upload and the answer.
+fn pattern_server(
+    listener: TcpListener,
+    go: Option<std::sync::mpsc::Receiver<()>>,
+    answer_extra: usize,
+) -> thread::JoinHandle<(Vec<u8>, Vec<u8>)> {
+    thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut ping = [0u8; 5];
+        stream.read_exact(&mut ping).expect("ping");
+        assert_eq!(&ping, b"\x00ping");
+        stream.write_all(b"\x00pong").expect("pong");
+        if let Some(go) = go {
+            let _ = go.recv();
+        }
+        let mut upload = Vec::new();
+        stream
+            .read_to_end(&mut upload)
+            .expect("read to the client's EOF");
+        let mut answer = format!("{}\n", upload.len()).into_bytes();
+        answer.extend(pattern(answer_extra));
+        stream.write_all(&answer).expect("answer");
+        stream.shutdown(Shutdown::Write).expect("shutdown");
+        (upload, answer)
+    })
+}
+
+fn client_report(output: &std::process::Output, agent: &AgentProcess) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
+        panic!(
+            "client printed no report ({error}): {stdout} {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            agent.log()
+        )
+    })
+}
+
+#[test]
+fn half_close_passes_through_the_accelerated_path_both_ways() {
+    const UPLOAD: usize = 1 << 20;
+    let world = World::start("halfclose-fast", true);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    // The server answers only after the client's EOF: the answer must still reach the client,
+    // and the server's own FIN must end the client's read.
+    let server = pattern_server(listener, None, UPLOAD);
+    let output = world
+        .tree
+        .run_in(&world.workload, &mut py_client(address, UPLOAD))
+        .expect("run client");
+    let report = client_report(&output, &world.agent);
+    let (upload, answer) = server.join().expect("server thread");
+    assert!(
+        upload == pattern(UPLOAD),
+        "the upload arrived whole, then EOF"
+    );
+    assert_eq!(report["pong"], "00706f6e67", "{report}");
+    assert_eq!(field(&report, "received"), answer.len() as u64, "{report}");
+    assert_eq!(report["sha256"], sha256_hex(&answer), "{report}");
+    assert!(field(&world.events(), "redirected") > 0);
+}
+
+/// `mesh_common::REDIRECT_WINDOW`: what sk_msg may queue on the agent's socket beyond what the
+/// agent has read.
+const REDIRECT_WINDOW: u64 = 4 << 20;
+
+/// The agent's sockets on its outbound listener and the bytes queued on each (`ss` skmem `r`).
+fn agent_socket_queues(agent: &AgentProcess) -> Vec<u64> {
+    let port = agent.listener().port();
+    let output = Command::new("ss")
+        .args([
+            "-tmnH",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&output.stdout)
+        .split("skmem:(")
+        .skip(1)
+        .filter_map(|rest| {
+            rest.strip_prefix('r')
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|value| value.parse().ok())
+        })
+        .collect()
+}
+
+#[test]
+fn a_slow_reader_holds_the_accelerated_sender_back_without_an_error() {
+    const UPLOAD: usize = 160 << 20;
+    let world = World::start("slow-fast", true);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    // The server takes the ping, then reads nothing until told: the upload piles up behind
+    // it. Redirected without a bound it would all queue on the agent's socket, and the
+    // client's send() would end in ENOMEM.
+    let server = pattern_server(listener, Some(wait), 0);
+    let client = world
+        .tree
+        .spawn_in(
+            &world.workload,
+            py_client(address, UPLOAD)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        )
+        .expect("start client");
+    let mut client = mesh_tests::KillOnDrop(client);
+    // Let the writer run into the stalled reader (until a queue builds up on the agent's
+    // socket, then a second more), watching what queues there.
+    let mut deepest = 0;
+    let mut settled: Option<Instant> = None;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60)
+        && settled.is_none_or(|since| since.elapsed() < Duration::from_secs(1))
+    {
+        deepest = agent_socket_queues(&world.agent)
+            .into_iter()
+            .fold(deepest, u64::max);
+        if settled.is_none() && deepest >= REDIRECT_WINDOW / 2 {
+            settled = Some(Instant::now());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    go.send(()).expect("start reading");
+    let (upload, answer) = server.join().expect("server thread");
+    let mut output = String::new();
+    client
+        .0
+        .stdout
+        .take()
+        .expect("client stdout")
+        .read_to_string(&mut output)
+        .expect("client report");
+    let report: Value = serde_json::from_str(output.trim()).unwrap_or_else(|error| {
+        panic!(
+            "client printed no report ({error}): {output}\n{}",
+            world.agent.log()
+        )
+    });
+    assert!(report.get("error").is_none(), "{report}");
+    assert!(
+        upload == pattern(UPLOAD),
+        "the upload arrived whole and in order"
+    );
+    assert_eq!(field(&report, "received"), answer.len() as u64, "{report}");
+    // At most the redirect window, plus what TCP itself buffers once the socket fell back
+    // (its receive buffer, autotuned up to tcp_rmem's maximum); without the window the whole
+    // upload would queue there.
+    let tcp_rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+        .expect("read tcp_rmem")
+        .split_whitespace()
+        .last()
+        .and_then(|value| value.parse().ok())
+        .expect("tcp_rmem maximum");
+    assert!(UPLOAD as u64 > 2 * (REDIRECT_WINDOW + tcp_rmem_max));
+    assert!(
+        deepest >= REDIRECT_WINDOW / 2 && deepest <= REDIRECT_WINDOW + tcp_rmem_max,
+        "bytes queued on the agent's socket while the reader stalled: {deepest}"
+    );
+    let events = world.events();
+    assert!(field(&events, "redirected") > 0, "{events}");
+    assert!(field(&events, "redirect_missed") > 0, "{events}");
 }

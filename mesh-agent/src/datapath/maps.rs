@@ -17,8 +17,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use mesh_common::{
-    ConnInfo, DatapathConfig, DatapathEvent, Endpoint, SockTuple, TrafficCounters, WorkloadInfo,
-    map_names,
+    ConnInfo, DatapathConfig, DatapathEvent, Endpoint, RedirectState, SockTuple, TrafficCounters,
+    WorkloadInfo, map_names,
 };
 
 use super::{DatapathError, sys};
@@ -40,6 +40,8 @@ pub struct DatapathMaps {
     exclude_ports: Mutex<HashMap<MapData, u16, u8>>,
     conns: HashMap<MapData, Endpoint, ConnInfo>,
     socks: Mutex<SockHash<MapData, SockTuple>>,
+    redirect_allowance: Mutex<HashMap<MapData, SockTuple, u64>>,
+    redirect_state: HashMap<MapData, SockTuple, RedirectState>,
     counters: Mutex<PerCpuHashMap<MapData, u64, TrafficCounters>>,
     events: PerCpuArray<MapData, u64>,
 }
@@ -125,6 +127,11 @@ impl DatapathMaps {
             )?),
             conns: typed(map_names::CONNS, take(map_names::CONNS)?)?,
             socks: Mutex::new(typed(map_names::SOCKS, take(map_names::SOCKS)?)?),
+            redirect_allowance: Mutex::new(typed(
+                map_names::REDIRECT_ALLOWANCE,
+                take(map_names::REDIRECT_ALLOWANCE)?,
+            )?),
+            redirect_state: typed(map_names::REDIRECT_STATE, take(map_names::REDIRECT_STATE)?)?,
             counters: Mutex::new(typed(map_names::COUNTERS, take(map_names::COUNTERS)?)?),
             events: typed(map_names::EVENTS, take(map_names::EVENTS)?)?,
         })
@@ -195,6 +202,28 @@ impl DatapathMaps {
             }
         }
         Ok(())
+    }
+
+    /// Sets the redirected-byte count up to which `sk_msg` may redirect a socket's messages.
+    pub fn set_redirect_allowance(
+        &self,
+        socket: &SockTuple,
+        bytes: u64,
+    ) -> Result<(), DatapathError> {
+        locked(&self.redirect_allowance)
+            .insert(socket, bytes, 0)
+            .map_err(map_error(map_names::REDIRECT_ALLOWANCE))
+    }
+
+    /// The redirect bookkeeping of a socket in `MESH_SOCKS`, if it has any.
+    pub fn redirect_state(
+        &self,
+        socket: &SockTuple,
+    ) -> Result<Option<RedirectState>, DatapathError> {
+        optional(
+            self.redirect_state.get(socket, 0),
+            map_names::REDIRECT_STATE,
+        )
     }
 
     /// Attaches the `sk_msg` program to the socket map (replacing any earlier one).

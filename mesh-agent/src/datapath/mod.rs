@@ -108,6 +108,8 @@ impl Datapath {
             .map_max_entries(map_names::ORIG_BY_COOKIE, settings.max_connections)
             .map_max_entries(map_names::CONNS, settings.max_connections)
             .map_max_entries(map_names::SOCKS, settings.max_connections)
+            .map_max_entries(map_names::REDIRECT_STATE, settings.max_connections)
+            .map_max_entries(map_names::REDIRECT_ALLOWANCE, settings.max_connections)
             .map_max_entries(map_names::FLOW_SEQ, settings.max_connections)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -219,6 +221,43 @@ impl Datapath {
     /// Whether in-kernel acceleration is active.
     pub fn accelerated(&self) -> bool {
         self.accelerated
+    }
+
+    /// Whether the workload socket connected to `agent_end` from `workload_end` has taken the
+    /// TCP path for good, and if so how many bytes it redirected before (final from then on).
+    pub fn redirect_finished(
+        &self,
+        workload_end: SocketAddr,
+        agent_end: SocketAddr,
+    ) -> Result<Option<u64>, DatapathError> {
+        let workload_socket =
+            mesh_common::SockTuple::new(endpoint_of(workload_end), endpoint_of(agent_end));
+        // The first read may copy `redirected` just before the last redirect's update; once
+        // `fallen_back` is seen set no redirect follows, so a second read is final.
+        match self.maps.redirect_state(&workload_socket)? {
+            Some(state) if state.fallen_back != 0 => Ok(self
+                .maps
+                .redirect_state(&workload_socket)?
+                .map(|state| state.redirected)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Tells `sk_msg` that the agent has read `consumed` bytes of what the workload socket
+    /// connected to `agent_end` from `workload_end` sent: it may queue up to
+    /// [`mesh_common::REDIRECT_WINDOW`] more on the agent's socket.
+    pub fn report_consumed(
+        &self,
+        workload_end: SocketAddr,
+        agent_end: SocketAddr,
+        consumed: u64,
+    ) -> Result<(), DatapathError> {
+        let workload_socket =
+            mesh_common::SockTuple::new(endpoint_of(workload_end), endpoint_of(agent_end));
+        self.maps.set_redirect_allowance(
+            &workload_socket,
+            consumed.saturating_add(mesh_common::REDIRECT_WINDOW),
+        )
     }
 
     /// The cgroup the programs are attached to.

@@ -28,7 +28,7 @@ use super::{
     http::{CallerContext, HttpProxy, HttpVersion},
     prefixed::PrefixedStream,
     sniff::{Detection, MAX_SNIFF, Protocol, detect},
-    splice::forward_one_way,
+    splice::{Moved, forward_one_way},
     workers::ConnectionWorkers,
 };
 use crate::{
@@ -455,6 +455,9 @@ impl OutboundProxy {
         captured: &CapturedConnection,
         workload: &str,
     ) -> std::io::Result<Opening> {
+        if !self.l7 {
+            return self.read_opening_dialling(client, captured, workload).await;
+        }
         let mut upstream = None;
         // `peek`, not `readable`: a readiness report may be a false positive (a fresh accepted
         // socket often reports readable with nothing to read), and only bytes or an end of
@@ -485,49 +488,74 @@ impl OutboundProxy {
                 Err(error) => debug!(dst = %captured.original_dst, %error, "early dial failed"),
             }
         }
-        let mut prefix = Vec::with_capacity(1024);
-        let deadline = tokio::time::Instant::now() + DETECTION_TIMEOUT;
-        loop {
-            if tokio::time::timeout_at(deadline, client.readable())
-                .await
-                .is_err()
-            {
-                // A client that stalls mid-prefix is carried as opaque bytes.
-                return Ok(Opening::Client {
-                    prefix,
-                    protocol: Protocol::Opaque,
-                    upstream,
-                });
-            }
-            if prefix.len() == prefix.capacity() {
-                // Grow by doubling, never past the detector's window.
-                let wanted = (prefix.len() * 2).clamp(1024, MAX_SNIFF);
-                prefix.reserve_exact(wanted - prefix.len());
-            }
-            // Into the spare capacity, without zeroing it first.
-            let room = MAX_SNIFF - prefix.len();
-            let read = client.try_read_buf(&mut bytes::BufMut::limit(&mut prefix, room));
-            let count = match read {
-                Ok(count) => count,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(error) => return Err(error),
-            };
-            let protocol = if count == 0 {
-                // The client finished sending (or never sent): whatever it sent is opaque.
-                Protocol::Opaque
-            } else {
-                match detect(&prefix) {
-                    Detection::Known(protocol) => protocol,
-                    Detection::NeedMore if prefix.len() >= MAX_SNIFF => Protocol::Opaque,
-                    Detection::NeedMore => continue,
-                }
-            };
+        let (prefix, protocol) = sniff_prefix(client).await?;
+        Ok(Opening::Client {
+            prefix,
+            protocol,
+            upstream,
+        })
+    }
+
+    /// [`Self::read_opening`] when every connection is carried as opaque bytes (L7 off), so
+    /// the original destination is dialled anyway (when policy lets the workload reach it at
+    /// all): the dial starts at once and runs while the client's first bytes are read, and
+    /// whichever side speaks first is known without a grace period.
+    async fn read_opening_dialling(
+        &self,
+        client: &TcpStream,
+        captured: &CapturedConnection,
+        workload: &str,
+    ) -> std::io::Result<Opening> {
+        if !self.may_reach(workload, captured.original_dst) {
+            // Never dialled: the L4 decision below refuses the connection.
+            let (prefix, protocol) = sniff_prefix(client).await?;
             return Ok(Opening::Client {
                 prefix,
                 protocol,
-                upstream,
+                upstream: None,
             });
         }
+        let node = node_of(&self.policy.current(), captured.original_dst);
+        let dial = self
+            .dialer
+            .connect(workload, captured.original_dst, node.as_deref());
+        tokio::pin!(dial);
+        let mut upstream = None;
+        let mut dial_done = false;
+        let mut first = [0u8; 1];
+        tokio::select! {
+            spoke = client.peek(&mut first) => { spoke?; }
+            dialled = &mut dial => {
+                dial_done = true;
+                match dialled {
+                    Ok(mut dialled) => {
+                        let server_first = tokio::select! {
+                            spoke = client.peek(&mut first) => { spoke?; false }
+                            ready = dialled.wait_readable() => { ready?; true }
+                        };
+                        if server_first {
+                            return Ok(Opening::ServerFirst(dialled));
+                        }
+                        upstream = Some(dialled);
+                    }
+                    // Dialled again (and reported) once the connection is authorised.
+                    Err(error) => debug!(dst = %captured.original_dst, %error, "early dial failed"),
+                }
+            }
+        }
+        // The connect started above (its SYN is out); the kernel completes it meanwhile.
+        let (prefix, protocol) = sniff_prefix(client).await?;
+        if !dial_done {
+            match dial.await {
+                Ok(dialled) => upstream = Some(dialled),
+                Err(error) => debug!(dst = %captured.original_dst, %error, "early dial failed"),
+            }
+        }
+        Ok(Opening::Client {
+            prefix,
+            protocol,
+            upstream,
+        })
     }
 
     /// Whether `workload` may reach `destination` at all, before anything is known of what it
@@ -565,6 +593,19 @@ impl OutboundProxy {
                 .fetch_add(to_upstream.spliced + to_workload.spliced, Ordering::Relaxed);
             return Ok((sent_first + to_upstream.total, to_workload.total));
         }
+        if let (true, Upstream::Direct(upstream)) = (self.datapath.accelerated(), &upstream) {
+            // The workload's bytes may arrive by sk_msg redirect (a queue splice(2) does not
+            // read) until its socket falls back to TCP; the agent's own bytes can be spliced
+            // (writes to a redirecting socket go through sk_msg either way).
+            let (to_upstream, to_workload) = tokio::try_join!(
+                upload_accelerated(&self.datapath, client, upstream, sent_first),
+                forward_one_way(upstream, &*client),
+            )?;
+            self.stats
+                .bytes_spliced
+                .fetch_add(to_upstream.spliced + to_workload.spliced, Ordering::Relaxed);
+            return Ok((sent_first + to_upstream.total, to_workload.total));
+        }
         let (to_upstream, to_workload) = tokio::io::copy_bidirectional_with_sizes(
             client,
             &mut upstream,
@@ -576,7 +617,115 @@ impl OutboundProxy {
     }
 }
 
+/// Carries a workload's bytes to the upstream on an accelerated connection, until the
+/// workload's EOF (then half-closes the upstream). Every quarter window it tells the datapath
+/// how much it has read, so `sk_msg` keeps redirecting while the agent keeps up; once the
+/// workload's socket has fallen back to TCP and everything it redirected has been read, its
+/// redirect queue stays empty and the rest moves by splice(2).
+async fn upload_accelerated(
+    datapath: &Datapath,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    already_read: u64,
+) -> std::io::Result<Moved> {
+    const STEP: u64 = mesh_common::REDIRECT_WINDOW / 4;
+    let mut ends = client.peer_addr().ok().zip(client.local_addr().ok());
+    let mut consumed = already_read;
+    let mut next_report = consumed;
+    let mut total = 0u64;
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    loop {
+        if consumed >= next_report
+            && let Some((workload_end, agent_end)) = ends
+        {
+            next_report = consumed.saturating_add(STEP);
+            let finished = datapath
+                .report_consumed(workload_end, agent_end, consumed)
+                .and_then(|()| datapath.redirect_finished(workload_end, agent_end));
+            match finished {
+                Ok(Some(redirected)) if consumed >= redirected => {
+                    let rest = forward_one_way(client, upstream).await?;
+                    return Ok(Moved {
+                        total: total + rest.total,
+                        spliced: rest.spliced,
+                    });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    // Unreported, the redirect stops at its window and the connection goes on
+                    // over TCP, copied here: nothing is lost.
+                    debug!(%error, "cannot exchange redirect state with the datapath");
+                    ends = None;
+                }
+            }
+        }
+        // Plain reads (not the short-read readiness shortcut of `forward_one_way`): the
+        // redirect queue and the TCP queue each wake the reader.
+        client.readable().await?;
+        let count = match client.try_read(&mut buffer) {
+            Ok(count) => count,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        };
+        if count == 0 {
+            socket2::SockRef::from(upstream).shutdown(std::net::Shutdown::Write)?;
+            return Ok(Moved { total, spliced: 0 });
+        }
+        let mut data = &buffer[..count];
+        while !data.is_empty() {
+            upstream.writable().await?;
+            match upstream.try_write(data) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(written) => data = &data[written..],
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err(error),
+            }
+        }
+        total += count as u64;
+        consumed += count as u64;
+    }
+}
+
 /// Closes a connection with RST so the workload sees a failure, not a clean end of stream.
 fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Reads the client's first bytes until the detector decides; returns them (to replay) and
+/// the protocol. A client that stalls mid-prefix, or finishes, is carried as opaque bytes.
+async fn sniff_prefix(client: &TcpStream) -> std::io::Result<(Vec<u8>, Protocol)> {
+    let mut prefix = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + DETECTION_TIMEOUT;
+    loop {
+        if tokio::time::timeout_at(deadline, client.readable())
+            .await
+            .is_err()
+        {
+            return Ok((prefix, Protocol::Opaque));
+        }
+        if prefix.len() == prefix.capacity() {
+            // Grow by doubling, never past the detector's window.
+            let wanted = (prefix.len() * 2).clamp(1024, MAX_SNIFF);
+            prefix.reserve_exact(wanted - prefix.len());
+        }
+        // Into the spare capacity, without zeroing it first.
+        let room = MAX_SNIFF - prefix.len();
+        let read = client.try_read_buf(&mut bytes::BufMut::limit(&mut prefix, room));
+        let count = match read {
+            Ok(count) => count,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        };
+        let protocol = if count == 0 {
+            // The client finished sending (or never sent): whatever it sent is opaque.
+            Protocol::Opaque
+        } else {
+            match detect(&prefix) {
+                Detection::Known(protocol) => protocol,
+                Detection::NeedMore if prefix.len() >= MAX_SNIFF => Protocol::Opaque,
+                Detection::NeedMore => continue,
+            }
+        };
+        return Ok((prefix, protocol));
+    }
 }
