@@ -497,13 +497,13 @@ fn on_active_established(ctx: &SockOpsContext) {
 #[inline(always)]
 fn add_to_sockhash(ctx: &SockOpsContext, tuple: SockTuple) {
     if REDIRECT_STATE
-        .insert(&tuple, &RedirectState::default(), BPF_ANY as u64)
+        .insert(tuple, RedirectState::default(), BPF_ANY as u64)
         .is_err()
     {
         count_event(DatapathEvent::SockHashFailed);
         return;
     }
-    let _ = REDIRECT_ALLOWANCE.remove(&tuple);
+    let _ = REDIRECT_ALLOWANCE.remove(tuple);
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     let mut key = tuple;
     if SOCKS
@@ -542,8 +542,8 @@ fn on_close(ctx: &SockOpsContext) {
     let _ = ORIG_BY_COOKIE.remove(cookie);
     let tuple = sock_ops_tuple(ctx);
     let _ = CONNS.remove(conn_key(tuple.local()));
-    let _ = REDIRECT_STATE.remove(&tuple);
-    let _ = REDIRECT_ALLOWANCE.remove(&tuple);
+    let _ = REDIRECT_STATE.remove(tuple);
+    let _ = REDIRECT_ALLOWANCE.remove(tuple);
 }
 
 /// The connection of an sk_msg call as seen from the sending socket; same port encodings as
@@ -589,7 +589,7 @@ fn sk_msg_tuple(ctx: &SkMsgContext) -> SockTuple {
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     let tuple = sk_msg_tuple(&ctx);
     let size = u64::from(ctx.size());
-    let Some(state) = REDIRECT_STATE.get_ptr_mut(&tuple) else {
+    let Some(state) = REDIRECT_STATE.get_ptr_mut(tuple) else {
         count_event(DatapathEvent::RedirectMissed);
         return sk_action::SK_PASS;
     };
@@ -603,7 +603,7 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
         (*state).redirected
     };
     // SAFETY: the map value is read (copied) at once; no reference outlives this statement.
-    let allowance = unsafe { REDIRECT_ALLOWANCE.get(&tuple) }
+    let allowance = unsafe { REDIRECT_ALLOWANCE.get(tuple) }
         .copied()
         .unwrap_or(REDIRECT_WINDOW);
     let mut peer = tuple.reversed();
