@@ -475,11 +475,7 @@ impl OutboundProxy {
                 .await
             {
                 Ok(mut dialled) => {
-                    let server_first = tokio::select! {
-                        spoke = client.peek(&mut first) => { spoke?; false }
-                        ready = dialled.wait_readable() => { ready?; true }
-                    };
-                    if server_first {
+                    if server_speaks_first(client, &mut dialled).await? {
                         return Ok(Opening::ServerFirst(dialled));
                     }
                     upstream = Some(dialled);
@@ -529,11 +525,7 @@ impl OutboundProxy {
                 dial_done = true;
                 match dialled {
                     Ok(mut dialled) => {
-                        let server_first = tokio::select! {
-                            spoke = client.peek(&mut first) => { spoke?; false }
-                            ready = dialled.wait_readable() => { ready?; true }
-                        };
-                        if server_first {
+                        if server_speaks_first(client, &mut dialled).await? {
                             return Ok(Opening::ServerFirst(dialled));
                         }
                         upstream = Some(dialled);
@@ -727,5 +719,14 @@ async fn sniff_prefix(client: &TcpStream) -> std::io::Result<(Vec<u8>, Protocol)
             }
         };
         return Ok((prefix, protocol));
+    }
+}
+
+/// Whether the dialled destination speaks before the client does (a server-first protocol).
+async fn server_speaks_first(client: &TcpStream, dialled: &mut Upstream) -> std::io::Result<bool> {
+    let mut first = [0u8; 1];
+    tokio::select! {
+        spoke = client.peek(&mut first) => { spoke?; Ok(false) }
+        ready = dialled.wait_readable() => { ready?; Ok(true) }
     }
 }
