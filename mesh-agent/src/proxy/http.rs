@@ -976,22 +976,7 @@ impl HttpProxy {
         } else {
             parts.uri.to_string()
         };
-        let mut request = Request::builder()
-            .method(parts.method.clone())
-            .uri(uri)
-            .body(body.into_proxy_body())
-            .map_err(|error| UpstreamError::Failed {
-                endpoint,
-                reason: error.to_string(),
-            })?;
-        *request.headers_mut() = forwarded_headers(&parts.headers, http2);
-        if !http2
-            && !request.headers().contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
-            && let Ok(value) = HeaderValue::from_str(authority.as_str())
-        {
-            request.headers_mut().insert(header::HOST, value);
-        }
+        let request = upstream_request(parts, uri, body, endpoint, http2)?;
         let dial = || async {
             self.dialer
                 .connect(source, endpoint, node)
@@ -1063,22 +1048,8 @@ impl HttpProxy {
         timeout: Duration,
         http2: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let mut request = Request::builder()
-            .method(parts.method.clone())
-            .uri(upstream_uri(parts, endpoint))
-            .body(body.into_proxy_body())
-            .map_err(|error| UpstreamError::Failed {
-                endpoint,
-                reason: error.to_string(),
-            })?;
-        *request.headers_mut() = forwarded_headers(&parts.headers, http2);
-        if !http2
-            && !request.headers().contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
-            && let Ok(value) = HeaderValue::from_str(authority.as_str())
-        {
-            request.headers_mut().insert(header::HOST, value);
-        }
+        let request =
+            upstream_request(parts, upstream_uri(parts, endpoint), body, endpoint, http2)?;
         let client = if http2 { &self.http2 } else { &self.http1 };
         let sent = tokio::time::timeout(timeout, client.request(request)).await;
         match sent {
@@ -1679,6 +1650,34 @@ fn host_of(endpoint: SocketAddr) -> String {
         (80, SocketAddr::V6(v6)) => format!("[{}]", v6.ip()),
         _ => endpoint.to_string(),
     }
+}
+
+/// The request sent upstream: the caller's method, `uri`, the forwarded headers, and on
+/// HTTP/1.1 a `Host` taken from the caller's authority when it had none.
+fn upstream_request(
+    parts: &http::request::Parts,
+    uri: String,
+    body: Body,
+    endpoint: SocketAddr,
+    http2: bool,
+) -> Result<Request<ProxyBody>, UpstreamError> {
+    let mut request = Request::builder()
+        .method(parts.method.clone())
+        .uri(uri)
+        .body(body.into_proxy_body())
+        .map_err(|error| UpstreamError::Failed {
+            endpoint,
+            reason: error.to_string(),
+        })?;
+    *request.headers_mut() = forwarded_headers(&parts.headers, http2);
+    if !http2
+        && !request.headers().contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        request.headers_mut().insert(header::HOST, value);
+    }
+    Ok(request)
 }
 
 fn upstream_uri(parts: &http::request::Parts, endpoint: SocketAddr) -> String {
