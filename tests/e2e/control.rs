@@ -79,12 +79,7 @@ fn ctl(etcd: &EtcdServer, args: &[&str], code: i32) -> (String, String) {
 }
 
 fn mesh_keys(etcd: &EtcdServer) -> Vec<String> {
-    etcd.etcdctl(&["get", "--prefix", "/mesh/v1/", "--keys-only"])
-        .unwrap()
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(str::to_owned)
-        .collect()
+    etcd.keys("/mesh/v1/").unwrap()
 }
 
 #[test]

@@ -516,15 +516,9 @@ fn an_agent_in_etcd_mode_gets_its_node_certificate_and_renews_it_before_expiry()
     );
     // The request was removed once answered.
     wait_for("the answered request to be deleted", || {
-        etcd.etcdctl(&[
-            "get",
-            "--prefix",
-            "/mesh/v1/certificaterequests/",
-            "--keys-only",
-        ])
-        .unwrap()
-        .trim()
-        .is_empty()
+        etcd.keys("/mesh/v1/certificaterequests/")
+            .unwrap()
+            .is_empty()
     });
 
     // A 20 s certificate is replaced at about half of its life, before it expires.

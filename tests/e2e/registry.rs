@@ -507,12 +507,7 @@ fn registration_is_refused_outside_allowed_cgroups() {
 }
 
 fn instance_keys(etcd: &EtcdServer) -> Vec<String> {
-    etcd.etcdctl(&["get", "--prefix", "/mesh/v1/agentinstances/", "--keys-only"])
-        .unwrap()
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(str::to_owned)
-        .collect()
+    etcd.keys("/mesh/v1/agentinstances/").unwrap()
 }
 
 #[test]

@@ -352,6 +352,16 @@ impl EtcdServer {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// Every key under `prefix`, in key order.
+    pub fn keys(&self, prefix: &str) -> Result<Vec<String>, HarnessError> {
+        Ok(self
+            .etcdctl(&["get", "--prefix", prefix, "--keys-only"])?
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// The store's current revision.
     pub fn revision(&self) -> Result<i64, HarnessError> {
         let text = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
