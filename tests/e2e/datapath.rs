@@ -986,3 +986,110 @@ fn a_slow_reader_holds_the_accelerated_sender_back_without_an_error() {
     assert!(field(&events, "redirected") > 0, "{events}");
     assert!(field(&events, "redirect_missed") > 0, "{events}");
 }
+
+/// An HTTP/1.1 keep-alive server in the test process that answers every request with the
+/// length of the body it read (`content-length` framed).
+fn body_length_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind HTTP server");
+    let address = listener.local_addr().expect("HTTP server address");
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            thread::spawn(move || answer_body_lengths(stream));
+        }
+    });
+    address
+}
+
+fn answer_body_lengths(stream: TcpStream) {
+    let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone stream"));
+    let mut writer = stream;
+    loop {
+        let mut length = 0usize;
+        let mut line = String::new();
+        // The request line, then headers until the blank line.
+        loop {
+            line.clear();
+            match std::io::BufRead::read_line(&mut reader, &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().expect("content-length");
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let answer = length.to_string();
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn the_l7_path_keeps_an_accelerated_connection_redirected_past_its_first_window() {
+    // Twelve 1 MiB requests on one keep-alive connection: three times the redirect window,
+    // which the workload's socket only keeps if the L7 path reports what it read.
+    const REQUESTS: usize = 12;
+    const BODY: usize = 1 << 20;
+    let world = World::start("l7-window", true);
+    let upstream = body_length_server();
+    let body_file = std::env::temp_dir().join(mesh_tests::unique_name("l7-window-body"));
+    std::fs::write(&body_file, vec![b'x'; BODY]).expect("write request body");
+    let url = format!("http://{upstream}/upload");
+    let mut arguments: Vec<String> = vec![
+        "-sS".into(),
+        "--max-time".into(),
+        "30".into(),
+        "-H".into(),
+        "content-type: application/octet-stream".into(),
+        "--data-binary".into(),
+        format!("@{}", body_file.display()),
+        "-w".into(),
+        " %{num_connects}\n".into(),
+    ];
+    arguments.extend(std::iter::repeat_n(url, REQUESTS));
+    let output = world
+        .tree
+        .run_in(&world.workload, Command::new("curl").args(&arguments))
+        .expect("run curl");
+    let _ = std::fs::remove_file(&body_file);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let answers: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        answers.len(),
+        REQUESTS,
+        "one answer per request: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Every body arrived whole, and curl opened one connection for all of them.
+    assert_eq!(answers[0], format!("{BODY} 1"), "{stdout}");
+    for answer in &answers[1..] {
+        assert_eq!(*answer, format!("{BODY} 0"), "{stdout}");
+    }
+    let counters = world.counters();
+    let redirected = field(&counters, "redirected_bytes");
+    assert!(
+        redirected >= (REQUESTS * BODY) as u64,
+        "the requests stayed on the redirect past its first 4 MiB window: {counters}"
+    );
+    assert!(
+        world
+            .agent
+            .log()
+            .contains("serving captured connection at L7"),
+        "the connection went through the L7 path"
+    );
+}

@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// one proxy (for instance under a profiler) without running the others.
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,
+    /// Only these loads (l7: get_c1, mcp_c1, get_paced, mcp_paced, get_sat, mcp_sat;
+    /// comma-separated), to profile one of them without waiting through the rest.
+    #[arg(long, value_delimiter = ',')]
+    pub loads: Vec<String>,
     /// Where the JSON report goes (default: target/bench/<suite>.json).
     #[arg(long)]
     pub output: Option<PathBuf>,

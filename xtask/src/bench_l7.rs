@@ -303,6 +303,8 @@ struct Plan {
     idle_connections: usize,
     /// The open-file limit everything the bench starts inherits.
     open_files: u64,
+    /// The loads to run (by name); empty runs them all.
+    loads: Vec<String>,
 }
 
 /// What every path of a round shares.
@@ -682,7 +684,10 @@ fn measure(bench: &Bench<'_>, target: SocketAddr, proxy: Option<u32>) -> anyhow:
     let duration = plan.duration_ms.to_string();
     let mut requests = json!({ "get": 0.0, "mcp": 0.0 });
     let mut connections = 0usize;
-    for load in &LOADS {
+    for load in LOADS
+        .iter()
+        .filter(|load| plan.loads.is_empty() || plan.loads.iter().any(|name| name == load.name))
+    {
         let (conns, warmup, rate) = match load.shape {
             Shape::Single => (1, WARMUP_SINGLE, 0),
             Shape::Paced => (PACED_CONNECTIONS, WARMUP_SEVERAL, PACED_RATE),
@@ -846,7 +851,7 @@ fn run_path(kind: PathKind, bench: &Bench<'_>) -> anyhow::Result<Value> {
             let agent = AgentProcess::start(
                 bench.tree,
                 AgentOptions {
-                    accelerate: false,
+                    accelerate: std::env::var_os("MESH_BENCH_ACCELERATE").is_some(),
                     workloads: vec![("bench-client".into(), bench.client.clone())],
                     exclude_ports: vec![],
                     exclude_cidrs: vec![],
@@ -935,6 +940,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             connections: args.connections.max(1),
             idle_connections: args.idle_connections,
             open_files: 0,
+            loads: args.loads.clone(),
         }
     } else {
         Plan {
@@ -943,8 +949,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             connections: args.connections.max(1),
             idle_connections: args.idle_connections,
             open_files: 0,
+            loads: args.loads.clone(),
         }
     };
+    if let Some(unknown) = plan
+        .loads
+        .iter()
+        .find(|name| !LOADS.iter().any(|load| load.name == name.as_str()))
+    {
+        let names: Vec<&str> = LOADS.iter().map(|load| load.name).collect();
+        bail!(
+            "unknown load {unknown:?}; the loads are {}",
+            names.join(", ")
+        );
+    }
     // The proxies (and the upstream, for direct) each hold every idle connection, and their
     // upstream side too; they inherit this limit.
     let wanted_files = (plan.idle_connections as u64 * 2 + 8192).max(65_536);

@@ -11,6 +11,7 @@ pub mod jsonrpc;
 pub mod outbound;
 pub mod prefixed;
 pub mod priority;
+pub mod redirect_window;
 pub mod sniff;
 pub mod splice;
 pub mod sse;

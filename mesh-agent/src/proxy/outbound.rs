@@ -27,6 +27,7 @@ use super::{
     dialer::{Dialer, Upstream, node_of},
     http::{CallerContext, HttpProxy, HttpVersion},
     prefixed::PrefixedStream,
+    redirect_window::{ReadReporter, ReadReporting, Redirect},
     sniff::{Detection, MAX_SNIFF, Protocol, detect},
     splice::{Moved, forward_one_way},
     workers::ConnectionWorkers,
@@ -337,12 +338,31 @@ impl OutboundProxy {
             // Keep only the bytes read, not the detector's whole window, for the life of the
             // connection: the buffer itself is dropped here, or it would live in this future
             // until the connection ends.
-            let stream = PrefixedStream::new(bytes::Bytes::copy_from_slice(&prefix), client);
-            drop(prefix);
-            if let Err(error) = Arc::clone(&self.http)
-                .serve_connection(stream, version, caller)
-                .await
-            {
+            // On an accelerated connection the workload's requests arrive by redirect while
+            // the agent reports what it read.
+            let prefix_bytes = bytes::Bytes::copy_from_slice(&prefix);
+            let served = if self.datapath.accelerated() {
+                let reporter = client.local_addr().ok().map(|agent_end| {
+                    ReadReporter::new(
+                        Arc::clone(&self.datapath),
+                        peer,
+                        agent_end,
+                        prefix.len() as u64,
+                    )
+                });
+                let stream =
+                    PrefixedStream::new(prefix_bytes, ReadReporting::new(client, reporter));
+                drop(prefix);
+                Arc::clone(&self.http)
+                    .serve_connection(stream, version, caller)
+                    .await
+            } else {
+                drop(prefix);
+                Arc::clone(&self.http)
+                    .serve_connection(PrefixedStream::new(prefix_bytes, client), version, caller)
+                    .await
+            };
+            if let Err(error) = served {
                 debug!(%peer, %workload, %error, "HTTP connection ended with an error");
             }
             return;
@@ -615,42 +635,22 @@ impl OutboundProxy {
 /// workload's socket has fallen back to TCP and everything it redirected has been read, its
 /// redirect queue stays empty and the rest moves by splice(2).
 async fn upload_accelerated(
-    datapath: &Datapath,
+    datapath: &Arc<Datapath>,
     client: &TcpStream,
     upstream: &TcpStream,
     already_read: u64,
 ) -> std::io::Result<Moved> {
-    const STEP: u64 = mesh_common::REDIRECT_WINDOW / 4;
-    let mut ends = client.peer_addr().ok().zip(client.local_addr().ok());
-    let mut consumed = already_read;
-    let mut next_report = consumed;
+    let mut reporter =
+        client
+            .peer_addr()
+            .ok()
+            .zip(client.local_addr().ok())
+            .map(|(workload_end, agent_end)| {
+                ReadReporter::new(Arc::clone(datapath), workload_end, agent_end, already_read)
+            });
     let mut total = 0u64;
     let mut buffer = vec![0u8; COPY_BUFFER];
     loop {
-        if consumed >= next_report
-            && let Some((workload_end, agent_end)) = ends
-        {
-            next_report = consumed.saturating_add(STEP);
-            let finished = datapath
-                .report_consumed(workload_end, agent_end, consumed)
-                .and_then(|()| datapath.redirect_finished(workload_end, agent_end));
-            match finished {
-                Ok(Some(redirected)) if consumed >= redirected => {
-                    let rest = forward_one_way(client, upstream).await?;
-                    return Ok(Moved {
-                        total: total + rest.total,
-                        spliced: rest.spliced,
-                    });
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    // Unreported, the redirect stops at its window and the connection goes on
-                    // over TCP, copied here: nothing is lost.
-                    debug!(%error, "cannot exchange redirect state with the datapath");
-                    ends = None;
-                }
-            }
-        }
         // Plain reads (not the short-read readiness shortcut of `forward_one_way`): the
         // redirect queue and the TCP queue each wake the reader.
         client.readable().await?;
@@ -674,7 +674,22 @@ async fn upload_accelerated(
             }
         }
         total += count as u64;
-        consumed += count as u64;
+        let Some(report) = reporter.as_mut() else {
+            continue;
+        };
+        match report.read(count) {
+            Redirect::Open => {}
+            Redirect::FellBack { redirected } if report.consumed() >= redirected => {
+                // Everything redirected has been read: the rest is TCP only, for splice(2).
+                let rest = forward_one_way(client, upstream).await?;
+                return Ok(Moved {
+                    total: total + rest.total,
+                    spliced: rest.spliced,
+                });
+            }
+            Redirect::FellBack { .. } => {}
+            Redirect::Unreported => reporter = None,
+        }
     }
 }
 
