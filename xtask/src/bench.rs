@@ -52,7 +52,7 @@ pub struct BenchArgs {
     /// One short round (1 s per measurement, 300 connects): a smoke run, not for reporting.
     #[arg(long)]
     pub quick: bool,
-    /// Only these paths (l7: direct, mesh, nginx, haproxy; comma-separated), to look at
+    /// Only these paths (l7: direct, mesh, mesh_accelerated, nginx, haproxy; comma-separated), to look at
     /// one proxy (for instance under a profiler) without running the others.
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,

@@ -46,18 +46,33 @@ use crate::{
 enum PathKind {
     Direct,
     Mesh,
+    MeshAccelerated,
     Nginx,
     Haproxy,
 }
 
 impl PathKind {
-    const ALL: [Self; 4] = [Self::Direct, Self::Mesh, Self::Nginx, Self::Haproxy];
-    const PROXIES: [Self; 3] = [Self::Mesh, Self::Nginx, Self::Haproxy];
+    const ALL: [Self; 5] = [
+        Self::Direct,
+        Self::Mesh,
+        Self::MeshAccelerated,
+        Self::Nginx,
+        Self::Haproxy,
+    ];
+    const PROXIES: [Self; 4] = [
+        Self::Mesh,
+        Self::MeshAccelerated,
+        Self::Nginx,
+        Self::Haproxy,
+    ];
+    /// The mesh's two configurations, each judged against the reference proxies.
+    const MESHES: [Self; 2] = [Self::Mesh, Self::MeshAccelerated];
 
     fn label(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::Mesh => "mesh (captured, L7 policy)",
+            Self::MeshAccelerated => "mesh + sk_msg (accelerated local hop)",
             Self::Nginx => "nginx (proxy_pass)",
             Self::Haproxy => "haproxy (mode http)",
         }
@@ -67,6 +82,7 @@ impl PathKind {
         match self {
             Self::Direct => "direct",
             Self::Mesh => "mesh",
+            Self::MeshAccelerated => "mesh_accelerated",
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
         }
@@ -847,11 +863,11 @@ fn check_mesh(bench: &Bench<'_>, agent: &AgentProcess, sample: &mut Value) -> an
 fn run_path(kind: PathKind, bench: &Bench<'_>) -> anyhow::Result<Value> {
     match kind {
         PathKind::Direct => measure(bench, bench.upstream, None),
-        PathKind::Mesh => {
+        PathKind::Mesh | PathKind::MeshAccelerated => {
             let agent = AgentProcess::start(
                 bench.tree,
                 AgentOptions {
-                    accelerate: std::env::var_os("MESH_BENCH_ACCELERATE").is_some(),
+                    accelerate: kind == PathKind::MeshAccelerated,
                     workloads: vec![("bench-client".into(), bench.client.clone())],
                     exclude_ports: vec![],
                     exclude_cidrs: vec![],
@@ -897,11 +913,13 @@ fn add_added_latency(samples: &mut [Vec<Value>]) {
     }
 }
 
-/// Whether the mesh met the goal: better than both reference proxies on added p99 latency
-/// and on requests per proxy CPU second (at saturation). Added p99 counts on one connection and at the paced load, where every path carries the
-/// same requests; at saturation each path runs at its own rate, so its p99 is not comparable.
-fn verdicts(results: &Value) -> Vec<(String, bool)> {
+/// Whether each configuration of the mesh met the goal: better than both reference proxies
+/// on added p99 latency and on requests per proxy CPU second (at saturation). Added p99
+/// counts on one connection and at the paced load, where every path carries the same
+/// requests; at saturation each path runs at its own rate, so its p99 is not comparable.
+fn verdicts(results: &Value, mesh_kind: PathKind) -> Vec<(String, bool)> {
     let get = |kind: PathKind, key: &str| results[kind.key()][key].as_f64().unwrap_or(f64::NAN);
+    let name = mesh_kind.label();
     let mut verdicts = Vec::new();
     for (request, label) in [
         (RequestKind::Get, "GET"),
@@ -910,20 +928,22 @@ fn verdicts(results: &Value) -> Vec<(String, bool)> {
         let request = request.key();
         for (load, load_label) in [("c1", "1 conn"), ("paced", "2k req/s on 8 conns")] {
             let key = format!("{request}_{load}_added_p99_us");
-            let [mesh, nginx, haproxy] = PathKind::PROXIES.map(|kind| get(kind, &key));
+            let [mesh, nginx, haproxy] =
+                [mesh_kind, PathKind::Nginx, PathKind::Haproxy].map(|kind| get(kind, &key));
             verdicts.push((
                 format!(
-                    "{label}, {load_label}: added p99 of the mesh {mesh:.1} µs below nginx's \
+                    "{label}, {load_label}: added p99 of {name} {mesh:.1} µs below nginx's \
                      {nginx:.1} µs and haproxy's {haproxy:.1} µs"
                 ),
                 mesh < nginx && mesh < haproxy,
             ));
         }
         let key = format!("{request}_requests_per_proxy_cpu_s");
-        let [mesh, nginx, haproxy] = PathKind::PROXIES.map(|kind| get(kind, &key));
+        let [mesh, nginx, haproxy] =
+            [mesh_kind, PathKind::Nginx, PathKind::Haproxy].map(|kind| get(kind, &key));
         verdicts.push((
             format!(
-                "{label}: requests per proxy CPU second of the mesh {mesh:.0} above nginx's \
+                "{label}: requests per proxy CPU second of {name} {mesh:.0} above nginx's \
                  {nginx:.0} and haproxy's {haproxy:.0}"
             ),
             mesh > nginx && mesh > haproxy,
@@ -1162,16 +1182,20 @@ fn markdown(report: &Value, plan: &Plan) -> (String, Vec<String>) {
         "Goal: the mesh beats both reference proxies on added p99 latency and on requests per \
          proxy CPU second.\n\n",
     );
-    let verdicts = verdicts(results);
-    for (text, met) in &verdicts {
-        let _ = writeln!(out, "- [{}] {text}", if *met { "met" } else { "MISSED" });
+    for mesh in PathKind::MESHES {
+        let verdicts = verdicts(results, mesh);
+        let _ = writeln!(out, "{}:\n", mesh.label());
+        for (text, met) in &verdicts {
+            let _ = writeln!(out, "- [{}] {text}", if *met { "met" } else { "MISSED" });
+        }
+        let all = verdicts.iter().all(|(_, met)| *met);
+        let _ = writeln!(
+            out,
+            "- [{}] overall: {} beats nginx and haproxy on every line above\n",
+            if all { "met" } else { "MISSED" },
+            mesh.label()
+        );
     }
-    let all = verdicts.iter().all(|(_, met)| *met);
-    let _ = writeln!(
-        out,
-        "- [{}] overall: the mesh beats nginx and haproxy on every line above",
-        if all { "met" } else { "MISSED" }
-    );
     let mut errors = Vec::new();
     for kind in PathKind::ALL {
         for (round, sample) in report["rounds_raw"][kind.key()]
@@ -1227,6 +1251,7 @@ mod tests {
         let mut results = json!({});
         for (kind, added, per_cpu) in [
             ("mesh", 5.0, 30_000.0),
+            ("mesh_accelerated", 10.0, 50_000.0),
             ("nginx", 8.0, 20_000.0),
             ("haproxy", 9.0, 40_000.0),
         ] {
@@ -1241,12 +1266,16 @@ mod tests {
             results[kind]["get_requests_per_proxy_cpu_s"] = json!(per_cpu);
             results[kind]["mcp_requests_per_proxy_cpu_s"] = json!(per_cpu);
         }
-        let verdicts = verdicts(&results);
+        let verdicts = verdicts(&results, PathKind::Mesh);
         assert_eq!(verdicts.len(), 6);
         let met: Vec<bool> = verdicts.iter().map(|(_, met)| *met).collect();
         assert_eq!(met, [true, true, false, true, true, false]);
+        // Each configuration of the mesh is judged on its own numbers.
+        let verdicts = super::verdicts(&results, PathKind::MeshAccelerated);
+        let met: Vec<bool> = verdicts.iter().map(|(_, met)| *met).collect();
+        assert_eq!(met, [false, false, true, false, false, true]);
         // A missing value is never a win.
-        let verdicts = super::verdicts(&json!({}));
+        let verdicts = super::verdicts(&json!({}), PathKind::Mesh);
         assert!(verdicts.iter().all(|(_, met)| !met));
     }
 
