@@ -381,11 +381,15 @@ impl HttpProxy {
                     .await
             }
             HttpVersion::Http2 => {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .max_header_list_size(64 * 1024)
-                    .serve_connection(io, service)
-                    .await
+                // Boxed: the HTTP/2 connection state is several times the HTTP/1.1 one, and
+                // unboxed it would size every connection's task, HTTP/1.1 ones included.
+                Box::pin(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .max_header_list_size(64 * 1024)
+                        .serve_connection(io, service),
+                )
+                .await
             }
         }
     }

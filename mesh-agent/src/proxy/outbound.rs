@@ -310,7 +310,10 @@ impl OutboundProxy {
             source: Arc::from(workload.as_str()),
             original_dst: captured.original_dst,
         };
-        let opening = match self.read_opening(&client, &captured, &workload).await {
+        // Boxed, like the opaque forwarding below: a connection's task is as large as its
+        // largest state for its whole life, and an idle keep-alive connection should only
+        // hold what serving HTTP needs.
+        let opening = match Box::pin(self.read_opening(&client, &captured, &workload)).await {
             Ok(opening) => opening,
             Err(error) => {
                 debug!(%peer, %workload, dst = %captured.original_dst, %error, "connection failed before it spoke");
@@ -435,7 +438,7 @@ impl OutboundProxy {
         };
         debug!(%peer, %workload, dst = %target, protocol = protocol.label(), "forwarding captured connection");
         let mut client = client;
-        let copied = self.forward(&mut client, upstream, &prefix).await;
+        let copied = Box::pin(self.forward(&mut client, upstream, &prefix)).await;
         match copied {
             Ok((to_upstream, to_workload)) => {
                 self.stats
