@@ -156,6 +156,7 @@ impl Cluster {
                 &tree,
                 AgentOptions {
                     accelerate: false,
+                    l7: true,
                     workloads,
                     exclude_ports: vec![],
                     exclude_cidrs: vec![],

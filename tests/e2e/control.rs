@@ -423,6 +423,7 @@ impl EtcdMesh {
             &tree,
             AgentOptions {
                 accelerate: false,
+                l7: true,
                 workloads: vec![("planner".into(), planner.clone())],
                 exclude_ports: vec![],
                 exclude_cidrs: vec![],

@@ -144,6 +144,7 @@ fn options(
     workloads.push(("client".into(), workload.to_path_buf()));
     AgentOptions {
         accelerate,
+        l7: true,
         workloads,
         exclude_ports: vec![],
         exclude_cidrs: vec![],
@@ -1091,5 +1092,129 @@ fn the_l7_path_keeps_an_accelerated_connection_redirected_past_its_first_window(
             .log()
             .contains("serving captured connection at L7"),
         "the connection went through the L7 path"
+    );
+}
+
+/// The first value of a Prometheus sample named exactly `name` (labels included).
+fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+}
+
+#[test]
+fn with_l7_off_a_server_first_protocol_gets_its_banner_and_http_is_carried_as_bytes() {
+    let tree = CgroupTree::create("l7-off").expect("create cgroup tree");
+    let agent_cgroup = tree.child("agent").expect("agent cgroup");
+    let workload = tree.child("workload").expect("workload cgroup");
+    let mut agent_options = options(agent_cgroup, &workload, &[], false);
+    agent_options.l7 = false;
+    let agent = AgentProcess::start(&tree, agent_options).expect("start agent");
+
+    // A server that greets first (SMTP-style), then echoes one line.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind banner server");
+    let banner_server = listener.local_addr().expect("banner server address");
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            thread::spawn(move || {
+                if stream.write_all(b"220 banner ready\n").is_err() {
+                    return;
+                }
+                let mut line = String::new();
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                if std::io::BufRead::read_line(&mut reader, &mut line).is_ok() {
+                    let _ = stream.write_all(line.as_bytes());
+                }
+            });
+        }
+    });
+    let script = format!(
+        "import json, socket\n\
+         s = socket.create_connection(('{}', {}), timeout=20)\n\
+         banner = b''\n\
+         while not banner.endswith(b'\\n'): banner += s.recv(100)\n\
+         s.sendall(b'ping\\n')\n\
+         echo = b''\n\
+         while not echo.endswith(b'\\n'): echo += s.recv(100)\n\
+         print(json.dumps({{'banner': banner.decode(), 'echo': echo.decode()}}))\n",
+        banner_server.ip(),
+        banner_server.port()
+    );
+    let output = tree
+        .run_in(&workload, Command::new("python3").args(["-c", &script]))
+        .expect("run the banner client");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "banner client printed no JSON ({error}): {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert_eq!(report["banner"], "220 banner ready\n", "{report}");
+    assert_eq!(report["echo"], "ping\n", "{report}");
+
+    // A client-first protocol is carried as bytes: the upstream answers, the L7 path sees
+    // no request.
+    let upstream = body_length_server();
+    let output = tree
+        .run_in(
+            &workload,
+            Command::new("curl").args([
+                "-sS",
+                "--max-time",
+                "20",
+                "--data-binary",
+                "0123456789",
+                &format!("http://{upstream}/bytes"),
+            ]),
+        )
+        .expect("run curl");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "10",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Counted by the protocol detected from the client's first bytes, once each connection
+    // has finished (both ends closed): the banner's as opaque, curl's as HTTP/1.1, which the
+    // L7 path never saw.
+    let by_protocol =
+        |label: &str| format!("mesh_proxy_connections_by_protocol_total{{protocol=\"{label}\"}}");
+    let mut metrics = String::new();
+    let finished = eventually(|| {
+        metrics = admin_get(&agent, "/metrics");
+        metric_value(&metrics, &by_protocol("opaque"))
+            + metric_value(&metrics, &by_protocol("http1"))
+            >= 2.0
+    });
+    assert!(finished, "both connections finished:\n{metrics}");
+    assert_eq!(
+        metric_value(&metrics, &by_protocol("opaque")),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, &by_protocol("http1")),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "mesh_http_requests_total"),
+        0.0,
+        "{metrics}"
+    );
+    assert!(
+        agent.counters().expect("read counters")["events"]["captured"]
+            .as_u64()
+            .is_some_and(|captured| captured >= 2),
+        "both connections were captured"
     );
 }

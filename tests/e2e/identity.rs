@@ -21,6 +21,7 @@ fn quote(text: &str) -> String {
 fn options(agent_cgroup: PathBuf) -> AgentOptions {
     AgentOptions {
         accelerate: false,
+        l7: true,
         workloads: vec![],
         exclude_ports: vec![],
         exclude_cidrs: vec![],

@@ -278,6 +278,7 @@ fn pods_of_the_node_are_enrolled_by_cgroup_and_named_by_service_account() {
         &tree,
         AgentOptions {
             accelerate: false,
+            l7: true,
             workloads: vec![],
             exclude_ports: vec![],
             exclude_cidrs: vec![],
@@ -380,6 +381,7 @@ fn a_wrong_token_or_an_untrusted_api_server_enrols_nothing_and_says_why() {
     );
     let options = || AgentOptions {
         accelerate: false,
+        l7: true,
         workloads: vec![],
         exclude_ports: vec![],
         exclude_cidrs: vec![],
@@ -516,6 +518,7 @@ fn pods_get_their_certificates_from_the_signer_and_call_across_nodes_in_etcd_mod
 
     let options = |tree: &CgroupTree| AgentOptions {
         accelerate: false,
+        l7: true,
         workloads: vec![],
         exclude_ports: vec![],
         exclude_cidrs: vec![],

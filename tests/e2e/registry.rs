@@ -161,6 +161,7 @@ impl Mesh {
             &tree,
             AgentOptions {
                 accelerate: false,
+                l7: true,
                 workloads: vec![("client".into(), client.clone())],
                 exclude_ports: vec![],
                 exclude_cidrs: vec![],

@@ -396,6 +396,8 @@ pub fn free_port() -> Result<u16, HarnessError> {
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     pub accelerate: bool,
+    /// `spec.proxy.l7`: HTTP served at L7 (true), or every connection forwarded as opaque TCP.
+    pub l7: bool,
     /// `(name, cgroup relative path)` enrolled at start-up.
     pub workloads: Vec<(String, PathBuf)>,
     pub exclude_ports: Vec<u16>,
@@ -635,7 +637,10 @@ impl AgentProcess {
             // served when spec.identity is set).
             None => yaml.push_str(&format!("    tunnel: \"127.0.0.1:{}\"\n", free_port()?)),
         }
-        yaml.push_str("  proxy:\n    connectTimeout: 2s\n    drainTimeout: 2s\n");
+        yaml.push_str(&format!(
+            "  proxy:\n    l7: {}\n    connectTimeout: 2s\n    drainTimeout: 2s\n",
+            self.options.l7
+        ));
         if let Some(dir) = &self.options.policy_dir {
             yaml.push_str(&format!(
                 "  policy:\n    dir: {}\n    reloadInterval: 100ms\n",

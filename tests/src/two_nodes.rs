@@ -186,6 +186,7 @@ impl TwoNodes {
         let options = |agent_cgroup: PathBuf, workloads: Vec<(String, PathBuf)>, policy: &Path| {
             AgentOptions {
                 accelerate: false,
+                l7: true,
                 workloads,
                 exclude_ports: vec![],
                 exclude_cidrs: vec![],

@@ -520,6 +520,7 @@ fn run_path(
                 tree,
                 AgentOptions {
                     accelerate: kind == PathKind::MeshAccelerated,
+                    l7: true,
                     workloads: vec![("bench-client".into(), client.clone())],
                     exclude_ports: vec![],
                     exclude_cidrs: vec![],

@@ -66,6 +66,7 @@ fn start_agent(
         &tree,
         AgentOptions {
             accelerate: false,
+            l7: true,
             workloads: vec![("planner".into(), planner)],
             exclude_ports: vec![],
             exclude_cidrs: vec![],

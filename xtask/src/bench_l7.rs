@@ -868,12 +868,18 @@ fn run_path(kind: PathKind, bench: &Bench<'_>) -> anyhow::Result<Value> {
                 bench.tree,
                 AgentOptions {
                     accelerate: kind == PathKind::MeshAccelerated,
+                    l7: true,
                     workloads: vec![("bench-client".into(), bench.client.clone())],
                     exclude_ports: vec![],
                     exclude_cidrs: vec![],
                     agent_cgroup: bench.tree.relative().join("agent"),
                     log_filter: "info".into(),
-                    agent_binary: Some(bench.tools.agent.clone()),
+                    // `MESH_AGENT_BIN`, as in the tests: for instance a wrapper that runs the
+                    // release agent under a profiler.
+                    agent_binary: Some(
+                        std::env::var_os("MESH_AGENT_BIN")
+                            .map_or_else(|| bench.tools.agent.clone(), PathBuf::from),
+                    ),
                     policy_dir: Some(bench.policy_dir.clone()),
                 },
             )

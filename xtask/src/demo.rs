@@ -195,6 +195,7 @@ pub fn run() -> anyhow::Result<()> {
         &tree,
         AgentOptions {
             accelerate: false,
+            l7: true,
             workloads: vec![("demo-workload".into(), workload.clone())],
             exclude_ports: vec![],
             exclude_cidrs: vec![],

@@ -39,6 +39,7 @@ impl Mesh {
             &tree,
             AgentOptions {
                 accelerate: false,
+                l7: true,
                 workloads: vec![("planner".into(), planner.clone())],
                 exclude_ports: vec![],
                 exclude_cidrs: vec![],
