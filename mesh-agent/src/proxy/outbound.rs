@@ -419,11 +419,7 @@ impl OutboundProxy {
             );
         let upstream = match upstream.filter(|_| target == captured.original_dst) {
             Some(upstream) => upstream,
-            None => match self
-                .dialer
-                .connect(&workload, target, node.as_deref())
-                .await
-            {
+            None => match Box::pin(self.dialer.connect(&workload, target, node.as_deref())).await {
                 Ok(upstream) => upstream,
                 Err(error) => {
                     self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);

@@ -166,10 +166,12 @@ impl ConnectionWorkers {
             stream,
             peer,
             task: Box::new(move |stream| -> Pin<Box<dyn Future<Output = ()> + Send>> {
-                let served = task(stream);
+                // The connection's future is made inside the block: an async block that
+                // captured it by value would hold it twice (the capture and the awaited
+                // copy), doubling every connection's task for its whole life.
                 Box::pin(async move {
                     let _guard = guard;
-                    served.await;
+                    task(stream).await;
                 })
             }),
         };
