@@ -1095,17 +1095,9 @@ fn the_l7_path_keeps_an_accelerated_connection_redirected_past_its_first_window(
     );
 }
 
-/// The first value of a Prometheus sample named exactly `name` (labels included).
+/// The Prometheus sample named exactly `name` (labels included); a missing one fails.
 fn metric_value(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+    mesh_tests::prometheus_sample(metrics, name)
         .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
 }
 
@@ -1136,18 +1128,7 @@ fn with_l7_off_a_server_first_protocol_gets_its_banner_and_http_is_carried_as_by
             });
         }
     });
-    let script = format!(
-        "import json, socket\n\
-         s = socket.create_connection(('{}', {}), timeout=20)\n\
-         banner = b''\n\
-         while not banner.endswith(b'\\n'): banner += s.recv(100)\n\
-         s.sendall(b'ping\\n')\n\
-         echo = b''\n\
-         while not echo.endswith(b'\\n'): echo += s.recv(100)\n\
-         print(json.dumps({{'banner': banner.decode(), 'echo': echo.decode()}}))\n",
-        banner_server.ip(),
-        banner_server.port()
-    );
+    let script = mesh_tests::banner_client_script(banner_server, "ping\n");
     let output = tree
         .run_in(&workload, Command::new("python3").args(["-c", &script]))
         .expect("run the banner client");

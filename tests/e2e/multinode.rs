@@ -353,18 +353,7 @@ fn a_server_first_protocol_works_across_nodes() {
             line
         })
         .unwrap();
-    let script = format!(
-        "import socket,json\n\
-         s=socket.create_connection(('{}',{}),timeout=20)\n\
-         banner=b''\n\
-         while not banner.endswith(b'\\n'): banner+=s.recv(100)\n\
-         s.sendall(b'hello\\n')\n\
-         echo=b''\n\
-         while len(echo)<6: echo+=s.recv(100)\n\
-         print(json.dumps({{'banner':banner.decode(),'echo':echo.decode()}}))\n",
-        target.ip(),
-        target.port()
-    );
+    let script = mesh_tests::banner_client_script(target, "hello\n");
     let output = nodes
         .run_client(Path::new("/usr/bin/python3"), &["-c", &script])
         .expect("run the client workload");

@@ -382,6 +382,36 @@ pub fn wait_for_port(address: std::net::SocketAddr, timeout: Duration) -> Result
     Ok(())
 }
 
+/// The value of the Prometheus sample named exactly `name` (labels included) in a text
+/// exposition, if there is one.
+pub fn prometheus_sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// A Python client of a server-first protocol: connects to `target`, reads the greeting line,
+/// sends `line` (which ends in a newline), reads one line back and prints
+/// `{"banner": ..., "echo": ...}` as JSON.
+pub fn banner_client_script(target: SocketAddr, line: &str) -> String {
+    format!(
+        "import json, socket\n\
+         s = socket.create_connection(('{}', {}), timeout=20)\n\
+         banner = b''\n\
+         while not banner.endswith(b'\\n'): banner += s.recv(100)\n\
+         s.sendall({line:?}.encode())\n\
+         echo = b''\n\
+         while not echo.endswith(b'\\n'): echo += s.recv(100)\n\
+         print(json.dumps({{'banner': banner.decode(), 'echo': echo.decode()}}))\n",
+        target.ip(),
+        target.port()
+    )
+}
+
 /// A free TCP port on 127.0.0.1 (and, almost surely, on ::1).
 pub fn free_port() -> Result<u16, HarnessError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io_error("binding a free port"))?;

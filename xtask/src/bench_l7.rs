@@ -806,16 +806,7 @@ fn scrape_metrics(agent: &AgentProcess) -> anyhow::Result<String> {
 }
 
 fn prometheus_value(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    mesh_tests::prometheus_sample(metrics, name).unwrap_or(0.0)
 }
 
 /// Checks that the kernel captured every connection of the run and that the agent's L7 path

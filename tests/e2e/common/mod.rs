@@ -98,13 +98,7 @@ impl Mesh {
 
     pub fn metric(&self, name: &str) -> f64 {
         let metrics = self.metrics();
-        metrics
-            .lines()
-            .find_map(|line| {
-                line.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|value| value.trim().parse().ok())
-            })
+        mesh_tests::prometheus_sample(&metrics, name)
             .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
     }
 
