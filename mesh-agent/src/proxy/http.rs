@@ -1873,6 +1873,55 @@ fn check_mcp_headers(headers: &HeaderMap, facts: &RequestFacts) -> Option<Respon
 mod tests {
     use super::*;
 
+    /// A body that never produces a frame.
+    struct Silent;
+
+    impl hyper::body::Body for Silent {
+        type Data = Bytes;
+        type Error = BodyError;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    fn with_deadline(inner: ProxyBody, limit: Duration) -> DeadlineBody {
+        DeadlineBody {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            limit,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ready_body_passes_and_a_waiting_one_is_cut_at_its_deadline() {
+        let ready = with_deadline(full_body("all here"), Duration::from_secs(30));
+        let collected = ready.collect().await.expect("a ready body").to_bytes();
+        assert_eq!(collected, "all here");
+
+        let limit = Duration::from_millis(50);
+        let started = tokio::time::Instant::now();
+        let waiting = with_deadline(Silent.boxed(), limit);
+        let error = waiting.collect().await.expect_err("cut at the deadline");
+        assert!(error.to_string().contains("stream timeout"), "{error}");
+        assert!(started.elapsed() >= limit, "not cut before its deadline");
+
+        // A body still unread at its deadline is cut, though its frames are ready.
+        let mut late = with_deadline(full_body("late"), Duration::from_millis(1));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let frame = std::future::poll_fn(|cx| {
+            hyper::body::Body::poll_frame(std::pin::Pin::new(&mut late), cx)
+        })
+        .await;
+        assert!(
+            matches!(frame, Some(Err(_))),
+            "expired before its first frame"
+        );
+    }
+
     #[test]
     fn grpc_timeouts_parse_every_unit_and_reject_garbage() {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
