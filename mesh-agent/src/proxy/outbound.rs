@@ -594,24 +594,22 @@ impl OutboundProxy {
     ) -> std::io::Result<(u64, u64)> {
         upstream.write_all(prefix).await?;
         let sent_first = prefix.len() as u64;
-        if let (true, Upstream::Direct(upstream)) = (self.splice, &upstream) {
-            let (to_upstream, to_workload) = tokio::try_join!(
-                forward_one_way(&*client, upstream),
-                forward_one_way(upstream, &*client),
-            )?;
-            self.stats
-                .bytes_spliced
-                .fetch_add(to_upstream.spliced + to_workload.spliced, Ordering::Relaxed);
-            return Ok((sent_first + to_upstream.total, to_workload.total));
-        }
-        if let (true, Upstream::Direct(upstream)) = (self.datapath.accelerated(), &upstream) {
-            // The workload's bytes may arrive by sk_msg redirect (a queue splice(2) does not
-            // read) until its socket falls back to TCP; the agent's own bytes can be spliced
-            // (writes to a redirecting socket go through sk_msg either way).
-            let (to_upstream, to_workload) = tokio::try_join!(
-                upload_accelerated(&self.datapath, client, upstream, sent_first),
-                forward_one_way(upstream, &*client),
-            )?;
+        if let Upstream::Direct(direct) = &upstream
+            && (self.splice || self.datapath.accelerated())
+        {
+            // The agent's own direction is spliced either way (writes to a redirecting socket
+            // go through sk_msg). On an accelerated connection the workload's bytes may arrive
+            // by sk_msg redirect, a queue splice(2) does not read, until its socket falls back
+            // to TCP.
+            let upload = async {
+                if self.splice {
+                    forward_one_way(&*client, direct).await
+                } else {
+                    upload_accelerated(&self.datapath, client, direct, sent_first).await
+                }
+            };
+            let (to_upstream, to_workload) =
+                tokio::try_join!(upload, forward_one_way(direct, &*client))?;
             self.stats
                 .bytes_spliced
                 .fetch_add(to_upstream.spliced + to_workload.spliced, Ordering::Relaxed);
