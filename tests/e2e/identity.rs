@@ -5,6 +5,8 @@
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod signing;
+
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
@@ -118,7 +120,6 @@ use std::{
 
 use mesh_agent::identity::{
     CaDir, EtcdCa, Identities, RenewalSettings, SpiffeId, SpiffeServerVerifier, TlsCredentials,
-    ca::certificate_request,
     resources::{CertificateRequest, WorkloadIdentityRecord, request_key, trust_bundle_key},
 };
 use mesh_tests::{
@@ -126,6 +127,7 @@ use mesh_tests::{
     mesh_agent_binary,
     signer::{SignerOptions, SignerProcess},
 };
+use signing::{new_key, request_for};
 
 /// The signer against `etcd` with certificates of `ttl` and more `ca run` arguments.
 fn start_signer(etcd: &EtcdServer, ttl: &str, extra: &[&str]) -> SignerProcess {
@@ -207,34 +209,7 @@ fn register_instance(etcd: &EtcdServer, name: &str, node: &str, identity: &Spiff
 
 /// Writes a request and waits for the signer's answer: `Ok(certificate)` or `Err(reason)`.
 fn submit(etcd: &EtcdServer, request: &CertificateRequest) -> Result<String, String> {
-    let key = request_key(
-        "/mesh/v1",
-        &request.metadata.namespace,
-        &request.metadata.name,
-    );
-    etcd.etcdctl(&["put", &key, &serde_json::to_string(request).unwrap()])
-        .unwrap();
-    let mut answer = None;
-    wait_for(&format!("an answer to {key}"), || {
-        let text = etcd.etcdctl(&["get", &key, "--print-value-only"]).unwrap();
-        let stored: Value = serde_json::from_str(text.trim()).unwrap();
-        let status = &stored["status"];
-        if let Some(certificate) = status["certificate"].as_str() {
-            answer = Some(Ok(certificate.to_owned()));
-        } else if let Some(reason) = status["denied"].as_str() {
-            answer = Some(Err(reason.to_owned()));
-        }
-        answer.is_some()
-    });
-    answer.unwrap()
-}
-
-fn new_key() -> rcgen::KeyPair {
-    rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
-}
-
-fn request_for(identity: &SpiffeId, node: &str, key: &rcgen::KeyPair) -> CertificateRequest {
-    CertificateRequest::new(identity, node, &certificate_request(identity, key).unwrap())
+    signing::submit_within(etcd, request, Duration::from_secs(60))
 }
 
 #[test]

@@ -21,6 +21,8 @@
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod signing;
+
 use std::{
     fs,
     io::{Read, Write},
@@ -31,11 +33,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use mesh_agent::identity::{
-    SpiffeId,
-    ca::certificate_request,
-    resources::{CertificateRequest, WorkloadIdentityRecord, request_key},
-};
+use mesh_agent::identity::{SpiffeId, resources::WorkloadIdentityRecord};
 use mesh_tests::{
     AgentOptions, AgentProcess, CgroupTree, KillOnDrop, TempDir,
     etcd::{AgentEtcd, EtcdServer, EtcdTlsFiles},
@@ -446,29 +444,8 @@ fn request_certificate(
     identity: &SpiffeId,
     node: &str,
 ) -> Result<String, String> {
-    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = certificate_request(identity, &key_pair).unwrap();
-    let request = CertificateRequest::new(identity, node, &csr);
-    let key = request_key(
-        "/mesh/v1",
-        &request.metadata.namespace,
-        &request.metadata.name,
-    );
-    etcd.etcdctl(&["put", &key, &serde_json::to_string(&request).unwrap()])
-        .unwrap();
-    let mut answer = None;
-    eventually(&format!("the signer's answer to {key}"), || {
-        let text = etcd.etcdctl(&["get", &key, "--print-value-only"]).unwrap();
-        let stored: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
-        let status = &stored["status"];
-        if let Some(certificate) = status["certificate"].as_str() {
-            answer = Some(Ok(certificate.to_owned()));
-        } else if let Some(reason) = status["denied"].as_str() {
-            answer = Some(Err(reason.to_owned()));
-        }
-        answer.is_some()
-    });
-    answer.unwrap()
+    let request = signing::request_for(identity, node, &signing::new_key());
+    signing::submit_within(etcd, &request, Duration::from_secs(30))
 }
 
 /// The lease `key` is held by in etcd; `None` when the key does not exist.
