@@ -504,21 +504,27 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
     let serial = alpha["serial"].as_str().expect("a serial");
     let signer_log = cluster.signer.log();
     assert!(
-        signer_log
-            .lines()
-            .any(|line| line.contains("certificate issued")
-                && line.contains(&format!("identity={a_id} "))
-                && line.contains("node=node-a ")
-                && line.contains(&format!("serial={serial} "))),
+        mesh_tests::has_line_with(
+            &signer_log,
+            &[
+                "certificate issued",
+                &format!("identity={a_id} "),
+                "node=node-a ",
+                &format!("serial={serial} "),
+            ]
+        ),
         "{signer_log}"
     );
     let log_b = cluster.log(B);
     assert!(
-        log_b
-            .lines()
-            .any(|line| line.contains("tunnel stream accepted")
-                && line.contains(&format!("source={a_id}"))
-                && line.contains("agent=web-b")),
+        mesh_tests::has_line_with(
+            &log_b,
+            &[
+                "tunnel stream accepted",
+                &format!("source={a_id}"),
+                "agent=web-b"
+            ]
+        ),
         "node B did not name alpha's identity: {log_b}"
     );
     println!("alpha's first certificate: {alpha}");
@@ -689,11 +695,10 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
         cluster.metric(B, "mesh_tunnel_server_connections_expired_total")
     );
     assert!(
-        !cluster
-            .log(B)
-            .lines()
-            .any(|line| line.contains("caller's certificate")
-                && line.contains(&format!("caller={a_id} "))),
+        !mesh_tests::has_line_with(
+            &cluster.log(B),
+            &["caller's certificate", &format!("caller={a_id} ")]
+        ),
         "node B closed a connection of alpha at expiry"
     );
     assert_eq!(
@@ -707,11 +712,10 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
     for name in FRESH {
         let id = format!("spiffe://{td}/agent/{name}");
         assert!(
-            cluster
-                .log(B)
-                .lines()
-                .any(|line| line.contains("tunnel stream accepted")
-                    && line.contains(&format!("source={id} "))),
+            mesh_tests::has_line_with(
+                &cluster.log(B),
+                &["tunnel stream accepted", &format!("source={id} ")]
+            ),
             "node B never saw {id}"
         );
     }
@@ -815,11 +819,14 @@ fn three_nodes_in_etcd_mode_share_resources_peers_and_identities() {
     assert!(body.contains(HTTP_GET_BODY), "{body}");
     let log_c = cluster.log(C);
     assert!(
-        log_c
-            .lines()
-            .any(|line| line.contains("tunnel stream accepted")
-                && line.contains(&format!("source={a_id}"))
-                && line.contains("agent=web-c")),
+        mesh_tests::has_line_with(
+            &log_c,
+            &[
+                "tunnel stream accepted",
+                &format!("source={a_id}"),
+                "agent=web-c"
+            ]
+        ),
         "node C did not admit alpha by its identity: {log_c}"
     );
     assert_eq!(

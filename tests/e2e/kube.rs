@@ -564,21 +564,22 @@ fn pods_get_their_certificates_from_the_signer_and_call_across_nodes_in_etcd_mod
         signer.log()
     );
     assert!(
-        signer
-            .log()
-            .lines()
-            .any(|line| line.contains("certificate issued")
-                && line.contains(&format!("identity={planner_id} "))
-                && line.contains("node=node-a ")),
+        mesh_tests::has_line_with(
+            &signer.log(),
+            &[
+                "certificate issued",
+                &format!("identity={planner_id} "),
+                "node=node-a "
+            ]
+        ),
         "{}",
         signer.log()
     );
     assert!(
-        agent_b
-            .log()
-            .lines()
-            .any(|line| line.contains("tunnel stream accepted")
-                && line.contains(&format!("source={planner_id}"))),
+        mesh_tests::has_line_with(
+            &agent_b.log(),
+            &["tunnel stream accepted", &format!("source={planner_id}")]
+        ),
         "{}",
         agent_b.log()
     );

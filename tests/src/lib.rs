@@ -382,6 +382,12 @@ pub fn wait_for_port(address: std::net::SocketAddr, timeout: Duration) -> Result
     Ok(())
 }
 
+/// Whether some line of `log` contains every one of `parts`.
+pub fn has_line_with(log: &str, parts: &[&str]) -> bool {
+    log.lines()
+        .any(|line| parts.iter().all(|part| line.contains(part)))
+}
+
 /// The value of the Prometheus sample named exactly `name` (labels included) in a text
 /// exposition, if there is one.
 pub fn prometheus_sample(metrics: &str, name: &str) -> Option<f64> {
