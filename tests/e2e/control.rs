@@ -343,6 +343,18 @@ fn check_answers_allow_and_deny_with_the_deciding_rule() {
 }
 
 /// An HTTP/1.1 server in this process answering 200 "ok" to every request.
+/// A backend, and a folder whose `registry.yaml` registers it as the agent `tools` (host
+/// `tools.mesh`): the backend's address, the folder and the file's path.
+fn tools_registry() -> (SocketAddr, Files, String) {
+    let backend = start_backend();
+    let files = Files::new();
+    let registry = files.write(
+        "registry.yaml",
+        &[agent_doc("tools", "tools.mesh", backend)],
+    );
+    (backend, files, registry)
+}
+
 fn start_backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
@@ -540,12 +552,7 @@ impl Drop for EtcdMesh {
 #[test]
 fn an_agent_enforces_a_policy_applied_with_meshctl() {
     let etcd = EtcdServer::start().expect("start etcd");
-    let backend = start_backend();
-    let files = Files::new();
-    let registry = files.write(
-        "registry.yaml",
-        &[agent_doc("tools", "tools.mesh", backend)],
-    );
+    let (backend, files, registry) = tools_registry();
     ctl(&etcd, &["apply", "-f", &registry], 0);
 
     let mesh = EtcdMesh::start("control-enforce", &etcd);
@@ -624,12 +631,7 @@ fn an_agent_enforces_a_policy_applied_with_meshctl() {
 #[test]
 fn an_agent_rides_out_compaction_and_etcd_outages_and_starts_from_its_cache() {
     let mut etcd = EtcdServer::start().expect("start etcd");
-    let backend = start_backend();
-    let files = Files::new();
-    let registry = files.write(
-        "registry.yaml",
-        &[agent_doc("tools", "tools.mesh", backend)],
-    );
+    let (backend, files, registry) = tools_registry();
     let lock = files.write(
         "lock.yaml",
         &[policy_doc("lock", "tools", "Allow", "nobody", "add")],
@@ -738,12 +740,7 @@ fn an_agent_rides_out_compaction_and_etcd_outages_and_starts_from_its_cache() {
 fn etcd_over_tls_with_client_certificates_serves_meshctl_and_agents() {
     let etcd = EtcdServer::start_tls().expect("start etcd with TLS");
     let files_tls = etcd.tls.clone().expect("TLS files");
-    let backend = start_backend();
-    let files = Files::new();
-    let registry = files.write(
-        "registry.yaml",
-        &[agent_doc("tools", "tools.mesh", backend)],
-    );
+    let (backend, files, registry) = tools_registry();
     // meshctl with the CA and a client certificate: applies and reads back.
     ctl(&etcd, &["apply", "-f", &registry], 0);
     let (stdout, _) = ctl(&etcd, &["get", "agents"], 0);
@@ -810,12 +807,7 @@ fn an_agent_keeps_syncing_when_a_member_of_a_three_member_etcd_cluster_is_lost()
         .map(EtcdServer::endpoint)
         .collect::<Vec<_>>()
         .join(",");
-    let backend = start_backend();
-    let files = Files::new();
-    let registry = files.write(
-        "registry.yaml",
-        &[agent_doc("tools", "tools.mesh", backend)],
-    );
+    let (backend, files, registry) = tools_registry();
     ctl(&members[0], &["apply", "-f", &registry], 0);
     let mesh = EtcdMesh::start_with("control-cluster", |work| AgentEtcd {
         endpoint: endpoints.clone(),
@@ -964,12 +956,7 @@ fn etcd_roles_let_each_node_write_only_what_it_owns() {
 
     // From here on the harness's meshctl and etcdctl act as the operator.
     etcd.tls = Some(admin.clone());
-    let backend = start_backend();
-    let files = Files::new();
-    let registry = files.write(
-        "registry.yaml",
-        &[agent_doc("tools", "tools.mesh", backend)],
-    );
+    let (backend, files, registry) = tools_registry();
     ctl(&etcd, &["apply", "-f", &registry], 0);
 
     // A node's certificate reads the mesh but cannot change policy or the registry.
