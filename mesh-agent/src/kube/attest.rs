@@ -404,49 +404,35 @@ mod tests {
     fn a_pod_being_deleted_counts_during_its_grace_period_only() {
         let now = at(NOW);
         let mut terminating = pod("planner-0", "prod", Some("planner"), "node-a", "Running");
-        terminating.metadata.deletion_timestamp = Some("2026-11-30T04:00:30Z".into());
-        assert!(matches!(
+        // The attestation of the planner account on node A, with the pod deleted at `deleted`.
+        let mut deleted_at = |deleted: &str| {
+            terminating.metadata.deletion_timestamp = Some(deleted.into());
             attestation(
                 &list(vec![terminating.clone()]),
                 "prod",
                 "planner",
                 "node-a",
-                now
-            ),
+                now,
+            )
+        };
+        assert!(matches!(
+            deleted_at("2026-11-30T04:00:30Z"),
             Attestation::Runs { .. }
         ));
         // Just past the deadline: within the clock tolerance.
-        terminating.metadata.deletion_timestamp = Some("2026-11-30T03:59:30Z".into());
         assert!(matches!(
-            attestation(
-                &list(vec![terminating.clone()]),
-                "prod",
-                "planner",
-                "node-a",
-                now
-            ),
+            deleted_at("2026-11-30T03:59:30Z"),
             Attestation::Runs { .. }
         ));
         // Long overdue (a node that is gone or keeps it): refused.
-        terminating.metadata.deletion_timestamp = Some("2026-11-30T03:50:00Z".into());
-        let Attestation::NoPod { reason } = attestation(
-            &list(vec![terminating.clone()]),
-            "prod",
-            "planner",
-            "node-a",
-            now,
-        ) else {
+        let Attestation::NoPod { reason } = deleted_at("2026-11-30T03:50:00Z") else {
             panic!("granted");
         };
         assert!(
             reason.contains("to be gone by 2026-11-30T03:50:00Z"),
             "{reason}"
         );
-        terminating.metadata.deletion_timestamp = Some("yesterday".into());
-        assert!(matches!(
-            attestation(&list(vec![terminating]), "prod", "planner", "node-a", now),
-            Attestation::NoPod { .. }
-        ));
+        assert!(matches!(deleted_at("yesterday"), Attestation::NoPod { .. }));
     }
 
     #[test]

@@ -646,24 +646,21 @@ mod tests {
         ));
         let pool = Http1Pool::with_dialer(dialer, Duration::from_secs(90), 8);
         let source: Arc<str> = Arc::from("client");
-        for _ in 0..3 {
-            let response = pool
-                .send_as(&source, address, Some("node-b"), get())
-                .await
-                .unwrap();
-            assert_eq!(body_text(response).await, "hello");
-        }
+        let three_requests = || async {
+            for _ in 0..3 {
+                let response = pool
+                    .send_as(&source, address, Some("node-b"), get())
+                    .await
+                    .unwrap();
+                assert_eq!(body_text(response).await, "hello");
+            }
+        };
+        three_requests().await;
         assert_eq!(client_stats.snapshot().client_connections, 1);
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 
         credentials.renew(&SpiffeId::for_agent("mesh.test", "client").unwrap());
-        for _ in 0..3 {
-            let response = pool
-                .send_as(&source, address, Some("node-b"), get())
-                .await
-                .unwrap();
-            assert_eq!(body_text(response).await, "hello");
-        }
+        three_requests().await;
         let snapshot = client_stats.snapshot();
         assert_eq!(snapshot.client_connections, 2, "{snapshot:?}");
         assert_eq!(snapshot.client_connections_retired, 1, "{snapshot:?}");
