@@ -129,29 +129,29 @@ impl PoolInner {
         sender: SendRequest<ProxyBody>,
         freshness: Option<Freshness>,
     ) {
-        if sender.is_closed() || freshness.as_ref().is_some_and(|fresh| !fresh.is_current()) {
+        let now = Instant::now();
+        let conn = Idle {
+            sender,
+            since: now,
+            freshness,
+        };
+        if !conn.reusable(now, self.idle_timeout) {
             return;
         }
-        let now = Instant::now();
-        let mut idle = self
+        let mut guard = self
             .idle_of(worker)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let idle = &mut *guard;
         idle.sweep(now, self.idle_timeout, self.idle_timeout / 4);
-        let list = idle.by_endpoint.entry(endpoint.clone()).or_default();
+        let list = idle.by_endpoint.entry(endpoint).or_default();
         if list.len() >= self.max_idle_per_endpoint {
             // Full: the oldest goes (dropping its sender closes the connection).
             list.remove(0);
             idle.count -= 1;
         }
-        if let Some(list) = idle.by_endpoint.get_mut(&endpoint) {
-            list.push(Idle {
-                sender,
-                since: now,
-                freshness,
-            });
-            idle.count += 1;
-        }
+        list.push(conn);
+        idle.count += 1;
     }
 
     /// The most recently used idle connection to `endpoint` still open and within the idle
