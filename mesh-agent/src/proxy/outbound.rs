@@ -341,26 +341,25 @@ impl OutboundProxy {
             // Keep only the bytes read, not the detector's whole window, for the life of the
             // connection: the buffer itself is dropped here, or it would live in this future
             // until the connection ends.
-            // On an accelerated connection the workload's requests arrive by redirect while
-            // the agent reports what it read.
             let prefix_bytes = bytes::Bytes::copy_from_slice(&prefix);
+            drop(prefix);
             let served = if self.datapath.accelerated() {
+                // The workload's requests arrive by redirect while the agent reports what it
+                // read, and its reads must not stall on a short read.
                 let reporter = client.local_addr().ok().map(|agent_end| {
                     ReadReporter::new(
                         Arc::clone(&self.datapath),
                         peer,
                         agent_end,
-                        prefix.len() as u64,
+                        prefix_bytes.len() as u64,
                     )
                 });
                 let stream =
                     PrefixedStream::new(prefix_bytes, ReadReporting::new(client, reporter));
-                drop(prefix);
                 Arc::clone(&self.http)
                     .serve_connection(stream, version, caller)
                     .await
             } else {
-                drop(prefix);
                 Arc::clone(&self.http)
                     .serve_connection(PrefixedStream::new(prefix_bytes, client), version, caller)
                     .await

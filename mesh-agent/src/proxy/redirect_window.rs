@@ -1,8 +1,9 @@
-//! Keeps the in-kernel redirect of an accelerated workload socket open on connections the L7
-//! path reads. `sk_msg` lets a workload socket queue at most `REDIRECT_WINDOW` bytes on the
-//! agent's end beyond what the agent reported reading; a reader that never reports sends the
-//! workload to TCP for good after its first window. [`ReadReporting`] counts what the L7 path
-//! reads and reports it every quarter window, and stops once the socket has fallen back.
+//! Keeps the in-kernel redirect of an accelerated workload socket open while the agent reads
+//! it. `sk_msg` lets a workload socket queue at most `REDIRECT_WINDOW` bytes on the agent's
+//! end beyond what the agent reported reading; a reader that never reports sends the workload
+//! to TCP for good after its first window. [`ReadReporter`] counts what the agent read and
+//! reports it every quarter window (the opaque upload and the L7 path both use it);
+//! [`ReadReporting`] is the L7 path's stream, which also reads without stalling.
 
 use std::{
     io,
