@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod fast_map;
 pub mod identity;
 pub mod kube;
 pub mod policy;

@@ -134,7 +134,23 @@ fn write_bucket_key(key: &mut KeyBuf, source: &str, destination: &str, tool: Opt
         .into_iter()
         .flatten()
     {
-        let _ = write!(key, "{}:{part}", part.len());
+        // `<decimal length>:<part>`, written without the formatting machinery (this runs on
+        // every rate-limited request).
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        let mut length = part.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (length % 10) as u8;
+            length /= 10;
+            if length == 0 {
+                break;
+            }
+        }
+        // Only ASCII digits were written.
+        let _ = key.write_str(std::str::from_utf8(&digits[start..]).unwrap_or("0"));
+        let _ = key.write_str(":");
+        let _ = key.write_str(part);
     }
 }
 
@@ -188,6 +204,29 @@ impl fmt::Write for KeyBuf {
     }
 }
 
+/// GCRA: takes one token from `bucket` at `now`, or says how long until one is there.
+fn take_token(
+    bucket: &mut Bucket,
+    now: Instant,
+    interval: Duration,
+    tolerance: Duration,
+) -> Result<(), Duration> {
+    bucket.last_seen = bucket.last_seen.max(now);
+    let tat = bucket.tat.max(now);
+    let ahead = tat.saturating_duration_since(now);
+    if ahead > tolerance {
+        return Err(ahead - tolerance);
+    }
+    match tat.checked_add(interval) {
+        Some(next) => {
+            bucket.tat = next;
+            Ok(())
+        }
+        // A rate so low the next token is beyond the clock's range: never again.
+        None => Err(interval),
+    }
+}
+
 /// Makes room in a full shard: idle buckets first, else the least recently used sixteenth.
 fn make_room(buckets: &mut HashMap<Box<str>, Bucket>, capacity: usize, now: Instant) {
     if buckets.len() < capacity {
@@ -236,33 +275,18 @@ impl RateLimit for RateLimiter {
             .shard(id)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if !buckets.contains_key(id) {
-            make_room(&mut buckets, self.max_keys_per_shard, now);
-            buckets.insert(
-                Box::from(id),
-                Bucket {
-                    tat: now,
-                    last_seen: now,
-                },
-            );
+        // One lookup when the bucket exists (every request but a key's first).
+        if let Some(bucket) = buckets.get_mut(id) {
+            return take_token(bucket, now, interval, tolerance);
         }
-        let Some(bucket) = buckets.get_mut(id) else {
-            return Ok(());
+        make_room(&mut buckets, self.max_keys_per_shard, now);
+        let mut bucket = Bucket {
+            tat: now,
+            last_seen: now,
         };
-        bucket.last_seen = bucket.last_seen.max(now);
-        let tat = bucket.tat.max(now);
-        let ahead = tat.saturating_duration_since(now);
-        if ahead > tolerance {
-            return Err(ahead - tolerance);
-        }
-        match tat.checked_add(interval) {
-            Some(next) => {
-                bucket.tat = next;
-                Ok(())
-            }
-            // A rate so low the next token is beyond the clock's range: never again.
-            None => Err(interval),
-        }
+        let verdict = take_token(&mut bucket, now, interval, tolerance);
+        buckets.insert(Box::from(id), bucket);
+        verdict
     }
 }
 
@@ -466,6 +490,11 @@ mod tests {
 
     #[test]
     fn bucket_keys_are_unambiguous() {
+        assert_eq!(bucket_key("", "ab", None), "0:2:ab");
+        assert_eq!(
+            bucket_key(&"s".repeat(12), "d", Some("t")),
+            format!("12:{}1:d1:t", "s".repeat(12))
+        );
         assert_ne!(bucket_key("a:b", "c", None), bucket_key("a", "b:c", None));
         assert_ne!(bucket_key("a", "b", Some("")), bucket_key("a", "b", None));
     }

@@ -30,6 +30,7 @@ use super::{
         TrafficPolicySpec, normalize_host,
     },
 };
+use crate::fast_map::FastHashMap;
 
 /// Source of [`PolicySnapshot::generation`]: increases with every snapshot built in the process.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -489,10 +490,10 @@ impl CompiledPolicy {
 /// Policies of one action, indexed by target.
 #[derive(Debug, Default)]
 struct PolicySet {
-    by_target: HashMap<String, Vec<usize>>,
+    by_target: FastHashMap<String, Vec<usize>>,
     wildcard: Vec<usize>,
     /// `*` policies scoped to one namespace's agents, by namespace.
-    by_namespace: HashMap<String, Vec<usize>>,
+    by_namespace: FastHashMap<String, Vec<usize>>,
 }
 
 impl PolicySet {
@@ -539,13 +540,13 @@ pub struct PolicySnapshot {
     resource_count: usize,
     /// Sorted by name.
     agents: Vec<AgentEntry>,
-    by_name: HashMap<String, usize>,
-    by_host: HashMap<String, usize>,
-    by_address: HashMap<SocketAddr, usize>,
+    by_name: FastHashMap<String, usize>,
+    by_host: FastHashMap<String, usize>,
+    by_address: FastHashMap<SocketAddr, usize>,
     policies: Vec<CompiledPolicy>,
     deny: PolicySet,
     allow: PolicySet,
-    traffic_by_agent: HashMap<String, TrafficSettings>,
+    traffic_by_agent: FastHashMap<String, TrafficSettings>,
     traffic_wildcard: Option<TrafficSettings>,
     traffic_default: TrafficSettings,
     warnings: Vec<String>,
@@ -570,13 +571,13 @@ impl PolicySnapshot {
             default_action,
             resource_count: 0,
             agents: Vec::new(),
-            by_name: HashMap::new(),
-            by_host: HashMap::new(),
-            by_address: HashMap::new(),
+            by_name: FastHashMap::default(),
+            by_host: FastHashMap::default(),
+            by_address: FastHashMap::default(),
             policies: Vec::new(),
             deny: PolicySet::default(),
             allow: PolicySet::default(),
-            traffic_by_agent: HashMap::new(),
+            traffic_by_agent: FastHashMap::default(),
             traffic_wildcard: None,
             traffic_default: TrafficSettings::default(),
             warnings: Vec::new(),

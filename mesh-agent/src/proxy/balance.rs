@@ -6,7 +6,6 @@
 //! nothing).
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex, PoisonError,
@@ -17,7 +16,10 @@ use std::{
 
 use rand::Rng;
 
-use crate::policy::{AgentEntry, CircuitBreaker};
+use crate::{
+    fast_map::FastHashMap,
+    policy::{AgentEntry, CircuitBreaker},
+};
 
 /// Weight of a new latency sample in the moving average (1/8).
 const EWMA_SHIFT: u32 = 3;
@@ -169,7 +171,7 @@ pub enum Outcome {
 /// Passive health and choice for every endpoint the proxy talks to.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointHealth>>>,
+    endpoints: Mutex<FastHashMap<SocketAddr, Arc<EndpointHealth>>>,
 }
 
 impl Balancer {
@@ -217,12 +219,9 @@ impl Balancer {
         let mut ejected: Vec<(Arc<EndpointHealth>, u32, Instant)> = Vec::new();
         let mut in_service = 0usize;
         let mut probe: Option<(Arc<EndpointHealth>, u32)> = None;
-        let serving: Vec<_> = agent
-            .endpoints
-            .iter()
-            .filter(|endpoint| endpoint.weight > 0)
-            .collect();
-        for endpoint in &serving {
+        let mut serving = 0usize;
+        for endpoint in agent.endpoints.iter().filter(|endpoint| endpoint.weight > 0) {
+            serving += 1;
             let health = self.health(endpoint.address);
             let state = health.ejection();
             let out = state.until.is_some_and(|until| now < until);
@@ -244,8 +243,8 @@ impl Balancer {
             }
         }
         // Never eject more than the allowed share: bring back the longest-ejected first.
-        let allowed_out = serving.len() * breaker.max_ejected_percent as usize / 100;
-        let out_now = serving.len().saturating_sub(in_service);
+        let allowed_out = serving * breaker.max_ejected_percent as usize / 100;
+        let out_now = serving.saturating_sub(in_service);
         if out_now > allowed_out || (candidates.is_empty() && probe.is_none()) {
             ejected.sort_by_key(|(_, _, since)| *since);
             let returning = out_now
@@ -383,6 +382,10 @@ fn choose_two(
         }
         None
     };
+    if let [(only, weight)] = candidates {
+        // One candidate: nothing to draw.
+        return (*weight > 0).then(|| Arc::clone(only));
+    }
     let first = draw(None)?;
     let Some(second) = draw(Some(first)) else {
         return Some(Arc::clone(&candidates[first].0));

@@ -110,9 +110,12 @@ impl Dialer {
                 // Boxed: opening a tunnel (TLS handshake included) is a future of several KiB,
                 // and unboxed it would size every caller's future, the per-request HTTP path
                 // among them, which then copies it on each request.
-                let stream =
-                    Box::pin(self.tunnel.open(&identity, Peer { node, address }, endpoint))
-                        .await?;
+                let stream = Box::pin(self.tunnel.open(
+                    &identity,
+                    Peer { node, address },
+                    endpoint,
+                ))
+                .await?;
                 Ok(Upstream::Tunnel(Box::new(BufReader::new(stream))))
             }
         }

@@ -38,6 +38,7 @@ use super::{
     upstream::{Http1Pool, PooledBody, SendError, UpstreamKey},
 };
 use crate::{
+    fast_map::FastHashMap,
     policy::{
         AgentEntry, PolicySnapshot, PolicyStore, RateLimit, RateLimitKey, RateLimiter,
         RequestAttributes, RetryOn, RouteRequest, TrafficSettings,
@@ -183,8 +184,8 @@ enum BudgetKey<'a> {
 /// Retry budgets of every destination; looking one up allocates nothing once it exists.
 #[derive(Debug, Default)]
 struct RetryBudgets {
-    agents: std::collections::HashMap<Box<str>, RetryBudget>,
-    addresses: std::collections::HashMap<SocketAddr, RetryBudget>,
+    agents: FastHashMap<Box<str>, RetryBudget>,
+    addresses: FastHashMap<SocketAddr, RetryBudget>,
 }
 
 impl RetryBudgets {
@@ -231,7 +232,7 @@ pub struct HttpProxy {
     dialer: Arc<Dialer>,
     /// HTTP/2 connections to endpoints on other nodes, by endpoint and source.
     /// With each: whether its tunnel connection is still current (not reused once retired).
-    tunnel_h2: Mutex<std::collections::HashMap<UpstreamKey, PooledH2>>,
+    tunnel_h2: Mutex<FastHashMap<UpstreamKey, PooledH2>>,
     balancer: Balancer,
     sessions: SessionAffinity,
     admission: Arc<Admission>,
@@ -329,7 +330,7 @@ impl HttpProxy {
                 POOL_MAX_IDLE_PER_ENDPOINT,
             ),
             dialer,
-            tunnel_h2: Mutex::new(std::collections::HashMap::new()),
+            tunnel_h2: Mutex::new(FastHashMap::default()),
             balancer: Balancer::default(),
             sessions: SessionAffinity::default(),
             admission: Arc::new(Admission::default()),
@@ -477,7 +478,7 @@ impl HttpProxy {
             &caller.source,
             parts
                 .headers
-                .get(PRIORITY_HEADER)
+                .get(&PRIORITY_HEADER)
                 .and_then(|value| value.to_str().ok()),
         );
         let admitted = if traffic.priority.max_concurrent == 0 {
@@ -688,7 +689,7 @@ impl HttpProxy {
         version: HttpVersion,
     ) -> Response<ProxyBody> {
         let retryable_request = body.is_buffered()
-            && (is_idempotent(&parts.method) || parts.headers.contains_key("idempotency-key"));
+            && (is_idempotent(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY_HEADER));
         let budget_key = destination.map_or(BudgetKey::Address(caller.original_dst), |agent| {
             BudgetKey::Agent(&agent.name)
         });
@@ -735,7 +736,7 @@ impl HttpProxy {
         let mut attempt: u32 = 0;
         let session = parts
             .headers
-            .get(MCP_SESSION_HEADER)
+            .get(&MCP_SESSION_HEADER)
             .and_then(|value| value.to_str().ok());
         let mut agent = destination;
         let mut failed_over = false;
@@ -1405,7 +1406,7 @@ fn dedup_key(
         parts.method.as_str().as_bytes(),
         target.as_bytes(),
     ];
-    if let Some(idempotency) = parts.headers.get("idempotency-key") {
+    if let Some(idempotency) = parts.headers.get(&IDEMPOTENCY_KEY_HEADER) {
         return Some(dedup::key(&[
             source,
             destination,
@@ -1430,7 +1431,7 @@ fn dedup_key(
     }
     let session = parts
         .headers
-        .get("mcp-session-id")
+        .get(&MCP_SESSION_HEADER)
         .map_or(&b""[..], |value| value.as_bytes());
     Some(dedup::key(&[
         source,
@@ -1502,7 +1503,7 @@ fn is_websocket_upgrade<B>(request: &Request<B>) -> bool {
 fn request_timeout(headers: &HeaderMap, traffic: &TrafficSettings) -> Duration {
     let policy = traffic.timeouts.request;
     headers
-        .get("grpc-timeout")
+        .get(&GRPC_TIMEOUT_HEADER)
         .and_then(|value| value.to_str().ok())
         .and_then(parse_grpc_timeout)
         .map_or(policy, |deadline| deadline.min(policy))
@@ -1538,7 +1539,13 @@ fn backoff(attempt: u32, traffic: &TrafficSettings) -> Duration {
 }
 
 /// The MCP session header (Streamable HTTP, 2025-11-25).
-const MCP_SESSION_HEADER: &str = "mcp-session-id";
+static MCP_SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id");
+/// Names of headers looked up on every request, parsed once (a `&str` name is parsed and
+/// checked on each lookup).
+static IDEMPOTENCY_KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
+static GRPC_TIMEOUT_HEADER: HeaderName = HeaderName::from_static("grpc-timeout");
+static MCP_METHOD_HEADER: HeaderName = HeaderName::from_static("mcp-method");
+static MCP_NAME_HEADER: HeaderName = HeaderName::from_static("mcp-name");
 /// Sessions remembered at most; past this the oldest half is forgotten (their requests are
 /// then balanced like any other, which a stateless server handles and a stateful one answers
 /// with its own "unknown session" error).
@@ -1574,7 +1581,7 @@ impl SessionAffinity {
     ) {
         let issued = response
             .headers()
-            .get(MCP_SESSION_HEADER)
+            .get(&MCP_SESSION_HEADER)
             .and_then(|value| value.to_str().ok());
         if sent_session.is_none() && issued.is_none() {
             // Nothing to learn or forget (most requests): the shared map is not locked.
@@ -1846,9 +1853,10 @@ fn percent_encode_grpc(message: &str) -> String {
 /// whose headers disagree with its body is refused (a policy decision on the header alone
 /// would otherwise be spoofable).
 fn check_mcp_headers(headers: &HeaderMap, facts: &RequestFacts) -> Option<Response<ProxyBody>> {
-    let header_text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
-    let method = header_text("mcp-method");
-    let name = header_text("mcp-name");
+    let header_text =
+        |name: &HeaderName| headers.get(name).and_then(|value| value.to_str().ok());
+    let method = header_text(&MCP_METHOD_HEADER);
+    let name = header_text(&MCP_NAME_HEADER);
     if method.is_none() && name.is_none() {
         return None;
     }

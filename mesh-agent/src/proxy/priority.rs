@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use crate::policy::{Pattern, Priority, PriorityClass};
 
 /// Header a caller may set to pick its class, where policy allows it.
-pub const PRIORITY_HEADER: &str = "x-mesh-priority";
+pub static PRIORITY_HEADER: http::HeaderName = http::HeaderName::from_static("x-mesh-priority");
 
 /// Why a request was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

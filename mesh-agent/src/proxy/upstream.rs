@@ -14,7 +14,6 @@
 //! the next request makes a new one, on the new certificate.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError, Weak},
@@ -36,7 +35,10 @@ use super::{
     http::ProxyBody,
     workers::{MAX_WORKERS, current_worker},
 };
-use crate::tunnel::{Freshness, TunnelError};
+use crate::{
+    fast_map::FastHashMap,
+    tunnel::{Freshness, TunnelError},
+};
 
 /// What a pooled connection is tied to: its endpoint, and the source workload when the
 /// connection goes through the tunnel (the peer node authorised that source, so it must not
@@ -81,7 +83,7 @@ impl Idle {
 /// Idle connections by endpoint, most recently used last.
 #[derive(Default)]
 struct IdleSet {
-    by_endpoint: HashMap<UpstreamKey, Vec<Idle>>,
+    by_endpoint: FastHashMap<UpstreamKey, Vec<Idle>>,
     count: usize,
     last_sweep: Option<Instant>,
 }
@@ -176,9 +178,8 @@ impl PoolInner {
                 break;
             }
         }
-        if list.is_empty() {
-            idle.by_endpoint.remove(endpoint);
-        }
+        // An emptied list stays (the sweep drops it if it stays empty): the connection taken
+        // usually comes back within the request, and would otherwise allocate it again.
         idle.count -= dropped;
         taken
     }
