@@ -220,7 +220,11 @@ impl Balancer {
         let mut in_service = 0usize;
         let mut probe: Option<(Arc<EndpointHealth>, u32)> = None;
         let mut serving = 0usize;
-        for endpoint in agent.endpoints.iter().filter(|endpoint| endpoint.weight > 0) {
+        for endpoint in agent
+            .endpoints
+            .iter()
+            .filter(|endpoint| endpoint.weight > 0)
+        {
             serving += 1;
             let health = self.health(endpoint.address);
             let state = health.ejection();

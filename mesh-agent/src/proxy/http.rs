@@ -689,7 +689,8 @@ impl HttpProxy {
         version: HttpVersion,
     ) -> Response<ProxyBody> {
         let retryable_request = body.is_buffered()
-            && (is_idempotent(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY_HEADER));
+            && (is_idempotent(&parts.method)
+                || parts.headers.contains_key(&IDEMPOTENCY_KEY_HEADER));
         let budget_key = destination.map_or(BudgetKey::Address(caller.original_dst), |agent| {
             BudgetKey::Agent(&agent.name)
         });
@@ -927,23 +928,47 @@ impl HttpProxy {
                 .await?
         } else {
             // HTTP/1.1 through the endpoint-keyed pool: origin-form target, `Host` kept.
-            let mut request = Request::new(body.into_proxy_body());
-            *request.method_mut() = parts.method.clone();
-            *request.uri_mut() = origin_form(&parts.uri);
-            *request.headers_mut() = forwarded_headers(&parts.headers, false);
-            if !request.headers().contains_key(header::HOST) {
+            let mut headers = forwarded_headers(&parts.headers, false);
+            if !headers.contains_key(header::HOST) {
                 let host = parts
                     .uri
                     .authority()
                     .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
                     .or_else(|| HeaderValue::from_str(&host_of(endpoint)).ok());
                 if let Some(host) = host {
-                    request.headers_mut().insert(header::HOST, host);
+                    headers.insert(header::HOST, host);
                 }
             }
-            match tokio::time::timeout(timeout, self.pool.send_as(source, endpoint, node, request))
-                .await
-            {
+            let sent = match body {
+                // A body in hand (none, or one the proxy inspected): sent and answered in this
+                // task, on a raw connection.
+                Body::Buffered(bytes) => {
+                    let target = parts
+                        .uri
+                        .path_and_query()
+                        .map_or("/", http::uri::PathAndQuery::as_str);
+                    let target = if target.is_empty() { "/" } else { target };
+                    let send = self.pool.send_buffered_as(
+                        source,
+                        endpoint,
+                        node,
+                        &parts.method,
+                        target,
+                        &headers,
+                        &bytes,
+                    );
+                    tokio::time::timeout(timeout, send).await
+                }
+                body => {
+                    let mut request = Request::new(body.into_proxy_body());
+                    *request.method_mut() = parts.method.clone();
+                    *request.uri_mut() = origin_form(&parts.uri);
+                    *request.headers_mut() = headers;
+                    let send = self.pool.send_as(source, endpoint, node, request);
+                    tokio::time::timeout(timeout, send).await
+                }
+            };
+            match sent {
                 Err(_) => return Err(UpstreamError::Timeout { endpoint, timeout }),
                 Ok(Ok(response)) => response,
                 Ok(Err(SendError::Connect(reason))) => {
@@ -953,6 +978,12 @@ impl HttpProxy {
                     return Err(UpstreamError::Refused { endpoint, reason });
                 }
                 Ok(Err(SendError::Failed(error))) => {
+                    return Err(UpstreamError::Failed {
+                        endpoint,
+                        reason: error_chain(&error),
+                    });
+                }
+                Ok(Err(SendError::Exchange(error))) => {
                     return Err(UpstreamError::Failed {
                         endpoint,
                         reason: error_chain(&error),
@@ -1853,8 +1884,7 @@ fn percent_encode_grpc(message: &str) -> String {
 /// whose headers disagree with its body is refused (a policy decision on the header alone
 /// would otherwise be spoofable).
 fn check_mcp_headers(headers: &HeaderMap, facts: &RequestFacts) -> Option<Response<ProxyBody>> {
-    let header_text =
-        |name: &HeaderName| headers.get(name).and_then(|value| value.to_str().ok());
+    let header_text = |name: &HeaderName| headers.get(name).and_then(|value| value.to_str().ok());
     let method = header_text(&MCP_METHOD_HEADER);
     let name = header_text(&MCP_NAME_HEADER);
     if method.is_none() && name.is_none() {

@@ -21,8 +21,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http::{Request, Response};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, Request, Response};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::http1::SendRequest,
@@ -31,8 +31,9 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::{
-    dialer::{DialError, Dialer},
-    http::ProxyBody,
+    dialer::{DialError, Dialer, Upstream},
+    h1_client::{H1Error, RawBody, RawConnection, SendFailure, encode_request},
+    http::{BodyError, ProxyBody},
     workers::{MAX_WORKERS, current_worker},
 };
 use crate::{
@@ -62,21 +63,45 @@ pub enum SendError {
     /// another try would be refused too.
     #[error("{0}")]
     Refused(String),
+    /// A request sent on a raw connection failed after (or while) it went out.
+    #[error(transparent)]
+    Exchange(H1Error),
+}
+
+/// A pooled connection: driven by hyper's client (its own task), or by the request's task
+/// ([`RawConnection`]).
+enum PooledConn {
+    Hyper(SendRequest<ProxyBody>),
+    Raw(RawConnection),
+}
+
+impl PooledConn {
+    fn is_raw(&self) -> bool {
+        matches!(self, Self::Raw(_))
+    }
+
+    /// Whether the upstream still has it open (and, for a raw one, sent nothing unasked).
+    fn is_open(&mut self) -> bool {
+        match self {
+            Self::Hyper(sender) => !sender.is_closed(),
+            Self::Raw(conn) => conn.idle_usable(),
+        }
+    }
 }
 
 /// One idle connection.
 struct Idle {
-    sender: SendRequest<ProxyBody>,
+    conn: PooledConn,
     since: Instant,
     /// For a tunnelled connection: whether its tunnel connection is still current.
     freshness: Option<Freshness>,
 }
 
 impl Idle {
-    fn reusable(&self, now: Instant, idle_timeout: Duration) -> bool {
-        !self.sender.is_closed()
-            && now.duration_since(self.since) < idle_timeout
+    fn reusable(&mut self, now: Instant, idle_timeout: Duration) -> bool {
+        now.duration_since(self.since) < idle_timeout
             && self.freshness.as_ref().is_none_or(Freshness::is_current)
+            && self.conn.is_open()
     }
 }
 
@@ -100,7 +125,7 @@ impl IdleSet {
         self.last_sweep = Some(now);
         let mut count = 0;
         self.by_endpoint.retain(|_, idle| {
-            idle.retain(|conn| conn.reusable(now, idle_timeout));
+            idle.retain_mut(|conn| conn.reusable(now, idle_timeout));
             count += idle.len();
             !idle.is_empty()
         });
@@ -128,12 +153,12 @@ impl PoolInner {
         &self,
         worker: usize,
         endpoint: UpstreamKey,
-        sender: SendRequest<ProxyBody>,
+        conn: PooledConn,
         freshness: Option<Freshness>,
     ) {
         let now = Instant::now();
-        let conn = Idle {
-            sender,
+        let mut conn = Idle {
+            conn,
             since: now,
             freshness,
         };
@@ -156,13 +181,14 @@ impl PoolInner {
         idle.count += 1;
     }
 
-    /// The most recently used idle connection to `endpoint` still open and within the idle
-    /// timeout.
+    /// The most recently used idle connection to `endpoint` of the wanted kind (raw or not)
+    /// still open and within the idle timeout.
     fn take(
         &self,
         worker: usize,
         endpoint: &UpstreamKey,
-    ) -> Option<(SendRequest<ProxyBody>, Option<Freshness>)> {
+        raw: bool,
+    ) -> Option<(PooledConn, Option<Freshness>)> {
         let now = Instant::now();
         let mut idle = self
             .idle_of(worker)
@@ -171,10 +197,11 @@ impl PoolInner {
         let list = idle.by_endpoint.get_mut(endpoint)?;
         let mut taken = None;
         let mut dropped = 0;
-        while let Some(conn) = list.pop() {
+        while let Some(position) = list.iter().rposition(|idle| idle.conn.is_raw() == raw) {
+            let mut conn = list.remove(position);
             dropped += 1;
             if conn.reusable(now, self.idle_timeout) {
-                taken = Some((conn.sender, conn.freshness));
+                taken = Some((conn.conn, conn.freshness));
                 break;
             }
         }
@@ -270,7 +297,9 @@ impl Http1Pool {
             let Some(unsent) = request.take() else {
                 break None;
             };
-            let Some((mut sender, freshness)) = self.inner.take(worker, &endpoint) else {
+            let Some((PooledConn::Hyper(mut sender), freshness)) =
+                self.inner.take(worker, &endpoint, false)
+            else {
                 request = Some(unsent);
                 break None;
             };
@@ -308,8 +337,12 @@ impl Http1Pool {
             }
         };
         for (sender, freshness) in busy {
-            self.inner
-                .put_back(worker, endpoint.clone(), sender, freshness);
+            self.inner.put_back(
+                worker,
+                endpoint.clone(),
+                PooledConn::Hyper(sender),
+                freshness,
+            );
         }
         if let Some(sent) = sent {
             return sent;
@@ -325,6 +358,50 @@ impl Http1Pool {
         }
     }
 
+    /// [`Http1Pool::send_as`] for a request whose body is all in hand: sent and answered on
+    /// a [`RawConnection`], inside the calling task. `target` is the origin-form request
+    /// target; `headers` must hold `Host`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_buffered_as(
+        &self,
+        source: &Arc<str>,
+        address: SocketAddr,
+        node: Option<&str>,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let endpoint = UpstreamKey {
+            endpoint: address,
+            via: self.inner.dialer.identity_key(source, node),
+        };
+        let worker = current_worker();
+        let mut head = BytesMut::new();
+        encode_request(method, target, headers, body, &mut head);
+        // Reused connections first; one the upstream closed before taking a byte of the
+        // request gives it back for the next.
+        while let Some((PooledConn::Raw(conn), freshness)) =
+            self.inner.take(worker, &endpoint, true)
+        {
+            match conn.send(method, &head, body).await {
+                Ok(response) => return Ok(self.pooled_raw(worker, endpoint, freshness, response)),
+                Err(SendFailure::NotSent(error)) => {
+                    debug!(endpoint = %address, %error, "pooled upstream connection refused the request; trying another");
+                }
+                Err(SendFailure::Failed(error)) => return Err(SendError::Exchange(error)),
+            }
+        }
+        let stream = self.dial(source, address, node).await?;
+        let freshness = stream.freshness();
+        match RawConnection::new(stream).send(method, &head, body).await {
+            Ok(response) => Ok(self.pooled_raw(worker, endpoint, freshness, response)),
+            Err(SendFailure::NotSent(error) | SendFailure::Failed(error)) => {
+                Err(SendError::Exchange(error))
+            }
+        }
+    }
+
     fn pooled(
         &self,
         worker: usize,
@@ -334,15 +411,52 @@ impl Http1Pool {
         response: Response<Incoming>,
     ) -> Response<PooledBody> {
         response.map(|body| PooledBody {
-            inner: body,
+            inner: Inner::Hyper(body),
             back: Some(Back {
                 pool: Arc::downgrade(&self.inner),
                 worker,
                 endpoint,
-                sender,
+                sender: Some(sender),
                 freshness,
             }),
         })
+    }
+
+    fn pooled_raw(
+        &self,
+        worker: usize,
+        endpoint: UpstreamKey,
+        freshness: Option<Freshness>,
+        response: Response<RawBody>,
+    ) -> Response<PooledBody> {
+        response.map(|body| PooledBody {
+            inner: Inner::Raw(body),
+            back: Some(Back {
+                pool: Arc::downgrade(&self.inner),
+                worker,
+                endpoint,
+                sender: None,
+                freshness,
+            }),
+        })
+    }
+
+    async fn dial(
+        &self,
+        source: &str,
+        endpoint: SocketAddr,
+        node: Option<&str>,
+    ) -> Result<Upstream, SendError> {
+        self.inner
+            .dialer
+            .connect(source, endpoint, node)
+            .await
+            .map_err(|error| match error {
+                DialError::Tunnel(TunnelError::Denied { .. }) => {
+                    SendError::Refused(error.to_string())
+                }
+                other => SendError::Connect(other.to_string()),
+            })
     }
 
     async fn connect(
@@ -352,17 +466,7 @@ impl Http1Pool {
         node: Option<&str>,
     ) -> Result<(SendRequest<ProxyBody>, Option<Freshness>), SendError> {
         let endpoint = key.endpoint;
-        let stream = self
-            .inner
-            .dialer
-            .connect(source, endpoint, node)
-            .await
-            .map_err(|error| match error {
-                DialError::Tunnel(TunnelError::Denied { .. }) => {
-                    SendError::Refused(error.to_string())
-                }
-                other => SendError::Connect(other.to_string()),
-            })?;
+        let stream = self.dial(source, endpoint, node).await?;
         let freshness = stream.freshness();
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, ProxyBody>(TokioIo::new(stream))
@@ -383,7 +487,8 @@ struct Back {
     /// The worker whose pool the connection belongs to (its task runs there).
     worker: usize,
     endpoint: UpstreamKey,
-    sender: SendRequest<ProxyBody>,
+    /// The hyper connection's handle (a raw connection is inside its body).
+    sender: Option<SendRequest<ProxyBody>>,
     freshness: Option<Freshness>,
 }
 
@@ -391,14 +496,22 @@ struct Back {
 /// goes back to the pool once the body has ended (dropped before its end, the connection
 /// closes: its state is unknown).
 pub struct PooledBody {
-    inner: Incoming,
+    inner: Inner,
     back: Option<Back>,
+}
+
+enum Inner {
+    Hyper(Incoming),
+    Raw(RawBody),
 }
 
 impl PooledBody {
     /// A body not tied to a pooled connection.
     pub fn unpooled(inner: Incoming) -> Self {
-        Self { inner, back: None }
+        Self {
+            inner: Inner::Hyper(inner),
+            back: None,
+        }
     }
 }
 
@@ -413,24 +526,38 @@ impl std::fmt::Debug for PooledBody {
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
-        if let Some(back) = self.back.take()
-            && self.inner.is_end_stream()
-            && let Some(pool) = back.pool.upgrade()
-        {
-            pool.put_back(back.worker, back.endpoint, back.sender, back.freshness);
+        let Some(back) = self.back.take() else {
+            return;
+        };
+        let conn = match (&mut self.inner, back.sender) {
+            (Inner::Hyper(body), Some(sender)) if body.is_end_stream() => PooledConn::Hyper(sender),
+            (Inner::Raw(body), _) => match body.finished_connection() {
+                Some(mut conn) => {
+                    conn.release_buffer();
+                    PooledConn::Raw(conn)
+                }
+                None => return,
+            },
+            _ => return,
+        };
+        if let Some(pool) = back.pool.upgrade() {
+            pool.put_back(back.worker, back.endpoint, conn, back.freshness);
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = match &mut self.inner {
+            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Inner::Raw(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+        };
         if let Poll::Ready(Some(Err(_))) = &polled {
             // A failed body: its connection is not to be reused.
             self.back = None;
@@ -439,11 +566,17 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Hyper(body) => body.is_end_stream(),
+            Inner::Raw(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Hyper(body) => body.size_hint(),
+            Inner::Raw(body) => body.size_hint(),
+        }
     }
 }
 
@@ -552,6 +685,73 @@ mod tests {
             let response = pool.send(address, get()).await.unwrap();
             assert_eq!(body_text(response).await, "ok");
             // Let the connection's task see the close.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A GET with its body in hand, through the raw (in-task) path.
+    async fn send_buffered(pool: &Http1Pool, address: SocketAddr) -> Response<PooledBody> {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, http::HeaderValue::from_static("upstream"));
+        pool.send_buffered_as(
+            &Arc::from(""),
+            address,
+            None,
+            &Method::GET,
+            "/",
+            &headers,
+            &Bytes::new(),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_finished_raw_response_returns_its_connection_for_the_next_request() {
+        let (address, accepted) = upstream("hello").await;
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90), 8);
+        for _ in 0..3 {
+            let response = send_buffered(&pool, address).await;
+            assert_eq!(body_text(response).await, "hello");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_raw_body_does_not_return_its_connection() {
+        let (address, accepted) = upstream("hello").await;
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90), 8);
+        drop(send_buffered(&pool, address).await);
+        assert_eq!(pool.idle(), 0);
+        let response = send_buffered(&pool, address).await;
+        assert_eq!(body_text(response).await, "hello");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_raw_connection_the_upstream_closed_is_not_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // Answers one request per connection, then closes it.
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 4096];
+                    let _ = stream.read(&mut buffer).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90), 8);
+        for _ in 0..3 {
+            let response = send_buffered(&pool, address).await;
+            assert_eq!(body_text(response).await, "ok");
+            // Let the close arrive.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

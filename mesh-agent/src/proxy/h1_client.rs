@@ -1,0 +1,991 @@
+//! HTTP/1.1 to an upstream, driven inside the request's own task: the request head and its
+//! buffered body go out in one write, the response head is parsed here (httparse), and the
+//! response body is read off the connection by whoever polls it (the client's connection,
+//! writing it back). No connection task, channel or second hyper state machine sits in
+//! between. The pool ([`super::upstream`]) uses it for requests whose body the proxy holds
+//! whole (every request without a body, and the JSON-RPC bodies it inspects); a streamed
+//! request body goes through hyper's client, which reads the response while the body is
+//! still going out.
+//!
+//! Response framing follows RFC 9112 §6.3: no body for HEAD and for 1xx, 204 and 304; chunked
+//! when `Transfer-Encoding` ends in `chunked`; else until the upstream closes when there is a
+//! `Transfer-Encoding` at all; else `Content-Length` (every value equal); else until the
+//! upstream closes. Interim 1xx responses are skipped. A connection is reused only after a
+//! complete, keep-alive response with nothing left over. Head size, header count, chunk-size
+//! lines and trailers are bounded; anything malformed is an error, never a guess.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
+use hyper::body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWriteExt};
+
+use sync_wrapper::SyncWrapper;
+
+use super::dialer::Upstream;
+
+/// Largest response head (status line and headers) accepted.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most response headers accepted.
+pub const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (with extensions) accepted.
+const MAX_CHUNK_LINE: usize = 1024;
+/// Most bytes of trailers accepted.
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 8 * 1024;
+/// A body up to this size is copied behind the head so both go out in one write.
+const INLINE_BODY: usize = 16 * 1024;
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("upstream I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("upstream closed the connection before the response ended")]
+    ClosedEarly,
+    #[error("upstream response head larger than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("malformed upstream response: {0}")]
+    Malformed(&'static str),
+}
+
+/// How a request failed: before a byte of it reached the upstream (so it may go again on
+/// another connection), or after.
+#[derive(Debug)]
+pub enum SendFailure {
+    NotSent(H1Error),
+    Failed(H1Error),
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+/// Parses a response head at the start of `buffer`: `Ok(None)` while incomplete, else the
+/// head and how many bytes it took.
+pub fn parse_response_head(buffer: &[u8]) -> Result<Option<(usize, ResponseHead)>, H1Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    let consumed = match response.parse(buffer) {
+        Ok(httparse::Status::Complete(consumed)) => consumed,
+        Ok(httparse::Status::Partial) => {
+            return if buffer.len() > MAX_HEAD_BYTES {
+                Err(H1Error::HeadTooLarge)
+            } else {
+                Ok(None)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Malformed("more than 100 headers"));
+        }
+        Err(_) => return Err(H1Error::Malformed("invalid status line or header")),
+    };
+    if consumed > MAX_HEAD_BYTES {
+        return Err(H1Error::HeadTooLarge);
+    }
+    let version = match response.version {
+        Some(0) => Version::HTTP_10,
+        Some(1) => Version::HTTP_11,
+        _ => return Err(H1Error::Malformed("unsupported HTTP version")),
+    };
+    let status = response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(H1Error::Malformed("invalid status code"))?;
+    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    for parsed in response.headers.iter() {
+        let name = HeaderName::from_bytes(parsed.name.as_bytes())
+            .map_err(|_| H1Error::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_bytes(parsed.value)
+            .map_err(|_| H1Error::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(Some((
+        consumed,
+        ResponseHead {
+            status,
+            version,
+            headers,
+        },
+    )))
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// The framing of the body that follows `head`, answering a request with `method`, and
+/// whether the connection may carry another request after it.
+pub fn framing(method: &Method, head: &ResponseHead) -> Result<(Framing, bool), H1Error> {
+    let connection_has = |token: &str| {
+        head.headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|item| item.trim().eq_ignore_ascii_case(token))
+    };
+    let keep_alive = match head.version {
+        Version::HTTP_11 => !connection_has("close"),
+        _ => connection_has("keep-alive"),
+    };
+    let status = head.status;
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Empty, keep_alive));
+    }
+    let mut codings = head
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .peekable();
+    if codings.peek().is_some() {
+        let mut last = None;
+        for value in codings {
+            let text = value
+                .to_str()
+                .map_err(|_| H1Error::Malformed("invalid Transfer-Encoding"))?;
+            for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                last = Some(coding);
+            }
+        }
+        let chunked = last.is_some_and(|coding| coding.eq_ignore_ascii_case("chunked"));
+        // With a Content-Length too, the message may be an attempt at smuggling: read it as
+        // the transfer coding says, then close (RFC 9112 §6.3, item 3).
+        let reusable = keep_alive && chunked && !head.headers.contains_key(header::CONTENT_LENGTH);
+        return Ok(if chunked {
+            (Framing::Chunked, reusable)
+        } else {
+            (Framing::UntilClose, false)
+        });
+    }
+    let mut length: Option<u64> = None;
+    for value in head.headers.get_all(header::CONTENT_LENGTH) {
+        let text = value
+            .to_str()
+            .map_err(|_| H1Error::Malformed("invalid Content-Length"))?;
+        for item in text.split(',').map(str::trim) {
+            if item.is_empty() || item.len() > 19 || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(H1Error::Malformed("invalid Content-Length"));
+            }
+            let parsed: u64 = item
+                .parse()
+                .map_err(|_| H1Error::Malformed("invalid Content-Length"))?;
+            if length.is_some_and(|seen| seen != parsed) {
+                return Err(H1Error::Malformed("conflicting Content-Length values"));
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(match length {
+        Some(length) => (Framing::Length(length), keep_alive),
+        None => (Framing::UntilClose, false),
+    })
+}
+
+/// One step of [`ChunkedDecoder::decode`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+    NeedMore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+/// Decoder of the chunked transfer coding, fed from a buffer that grows as bytes arrive.
+#[derive(Debug)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    trailer_bytes: usize,
+    trailers: HeaderMap,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        Self {
+            state: ChunkState::Size,
+            trailer_bytes: 0,
+            trailers: HeaderMap::new(),
+        }
+    }
+}
+
+impl ChunkedDecoder {
+    /// Whether the terminating chunk and trailers have been read.
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Takes what it can from the front of `buffer`: data, the trailers, the end, or a
+    /// request for more bytes.
+    pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<Decoded, H1Error> {
+        loop {
+            match self.state {
+                ChunkState::Done => return Ok(Decoded::End),
+                ChunkState::Size => {
+                    let Some(line) = take_line(buffer, MAX_CHUNK_LINE, "chunk-size line")? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = parse_chunk_size(&line)?;
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(remaining) => {
+                    if buffer.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let take = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(buffer.len());
+                    let left = remaining - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Decoded::Data(buffer.split_to(take).freeze()));
+                }
+                ChunkState::DataEnd => {
+                    if buffer.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buffer[..2] != b"\r\n" {
+                        return Err(H1Error::Malformed("chunk data not followed by CRLF"));
+                    }
+                    buffer.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let room = MAX_TRAILER_BYTES.saturating_sub(self.trailer_bytes);
+                    let Some(line) = take_line(buffer, room, "trailers")? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    self.trailer_bytes += line.len() + 2;
+                    if line.is_empty() {
+                        self.state = ChunkState::Done;
+                        if !self.trailers.is_empty() {
+                            return Ok(Decoded::Trailers(std::mem::take(&mut self.trailers)));
+                        }
+                        return Ok(Decoded::End);
+                    }
+                    let (name, value) = split_field(&line)?;
+                    self.trailers.append(name, value);
+                }
+            }
+        }
+    }
+}
+
+/// Takes one CRLF-terminated line off `buffer` (without the CRLF), if a whole one is there;
+/// a line longer than `limit` is an error.
+fn take_line(
+    buffer: &mut BytesMut,
+    limit: usize,
+    what: &'static str,
+) -> Result<Option<Bytes>, H1Error> {
+    let window = &buffer[..buffer.len().min(limit + 2)];
+    match window.windows(2).position(|pair| pair == b"\r\n") {
+        Some(end) => {
+            let line = buffer.split_to(end).freeze();
+            buffer.advance(2);
+            Ok(Some(line))
+        }
+        None if buffer.len() >= limit + 2 => Err(H1Error::Malformed(match what {
+            "trailers" => "trailers too large",
+            _ => "chunk-size line too long",
+        })),
+        None => Ok(None),
+    }
+}
+
+/// A chunk-size line: hex digits, then optional whitespace and `;extensions` (ignored).
+fn parse_chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let digits = line
+        .iter()
+        .position(|byte| !byte.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    if digits == 0 || digits > 16 {
+        return Err(H1Error::Malformed("invalid chunk size"));
+    }
+    let rest = &line[digits..];
+    let rest = &rest[rest
+        .iter()
+        .position(|byte| *byte != b' ' && *byte != b'\t')
+        .unwrap_or(rest.len())..];
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(H1Error::Malformed("invalid chunk size"));
+    }
+    let text = std::str::from_utf8(&line[..digits])
+        .map_err(|_| H1Error::Malformed("invalid chunk size"))?;
+    u64::from_str_radix(text, 16).map_err(|_| H1Error::Malformed("invalid chunk size"))
+}
+
+/// A trailer field line: `name: value`.
+fn split_field(line: &[u8]) -> Result<(HeaderName, HeaderValue), H1Error> {
+    let colon = line
+        .iter()
+        .position(|byte| *byte == b':')
+        .ok_or(H1Error::Malformed("trailer without a colon"))?;
+    let name = HeaderName::from_bytes(&line[..colon])
+        .map_err(|_| H1Error::Malformed("invalid trailer name"))?;
+    let value = line[colon + 1..].trim_ascii();
+    let value =
+        HeaderValue::from_bytes(value).map_err(|_| H1Error::Malformed("invalid trailer value"))?;
+    Ok((name, value))
+}
+
+/// Writes a request head for `body` into `out`: request line, `headers` (less any framing
+/// header: the proxy frames the body itself), `Content-Length`, the blank line, and the body
+/// itself when it is small.
+pub fn encode_request(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    out: &mut BytesMut,
+) {
+    out.reserve(
+        64 + target.len()
+            + headers.len() * 32
+            + body.len().min(INLINE_BODY)
+            + method.as_str().len(),
+    );
+    out.put_slice(method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    let needs_length =
+        !body.is_empty() || matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+    if needs_length {
+        out.put_slice(b"content-length: ");
+        out.put_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"\r\n");
+    if body.len() <= INLINE_BODY {
+        out.put_slice(body);
+    }
+}
+
+/// An HTTP/1.1 connection to an upstream, between requests or carrying one.
+pub struct RawConnection {
+    /// Only ever used through `&mut` (a tunnelled stream is not `Sync`, and response bodies
+    /// must be).
+    io: SyncWrapper<Upstream>,
+    buffer: BytesMut,
+}
+
+impl std::fmt::Debug for RawConnection {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RawConnection")
+            .field("buffered", &self.buffer.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawConnection {
+    pub fn new(io: Upstream) -> Self {
+        Self {
+            io: SyncWrapper::new(io),
+            buffer: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection may carry a request: the upstream has neither closed it
+    /// nor sent anything unasked (either makes it unusable). Does not wait.
+    pub fn idle_usable(&mut self) -> bool {
+        if !self.buffer.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        let mut read = tokio::io::ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        matches!(
+            Pin::new(self.io.get_mut()).poll_read(&mut cx, &mut read),
+            Poll::Pending
+        )
+    }
+
+    /// Releases the read buffer of a connection going idle (it is allocated again for the
+    /// next response).
+    pub fn release_buffer(&mut self) {
+        self.buffer = BytesMut::new();
+    }
+
+    /// Sends a request (its head already encoded by [`encode_request`], `body` its whole
+    /// body) and reads the response head. The body of the response is read as the returned
+    /// [`RawBody`] is polled; it hands the connection back once the body has ended.
+    pub async fn send(
+        mut self,
+        method: &Method,
+        head: &[u8],
+        body: &Bytes,
+    ) -> Result<Response<RawBody>, SendFailure> {
+        // One write for head and small body: an error there means no byte left.
+        let first = self
+            .io
+            .get_mut()
+            .write(head)
+            .await
+            .map_err(|error| SendFailure::NotSent(error.into()))?;
+        if first == 0 {
+            return Err(SendFailure::NotSent(H1Error::ClosedEarly));
+        }
+        let sent = async {
+            self.io.get_mut().write_all(&head[first..]).await?;
+            if body.len() > INLINE_BODY {
+                self.io.get_mut().write_all(body).await?;
+            }
+            self.io.get_mut().flush().await
+        };
+        sent.await
+            .map_err(|error| SendFailure::Failed(error.into()))?;
+        let head = self.read_head().await.map_err(SendFailure::Failed)?;
+        let (framing, reusable) = framing(method, &head).map_err(SendFailure::Failed)?;
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => BodyState::Done,
+            Framing::Length(length) => BodyState::Length(length),
+            Framing::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
+            Framing::UntilClose => BodyState::UntilClose,
+        };
+        let mut response = Response::new(RawBody {
+            conn: Some(self),
+            state,
+            reusable,
+        });
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        Ok(response)
+    }
+
+    /// Reads until a final (non-1xx) response head is complete.
+    async fn read_head(&mut self) -> Result<ResponseHead, H1Error> {
+        loop {
+            if let Some((consumed, head)) = parse_response_head(&self.buffer)? {
+                self.buffer.advance(consumed);
+                if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(H1Error::Malformed(
+                        "101 to a request that asked for no upgrade",
+                    ));
+                }
+                if head.status.is_informational() {
+                    continue;
+                }
+                return Ok(head);
+            }
+            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
+                return Err(H1Error::ClosedEarly);
+            }
+        }
+    }
+
+    /// Reads what the socket has into the buffer; `Ok(0)` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buffer.capacity() - self.buffer.len() < READ_CHUNK / 2 {
+            self.buffer.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(self.io.get_mut()), cx, &mut self.buffer)
+    }
+}
+
+#[derive(Debug)]
+enum BodyState {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+/// A response body read straight off its upstream connection.
+#[derive(Debug)]
+pub struct RawBody {
+    conn: Option<RawConnection>,
+    state: BodyState,
+    reusable: bool,
+}
+
+impl RawBody {
+    /// The connection, once the body has ended and it may carry another request.
+    pub fn finished_connection(&mut self) -> Option<RawConnection> {
+        if !matches!(self.state, BodyState::Done) || !self.reusable {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        // Bytes beyond the response: the upstream is out of step; do not reuse.
+        conn.buffer.is_empty().then_some(conn)
+    }
+}
+
+impl hyper::body::Body for RawBody {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.state {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Length(remaining) => {
+                    if !conn.buffer.is_empty() {
+                        let take = usize::try_from(*remaining)
+                            .unwrap_or(usize::MAX)
+                            .min(conn.buffer.len());
+                        *remaining -= take as u64;
+                        let data = conn.buffer.split_to(take).freeze();
+                        if *remaining == 0 {
+                            this.state = BodyState::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                BodyState::Chunked(decoder) => match decoder.decode(&mut conn.buffer) {
+                    Err(error) => {
+                        this.fail();
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::Trailers(trailers)) => {
+                        this.state = BodyState::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Decoded::End) => {
+                        this.state = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                },
+                BodyState::UntilClose => {
+                    if !conn.buffer.is_empty() {
+                        let data = conn.buffer.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+            }
+            match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => {
+                    this.fail();
+                    return Poll::Ready(Some(Err(error.into())));
+                }
+                Poll::Ready(Ok(0)) => {
+                    if matches!(this.state, BodyState::UntilClose) {
+                        this.state = BodyState::Done;
+                        this.reusable = false;
+                        return Poll::Ready(None);
+                    }
+                    this.fail();
+                    return Poll::Ready(Some(Err(H1Error::ClosedEarly)));
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Done => SizeHint::with_exact(0),
+            BodyState::Length(remaining) => SizeHint::with_exact(remaining),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl RawBody {
+    /// After an error: the connection is closed, the body over.
+    fn fail(&mut self) {
+        self.conn = None;
+        self.reusable = false;
+        self.state = BodyState::Done;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+
+    fn head(text: &str) -> ResponseHead {
+        parse_response_head(text.as_bytes()).unwrap().unwrap().1
+    }
+
+    #[test]
+    fn a_head_is_parsed_once_complete() {
+        let text = "HTTP/1.1 201 Created\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 0\r\n\r\nrest";
+        assert!(
+            parse_response_head(&text.as_bytes()[..20])
+                .unwrap()
+                .is_none()
+        );
+        let (consumed, parsed) = parse_response_head(text.as_bytes()).unwrap().unwrap();
+        assert_eq!(&text[consumed..], "rest");
+        assert_eq!(parsed.status, StatusCode::CREATED);
+        assert_eq!(parsed.version, Version::HTTP_11);
+        assert_eq!(parsed.headers.get_all("x-a").iter().count(), 2);
+    }
+
+    #[test]
+    fn bad_heads_are_errors() {
+        for text in [
+            "HTTP/2.0 200 OK\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "garbage\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+        ] {
+            assert!(parse_response_head(text.as_bytes()).is_err(), "{text:?}");
+        }
+        let many = format!(
+            "HTTP/1.1 200 OK\r\n{}\r\n",
+            "x: y\r\n".repeat(MAX_HEADERS + 1)
+        );
+        assert!(matches!(
+            parse_response_head(many.as_bytes()),
+            Err(H1Error::Malformed(_))
+        ));
+        let endless = format!("HTTP/1.1 200 OK\r\nx: {}", "y".repeat(MAX_HEAD_BYTES + 1));
+        assert!(matches!(
+            parse_response_head(endless.as_bytes()),
+            Err(H1Error::HeadTooLarge)
+        ));
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let get = Method::GET;
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                &get,
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n",
+                &get,
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                &Method::HEAD,
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                &get,
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n",
+                &get,
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                &get,
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                &get,
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+                &get,
+                Framing::Chunked,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                &get,
+                Framing::UntilClose,
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", &get, Framing::UntilClose, false),
+            (
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+                &get,
+                Framing::Length(1),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n",
+                &get,
+                Framing::Length(1),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n",
+                &get,
+                Framing::Length(1),
+                true,
+            ),
+        ];
+        for (text, method, expected, reusable) in cases {
+            assert_eq!(
+                framing(method, &head(text)).unwrap(),
+                (expected, reusable),
+                "{text:?}"
+            );
+        }
+        for text in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 1e3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+        ] {
+            assert!(framing(&get, &head(text)).is_err(), "{text:?}");
+        }
+    }
+
+    /// Decodes `input` fed in pieces of `step` bytes: the data, the trailers, or the error.
+    fn decode_in_steps(input: &[u8], step: usize) -> Result<(Vec<u8>, HeaderMap), String> {
+        let mut decoder = ChunkedDecoder::default();
+        let mut buffer = BytesMut::new();
+        let mut data = Vec::new();
+        let mut trailers = HeaderMap::new();
+        let mut fed = 0;
+        loop {
+            match decoder
+                .decode(&mut buffer)
+                .map_err(|error| error.to_string())?
+            {
+                Decoded::Data(bytes) => data.extend_from_slice(&bytes),
+                Decoded::Trailers(map) => trailers = map,
+                Decoded::End => return Ok((data, trailers)),
+                Decoded::NeedMore if fed == input.len() => return Err("incomplete".into()),
+                Decoded::NeedMore => {
+                    let end = (fed + step).min(input.len());
+                    buffer.extend_from_slice(&input[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_the_same_however_they_arrive() {
+        let input = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-checksum: abc\r\n\r\n";
+        for step in [1, 2, 3, 7, input.len()] {
+            let (data, trailers) = decode_in_steps(input, step).unwrap();
+            assert_eq!(data, b"hello, world");
+            assert_eq!(trailers.get("x-checksum").unwrap(), "abc");
+        }
+        let (data, trailers) = decode_in_steps(b"A\r\n0123456789\r\n0\r\n\r\n", 4).unwrap();
+        assert_eq!(data, b"0123456789");
+        assert!(trailers.is_empty());
+    }
+
+    #[test]
+    fn bad_chunked_bodies_are_errors() {
+        for input in [
+            &b"x\r\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"11111111111111111\r\n",
+            b"5 junk\r\nhello\r\n0\r\n\r\n",
+            b"0\r\nno colon\r\n\r\n",
+        ] {
+            assert!(decode_in_steps(input, 3).is_err(), "{input:?}");
+        }
+        let long_line = format!("5;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
+        assert!(decode_in_steps(long_line.as_bytes(), 64).is_err());
+        let big_trailers = format!(
+            "0\r\n{}\r\n",
+            "x-t: v\r\n".repeat(MAX_TRAILER_BYTES / 8 + 1)
+        );
+        assert!(decode_in_steps(big_trailers.as_bytes(), 512).is_err());
+    }
+
+    #[test]
+    fn requests_are_framed_by_the_proxy() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("svc"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        let mut out = BytesMut::new();
+        encode_request(&Method::POST, "/rpc?x=1", &headers, b"{}", &mut out);
+        assert_eq!(
+            &out[..],
+            b"POST /rpc?x=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 2\r\n\r\n{}"
+        );
+        out.clear();
+        encode_request(&Method::GET, "/", &headers, b"", &mut out);
+        assert_eq!(&out[..], b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n");
+        out.clear();
+        encode_request(&Method::POST, "/", &HeaderMap::new(), b"", &mut out);
+        assert_eq!(&out[..], b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+    }
+
+    /// An upstream that reads one request head, then writes `reply` and, if `close`, closes.
+    async fn scripted(reply: &'static [u8], close: bool) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let read = stream.read(&mut buffer).await.unwrap();
+                if read == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buffer[..read]);
+            }
+            stream.write_all(reply).await.unwrap();
+            if close {
+                stream.shutdown().await.unwrap();
+            } else {
+                // Hold the connection open until the client goes.
+                let _ = stream.read(&mut buffer).await;
+            }
+        });
+        address
+    }
+
+    async fn exchange(
+        address: std::net::SocketAddr,
+        method: Method,
+    ) -> Result<(Response<()>, Vec<u8>, Option<HeaderMap>, bool), H1Error> {
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let conn = RawConnection::new(Upstream::Direct(stream));
+        let mut head = BytesMut::new();
+        encode_request(&method, "/", &HeaderMap::new(), b"", &mut head);
+        let response = match conn.send(&method, &head, &Bytes::new()).await {
+            Ok(response) => response,
+            Err(SendFailure::NotSent(error) | SendFailure::Failed(error)) => return Err(error),
+        };
+        let (parts, mut body) = response.into_parts();
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        let reusable = body.finished_connection().is_some();
+        Ok((Response::from_parts(parts, ()), data, trailers, reusable))
+    }
+
+    #[tokio::test]
+    async fn responses_are_read_off_the_connection() {
+        let address = scripted(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n",
+            false,
+        )
+        .await;
+        let (head, data, trailers, reusable) = exchange(address, Method::GET).await.unwrap();
+        assert_eq!(head.status(), StatusCode::OK);
+        assert_eq!(data, b"abc");
+        assert_eq!(trailers.unwrap().get("x-t").unwrap(), "1");
+        assert!(reusable);
+
+        let address = scripted(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true).await;
+        let (_, data, _, reusable) = exchange(address, Method::GET).await.unwrap();
+        assert_eq!(data, b"until the end");
+        assert!(!reusable);
+
+        let address = scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n", false).await;
+        let (_, data, _, reusable) = exchange(address, Method::HEAD).await.unwrap();
+        assert!(data.is_empty());
+        assert!(reusable);
+
+        // More bytes than the response: the connection is out of step, not reused.
+        let address = scripted(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA",
+            false,
+        )
+        .await;
+        let (_, data, _, reusable) = exchange(address, Method::GET).await.unwrap();
+        assert_eq!(data, b"ok");
+        assert!(!reusable);
+    }
+
+    #[tokio::test]
+    async fn broken_responses_are_errors() {
+        let address = scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", true).await;
+        assert!(matches!(
+            exchange(address, Method::GET).await,
+            Err(H1Error::ClosedEarly)
+        ));
+        let address = scripted(b"HTTP/1.1 200 OK\r\ncontent-le", true).await;
+        assert!(matches!(
+            exchange(address, Method::GET).await,
+            Err(H1Error::ClosedEarly)
+        ));
+        let address = scripted(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", false).await;
+        assert!(matches!(
+            exchange(address, Method::GET).await,
+            Err(H1Error::Malformed(_))
+        ));
+        let address = scripted(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            false,
+        )
+        .await;
+        assert!(matches!(
+            exchange(address, Method::GET).await,
+            Err(H1Error::Malformed(_))
+        ));
+    }
+}
