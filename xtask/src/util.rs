@@ -81,8 +81,9 @@ pub fn lint() -> anyhow::Result<()> {
 }
 
 /// Fuzz targets under `fuzz/`, each with committed seeds in `fuzz/seeds/<target>`.
-pub const FUZZ_TARGETS: [&str; 8] = [
+pub const FUZZ_TARGETS: [&str; 9] = [
     "http1_l7",
+    "h1_upstream_response",
     "agent_config",
     "mountinfo",
     "protocol_sniff",

@@ -455,7 +455,7 @@ impl RawConnection {
     /// body) and reads the response head. The body of the response is read as the returned
     /// [`RawBody`] is polled; it hands the connection back once the body has ended.
     pub async fn send(
-        mut self,
+        mut self: Box<Self>,
         method: &Method,
         head: &[u8],
         body: &Bytes,
@@ -484,7 +484,7 @@ impl RawConnection {
         let state = match framing {
             Framing::Empty | Framing::Length(0) => BodyState::Done,
             Framing::Length(length) => BodyState::Length(length),
-            Framing::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
+            Framing::Chunked => BodyState::Chunked(Box::default()),
             Framing::UntilClose => BodyState::UntilClose,
         };
         let mut response = Response::new(RawBody {
@@ -531,7 +531,8 @@ impl RawConnection {
 #[derive(Debug)]
 enum BodyState {
     Length(u64),
-    Chunked(ChunkedDecoder),
+    /// Boxed: the decoder holds room for trailers, which most bodies never need.
+    Chunked(Box<ChunkedDecoder>),
     UntilClose,
     Done,
 }
@@ -539,14 +540,15 @@ enum BodyState {
 /// A response body read straight off its upstream connection.
 #[derive(Debug)]
 pub struct RawBody {
-    conn: Option<RawConnection>,
+    /// Boxed: it moves between the pool and response bodies, which stay small.
+    conn: Option<Box<RawConnection>>,
     state: BodyState,
     reusable: bool,
 }
 
 impl RawBody {
     /// The connection, once the body has ended and it may carry another request.
-    pub fn finished_connection(&mut self) -> Option<RawConnection> {
+    pub fn finished_connection(&mut self) -> Option<Box<RawConnection>> {
         if !matches!(self.state, BodyState::Done) || !self.reusable {
             return None;
         }
@@ -906,7 +908,7 @@ mod tests {
         method: Method,
     ) -> Result<(Response<()>, Vec<u8>, Option<HeaderMap>, bool), H1Error> {
         let stream = tokio::net::TcpStream::connect(address).await.unwrap();
-        let conn = RawConnection::new(Upstream::Direct(stream));
+        let conn = Box::new(RawConnection::new(Upstream::Direct(stream)));
         let mut head = BytesMut::new();
         encode_request(&method, "/", &HeaderMap::new(), b"", &mut head);
         let response = match conn.send(&method, &head, &Bytes::new()).await {

@@ -72,7 +72,7 @@ pub enum SendError {
 /// ([`RawConnection`]).
 enum PooledConn {
     Hyper(SendRequest<ProxyBody>),
-    Raw(RawConnection),
+    Raw(Box<RawConnection>),
 }
 
 impl PooledConn {
@@ -394,7 +394,10 @@ impl Http1Pool {
         }
         let stream = self.dial(source, address, node).await?;
         let freshness = stream.freshness();
-        match RawConnection::new(stream).send(method, &head, body).await {
+        match Box::new(RawConnection::new(stream))
+            .send(method, &head, body)
+            .await
+        {
             Ok(response) => Ok(self.pooled_raw(worker, endpoint, freshness, response)),
             Err(SendFailure::NotSent(error) | SendFailure::Failed(error)) => {
                 Err(SendError::Exchange(error))
@@ -692,7 +695,10 @@ mod tests {
     /// A GET with its body in hand, through the raw (in-task) path.
     async fn send_buffered(pool: &Http1Pool, address: SocketAddr) -> Response<PooledBody> {
         let mut headers = HeaderMap::new();
-        headers.insert(http::header::HOST, http::HeaderValue::from_static("upstream"));
+        headers.insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("upstream"),
+        );
         pool.send_buffered_as(
             &Arc::from(""),
             address,
