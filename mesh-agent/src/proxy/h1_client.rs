@@ -70,53 +70,91 @@ pub struct ResponseHead {
     pub headers: HeaderMap,
 }
 
-/// Parses a response head at the start of `buffer`: `Ok(None)` while incomplete, else the
-/// head and how many bytes it took.
-pub fn parse_response_head(buffer: &[u8]) -> Result<Option<(usize, ResponseHead)>, H1Error> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+/// Parses a response head at the start of `buffer` and takes it off: `Ok(None)` while
+/// incomplete. Header values are slices of the head's bytes, not copies.
+pub fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<ResponseHead>, H1Error> {
+    // Most responses have a few headers: room for 16 first (the slots are initialised on
+    // every parse), all the allowed ones only when that is not enough.
+    match parse_response_head_with::<16>(buffer) {
+        Err(TooManyHeaders) => parse_response_head_with::<MAX_HEADERS>(buffer)
+            .map_err(|TooManyHeaders| H1Error::Malformed("more than 100 headers"))?,
+        Ok(parsed) => parsed,
+    }
+}
+
+/// More headers than a parse had room for.
+struct TooManyHeaders;
+
+fn parse_response_head_with<const SLOTS: usize>(
+    buffer: &mut BytesMut,
+) -> Result<Result<Option<ResponseHead>, H1Error>, TooManyHeaders> {
+    let mut slots = [httparse::EMPTY_HEADER; SLOTS];
     let mut response = httparse::Response::new(&mut slots);
+    let base = buffer.as_ptr() as usize;
     let consumed = match response.parse(buffer) {
         Ok(httparse::Status::Complete(consumed)) => consumed,
         Ok(httparse::Status::Partial) => {
-            return if buffer.len() > MAX_HEAD_BYTES {
+            return Ok(if buffer.len() > MAX_HEAD_BYTES {
                 Err(H1Error::HeadTooLarge)
             } else {
                 Ok(None)
-            };
+            });
         }
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(H1Error::Malformed("more than 100 headers"));
-        }
-        Err(_) => return Err(H1Error::Malformed("invalid status line or header")),
+        Err(httparse::Error::TooManyHeaders) => return Err(TooManyHeaders),
+        Err(_) => return Ok(Err(H1Error::Malformed("invalid status line or header"))),
     };
+    // Where each name and value sit in `buffer` (httparse returns sub-slices of its input):
+    // the parser's borrow of the buffer must end before the head is split off it.
+    let spans: Vec<(usize, usize, usize, usize)> = response
+        .headers
+        .iter()
+        .map(|parsed| {
+            (
+                parsed.name.as_ptr() as usize - base,
+                parsed.name.len(),
+                parsed.value.as_ptr() as usize - base,
+                parsed.value.len(),
+            )
+        })
+        .collect();
+    let (version, code) = (response.version, response.code);
+    Ok(finish_head(buffer, consumed, version, code, spans))
+}
+
+/// Builds the head the parser found in the first `consumed` bytes of `buffer` (`spans`: the
+/// offsets and lengths of each header's name and value), and takes those bytes off.
+fn finish_head(
+    buffer: &mut BytesMut,
+    consumed: usize,
+    version: Option<u8>,
+    code: Option<u16>,
+    spans: Vec<(usize, usize, usize, usize)>,
+) -> Result<Option<ResponseHead>, H1Error> {
     if consumed > MAX_HEAD_BYTES {
         return Err(H1Error::HeadTooLarge);
     }
-    let version = match response.version {
+    let version = match version {
         Some(0) => Version::HTTP_10,
         Some(1) => Version::HTTP_11,
         _ => return Err(H1Error::Malformed("unsupported HTTP version")),
     };
-    let status = response
-        .code
+    let status = code
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(H1Error::Malformed("invalid status code"))?;
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
-    for parsed in response.headers.iter() {
-        let name = HeaderName::from_bytes(parsed.name.as_bytes())
+    let head = buffer.split_to(consumed).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name_at, name_len, value_at, value_len) in spans {
+        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
             .map_err(|_| H1Error::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_bytes(parsed.value)
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
             .map_err(|_| H1Error::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
-    Ok(Some((
-        consumed,
-        ResponseHead {
-            status,
-            version,
-            headers,
-        },
-    )))
+    Ok(Some(ResponseHead {
+        status,
+        version,
+        headers,
+    }))
 }
 
 /// How a response body is delimited.
@@ -363,13 +401,28 @@ fn split_field(line: &[u8]) -> Result<(HeaderName, HeaderValue), H1Error> {
     Ok((name, value))
 }
 
-/// Writes a request head for `body` into `out`: request line, `headers` (less any framing
-/// header: the proxy frames the body itself), `Content-Length`, the blank line, and the body
-/// itself when it is small.
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Writes a forwarded request for `body` into `out`: request line, the caller's `headers`
+/// less the hop-by-hop ones (and those its `Connection` names) and any `Content-Length` (the
+/// proxy frames the body itself), `host` when the caller sent none, `Content-Length`, the
+/// blank line, and the body itself when it is small. Writing straight from the caller's
+/// headers spares a copy of the header map per request.
 pub fn encode_request(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    host: Option<&HeaderValue>,
     body: &[u8],
     out: &mut BytesMut,
 ) {
@@ -383,14 +436,34 @@ pub fn encode_request(
     out.put_u8(b' ');
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        out.put_slice(name.as_str().as_bytes());
+    let mut put = |name: &str, value: &HeaderValue| {
+        out.put_slice(name.as_bytes());
         out.put_slice(b": ");
         out.put_slice(value.as_bytes());
         out.put_slice(b"\r\n");
+    };
+    if let Some(host) = host.filter(|_| !headers.contains_key(header::HOST)) {
+        put(header::HOST.as_str(), host);
+    }
+    // Names a `Connection` header lists are hop-by-hop too (usually there is none).
+    let listed: Vec<&str> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .collect();
+    for (name, value) in headers {
+        let name = name.as_str();
+        if name == header::CONTENT_LENGTH.as_str()
+            || HOP_BY_HOP.contains(&name)
+            || listed
+                .iter()
+                .any(|listed| listed.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        put(name, value);
     }
     let needs_length =
         !body.is_empty() || matches!(*method, Method::POST | Method::PUT | Method::PATCH);
@@ -501,8 +574,7 @@ impl RawConnection {
     /// Reads until a final (non-1xx) response head is complete.
     async fn read_head(&mut self) -> Result<ResponseHead, H1Error> {
         loop {
-            if let Some((consumed, head)) = parse_response_head(&self.buffer)? {
-                self.buffer.advance(consumed);
+            if let Some(head) = parse_response_head(&mut self.buffer)? {
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(H1Error::Malformed(
                         "101 to a request that asked for no upgrade",
@@ -657,23 +729,27 @@ mod tests {
     use http_body_util::BodyExt;
     use tokio::io::AsyncReadExt;
 
+    fn parse(text: &[u8]) -> Result<Option<ResponseHead>, H1Error> {
+        parse_response_head(&mut BytesMut::from(text))
+    }
+
     fn head(text: &str) -> ResponseHead {
-        parse_response_head(text.as_bytes()).unwrap().unwrap().1
+        parse(text.as_bytes()).unwrap().unwrap()
     }
 
     #[test]
     fn a_head_is_parsed_once_complete() {
         let text = "HTTP/1.1 201 Created\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 0\r\n\r\nrest";
-        assert!(
-            parse_response_head(&text.as_bytes()[..20])
-                .unwrap()
-                .is_none()
-        );
-        let (consumed, parsed) = parse_response_head(text.as_bytes()).unwrap().unwrap();
-        assert_eq!(&text[consumed..], "rest");
+        assert!(parse(&text.as_bytes()[..20]).unwrap().is_none());
+        let mut buffer = BytesMut::from(text.as_bytes());
+        let parsed = parse_response_head(&mut buffer).unwrap().unwrap();
+        assert_eq!(&buffer[..], b"rest");
         assert_eq!(parsed.status, StatusCode::CREATED);
         assert_eq!(parsed.version, Version::HTTP_11);
         assert_eq!(parsed.headers.get_all("x-a").iter().count(), 2);
+        // More headers than the first parse has room for.
+        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "x-b: c\r\n".repeat(40));
+        assert_eq!(head(&many).headers.get_all("x-b").iter().count(), 40);
     }
 
     #[test]
@@ -684,19 +760,16 @@ mod tests {
             "garbage\r\n\r\n",
             "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
         ] {
-            assert!(parse_response_head(text.as_bytes()).is_err(), "{text:?}");
+            assert!(parse(text.as_bytes()).is_err(), "{text:?}");
         }
         let many = format!(
             "HTTP/1.1 200 OK\r\n{}\r\n",
             "x: y\r\n".repeat(MAX_HEADERS + 1)
         );
-        assert!(matches!(
-            parse_response_head(many.as_bytes()),
-            Err(H1Error::Malformed(_))
-        ));
+        assert!(matches!(parse(many.as_bytes()), Err(H1Error::Malformed(_))));
         let endless = format!("HTTP/1.1 200 OK\r\nx: {}", "y".repeat(MAX_HEAD_BYTES + 1));
         assert!(matches!(
-            parse_response_head(endless.as_bytes()),
+            parse(endless.as_bytes()),
             Err(H1Error::HeadTooLarge)
         ));
     }
@@ -863,17 +936,37 @@ mod tests {
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-private, keep-alive"),
+        );
+        headers.insert("x-private", HeaderValue::from_static("secret"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        let other = HeaderValue::from_static("other");
         let mut out = BytesMut::new();
-        encode_request(&Method::POST, "/rpc?x=1", &headers, b"{}", &mut out);
+        encode_request(
+            &Method::POST,
+            "/rpc?x=1",
+            &headers,
+            Some(&other),
+            b"{}",
+            &mut out,
+        );
         assert_eq!(
             &out[..],
-            b"POST /rpc?x=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 2\r\n\r\n{}"
+            b"POST /rpc?x=1 HTTP/1.1\r\nhost: svc\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\n{}"
         );
         out.clear();
-        encode_request(&Method::GET, "/", &headers, b"", &mut out);
-        assert_eq!(&out[..], b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n");
+        let mut bare = HeaderMap::new();
+        bare.insert("x-kept", HeaderValue::from_static("1"));
+        encode_request(&Method::GET, "/", &bare, Some(&other), b"", &mut out);
+        assert_eq!(
+            &out[..],
+            b"GET / HTTP/1.1\r\nhost: other\r\nx-kept: 1\r\n\r\n"
+        );
         out.clear();
-        encode_request(&Method::POST, "/", &HeaderMap::new(), b"", &mut out);
+        encode_request(&Method::POST, "/", &HeaderMap::new(), None, b"", &mut out);
         assert_eq!(&out[..], b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
     }
 
@@ -910,7 +1003,7 @@ mod tests {
         let stream = tokio::net::TcpStream::connect(address).await.unwrap();
         let conn = Box::new(RawConnection::new(Upstream::Direct(stream)));
         let mut head = BytesMut::new();
-        encode_request(&method, "/", &HeaderMap::new(), b"", &mut head);
+        encode_request(&method, "/", &HeaderMap::new(), None, b"", &mut head);
         let response = match conn.send(&method, &head, &Bytes::new()).await {
             Ok(response) => response,
             Err(SendFailure::NotSent(error) | SendFailure::Failed(error)) => return Err(error),

@@ -33,6 +33,7 @@ use super::{
     balance::{Balancer, Outcome},
     dedup::{self, Deduplicator, Role, follow},
     dialer::{DialError, Dialer, Upstream},
+    h1_client::HOP_BY_HOP,
     jsonrpc::{self, JsonRpcRequest, Message},
     priority::{Admission, PRIORITY_HEADER, class_of},
     upstream::{Http1Pool, PooledBody, SendError, UpstreamKey},
@@ -927,39 +928,48 @@ impl HttpProxy {
             self.send_legacy(parts, body, endpoint, timeout, http2)
                 .await?
         } else {
-            // HTTP/1.1 through the endpoint-keyed pool: origin-form target, `Host` kept.
-            let mut headers = forwarded_headers(&parts.headers, false);
-            if !headers.contains_key(header::HOST) {
-                let host = parts
+            // HTTP/1.1 through the endpoint-keyed pool: origin-form target, `Host` kept (or
+            // made from the URI's authority, else the endpoint).
+            let host = || {
+                parts
                     .uri
                     .authority()
                     .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
-                    .or_else(|| HeaderValue::from_str(&host_of(endpoint)).ok());
-                if let Some(host) = host {
-                    headers.insert(header::HOST, host);
-                }
-            }
+                    .or_else(|| HeaderValue::from_str(&host_of(endpoint)).ok())
+            };
             let sent = match body {
                 // A body in hand (none, or one the proxy inspected): sent and answered in this
-                // task, on a raw connection.
+                // task, on a raw connection, its head written from the caller's headers.
                 Body::Buffered(bytes) => {
                     let target = parts
                         .uri
                         .path_and_query()
                         .map_or("/", http::uri::PathAndQuery::as_str);
                     let target = if target.is_empty() { "/" } else { target };
+                    let host = if parts.headers.contains_key(header::HOST) {
+                        None
+                    } else {
+                        host()
+                    };
                     let send = self.pool.send_buffered_as(
                         source,
                         endpoint,
                         node,
                         &parts.method,
                         target,
-                        &headers,
+                        &parts.headers,
+                        host.as_ref(),
                         &bytes,
                     );
                     tokio::time::timeout(timeout, send).await
                 }
                 body => {
+                    let mut headers = forwarded_headers(&parts.headers, false);
+                    if !headers.contains_key(header::HOST)
+                        && let Some(host) = host()
+                    {
+                        headers.insert(header::HOST, host);
+                    }
                     let mut request = Request::new(body.into_proxy_body());
                     *request.method_mut() = parts.method.clone();
                     *request.uri_mut() = origin_form(&parts.uri);
@@ -1731,17 +1741,6 @@ fn upstream_uri(parts: &http::request::Parts, endpoint: SocketAddr) -> String {
 }
 
 /// Hop-by-hop headers (RFC 9110, section 7.6.1) are the proxy's business, not the upstream's.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-];
-
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Usually there is none: one pass over the names, no lookup by (parsed) name.
     if !headers

@@ -22,7 +22,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, Request, Response};
+use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::http1::SendRequest,
@@ -360,7 +360,8 @@ impl Http1Pool {
 
     /// [`Http1Pool::send_as`] for a request whose body is all in hand: sent and answered on
     /// a [`RawConnection`], inside the calling task. `target` is the origin-form request
-    /// target; `headers` must hold `Host`.
+    /// target, `headers` the caller's (hop-by-hop ones are left out), `host` the `Host` to
+    /// send when they hold none.
     #[allow(clippy::too_many_arguments)]
     pub async fn send_buffered_as(
         &self,
@@ -370,6 +371,7 @@ impl Http1Pool {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        host: Option<&HeaderValue>,
         body: &Bytes,
     ) -> Result<Response<PooledBody>, SendError> {
         let endpoint = UpstreamKey {
@@ -378,7 +380,7 @@ impl Http1Pool {
         };
         let worker = current_worker();
         let mut head = BytesMut::new();
-        encode_request(method, target, headers, body, &mut head);
+        encode_request(method, target, headers, host, body, &mut head);
         // Reused connections first; one the upstream closed before taking a byte of the
         // request gives it back for the next.
         while let Some((PooledConn::Raw(conn), freshness)) =
@@ -706,6 +708,7 @@ mod tests {
             &Method::GET,
             "/",
             &headers,
+            None,
             &Bytes::new(),
         )
         .await
