@@ -506,9 +506,17 @@ impl HttpProxy {
             }
         };
         if let Some(client_upgrade) = client_upgrade {
-            return self
-                .upgrade(caller, destination, parts, client_upgrade, body, traffic)
-                .await;
+            // Boxed, like the other paths off the common one (HTTP/2, CONNECT, streamed
+            // bodies): inline, their futures would size (and be copied with) every request's.
+            return Box::pin(self.upgrade(
+                caller,
+                destination,
+                parts,
+                client_upgrade,
+                body,
+                traffic,
+            ))
+            .await;
         }
         let response = self
             .forward(
@@ -922,11 +930,9 @@ impl HttpProxy {
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let (endpoint, node, source) = target;
         let sent = if (http2 || parts.method == Method::CONNECT) && self.dialer.is_remote(node) {
-            self.send_unpooled(parts, body, target, timeout, http2)
-                .await?
+            Box::pin(self.send_unpooled(parts, body, target, timeout, http2)).await?
         } else if http2 || parts.method == Method::CONNECT {
-            self.send_legacy(parts, body, endpoint, timeout, http2)
-                .await?
+            Box::pin(self.send_legacy(parts, body, endpoint, timeout, http2)).await?
         } else {
             // HTTP/1.1 through the endpoint-keyed pool: origin-form target, `Host` kept (or
             // made from the URI's authority, else the endpoint).
@@ -974,7 +980,7 @@ impl HttpProxy {
                     *request.method_mut() = parts.method.clone();
                     *request.uri_mut() = origin_form(&parts.uri);
                     *request.headers_mut() = headers;
-                    let send = self.pool.send_as(source, endpoint, node, request);
+                    let send = Box::pin(self.pool.send_as(source, endpoint, node, request));
                     tokio::time::timeout(timeout, send).await
                 }
             };
