@@ -3,9 +3,9 @@
 //! response body is read off the connection by whoever polls it (the client's connection,
 //! writing it back). No connection task, channel or second hyper state machine sits in
 //! between. The pool ([`super::upstream`]) uses it for requests whose body the proxy holds
-//! whole (every request without a body, and the JSON-RPC bodies it inspects); a streamed
-//! request body goes through hyper's client, which reads the response while the body is
-//! still going out.
+//! whole and small (every request without a body, and the JSON-RPC bodies it inspects, up
+//! to [`INLINE_BODY`]); a streamed or larger request body goes through hyper's client, which
+//! reads the response while the body is still going out.
 //!
 //! Response framing follows RFC 9112 §6.3: no body for HEAD and for 1xx, 204 and 304; chunked
 //! when `Transfer-Encoding` ends in `chunked`; else until the upstream closes when there is a
@@ -38,8 +38,9 @@ const MAX_CHUNK_LINE: usize = 1024;
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 8 * 1024;
-/// A body up to this size is copied behind the head so both go out in one write.
-const INLINE_BODY: usize = 16 * 1024;
+/// A body up to this size is copied behind the head so both go out in one write (the proxy
+/// sends larger ones through hyper's client).
+pub const INLINE_BODY: usize = 16 * 1024;
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]

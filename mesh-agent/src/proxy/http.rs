@@ -33,7 +33,7 @@ use super::{
     balance::{Balancer, Outcome},
     dedup::{self, Deduplicator, Role, follow},
     dialer::{DialError, Dialer, Upstream},
-    h1_client::HOP_BY_HOP,
+    h1_client::{self, HOP_BY_HOP},
     jsonrpc::{self, JsonRpcRequest, Message},
     priority::{Admission, PRIORITY_HEADER, class_of},
     upstream::{Http1Pool, PooledBody, SendError, UpstreamKey},
@@ -944,9 +944,11 @@ impl HttpProxy {
                     .or_else(|| HeaderValue::from_str(&host_of(endpoint)).ok())
             };
             let sent = match body {
-                // A body in hand (none, or one the proxy inspected): sent and answered in this
-                // task, on a raw connection, its head written from the caller's headers.
-                Body::Buffered(bytes) => {
+                // A small body in hand (none, or one the proxy inspected): sent with its head in
+                // one write and answered in this task, on a raw connection. A larger one goes
+                // through hyper's client, which reads an early answer (a 413, say) while the
+                // body is still going out.
+                Body::Buffered(bytes) if bytes.len() <= h1_client::INLINE_BODY => {
                     let target = parts
                         .uri
                         .path_and_query()
