@@ -667,11 +667,10 @@ mod tests {
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
-    #[tokio::test]
-    async fn a_connection_the_upstream_closed_is_not_reused() {
+    /// An upstream that answers one request per connection (`ok`), then closes it.
+    async fn closing_upstream() -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        // Answers one request per connection, then closes it.
         tokio::spawn(async move {
             loop {
                 let (mut stream, _) = listener.accept().await.unwrap();
@@ -685,6 +684,12 @@ mod tests {
                 });
             }
         });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_reused() {
+        let address = closing_upstream().await;
         let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90), 8);
         for _ in 0..3 {
             let response = pool.send(address, get()).await.unwrap();
@@ -740,22 +745,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_raw_connection_the_upstream_closed_is_not_reused() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        // Answers one request per connection, then closes it.
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let mut buffer = vec![0u8; 4096];
-                    let _ = stream.read(&mut buffer).await;
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
+        let address = closing_upstream().await;
         let pool = Http1Pool::new(Duration::from_secs(1), Duration::from_secs(90), 8);
         for _ in 0..3 {
             let response = send_buffered(&pool, address).await;
