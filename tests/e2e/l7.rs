@@ -994,3 +994,121 @@ spec:
         }
     }
 }
+
+/// An upstream whose answers take each framing HTTP/1.1 allows, by path. It keeps a
+/// connection open for 50 ms after an answer (a short keep-alive timeout), then closes it;
+/// `/close` bodies run until it closes at once.
+fn start_framings_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind framings upstream");
+    let address = listener.local_addr().expect("address");
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            thread::spawn(move || serve_framings(stream));
+        }
+    });
+    address
+}
+
+fn serve_framings(stream: TcpStream) {
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("read timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+    let mut writer = stream;
+    loop {
+        // Nothing within the keep-alive timeout (or the client closed): close.
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end().to_ascii_lowercase();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(value) = line.strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+        let response: &[u8] = match path {
+            "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nhello,\r\n6\r\n world\r\n0\r\nx-checksum: 42\r\n\r\n",
+            "/close" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the upstream closes",
+            "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+            "/early" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
+            _ => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nsized",
+        };
+        if writer.write_all(response).is_err() || path == "/close" {
+            return;
+        }
+    }
+}
+
+#[test]
+fn every_upstream_framing_passes_through_and_a_connection_the_upstream_closed_is_not_reused() {
+    let upstream = start_framings_upstream();
+    let resources = agent_resource("framings", &["framings.mesh"], upstream, "Http");
+    let mesh = Mesh::start("l7-framings", &resources);
+    let url = |path: &str| format!("http://{upstream}{path}");
+
+    let (status, _, body) = mesh.curl(&[&url("/chunked")]);
+    assert_eq!((status, body.as_str()), (200, "hello, world"));
+    let (status, _, body) = mesh.curl(&[&url("/close")]);
+    assert_eq!((status, body.as_str()), (200, "until the upstream closes"));
+    let (status, _, body) = mesh.curl(&[&url("/empty")]);
+    assert_eq!((status, body.as_str()), (204, ""));
+    let (status, _, body) = mesh.curl(&[&url("/early")]);
+    assert_eq!((status, body.as_str()), (200, "final"));
+    // HEAD: the length of the body a GET would get, and no body.
+    let (status, head, _) = mesh.curl(&["-I", &url("/sized")]);
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 5"),
+        "{head}"
+    );
+    let (status, _, body) = mesh.curl(&[&url("/sized")]);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "sized"),
+        "the connection after HEAD is in step"
+    );
+
+    // One client connection (so one agent worker and its pool of upstream connections): a
+    // POST after the upstream closed the pooled connection goes on a new one. A POST is not
+    // retried, so a reused dead connection would show as a 502.
+    let script = format!(
+        "import http.client, time\n\
+         conn = http.client.HTTPConnection('{upstream}', timeout=20)\n\
+         for index in range(3):\n\
+         \x20   conn.request('POST', '/sized', body=b'{{}}', headers={{'content-type': 'application/json'}})\n\
+         \x20   response = conn.getresponse()\n\
+         \x20   print(response.status, response.read().decode())\n\
+         \x20   time.sleep(0.3)\n"
+    );
+    let output = mesh
+        .tree
+        .run_in(&mesh.planner, Command::new("python3").args(["-c", &script]))
+        .expect("run the python client");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        printed.lines().collect::<Vec<_>>(),
+        ["200 sized", "200 sized", "200 sized"],
+        "{printed} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        mesh.metric("mesh_http_retries_total"),
+        0.0,
+        "no request needed a retry"
+    );
+}
