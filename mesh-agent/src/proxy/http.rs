@@ -995,13 +995,8 @@ impl HttpProxy {
                 Ok(Err(SendError::Refused(reason))) => {
                     return Err(UpstreamError::Refused { endpoint, reason });
                 }
-                Ok(Err(SendError::Failed(error))) => {
-                    return Err(UpstreamError::Failed {
-                        endpoint,
-                        reason: error_chain(&error),
-                    });
-                }
-                Ok(Err(SendError::Exchange(error))) => {
+                // Both are transparent: the chain is the underlying error's.
+                Ok(Err(error @ (SendError::Failed(_) | SendError::Exchange(_)))) => {
                     return Err(UpstreamError::Failed {
                         endpoint,
                         reason: error_chain(&error),

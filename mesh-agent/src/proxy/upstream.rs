@@ -318,10 +318,13 @@ impl Http1Pool {
             }
             match sender.try_send_request(unsent).await {
                 Ok(response) => {
+                    let response = response.map(|body| Inner::Hyper {
+                        body,
+                        sender: Some(sender),
+                    });
                     break Some(Ok(self.pooled(
                         worker,
                         endpoint.clone(),
-                        sender,
                         freshness,
                         response,
                     )));
@@ -353,7 +356,13 @@ impl Http1Pool {
         };
         let (mut sender, freshness) = self.connect(source, &endpoint, node).await?;
         match sender.send_request(request).await {
-            Ok(response) => Ok(self.pooled(worker, endpoint, sender, freshness, response)),
+            Ok(response) => {
+                let response = response.map(|body| Inner::Hyper {
+                    body,
+                    sender: Some(sender),
+                });
+                Ok(self.pooled(worker, endpoint, freshness, response))
+            }
             Err(error) => Err(SendError::Failed(error)),
         }
     }
@@ -387,7 +396,9 @@ impl Http1Pool {
             self.inner.take(worker, &endpoint, true)
         {
             match conn.send(method, &head, body).await {
-                Ok(response) => return Ok(self.pooled_raw(worker, endpoint, freshness, response)),
+                Ok(response) => {
+                    return Ok(self.pooled(worker, endpoint, freshness, response.map(Inner::Raw)));
+                }
                 Err(SendFailure::NotSent(error)) => {
                     debug!(endpoint = %address, %error, "pooled upstream connection refused the request; trying another");
                 }
@@ -400,47 +411,27 @@ impl Http1Pool {
             .send(method, &head, body)
             .await
         {
-            Ok(response) => Ok(self.pooled_raw(worker, endpoint, freshness, response)),
+            Ok(response) => Ok(self.pooled(worker, endpoint, freshness, response.map(Inner::Raw))),
             Err(SendFailure::NotSent(error) | SendFailure::Failed(error)) => {
                 Err(SendError::Exchange(error))
             }
         }
     }
 
+    /// A response whose connection goes back to this pool once its body has ended.
     fn pooled(
         &self,
         worker: usize,
         endpoint: UpstreamKey,
-        sender: SendRequest<ProxyBody>,
         freshness: Option<Freshness>,
-        response: Response<Incoming>,
+        response: Response<Inner>,
     ) -> Response<PooledBody> {
-        response.map(|body| PooledBody {
-            inner: Inner::Hyper(body),
+        response.map(|inner| PooledBody {
+            inner,
             back: Some(Back {
                 pool: Arc::downgrade(&self.inner),
                 worker,
                 endpoint,
-                sender: Some(sender),
-                freshness,
-            }),
-        })
-    }
-
-    fn pooled_raw(
-        &self,
-        worker: usize,
-        endpoint: UpstreamKey,
-        freshness: Option<Freshness>,
-        response: Response<RawBody>,
-    ) -> Response<PooledBody> {
-        response.map(|body| PooledBody {
-            inner: Inner::Raw(body),
-            back: Some(Back {
-                pool: Arc::downgrade(&self.inner),
-                worker,
-                endpoint,
-                sender: None,
                 freshness,
             }),
         })
@@ -492,8 +483,6 @@ struct Back {
     /// The worker whose pool the connection belongs to (its task runs there).
     worker: usize,
     endpoint: UpstreamKey,
-    /// The hyper connection's handle (a raw connection is inside its body).
-    sender: Option<SendRequest<ProxyBody>>,
     freshness: Option<Freshness>,
 }
 
@@ -505,8 +494,13 @@ pub struct PooledBody {
     back: Option<Back>,
 }
 
+/// The body, and with it the connection's handle: hyper's (none when the body is not from
+/// the pool), or the raw connection itself, which the body reads from.
 enum Inner {
-    Hyper(Incoming),
+    Hyper {
+        body: Incoming,
+        sender: Option<SendRequest<ProxyBody>>,
+    },
     Raw(RawBody),
 }
 
@@ -514,7 +508,10 @@ impl PooledBody {
     /// A body not tied to a pooled connection.
     pub fn unpooled(inner: Incoming) -> Self {
         Self {
-            inner: Inner::Hyper(inner),
+            inner: Inner::Hyper {
+                body: inner,
+                sender: None,
+            },
             back: None,
         }
     }
@@ -534,18 +531,17 @@ impl Drop for PooledBody {
         let Some(back) = self.back.take() else {
             return;
         };
-        let conn = match (&mut self.inner, back.sender) {
-            (Inner::Hyper(body), Some(sender)) if body.is_end_stream() => PooledConn::Hyper(sender),
-            (Inner::Raw(body), _) => match body.finished_connection() {
-                Some(mut conn) => {
-                    conn.release_buffer();
-                    PooledConn::Raw(conn)
-                }
-                None => return,
-            },
-            _ => return,
+        let conn = match &mut self.inner {
+            Inner::Hyper { body, sender } if body.is_end_stream() => {
+                sender.take().map(PooledConn::Hyper)
+            }
+            Inner::Hyper { .. } => None,
+            Inner::Raw(body) => body.finished_connection().map(|mut conn| {
+                conn.release_buffer();
+                PooledConn::Raw(conn)
+            }),
         };
-        if let Some(pool) = back.pool.upgrade() {
+        if let (Some(conn), Some(pool)) = (conn, back.pool.upgrade()) {
             pool.put_back(back.worker, back.endpoint, conn, back.freshness);
         }
     }
@@ -560,7 +556,7 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let polled = match &mut self.inner {
-            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Inner::Hyper { body, .. } => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
             Inner::Raw(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
         };
         if let Poll::Ready(Some(Err(_))) = &polled {
@@ -572,14 +568,14 @@ impl Body for PooledBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::Hyper(body) => body.is_end_stream(),
+            Inner::Hyper { body, .. } => body.is_end_stream(),
             Inner::Raw(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Hyper(body) => body.size_hint(),
+            Inner::Hyper { body, .. } => body.size_hint(),
             Inner::Raw(body) => body.size_hint(),
         }
     }
