@@ -170,14 +170,8 @@ pub enum Framing {
 /// The framing of the body that follows `head`, answering a request with `method`, and
 /// whether the connection may carry another request after it.
 pub fn framing(method: &Method, head: &ResponseHead) -> Result<(Framing, bool), H1Error> {
-    let connection_has = |token: &str| {
-        head.headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|item| item.trim().eq_ignore_ascii_case(token))
-    };
+    let connection_has =
+        |token: &str| connection_tokens(&head.headers).any(|item| item.eq_ignore_ascii_case(token));
     let keep_alive = match head.version {
         Version::HTTP_11 => !connection_has("close"),
         _ => connection_has("keep-alive"),
@@ -288,7 +282,8 @@ impl ChunkedDecoder {
             match self.state {
                 ChunkState::Done => return Ok(Decoded::End),
                 ChunkState::Size => {
-                    let Some(line) = take_line(buffer, MAX_CHUNK_LINE, "chunk-size line")? else {
+                    let Some(line) = take_line(buffer, MAX_CHUNK_LINE, "chunk-size line too long")?
+                    else {
                         return Ok(Decoded::NeedMore);
                     };
                     let size = parse_chunk_size(&line)?;
@@ -325,7 +320,7 @@ impl ChunkedDecoder {
                 }
                 ChunkState::Trailers => {
                     let room = MAX_TRAILER_BYTES.saturating_sub(self.trailer_bytes);
-                    let Some(line) = take_line(buffer, room, "trailers")? else {
+                    let Some(line) = take_line(buffer, room, "trailers too large")? else {
                         return Ok(Decoded::NeedMore);
                     };
                     self.trailer_bytes += line.len() + 2;
@@ -345,11 +340,11 @@ impl ChunkedDecoder {
 }
 
 /// Takes one CRLF-terminated line off `buffer` (without the CRLF), if a whole one is there;
-/// a line longer than `limit` is an error.
+/// a line longer than `limit` is the error `too_long`.
 fn take_line(
     buffer: &mut BytesMut,
     limit: usize,
-    what: &'static str,
+    too_long: &'static str,
 ) -> Result<Option<Bytes>, H1Error> {
     let window = &buffer[..buffer.len().min(limit + 2)];
     match window.windows(2).position(|pair| pair == b"\r\n") {
@@ -358,10 +353,7 @@ fn take_line(
             buffer.advance(2);
             Ok(Some(line))
         }
-        None if buffer.len() >= limit + 2 => Err(H1Error::Malformed(match what {
-            "trailers" => "trailers too large",
-            _ => "chunk-size line too long",
-        })),
+        None if buffer.len() >= limit + 2 => Err(H1Error::Malformed(too_long)),
         None => Ok(None),
     }
 }
@@ -400,6 +392,17 @@ fn split_field(line: &[u8]) -> Result<(HeaderName, HeaderValue), H1Error> {
     let value =
         HeaderValue::from_bytes(value).map_err(|_| H1Error::Malformed("invalid trailer value"))?;
     Ok((name, value))
+}
+
+/// The options a message's `Connection` headers list (`close`, `keep-alive`, or names of
+/// more headers that describe only this connection).
+pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
 }
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
@@ -447,13 +450,7 @@ pub fn encode_request(
         put(header::HOST.as_str(), host);
     }
     // Names a `Connection` header lists are hop-by-hop too (usually there is none).
-    let listed: Vec<&str> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .collect();
+    let listed: Vec<&str> = connection_tokens(headers).collect();
     for (name, value) in headers {
         let name = name.as_str();
         if name == header::CONTENT_LENGTH.as_str()
@@ -629,6 +626,13 @@ impl RawBody {
         // Bytes beyond the response: the upstream is out of step; do not reuse.
         conn.buffer.is_empty().then_some(conn)
     }
+
+    /// After an error: the connection is closed, the body over.
+    fn fail(&mut self) {
+        self.conn = None;
+        self.reusable = false;
+        self.state = BodyState::Done;
+    }
 }
 
 impl hyper::body::Body for RawBody {
@@ -712,15 +716,6 @@ impl hyper::body::Body for RawBody {
             BodyState::Length(remaining) => SizeHint::with_exact(remaining),
             _ => SizeHint::default(),
         }
-    }
-}
-
-impl RawBody {
-    /// After an error: the connection is closed, the body over.
-    fn fail(&mut self) {
-        self.conn = None;
-        self.reusable = false;
-        self.state = BodyState::Done;
     }
 }
 
