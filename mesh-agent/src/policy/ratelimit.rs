@@ -136,19 +136,7 @@ fn write_bucket_key(key: &mut KeyBuf, source: &str, destination: &str, tool: Opt
     {
         // `<decimal length>:<part>`, written without the formatting machinery (this runs on
         // every rate-limited request).
-        let mut digits = [0u8; 20];
-        let mut start = digits.len();
-        let mut length = part.len();
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (length % 10) as u8;
-            length /= 10;
-            if length == 0 {
-                break;
-            }
-        }
-        // Only ASCII digits were written.
-        let _ = key.write_str(std::str::from_utf8(&digits[start..]).unwrap_or("0"));
+        let _ = key.write_str(itoa::Buffer::new().format(part.len()));
         let _ = key.write_str(":");
         let _ = key.write_str(part);
     }
