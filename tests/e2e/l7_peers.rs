@@ -10,7 +10,7 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
+    io::{BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::Command,
@@ -362,21 +362,8 @@ impl PacedSseServer {
 fn serve_paced(stream: TcpStream, state: &(Mutex<PacedState>, Condvar), events: usize) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
     let mut writer = stream;
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-            return;
-        }
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            if line.trim_end().is_empty() {
-                break;
-            }
-        }
-        let target = request_line.split_whitespace().nth(1).unwrap_or("");
+    while let Some(request) = read_request(&mut reader) {
+        let target = request.target();
         if let Some(number) = target.strip_prefix("/ack?n=") {
             let (lock, changed) = state;
             let number: usize = number.parse().expect("ack number");

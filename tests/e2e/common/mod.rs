@@ -7,7 +7,7 @@
 
 use std::{
     fs,
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::Command,
@@ -194,4 +194,63 @@ pub fn mcp_probe(mesh: &Mesh, url: &str, mode: &str, calls: &[&str]) -> Value {
             mesh.agent.log()
         )
     })
+}
+
+/// One HTTP/1.1 request as a scripted server in a test reads it.
+pub struct ReceivedRequest {
+    /// The request line, without its CRLF.
+    pub line: String,
+    /// Header names (lowercase) and values, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl ReceivedRequest {
+    /// The request target (`/path?query`).
+    pub fn target(&self) -> &str {
+        self.line.split_whitespace().nth(1).unwrap_or("")
+    }
+
+    /// The first value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(seen, _)| seen == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Reads the next request (a `Content-Length` body at most) off a keep-alive connection;
+/// `None` once the client closed it, a read failed or timed out, or the body was cut short.
+pub fn read_request(reader: &mut BufReader<TcpStream>) -> Option<ReceivedRequest> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut field = String::new();
+        if reader.read_line(&mut field).unwrap_or(0) == 0 {
+            return None;
+        }
+        let field = field.trim_end();
+        if field.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = field.split_once(':') {
+            headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+        }
+    }
+    let mut request = ReceivedRequest {
+        line: line.trim_end().to_owned(),
+        headers,
+        body: Vec::new(),
+    };
+    let length = request
+        .header("content-length")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0);
+    request.body = vec![0u8; length];
+    reader.read_exact(&mut request.body).ok()?;
+    Some(request)
 }
