@@ -663,48 +663,61 @@ struct PacketFacts {
     rst: bool,
 }
 
+/// Four bytes of a header as the kernel keeps them (network order), like a `u32` load.
 #[inline(always)]
-fn load_addr16(ctx: &SkBuffContext, offset: usize) -> Option<[u32; 4]> {
-    Some([
-        ctx.load::<u32>(offset).ok()?,
-        ctx.load::<u32>(offset + 4).ok()?,
-        ctx.load::<u32>(offset + 8).ok()?,
-        ctx.load::<u32>(offset + 12).ok()?,
-    ])
+fn ne_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
+/// An address of an IPv6 header at `at`, as four network-order words.
+#[inline(always)]
+fn addr16(bytes: &[u8], at: usize) -> [u32; 4] {
+    [
+        ne_u32(bytes, at),
+        ne_u32(bytes, at + 4),
+        ne_u32(bytes, at + 8),
+        ne_u32(bytes, at + 12),
+    ]
+}
+
+/// Reads what accounting needs of a packet with one load of the IP header (two for IPv6) and
+/// one of the TCP header (each `bpf_skb_load_bytes` call costs about as much as the rest of the
+/// program, so the fields are not read one by one).
 #[inline(always)]
 fn packet_facts(ctx: &SkBuffContext, direction: u32) -> Option<PacketFacts> {
     let len = u64::from(ctx.len());
-    let first = ctx.load::<u8>(0).ok()?;
+    // The fixed IPv4 header; an IPv6 one is read again in full (40 bytes).
+    let header = ctx.load::<[u8; 20]>(0).ok()?;
+    let first = header[0];
     let (family, l4_offset, protocol, source, destination) = match first >> 4 {
-        4 => {
-            let source = ctx.load::<u32>(12).ok()?;
-            let destination = ctx.load::<u32>(16).ok()?;
+        4 => (
+            FAMILY_INET,
+            usize::from(first & 0x0f) * 4,
+            header[9],
+            [ne_u32(&header, 12), 0, 0, 0],
+            [ne_u32(&header, 16), 0, 0, 0],
+        ),
+        6 => {
+            let header = ctx.load::<[u8; 40]>(0).ok()?;
             (
-                FAMILY_INET,
-                usize::from(first & 0x0f) * 4,
-                ctx.load::<u8>(9).ok()?,
-                [source, 0, 0, 0],
-                [destination, 0, 0, 0],
+                FAMILY_INET6,
+                40,
+                header[6],
+                addr16(&header, 8),
+                addr16(&header, 24),
             )
         }
-        6 => (
-            FAMILY_INET6,
-            40,
-            ctx.load::<u8>(6).ok()?,
-            load_addr16(ctx, 8)?,
-            load_addr16(ctx, 24)?,
-        ),
         _ => return None,
     };
     match protocol {
         IPPROTO_TCP => {
-            let source_port = u16::from_be(ctx.load::<u16>(l4_offset).ok()?);
-            let destination_port = u16::from_be(ctx.load::<u16>(l4_offset + 2).ok()?);
-            let seq = u32::from_be(ctx.load::<u32>(l4_offset + 4).ok()?);
-            let data_offset = ctx.load::<u8>(l4_offset + 12).ok()?;
-            let flags = ctx.load::<u8>(l4_offset + 13).ok()?;
+            // Ports, sequence number, acknowledgement number, data offset and flags.
+            let tcp = ctx.load::<[u8; 14]>(l4_offset).ok()?;
+            let source_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+            let destination_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+            let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+            let data_offset = tcp[12];
+            let flags = tcp[13];
             let payload = len.saturating_sub(l4_offset as u64 + u64::from(data_offset >> 4) * 4);
             let syn = flags & 0x02 != 0;
             let (local_port, remote_port, local_addr, remote_addr) = if direction == DIRECTION_TX {
@@ -756,14 +769,28 @@ fn new_payload(facts: &PacketFacts) -> u64 {
         let _ = FLOW_SEQ.remove(flow);
         return 0;
     }
-    // SAFETY: the map value is read (copied or compared) at once; no reference outlives this statement.
-    let fresh = match unsafe { FLOW_SEQ.get(flow) } {
-        None => facts.payload,
+    let advances = facts.payload > 0 || facts.syn_only;
+    if !advances {
+        // A bare ACK (or FIN): no payload to count and no sequence to remember.
+        return 0;
+    }
+    match FLOW_SEQ.get_ptr_mut(flow) {
+        None => {
+            let _ = FLOW_SEQ.insert(flow, end, BPF_ANY as u64);
+            facts.payload
+        }
         Some(high) => {
-            let ahead = end.wrapping_sub(*high) as i32;
+            // SAFETY: a map value, valid until the program returns; a concurrent packet of
+            // the same flow can at worst make one segment count twice or not at all, as with
+            // a lookup then an update.
+            let ahead = end.wrapping_sub(unsafe { *high }) as i32;
             if ahead <= 0 {
                 return 0;
             }
+            // Updated in place: an update through the map would allocate a fresh LRU element
+            // and free the old one on every packet.
+            // SAFETY: as above.
+            unsafe { *high = end };
             // Bytes of this segment past the highest sequence seen so far.
             let ahead = ahead as u64;
             if ahead < facts.payload {
@@ -772,11 +799,7 @@ fn new_payload(facts: &PacketFacts) -> u64 {
                 facts.payload
             }
         }
-    };
-    if facts.payload > 0 || facts.syn_only {
-        let _ = FLOW_SEQ.insert(flow, end, BPF_ANY as u64);
     }
-    fresh
 }
 
 #[inline(always)]
