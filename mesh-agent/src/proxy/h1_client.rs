@@ -91,7 +91,7 @@ fn parse_response_head_with<const SLOTS: usize>(
 ) -> Result<Result<Option<ResponseHead>, H1Error>, TooManyHeaders> {
     let mut slots = [httparse::EMPTY_HEADER; SLOTS];
     let mut response = httparse::Response::new(&mut slots);
-    let base = buffer.as_ptr() as usize;
+    let base = buffer.as_ptr();
     let consumed = match response.parse(buffer) {
         Ok(httparse::Status::Complete(consumed)) => consumed,
         Ok(httparse::Status::Partial) => {
@@ -104,20 +104,7 @@ fn parse_response_head_with<const SLOTS: usize>(
         Err(httparse::Error::TooManyHeaders) => return Err(TooManyHeaders),
         Err(_) => return Ok(Err(H1Error::Malformed("invalid status line or header"))),
     };
-    // Where each name and value sit in `buffer` (httparse returns sub-slices of its input):
-    // the parser's borrow of the buffer must end before the head is split off it.
-    let spans: Vec<(usize, usize, usize, usize)> = response
-        .headers
-        .iter()
-        .map(|parsed| {
-            (
-                parsed.name.as_ptr() as usize - base,
-                parsed.name.len(),
-                parsed.value.as_ptr() as usize - base,
-                parsed.value.len(),
-            )
-        })
-        .collect();
+    let spans = header_spans(base, response.headers);
     let (version, code) = (response.version, response.code);
     Ok(finish_head(buffer, consumed, version, code, spans))
 }
@@ -129,7 +116,7 @@ fn finish_head(
     consumed: usize,
     version: Option<u8>,
     code: Option<u16>,
-    spans: Vec<(usize, usize, usize, usize)>,
+    spans: Vec<HeaderSpan>,
 ) -> Result<Option<ResponseHead>, H1Error> {
     if consumed > MAX_HEAD_BYTES {
         return Err(H1Error::HeadTooLarge);
@@ -143,14 +130,7 @@ fn finish_head(
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(H1Error::Malformed("invalid status code"))?;
     let head = buffer.split_to(consumed).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name_at, name_len, value_at, value_len) in spans {
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
-            .map_err(|_| H1Error::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-            .map_err(|_| H1Error::Malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let headers = header_map(&head, &spans).map_err(H1Error::Malformed)?;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -392,6 +372,41 @@ fn split_field(line: &[u8]) -> Result<(HeaderName, HeaderValue), H1Error> {
     let value =
         HeaderValue::from_bytes(value).map_err(|_| H1Error::Malformed("invalid trailer value"))?;
     Ok((name, value))
+}
+
+/// Where a parsed header's name and value sit in the buffer httparse read: offset and length
+/// of the name, offset and length of the value.
+pub type HeaderSpan = (usize, usize, usize, usize);
+
+/// The spans of the headers httparse found in a buffer starting at `base`. The parser's
+/// borrow of the buffer must end before the head is split off it, so the headers are kept
+/// as offsets, not slices.
+pub fn header_spans(base: *const u8, parsed: &[httparse::Header<'_>]) -> Vec<HeaderSpan> {
+    let base = base as usize;
+    parsed
+        .iter()
+        .map(|header| {
+            (
+                header.name.as_ptr() as usize - base,
+                header.name.len(),
+                header.value.as_ptr() as usize - base,
+                header.value.len(),
+            )
+        })
+        .collect()
+}
+
+/// A header map of the headers at `spans` in `head`: values are slices of `head`, not copies.
+pub fn header_map(head: &Bytes, spans: &[HeaderSpan]) -> Result<HeaderMap, &'static str> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &(name_at, name_len, value_at, value_len) in spans {
+        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
+            .map_err(|_| "invalid header name")?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+            .map_err(|_| "invalid header value")?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 /// The options a message's `Connection` headers list (`close`, `keep-alive`, or names of

@@ -34,7 +34,9 @@ use super::{
     dedup::{self, Deduplicator, Role, follow},
     dialer::{DialError, Dialer, Upstream},
     h1_client::{self, HOP_BY_HOP},
+    h1_server,
     jsonrpc::{self, JsonRpcRequest, Message},
+    prefixed::PrefixedStream,
     priority::{Admission, PRIORITY_HEADER, class_of},
     upstream::{Http1Pool, PooledBody, SendError, UpstreamKey},
 };
@@ -351,55 +353,90 @@ impl HttpProxy {
     }
 
     /// Serves one client connection (already known to speak `version`) until it closes.
+    /// HTTP/1.1 starts on the in-task server ([`h1_server`]), which hands the connection to
+    /// hyper's at the first request it does not serve itself; HTTP/2 is hyper's.
     pub async fn serve_connection<S>(
         self: Arc<Self>,
         stream: S,
         version: HttpVersion,
         caller: CallerContext,
-    ) -> Result<(), hyper::Error>
+    ) -> Result<(), ServeError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let caller = Arc::new(caller);
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        if version == HttpVersion::Http1 {
+            let (proxy, caller_ref) = (&self, &caller);
+            let served = h1_server::serve(stream, |request: Request<Bytes>| {
+                // Boxed: the connection's future would otherwise keep room for a request's
+                // state (about 3.5 KiB) while it waits idle between requests.
+                Box::pin(proxy.handle(
+                    caller_ref,
+                    request.map(RequestBody::Inline),
+                    HttpVersion::Http1,
+                ))
+            })
+            .await?;
+            let (io, buffered) = match served {
+                h1_server::Served::Closed => return Ok(()),
+                h1_server::Served::Handoff { io, buffered } => (io, buffered),
+            };
+            let service = self.hyper_service(caller, version);
+            return Box::pin(
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(h1_server::HEADER_READ_TIMEOUT)
+                    .max_buf_size(1 << 20)
+                    .serve_connection(TokioIo::new(PrefixedStream::new(buffered, io)), service)
+                    .with_upgrades(),
+            )
+            .await
+            .map_err(ServeError::Hyper);
+        }
+        let service = self.hyper_service(caller, version);
+        // Boxed: the HTTP/2 connection state is several times the HTTP/1.1 one, and unboxed
+        // it would size every connection's task, HTTP/1.1 ones included.
+        Box::pin(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), service),
+        )
+        .await
+        .map_err(ServeError::Hyper)
+    }
+
+    /// The proxy as a hyper service, for the connections hyper's server serves.
+    fn hyper_service(
+        self: Arc<Self>,
+        caller: Arc<CallerContext>,
+        version: HttpVersion,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+        Future = HandlerFuture,
+    > + Clone {
+        hyper::service::service_fn(move |request: Request<Incoming>| {
             let proxy = Arc::clone(&self);
             let caller = Arc::clone(&caller);
             // Boxed: hyper keeps room for one in-flight future per connection for the
             // connection's whole life, so an idle keep-alive connection would hold a
             // request's worth of state (about 3 KiB) it does not use.
-            Box::pin(
-                async move { Ok::<_, Infallible>(proxy.handle(&caller, request, version).await) },
-            )
-        });
-        let io = TokioIo::new(stream);
-        match version {
-            HttpVersion::Http1 => {
-                hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .max_buf_size(1 << 20)
-                    .serve_connection(io, service)
-                    .with_upgrades()
-                    .await
-            }
-            HttpVersion::Http2 => {
-                // Boxed: the HTTP/2 connection state is several times the HTTP/1.1 one, and
-                // unboxed it would size every connection's task, HTTP/1.1 ones included.
-                Box::pin(
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .max_header_list_size(64 * 1024)
-                        .serve_connection(io, service),
+            Box::pin(async move {
+                Ok::<_, Infallible>(
+                    proxy
+                        .handle(&caller, request.map(RequestBody::Hyper), version)
+                        .await,
                 )
-                .await
-            }
-        }
+            }) as HandlerFuture
+        })
     }
 
     async fn handle(
         &self,
         caller: &CallerContext,
-        mut request: Request<Incoming>,
+        mut request: Request<RequestBody>,
         version: HttpVersion,
     ) -> Response<ProxyBody> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -1304,7 +1341,7 @@ async fn request_over(
 /// (gRPC, large or unknown-length bodies) untouched.
 async fn inspect_body(
     parts: &http::request::Parts,
-    incoming: Incoming,
+    body: RequestBody,
     traffic: &TrafficSettings,
 ) -> Result<(Body, RequestFacts), Response<ProxyBody>> {
     let mut facts = RequestFacts {
@@ -1322,31 +1359,42 @@ async fn inspect_body(
     } else {
         RETRY_BUFFER
     };
-    if hyper::body::Body::is_end_stream(&incoming) {
-        return Ok((Body::Buffered(Bytes::new()), facts));
-    }
-    let bufferable = json || declared.is_some_and(|length| length <= limit);
-    if !bufferable || facts.grpc {
-        return Ok((Body::Streamed(incoming), facts));
-    }
     let too_large = || {
         plain_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("request body over the {limit}-byte limit of the mesh"),
         )
     };
-    if declared.is_some_and(|length| length > limit) {
-        return Err(too_large());
-    }
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    let collected = match Limited::new(incoming, limit_usize).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(error) => {
-            return Err(plain_error(
-                StatusCode::BAD_REQUEST,
-                &format!("reading the request body failed: {error}"),
-            ));
+    let collected = match body {
+        // Read whole by the HTTP/1.1 server already (small, with a Content-Length).
+        RequestBody::Inline(bytes) if json && bytes.len() as u64 > limit => {
+            return Err(too_large());
+        }
+        RequestBody::Inline(bytes) => bytes,
+        RequestBody::Hyper(incoming) => {
+            if hyper::body::Body::is_end_stream(&incoming) {
+                return Ok((Body::Buffered(Bytes::new()), facts));
+            }
+            let bufferable = json || declared.is_some_and(|length| length <= limit);
+            if !bufferable || facts.grpc {
+                return Ok((Body::Streamed(incoming), facts));
+            }
+            if declared.is_some_and(|length| length > limit) {
+                return Err(too_large());
+            }
+            let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+            match Limited::new(incoming, limit_usize).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                    return Err(too_large());
+                }
+                Err(error) => {
+                    return Err(plain_error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("reading the request body failed: {error}"),
+                    ));
+                }
+            }
         }
     };
     if json && parts.method == Method::POST {
@@ -1395,6 +1443,28 @@ impl hyper::body::Body for DeadlineBody {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A request's handling, as hyper's server runs it.
+type HandlerFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+/// Why serving a client connection ended in an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Http1(#[from] h1_server::ServerError),
+    #[error(transparent)]
+    Hyper(hyper::Error),
+}
+
+/// A request body as the client's connection delivers it: read whole by the HTTP/1.1
+/// server ([`h1_server`]), or streamed by hyper's (HTTP/2, and the HTTP/1.1 requests it
+/// takes).
+#[derive(Debug)]
+pub enum RequestBody {
+    Inline(Bytes),
+    Hyper(Incoming),
 }
 
 /// A request body: buffered (inspectable, repeatable) or streamed straight through.

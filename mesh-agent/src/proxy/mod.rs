@@ -7,6 +7,7 @@ pub mod balance;
 pub mod dedup;
 pub mod dialer;
 pub mod h1_client;
+pub mod h1_server;
 pub mod http;
 pub mod jsonrpc;
 pub mod outbound;
