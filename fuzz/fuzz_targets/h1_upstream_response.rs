@@ -14,7 +14,10 @@ fn decode(input: &[u8], step: usize) -> Result<(Vec<u8>, usize), String> {
     let mut buffer = BytesMut::new();
     let (mut data, mut trailers, mut fed) = (Vec::new(), 0, 0);
     loop {
-        match decoder.decode(&mut buffer).map_err(|error| error.to_string())? {
+        match decoder
+            .decode(&mut buffer)
+            .map_err(|error| error.to_string())?
+        {
             Decoded::Data(bytes) => data.extend_from_slice(&bytes),
             Decoded::Trailers(map) => trailers = map.len(),
             Decoded::End => return Ok((data, trailers)),
@@ -44,7 +47,9 @@ fuzz_target!(|data: &[u8]| {
     let pieces = decode(rest, usize::from(*step).max(1));
     match (&whole, &pieces) {
         (Ok(a), Ok(b)) => assert_eq!(a, b),
-        (Ok(_), Err(_)) | (Err(_), Ok(_)) => panic!("split changed the outcome: {whole:?} vs {pieces:?}"),
+        (Ok(_), Err(_)) | (Err(_), Ok(_)) => {
+            panic!("split changed the outcome: {whole:?} vs {pieces:?}")
+        }
         (Err(_), Err(_)) => {}
     }
 });

@@ -62,7 +62,8 @@ fn world() -> &'static World {
             .enable_all()
             .build()
             .unwrap_or_else(|error| panic!("runtime: {error}"));
-        let proxy = runtime.block_on(async { Arc::new(HttpProxy::new(store, Duration::from_millis(100))) });
+        let proxy =
+            runtime.block_on(async { Arc::new(HttpProxy::new(store, Duration::from_millis(100))) });
         World { runtime, proxy }
     })
 }
@@ -83,7 +84,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = client.write_all(data).await;
         let _ = client.shutdown().await;
         let mut answer = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer)).await;
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer)).await;
         assert!(read.is_ok(), "the connection neither answered nor closed");
         assert!(
             answer.is_empty() || answer.starts_with(b"HTTP/1."),

@@ -1017,6 +1017,25 @@ fn every_upstream_framing_passes_through_and_a_connection_the_upstream_closed_is
     assert_eq!((status, body.as_str()), (200, "hello, world"));
     let (status, _, body) = mesh.curl(&[&url("/close")]);
     assert_eq!((status, body.as_str()), (200, "until the upstream closes"));
+    // Trailers reach a client that asks for them (`TE: trailers`), and only such a client.
+    let lines = raw_http(
+        &mesh,
+        upstream,
+        &serde_json::json!([{
+            "send": format!(
+                "GET /chunked HTTP/1.1\r\nHost: {upstream}\r\nTE: trailers\r\n\r\n\
+                 GET /chunked HTTP/1.1\r\nHost: {upstream}\r\n\r\n"
+            ),
+            "responses": 2
+        }]),
+    );
+    assert_eq!(
+        lines,
+        [
+            "200 hello, world trailers:x-checksum: 42",
+            "200 hello, world"
+        ]
+    );
     let (status, _, body) = mesh.curl(&[&url("/empty")]);
     assert_eq!((status, body.as_str()), (204, ""));
     let (status, _, body) = mesh.curl(&[&url("/early")]);
@@ -1063,4 +1082,195 @@ fn every_upstream_framing_passes_through_and_a_connection_the_upstream_closed_is
         0.0,
         "no request needed a retry"
     );
+}
+
+/// Runs `tests/python/raw_http.py` (raw bytes on one connection) against `target` from the
+/// planner's cgroup, so its connection is captured; returns the lines it printed.
+fn raw_http(mesh: &Mesh, target: SocketAddr, steps: &serde_json::Value) -> Vec<String> {
+    let (python, script) = mesh_tests::python_script("raw_http.py").expect("test virtualenv");
+    let output = mesh
+        .tree
+        .run_in(
+            &mesh.planner,
+            Command::new(python)
+                .arg(script)
+                .arg(target.to_string())
+                .arg(steps.to_string()),
+        )
+        .expect("run the raw HTTP client");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "raw client failed: {printed} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    printed.lines().map(str::to_owned).collect()
+}
+
+/// An upstream that answers each request with what it got (`METHOD TARGET BODY`, sized) and
+/// never answers `/hang`; it counts the requests left hanging and the connections that
+/// closed.
+struct EchoUpstream {
+    address: SocketAddr,
+    hanging: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+}
+
+impl EchoUpstream {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo upstream");
+        let address = listener.local_addr().expect("address");
+        let hanging = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (hanging_count, closed_count) = (Arc::clone(&hanging), Arc::clone(&closed));
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (hanging, closed) = (Arc::clone(&hanging_count), Arc::clone(&closed_count));
+                thread::spawn(move || {
+                    serve_echo(stream, &hanging);
+                    closed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self {
+            address,
+            hanging,
+            closed,
+        }
+    }
+}
+
+fn serve_echo(stream: TcpStream, hanging: &AtomicUsize) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+    let mut writer = stream;
+    while let Some(request) = read_request(&mut reader) {
+        if request.target() == "/hang" {
+            hanging.fetch_add(1, Ordering::SeqCst);
+            // Until the agent closes the connection.
+            let _ = reader.read_to_end(&mut Vec::new());
+            return;
+        }
+        let method = request.line.split_whitespace().next().unwrap_or("");
+        let body = format!(
+            "{method} {} {}",
+            request.target(),
+            String::from_utf8_lossy(&request.body)
+        );
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn pipelined_requests_and_a_chunked_upload_mid_connection_are_answered_in_order() {
+    let upstream = EchoUpstream::start();
+    let address = upstream.address;
+    let resources = agent_resource("echo", &["echo.mesh"], address, "Http");
+    let mesh = Mesh::start("l7-pipelined", &resources);
+    let host = format!("Host: {address}\r\n");
+    let lines = raw_http(
+        &mesh,
+        address,
+        &serde_json::json!([
+            // Three requests in one write: answered one after the other, in order.
+            {
+                "send": format!(
+                    "GET /one HTTP/1.1\r\n{host}\r\n\
+                     POST /two HTTP/1.1\r\n{host}Content-Length: 3\r\n\r\nabc\
+                     GET /three HTTP/1.1\r\n{host}\r\n"
+                ),
+                "responses": 3
+            },
+            // A chunked upload on the same connection, then a request after it.
+            {
+                "send": format!(
+                    "POST /four HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n\
+                     3\r\nxyz\r\n2\r\n12\r\n0\r\n\r\n"
+                ),
+                "responses": 1
+            },
+            {
+                "send": format!("GET /five HTTP/1.1\r\n{host}Connection: close\r\n\r\n"),
+                "responses": 1,
+                "expect_close": true
+            }
+        ]),
+    );
+    assert_eq!(
+        lines,
+        [
+            "200 GET /one ",
+            "200 POST /two abc",
+            "200 GET /three ",
+            "200 POST /four xyz12",
+            "200 GET /five ",
+            "closed"
+        ]
+    );
+}
+
+#[test]
+fn a_malformed_or_oversized_request_is_refused_and_a_client_that_leaves_cancels_its_request() {
+    let upstream = EchoUpstream::start();
+    let address = upstream.address;
+    let resources = agent_resource("echo", &["echo.mesh"], address, "Http");
+    let mesh = Mesh::start("l7-refusals", &resources);
+    let host = format!("Host: {address}\r\n");
+
+    let lines = raw_http(
+        &mesh,
+        address,
+        &serde_json::json!([{
+            "send": format!("GET /ok HTTP/1.1\r\n{host}\r\nGET /bad HTTP/1.1\r\nBad Header: x\r\n\r\n"),
+            "responses": 2,
+            "expect_close": true
+        }]),
+    );
+    assert_eq!(lines, ["200 GET /ok ", "400 ", "closed"]);
+
+    let oversized = format!(
+        "GET /big HTTP/1.1\r\n{host}x-big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let lines = raw_http(
+        &mesh,
+        address,
+        &serde_json::json!([{ "send": oversized, "responses": 1, "expect_close": true }]),
+    );
+    assert_eq!(lines, ["431 ", "closed"]);
+
+    // A client that sends a request and leaves before the answer: the agent drops the
+    // upstream exchange (its connection to the upstream closes) instead of waiting on it.
+    let closed_before = upstream.closed.load(Ordering::SeqCst);
+    raw_http(
+        &mesh,
+        address,
+        &serde_json::json!([
+            { "send": format!("GET /hang HTTP/1.1\r\n{host}\r\n"), "sleep": 0.5 },
+            { "leave": true }
+        ]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.closed.load(Ordering::SeqCst) == closed_before && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        upstream.hanging.load(Ordering::SeqCst),
+        1,
+        "the request reached the upstream"
+    );
+    assert!(
+        upstream.closed.load(Ordering::SeqCst) > closed_before,
+        "the agent closed its upstream connection once the client left"
+    );
+
+    // The agent still serves.
+    let (status, _, body) = mesh.curl(&[&format!("http://{address}/after")]);
+    assert_eq!((status, body.as_str()), (200, "GET /after "));
 }

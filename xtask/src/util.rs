@@ -81,9 +81,10 @@ pub fn lint() -> anyhow::Result<()> {
 }
 
 /// Fuzz targets under `fuzz/`, each with committed seeds in `fuzz/seeds/<target>`.
-pub const FUZZ_TARGETS: [&str; 9] = [
+pub const FUZZ_TARGETS: [&str; 10] = [
     "http1_l7",
     "h1_upstream_response",
+    "h1_client_request",
     "agent_config",
     "mountinfo",
     "protocol_sniff",

@@ -42,6 +42,10 @@ pub const MAX_READ_AHEAD: usize = 64 * 1024;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 4 * 1024;
+/// How long, and for how many bytes, a refused client's remaining bytes are read and dropped
+/// before the connection closes.
+const LINGER: Duration = Duration::from_secs(1);
+const MAX_LINGER_BYTES: usize = 256 * 1024;
 /// Response bytes gathered before they are written even though the body has more ready.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -422,6 +426,7 @@ where
                     // The client is told why; the connection closes on the error either way.
                     let _ = connection.io.write_all(&connection.write).await;
                     let _ = connection.io.shutdown().await;
+                    connection.linger().await;
                 }
                 return Err(error);
             }
@@ -659,6 +664,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             None => self.write.put_slice(b"0\r\n\r\n"),
         }
         self.flush_write().await
+    }
+
+    /// Reads and drops what the client still sends after a refusal, for a short while:
+    /// closing with unread bytes would reset the connection, and the reset can destroy the
+    /// refusal before the client reads it.
+    async fn linger(&mut self) {
+        let mut drained = 0;
+        let _ = tokio::time::timeout(LINGER, async {
+            while drained < MAX_LINGER_BYTES {
+                self.read.clear();
+                match std::future::poll_fn(|cx| self.poll_fill(cx, false)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => drained += read,
+                }
+            }
+        })
+        .await;
     }
 
     async fn flush_write(&mut self) -> Result<(), ServerError> {

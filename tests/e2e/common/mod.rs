@@ -220,8 +220,9 @@ impl ReceivedRequest {
     }
 }
 
-/// Reads the next request (a `Content-Length` body at most) off a keep-alive connection;
-/// `None` once the client closed it, a read failed or timed out, or the body was cut short.
+/// Reads the next request (its body framed by `Content-Length` or chunked) off a keep-alive
+/// connection; `None` once the client closed it, a read failed or timed out, or the body was
+/// cut short.
 pub fn read_request(reader: &mut BufReader<TcpStream>) -> Option<ReceivedRequest> {
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -246,6 +247,13 @@ pub fn read_request(reader: &mut BufReader<TcpStream>) -> Option<ReceivedRequest
         headers,
         body: Vec::new(),
     };
+    if request
+        .header("transfer-encoding")
+        .is_some_and(|coding| coding.eq_ignore_ascii_case("chunked"))
+    {
+        request.body = read_chunked(reader)?;
+        return Some(request);
+    }
     let length = request
         .header("content-length")
         .and_then(|value| value.parse().ok())
@@ -253,4 +261,29 @@ pub fn read_request(reader: &mut BufReader<TcpStream>) -> Option<ReceivedRequest
     request.body = vec![0u8; length];
     reader.read_exact(&mut request.body).ok()?;
     Some(request)
+}
+
+/// A chunked body (its trailers skipped).
+fn read_chunked(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let size = line.split(';').next()?.trim();
+        let size = usize::from_str_radix(size, 16).ok()?;
+        if size == 0 {
+            // Trailers, then the blank line.
+            loop {
+                let mut field = String::new();
+                if reader.read_line(&mut field).ok()? == 0 || field.trim_end().is_empty() {
+                    return Some(body);
+                }
+            }
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..]).ok()?;
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf).ok()?;
+    }
 }

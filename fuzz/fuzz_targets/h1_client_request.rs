@@ -1,0 +1,117 @@
+//! Fuzzes the client side of the in-task HTTP/1.1 server on bytes a hostile client may send:
+//! the request-head parser, over a stream of pipelined requests. No input may panic it; a
+//! request taken off the buffer shrinks it, a handed-off one leaves it whole; where the bytes
+//! are split never changes what is parsed; and any parsed head's fields, sent back as a
+//! response's, encode into a head that parses again with the framing chosen.
+#![no_main]
+
+use bytes::BytesMut;
+use http::{HeaderValue, StatusCode};
+use libfuzzer_sys::fuzz_target;
+use mesh_agent::proxy::h1_server::{
+    Parsed, ResponseFraming, encode_response_head, parse_request_head,
+};
+
+/// Parses requests off `input` fed in pieces of `step` bytes: each request's method, target,
+/// header count and body length, then how the stream ended.
+fn parse_all(input: &[u8], step: usize) -> (Vec<String>, String) {
+    let mut buffer = BytesMut::new();
+    let (mut seen, mut fed, mut skip) = (Vec::new(), 0, 0);
+    loop {
+        // The body of the last request follows its head: skip it, across feeds.
+        let skipped = skip.min(buffer.len());
+        let _ = buffer.split_to(skipped);
+        skip -= skipped;
+        let before = buffer.len();
+        let parsed = if skip > 0 {
+            Ok(None)
+        } else {
+            parse_request_head(&mut buffer)
+        };
+        match parsed {
+            Err(error) => return (seen, error.to_string()),
+            Ok(Some(Parsed::Handoff)) => {
+                assert_eq!(
+                    buffer.len(),
+                    before,
+                    "a handed-off request stays in the buffer"
+                );
+                return (seen, "handoff".into());
+            }
+            Ok(Some(Parsed::Request(head))) => {
+                assert!(buffer.len() < before);
+                let request = &head.request;
+                seen.push(format!(
+                    "{} {} {} {} {}",
+                    request.method(),
+                    request.uri(),
+                    request.headers().len(),
+                    head.body_len,
+                    head.keep_alive
+                ));
+                check_response_encoding(request.headers());
+                skip = head.body_len;
+            }
+            Ok(None) if fed == input.len() => return (seen, "incomplete".into()),
+            Ok(None) => {
+                let end = (fed + step).min(input.len());
+                buffer.extend_from_slice(&input[fed..end]);
+                fed = end;
+            }
+        }
+    }
+}
+
+/// The fields as a response's: the encoded head parses, and says what the framing says.
+fn check_response_encoding(headers: &http::HeaderMap) {
+    for (body_size, head_request) in [(None, false), (Some(3), false), (None, true)] {
+        let mut out = BytesMut::new();
+        let framing = encode_response_head(
+            StatusCode::OK,
+            headers,
+            body_size,
+            head_request,
+            true,
+            Some(&HeaderValue::from_static("Mon, 30 Nov 2026 12:00:00 GMT")),
+            &mut out,
+        );
+        let mut slots = [httparse::EMPTY_HEADER; 256];
+        let mut response = httparse::Response::new(&mut slots);
+        let parsed = response.parse(&out);
+        assert!(
+            matches!(parsed, Ok(httparse::Status::Complete(length)) if length == out.len()),
+            "encoded head does not parse: {parsed:?} {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        let named = |name: &str| {
+            response
+                .headers
+                .iter()
+                .filter(|field| field.name.eq_ignore_ascii_case(name))
+                .count()
+        };
+        match framing {
+            ResponseFraming::Chunked => {
+                assert_eq!(named("transfer-encoding"), 1);
+                assert_eq!(named("content-length"), 0);
+            }
+            ResponseFraming::Length(_) => {
+                assert_eq!(named("transfer-encoding"), 0);
+                assert_eq!(named("content-length"), 1);
+            }
+            ResponseFraming::None => assert_eq!(named("transfer-encoding"), 0),
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let [step, rest @ ..] = data else {
+        return;
+    };
+    let whole = parse_all(rest, rest.len().max(1));
+    let pieces = parse_all(rest, usize::from(*step).max(1));
+    assert_eq!(
+        whole, pieces,
+        "where the bytes were split changed the parse"
+    );
+});
