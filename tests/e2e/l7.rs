@@ -1107,9 +1107,9 @@ fn raw_http(mesh: &Mesh, target: SocketAddr, steps: &serde_json::Value) -> Vec<S
     printed.lines().map(str::to_owned).collect()
 }
 
-/// An upstream that answers each request with what it got (`METHOD TARGET BODY`, sized) and
-/// never answers `/hang`; it counts the requests left hanging and the connections that
-/// closed.
+/// An upstream that answers each request with what it got (`METHOD TARGET BODY`, sized),
+/// never answers `/hang`, and sends `/stream` one SSE event and nothing more; it counts the
+/// requests left hanging (streams included) and the connections that closed.
 struct EchoUpstream {
     address: SocketAddr,
     hanging: Arc<AtomicUsize>,
@@ -1145,7 +1145,17 @@ fn serve_echo(stream: TcpStream, hanging: &AtomicUsize) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
     let mut writer = stream;
     while let Some(request) = read_request(&mut reader) {
-        if request.target() == "/hang" {
+        if request.target() == "/stream" {
+            // One event of a stream that then stays open.
+            let event = "data: one\n\n";
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                        transfer-encoding: chunked\r\n\r\n";
+            let chunk = format!("{head}{:x}\r\n{event}\r\n", event.len());
+            if writer.write_all(chunk.as_bytes()).is_err() {
+                return;
+            }
+        }
+        if matches!(request.target(), "/hang" | "/stream") {
             hanging.fetch_add(1, Ordering::SeqCst);
             // Until the agent closes the connection.
             let _ = reader.read_to_end(&mut Vec::new());
@@ -1216,7 +1226,7 @@ fn pipelined_requests_and_a_chunked_upload_mid_connection_are_answered_in_order(
 }
 
 #[test]
-fn a_malformed_or_oversized_request_is_refused_and_a_client_that_leaves_cancels_its_request() {
+fn a_malformed_or_oversized_request_is_refused_and_a_client_that_leaves_cancels_its_exchange() {
     let upstream = EchoUpstream::start();
     let address = upstream.address;
     let resources = agent_resource("echo", &["echo.mesh"], address, "Http");
@@ -1268,6 +1278,27 @@ fn a_malformed_or_oversized_request_is_refused_and_a_client_that_leaves_cancels_
     assert!(
         upstream.closed.load(Ordering::SeqCst) > closed_before,
         "the agent closed its upstream connection once the client left"
+    );
+
+    // The same for a client that leaves an event stream between two events.
+    let closed_before = upstream.closed.load(Ordering::SeqCst);
+    let lines = raw_http(
+        &mesh,
+        address,
+        &serde_json::json!([
+            { "send": format!("GET /stream HTTP/1.1\r\n{host}\r\n"), "read_until": "data: one" },
+            { "leave": true }
+        ]),
+    );
+    assert_eq!(lines, ["got data: one"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.closed.load(Ordering::SeqCst) == closed_before && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(upstream.hanging.load(Ordering::SeqCst), 2);
+    assert!(
+        upstream.closed.load(Ordering::SeqCst) > closed_before,
+        "the agent ended the upstream stream once the client left"
     );
 
     // The agent still serves.

@@ -7,6 +7,7 @@ STEPS_JSON is a list of steps, each run in order on one connection:
   {"send": "...",            bytes to send (latin-1), all in one write
    "responses": n,           responses to read next; each is printed as "STATUS BODY"
                              (a chunked body's trailers follow as " trailers:NAME: VALUE,...")
+   "read_until": "text",     read until the text has arrived, then print "got TEXT"
    "sleep": seconds,         pause before the next step
    "expect_close": true,     read until the peer closes, then print "closed"
    "leave": true}            close the connection and stop
@@ -83,6 +84,10 @@ for step in steps:
         sock.sendall(step["send"].encode("latin-1"))
     for _ in range(step.get("responses", 0)):
         print(response(), flush=True)
+    if "read_until" in step:
+        while step["read_until"].encode("latin-1") not in pending:
+            fill()
+        print("got " + step["read_until"], flush=True)
     if step.get("sleep"):
         time.sleep(step["sleep"])
     if step.get("expect_close"):

@@ -7,8 +7,9 @@
 //! pipelined requests are safe. The read buffer is given back while the connection waits
 //! idle, so an idle keep-alive connection holds no buffer.
 //!
-//! While a request is in flight the connection keeps reading (up to [`MAX_READ_AHEAD`]
-//! bytes), so a client that goes away cancels its request, as with hyper's server.
+//! While a request is in flight, and while its response body has nothing to send, the
+//! connection keeps reading (up to [`MAX_READ_AHEAD`] bytes), so a client that goes away
+//! cancels its request or ends its stream at once, as with hyper's server.
 //!
 //! Everything else (a chunked or larger request body, `Expect`, `Upgrade`, `CONNECT`,
 //! HTTP/1.0) hands the connection, with every byte read so far, to hyper's server for the
@@ -540,18 +541,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if let Poll::Ready(response) = handler.as_mut().poll(cx) {
                 return Poll::Ready(Ok(Some(response)));
             }
-            while self.read.len() < MAX_READ_AHEAD {
-                match ready!(self.poll_fill(cx, false)) {
-                    // Hyper's server does the same: the client closing its side ends the
-                    // exchange (it cannot tell a half-close from a client that left).
-                    Ok(0) => return Poll::Ready(Ok(None)),
-                    Ok(_) => {}
-                    Err(error) => return Poll::Ready(Err(error.into())),
-                }
+            match ready!(self.poll_read_ahead(cx)) {
+                ServerError::ClosedEarly => Poll::Ready(Ok(None)),
+                error => Poll::Ready(Err(error)),
             }
-            Poll::Pending
         })
         .await
+    }
+
+    /// Reads ahead of the exchange in flight (pipelined requests), up to [`MAX_READ_AHEAD`]
+    /// bytes: ready only when the client closed its side or the connection failed. Hyper's
+    /// server does the same: the client closing its side ends the exchange (a half-close
+    /// cannot be told from a client that left).
+    fn poll_read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<ServerError> {
+        while self.read.len() < MAX_READ_AHEAD {
+            match ready!(self.poll_fill(cx, false)) {
+                Ok(0) => return Poll::Ready(ServerError::ClosedEarly),
+                Ok(_) => {}
+                Err(error) => return Poll::Ready(error.into()),
+            }
+        }
+        Poll::Pending
     }
 
     /// Writes a response: head and body, framed as the head says.
@@ -601,7 +611,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Poll::Ready(next) => next,
                 Poll::Pending => {
                     self.flush_write().await?;
-                    std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+                    // While the body has nothing (an SSE stream between events), a client
+                    // that leaves ends the response at once, not at the next event.
+                    std::future::poll_fn(|cx| {
+                        if let Poll::Ready(next) = body.as_mut().poll_frame(cx) {
+                            return Poll::Ready(Ok(next));
+                        }
+                        self.poll_read_ahead(cx).map(Err)
+                    })
+                    .await?
                 }
             };
             let frame = match next {
