@@ -104,9 +104,15 @@ fn parse_response_head_with<const SLOTS: usize>(
         Err(httparse::Error::TooManyHeaders) => return Err(TooManyHeaders),
         Err(_) => return Ok(Err(H1Error::Malformed("invalid status line or header"))),
     };
-    let spans = header_spans(base, response.headers);
+    let (spans, count) = header_spans::<SLOTS>(base, response.headers);
     let (version, code) = (response.version, response.code);
-    Ok(finish_head(buffer, consumed, version, code, spans))
+    Ok(finish_head(
+        buffer,
+        consumed,
+        version,
+        code,
+        &spans[..count],
+    ))
 }
 
 /// Builds the head the parser found in the first `consumed` bytes of `buffer` (`spans`: the
@@ -116,7 +122,7 @@ fn finish_head(
     consumed: usize,
     version: Option<u8>,
     code: Option<u16>,
-    spans: Vec<HeaderSpan>,
+    spans: &[HeaderSpan],
 ) -> Result<Option<ResponseHead>, H1Error> {
     if consumed > MAX_HEAD_BYTES {
         return Err(H1Error::HeadTooLarge);
@@ -130,7 +136,7 @@ fn finish_head(
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(H1Error::Malformed("invalid status code"))?;
     let head = buffer.split_to(consumed).freeze();
-    let headers = header_map(&head, &spans).map_err(H1Error::Malformed)?;
+    let headers = header_map(&head, spans).map_err(H1Error::Malformed)?;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -378,22 +384,25 @@ fn split_field(line: &[u8]) -> Result<(HeaderName, HeaderValue), H1Error> {
 /// of the name, offset and length of the value.
 pub type HeaderSpan = (usize, usize, usize, usize);
 
-/// The spans of the headers httparse found in a buffer starting at `base`. The parser's
-/// borrow of the buffer must end before the head is split off it, so the headers are kept
-/// as offsets, not slices.
-pub fn header_spans(base: *const u8, parsed: &[httparse::Header<'_>]) -> Vec<HeaderSpan> {
+/// The spans of the headers httparse found in a buffer starting at `base` (at most `SLOTS`,
+/// the parser's own bound), and how many there are. The parser's borrow of the buffer must
+/// end before the head is split off it, so the headers are kept as offsets, not slices; on
+/// the stack, as the parser's slots are.
+pub fn header_spans<const SLOTS: usize>(
+    base: *const u8,
+    parsed: &[httparse::Header<'_>],
+) -> ([HeaderSpan; SLOTS], usize) {
     let base = base as usize;
-    parsed
-        .iter()
-        .map(|header| {
-            (
-                header.name.as_ptr() as usize - base,
-                header.name.len(),
-                header.value.as_ptr() as usize - base,
-                header.value.len(),
-            )
-        })
-        .collect()
+    let mut spans = [(0, 0, 0, 0); SLOTS];
+    for (span, header) in spans.iter_mut().zip(parsed) {
+        *span = (
+            header.name.as_ptr() as usize - base,
+            header.name.len(),
+            header.value.as_ptr() as usize - base,
+            header.value.len(),
+        );
+    }
+    (spans, parsed.len().min(SLOTS))
 }
 
 /// A header map of the headers at `spans` in `head`: values are slices of `head`, not copies.
@@ -587,7 +596,9 @@ impl RawConnection {
     /// Reads until a final (non-1xx) response head is complete.
     async fn read_head(&mut self) -> Result<ResponseHead, H1Error> {
         loop {
-            if let Some(head) = parse_response_head(&mut self.buffer)? {
+            if !self.buffer.is_empty()
+                && let Some(head) = parse_response_head(&mut self.buffer)?
+            {
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(H1Error::Malformed(
                         "101 to a request that asked for no upgrade",

@@ -197,10 +197,10 @@ fn parse_with<const SLOTS: usize>(
         let at = path.as_ptr() as usize - base as usize;
         (at, path.len())
     });
-    let spans = h1_client::header_spans(base, parsed.headers);
+    let (spans, count) = h1_client::header_spans::<SLOTS>(base, parsed.headers);
     let head = buffer.split_to(consumed).freeze();
     let framing = (body_len, keep_alive, accepts_trailers);
-    Ok(finish_request(&head, method, target, &spans, framing).map(Some))
+    Ok(finish_request(&head, method, target, &spans[..count], framing).map(Some))
 }
 
 /// Builds the request the parser found in `head`.
