@@ -1087,17 +1087,11 @@ fn every_upstream_framing_passes_through_and_a_connection_the_upstream_closed_is
 /// Runs `tests/python/raw_http.py` (raw bytes on one connection) against `target` from the
 /// planner's cgroup, so its connection is captured; returns the lines it printed.
 fn raw_http(mesh: &Mesh, target: SocketAddr, steps: &serde_json::Value) -> Vec<String> {
-    let (python, script) = mesh_tests::python_script("raw_http.py").expect("test virtualenv");
-    let output = mesh
-        .tree
-        .run_in(
-            &mesh.planner,
-            Command::new(python)
-                .arg(script)
-                .arg(target.to_string())
-                .arg(steps.to_string()),
-        )
-        .expect("run the raw HTTP client");
+    let output = mesh.run_python(
+        "raw_http.py",
+        &[&target.to_string(), &steps.to_string()],
+        60,
+    );
     let printed = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -1137,6 +1131,16 @@ impl EchoUpstream {
             address,
             hanging,
             closed,
+        }
+    }
+}
+
+impl EchoUpstream {
+    /// Waits (up to 10 s) until more than `closed_before` connections have closed.
+    fn wait_for_a_close(&self, closed_before: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.closed.load(Ordering::SeqCst) == closed_before && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -1266,10 +1270,7 @@ fn a_malformed_or_oversized_request_is_refused_and_a_client_that_leaves_cancels_
             { "leave": true }
         ]),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while upstream.closed.load(Ordering::SeqCst) == closed_before && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
+    upstream.wait_for_a_close(closed_before);
     assert_eq!(
         upstream.hanging.load(Ordering::SeqCst),
         1,
@@ -1291,10 +1292,7 @@ fn a_malformed_or_oversized_request_is_refused_and_a_client_that_leaves_cancels_
         ]),
     );
     assert_eq!(lines, ["got data: one"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while upstream.closed.load(Ordering::SeqCst) == closed_before && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
+    upstream.wait_for_a_close(closed_before);
     assert_eq!(upstream.hanging.load(Ordering::SeqCst), 2);
     assert!(
         upstream.closed.load(Ordering::SeqCst) > closed_before,

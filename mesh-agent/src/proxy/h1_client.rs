@@ -84,7 +84,36 @@ pub fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<ResponseHead>
 }
 
 /// More headers than a parse had room for.
-struct TooManyHeaders;
+#[derive(Debug)]
+pub struct TooManyHeaders;
+
+/// What is wrong with a head httparse could not take.
+#[derive(Debug)]
+pub enum HeadFault {
+    /// More headers than the parse had room for (try again with more).
+    TooManyHeaders,
+    /// Over [`MAX_HEAD_BYTES`], complete or not.
+    TooLarge,
+    Invalid,
+}
+
+/// The length of the head httparse found in a buffer of `buffered` bytes (request or
+/// response): `Ok(None)` while incomplete and within [`MAX_HEAD_BYTES`].
+pub fn head_length(
+    parsed: Result<httparse::Status<usize>, httparse::Error>,
+    buffered: usize,
+) -> Result<Option<usize>, HeadFault> {
+    match parsed {
+        Ok(httparse::Status::Complete(consumed)) if consumed > MAX_HEAD_BYTES => {
+            Err(HeadFault::TooLarge)
+        }
+        Ok(httparse::Status::Complete(consumed)) => Ok(Some(consumed)),
+        Ok(httparse::Status::Partial) if buffered > MAX_HEAD_BYTES => Err(HeadFault::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadFault::TooManyHeaders),
+        Err(_) => Err(HeadFault::Invalid),
+    }
+}
 
 fn parse_response_head_with<const SLOTS: usize>(
     buffer: &mut BytesMut,
@@ -92,17 +121,14 @@ fn parse_response_head_with<const SLOTS: usize>(
     let mut slots = [httparse::EMPTY_HEADER; SLOTS];
     let mut response = httparse::Response::new(&mut slots);
     let base = buffer.as_ptr();
-    let consumed = match response.parse(buffer) {
-        Ok(httparse::Status::Complete(consumed)) => consumed,
-        Ok(httparse::Status::Partial) => {
-            return Ok(if buffer.len() > MAX_HEAD_BYTES {
-                Err(H1Error::HeadTooLarge)
-            } else {
-                Ok(None)
-            });
+    let consumed = match head_length(response.parse(buffer), buffer.len()) {
+        Ok(Some(consumed)) => consumed,
+        Ok(None) => return Ok(Ok(None)),
+        Err(HeadFault::TooManyHeaders) => return Err(TooManyHeaders),
+        Err(HeadFault::TooLarge) => return Ok(Err(H1Error::HeadTooLarge)),
+        Err(HeadFault::Invalid) => {
+            return Ok(Err(H1Error::Malformed("invalid status line or header")));
         }
-        Err(httparse::Error::TooManyHeaders) => return Err(TooManyHeaders),
-        Err(_) => return Ok(Err(H1Error::Malformed("invalid status line or header"))),
     };
     let (spans, count) = header_spans::<SLOTS>(base, response.headers);
     let (version, code) = (response.version, response.code);
@@ -124,9 +150,6 @@ fn finish_head(
     code: Option<u16>,
     spans: &[HeaderSpan],
 ) -> Result<Option<ResponseHead>, H1Error> {
-    if consumed > MAX_HEAD_BYTES {
-        return Err(H1Error::HeadTooLarge);
-    }
     let version = match version {
         Some(0) => Version::HTTP_10,
         Some(1) => Version::HTTP_11,
@@ -429,6 +452,23 @@ pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .map(str::trim)
 }
 
+/// The fields of `headers` that go on to the next hop: all but the hop-by-hop ones, those
+/// a `Connection` header names (usually there is none), and `Content-Length` (each hop
+/// frames its own body).
+pub fn end_to_end_fields(headers: &HeaderMap) -> impl Iterator<Item = (&str, &HeaderValue)> {
+    let listed: Vec<&str> = connection_tokens(headers).collect();
+    headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value))
+        .filter(move |&(name, _)| {
+            name != header::CONTENT_LENGTH.as_str()
+                && !HOP_BY_HOP.contains(&name)
+                && !listed
+                    .iter()
+                    .any(|listed| listed.eq_ignore_ascii_case(name))
+        })
+}
+
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 pub const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -473,18 +513,7 @@ pub fn encode_request(
     if let Some(host) = host.filter(|_| !headers.contains_key(header::HOST)) {
         put(header::HOST.as_str(), host);
     }
-    // Names a `Connection` header lists are hop-by-hop too (usually there is none).
-    let listed: Vec<&str> = connection_tokens(headers).collect();
-    for (name, value) in headers {
-        let name = name.as_str();
-        if name == header::CONTENT_LENGTH.as_str()
-            || HOP_BY_HOP.contains(&name)
-            || listed
-                .iter()
-                .any(|listed| listed.eq_ignore_ascii_case(name))
-        {
-            continue;
-        }
+    for (name, value) in end_to_end_fields(headers) {
         put(name, value);
     }
     let needs_length =

@@ -31,7 +31,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use super::h1_client::{self, HOP_BY_HOP, MAX_HEAD_BYTES, MAX_HEADERS};
+use super::h1_client::{self, HeadFault, MAX_HEAD_BYTES, MAX_HEADERS, TooManyHeaders};
 
 /// Largest request body read whole on this path; a larger one goes to hyper's server.
 pub const MAX_INLINE_REQUEST_BODY: usize = 64 * 1024;
@@ -117,34 +117,23 @@ pub fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<Parsed>, Serve
     }
 }
 
-/// More headers than a parse had room for.
-struct TooManyHeaders;
-
 fn parse_with<const SLOTS: usize>(
     buffer: &mut BytesMut,
 ) -> Result<Result<Option<Parsed>, ServerError>, TooManyHeaders> {
     let mut slots = [httparse::EMPTY_HEADER; SLOTS];
     let mut parsed = httparse::Request::new(&mut slots);
     let base = buffer.as_ptr();
-    let consumed = match parsed.parse(buffer) {
-        Ok(httparse::Status::Complete(consumed)) => consumed,
-        Ok(httparse::Status::Partial) => {
-            return Ok(if buffer.len() > MAX_HEAD_BYTES {
-                Err(ServerError::HeadTooLarge)
-            } else {
-                Ok(None)
-            });
-        }
-        Err(httparse::Error::TooManyHeaders) => return Err(TooManyHeaders),
-        Err(_) => {
+    let consumed = match h1_client::head_length(parsed.parse(buffer), buffer.len()) {
+        Ok(Some(consumed)) => consumed,
+        Ok(None) => return Ok(Ok(None)),
+        Err(HeadFault::TooManyHeaders) => return Err(TooManyHeaders),
+        Err(HeadFault::TooLarge) => return Ok(Err(ServerError::HeadTooLarge)),
+        Err(HeadFault::Invalid) => {
             return Ok(Err(ServerError::Malformed(
                 "invalid request line or header",
             )));
         }
     };
-    if consumed > MAX_HEAD_BYTES {
-        return Ok(Err(ServerError::HeadTooLarge));
-    }
     // HTTP/1.0 (keep-alive by opt-in, close-delimited responses) is left to hyper.
     if parsed.version != Some(1) {
         return Ok(Ok(Some(Parsed::Handoff)));
@@ -268,17 +257,7 @@ pub fn encode_response_head(
     out.put_u8(b' ');
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
-    let listed: Vec<&str> = h1_client::connection_tokens(headers).collect();
-    for (name, value) in headers {
-        let name = name.as_str();
-        if name == header::CONTENT_LENGTH.as_str()
-            || HOP_BY_HOP.contains(&name)
-            || listed
-                .iter()
-                .any(|listed| listed.eq_ignore_ascii_case(name))
-        {
-            continue;
-        }
+    for (name, value) in h1_client::end_to_end_fields(headers) {
         put_field(out, name, value.as_bytes());
     }
     // The length a HEAD or 304 response announces is the one its GET would have.

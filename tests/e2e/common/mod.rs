@@ -118,12 +118,15 @@ impl Mesh {
     }
 
     /// Runs one of the Python clients of `tests/python/` in the planner's cgroup (so its
-    /// connections are captured), bounded by `timeout` seconds, and parses the one JSON line
-    /// it prints.
-    pub fn python_probe(&self, script: &str, args: &[&str], timeout_seconds: u32) -> Value {
+    /// connections are captured), bounded by `timeout_seconds`.
+    pub fn run_python(
+        &self,
+        script: &str,
+        args: &[&str],
+        timeout_seconds: u32,
+    ) -> std::process::Output {
         let (python, path) = python_script(script).expect("test virtualenv");
-        let output = self
-            .tree
+        self.tree
             .run_in(
                 &self.planner,
                 Command::new("timeout")
@@ -132,7 +135,12 @@ impl Mesh {
                     .arg(path)
                     .args(args),
             )
-            .expect("run a Python client");
+            .expect("run a Python client")
+    }
+
+    /// [`Mesh::run_python`], then parses the one JSON line the client prints.
+    pub fn python_probe(&self, script: &str, args: &[&str], timeout_seconds: u32) -> Value {
+        let output = self.run_python(script, args, timeout_seconds);
         let stdout = String::from_utf8_lossy(&output.stdout);
         serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
             panic!(
@@ -174,18 +182,11 @@ pub fn start_mcp_server() -> (KillOnDrop, SocketAddr) {
 
 /// Runs the `mcp` SDK client in the planner's cgroup and returns its JSON report.
 pub fn mcp_probe(mesh: &Mesh, url: &str, mode: &str, calls: &[&str]) -> Value {
-    let (python, script) = python_script("mcp_probe.py").expect("test virtualenv");
-    let output = mesh
-        .tree
-        .run_in(
-            &mesh.planner,
-            Command::new(python)
-                .arg(script)
-                .arg(url)
-                .arg(mode)
-                .args(calls),
-        )
-        .expect("run the MCP client");
+    let args: Vec<&str> = [url, mode]
+        .into_iter()
+        .chain(calls.iter().copied())
+        .collect();
+    let output = mesh.run_python("mcp_probe.py", &args, 300);
     let stdout = String::from_utf8_lossy(&output.stdout);
     serde_json::from_str(stdout.trim()).unwrap_or_else(|error| {
         panic!(
