@@ -49,6 +49,10 @@ const LINGER: Duration = Duration::from_secs(1);
 const MAX_LINGER_BYTES: usize = 256 * 1024;
 /// Response bytes gathered before they are written even though the body has more ready.
 const WRITE_BATCH: usize = 64 * 1024;
+/// A body frame at least this large is written as it is, not copied into the write buffer.
+const DIRECT_WRITE: usize = 8 * 1024;
+/// The largest write buffer kept between writes.
+const MAX_KEPT_WRITE_BUFFER: usize = 4 * 1024;
 
 /// How serving a connection ended.
 #[derive(Debug)]
@@ -615,24 +619,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     if data.is_empty() {
                         continue;
                     }
-                    match &mut remaining {
+                    let overlong = match &mut remaining {
                         Some(left) => {
                             let take = (data.len() as u64).min(*left);
                             *left -= take;
-                            self.write.put_slice(&data[..take as usize]);
-                            if take < data.len() as u64 {
-                                // More than the announced length: the rest cannot be sent.
-                                let _ = self.flush_write().await;
-                                return Err(ServerError::ResponseBody(
-                                    "body longer than its Content-Length".to_owned(),
-                                ));
-                            }
+                            self.put_data(data.slice(..take as usize)).await?;
+                            take < data.len() as u64
                         }
                         None => {
                             put_chunk_size(&mut self.write, data.len());
-                            self.write.put_slice(&data);
+                            self.put_data(data).await?;
                             self.write.put_slice(b"\r\n");
+                            false
                         }
+                    };
+                    if overlong {
+                        // More than the announced length: the rest cannot be sent.
+                        let _ = self.flush_write().await;
+                        return Err(ServerError::ResponseBody(
+                            "body longer than its Content-Length".to_owned(),
+                        ));
                     }
                 }
                 Err(frame) => {
@@ -680,19 +686,117 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         .await;
     }
 
+    /// Adds body bytes to what goes out next: copied behind the head or the bytes gathered
+    /// so far when small, written as they are (after what was gathered) when large.
+    async fn put_data(&mut self, data: Bytes) -> Result<(), ServerError> {
+        if data.len() < DIRECT_WRITE {
+            self.write.put_slice(&data);
+            return Ok(());
+        }
+        self.flush_write().await?;
+        self.io.write_all(&data).await?;
+        Ok(())
+    }
+
     async fn flush_write(&mut self) -> Result<(), ServerError> {
         if !self.write.is_empty() {
             self.io.write_all(&self.write).await?;
             self.write.clear();
         }
         self.io.flush().await?;
+        // A buffer a large response made grow is not kept for the connection's life.
+        if self.write.capacity() > MAX_KEPT_WRITE_BUFFER {
+            self.write = BytesMut::new();
+        }
         Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+    use hyper::body::Frame;
+    use tokio::io::AsyncReadExt;
+
     use super::*;
+
+    /// What a test service answers: `/sized` a sized body, `/stream` three frames of unknown
+    /// total size (one large), `/echo` the request body.
+    fn answer(request: Request<Bytes>) -> Response<BoxBody<Bytes, Infallible>> {
+        let body = match request.uri().path() {
+            "/stream" => {
+                let frames = [
+                    Bytes::from_static(b"first"),
+                    Bytes::from(vec![b'x'; 20_000]),
+                    Bytes::from_static(b"last"),
+                ];
+                StreamBody::new(futures_util::stream::iter(
+                    frames.map(|data| Ok::<_, Infallible>(Frame::data(data))),
+                ))
+                .boxed()
+            }
+            "/echo" => Full::new(request.into_body()).boxed(),
+            _ => Full::new(Bytes::from_static(b"hello")).boxed(),
+        };
+        Response::new(body)
+    }
+
+    #[tokio::test]
+    async fn a_connection_answers_pipelined_requests_in_order_with_their_framing() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let served = tokio::spawn(serve(server, |request| async move { answer(request) }));
+        client
+            .write_all(
+                b"GET /sized HTTP/1.1\r\n\r\n\
+                  GET /stream HTTP/1.1\r\n\r\n\
+                  HEAD /sized HTTP/1.1\r\n\r\n\
+                  POST /echo HTTP/1.1\r\nContent-Length: 4\r\n\r\nping\
+                  GET /sized HTTP/1.1\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut received = Vec::new();
+        client.read_to_end(&mut received).await.unwrap();
+        assert!(matches!(served.await.unwrap(), Ok(Served::Closed)));
+        let text: String = String::from_utf8(received)
+            .unwrap()
+            .split_inclusive("\r\n")
+            .filter(|line| !line.starts_with("date: "))
+            .collect();
+        let sized = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        let stream = format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+             5\r\nfirst\r\n4e20\r\n{}\r\n4\r\nlast\r\n0\r\n\r\n",
+            "x".repeat(20_000)
+        );
+        let head = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
+        let echo = "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nping";
+        let last = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello";
+        assert_eq!(text, format!("{sized}{stream}{head}{echo}{last}"));
+    }
+
+    #[tokio::test]
+    async fn a_request_for_hyper_hands_over_the_connection_with_its_bytes() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let first_request = b"GET /sized HTTP/1.1\r\n\r\n";
+        let upload = b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n";
+        client
+            .write_all(&[&first_request[..], &upload[..]].concat())
+            .await
+            .unwrap();
+        let served = serve(server, |request| async move { answer(request) })
+            .await
+            .unwrap();
+        let Served::Handoff { buffered, .. } = served else {
+            panic!("expected a handoff");
+        };
+        assert_eq!(&buffered[..], &upload[..]);
+        let mut first = vec![0; 256];
+        let read = client.read(&mut first).await.unwrap();
+        assert!(String::from_utf8_lossy(&first[..read]).ends_with("\r\n\r\nhello"));
+    }
 
     fn parse(bytes: &[u8]) -> (Result<Option<Parsed>, ServerError>, BytesMut) {
         let mut buffer = BytesMut::from(bytes);
