@@ -60,6 +60,12 @@ pub mod map_names {
     pub const COUNTERS: &str = "MESH_COUNTERS";
     /// `PerCpuArray<u64>` indexed by [`super::DatapathEvent`].
     pub const EVENTS: &str = "MESH_EVENTS";
+    /// `LruHashMap<u64 cgroup id, CgroupVerdict>`: which workload a cgroup's packets count
+    /// for, so the accounting programs walk a cgroup's ancestors once, not per packet.
+    pub const CGROUP_VERDICTS: &str = "MESH_CGROUP_VERDICTS";
+    /// `Array<u64>` of one: the enrolment generation, bumped by the agent after every change
+    /// to `MESH_WORKLOADS` (so older `MESH_CGROUP_VERDICTS` entries no longer count).
+    pub const ENROL_GENERATION: &str = "MESH_ENROL_GENERATION";
 }
 
 /// Names of the programs in the eBPF object.
@@ -241,6 +247,16 @@ pub struct RedirectState {
     pub fallen_back: u64,
 }
 
+/// What the accounting programs remember of a cgroup: the enrolled workload it belongs to
+/// (0: none), as of enrolment generation `generation` (value of `MESH_CGROUP_VERDICTS`,
+/// keyed by cgroup id). A verdict of another generation is stale and worked out again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupVerdict {
+    pub workload: u64,
+    pub generation: u64,
+}
+
 /// Per-workload traffic counters (per CPU in the kernel, summed by the agent).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -353,6 +369,8 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficCounters {}
     // SAFETY: as above (two u64 fields).
     unsafe impl aya::Pod for super::RedirectState {}
+    // SAFETY: as above (two u64 fields).
+    unsafe impl aya::Pod for super::CgroupVerdict {}
 }
 
 #[cfg(test)]
@@ -372,6 +390,7 @@ mod tests {
         assert_eq!(size_of::<SockTuple>(), 16 + 32);
         assert_eq!(size_of::<RedirectState>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 10 * 8);
+        assert_eq!(size_of::<CgroupVerdict>(), 16);
     }
 
     #[test]

@@ -33,8 +33,9 @@ use aya_ebpf::{
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    ConnInfo, DatapathConfig, DatapathEvent, Endpoint, FAMILY_INET, FAMILY_INET6, MAX_CGROUP_DEPTH,
-    REDIRECT_WINDOW, RedirectState, SockTuple, TrafficCounters, WorkloadInfo, config_flags,
+    CgroupVerdict, ConnInfo, DatapathConfig, DatapathEvent, Endpoint, FAMILY_INET, FAMILY_INET6,
+    MAX_CGROUP_DEPTH, REDIRECT_WINDOW, RedirectState, SockTuple, TrafficCounters, WorkloadInfo,
+    config_flags,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -83,6 +84,12 @@ static COUNTERS: PerCpuHashMap<u64, TrafficCounters> = PerCpuHashMap::pinned(409
 
 #[map(name = "MESH_EVENTS")]
 static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(DatapathEvent::COUNT, 0);
+
+#[map(name = "MESH_CGROUP_VERDICTS")]
+static CGROUP_VERDICTS: LruHashMap<u64, CgroupVerdict> = LruHashMap::pinned(16384, 0);
+
+#[map(name = "MESH_ENROL_GENERATION")]
+static ENROL_GENERATION: Array<u64> = Array::pinned(1, 0);
 
 #[inline(always)]
 fn config() -> Option<&'static DatapathConfig> {
@@ -157,7 +164,10 @@ fn current_workload() -> Option<u64> {
     })
 }
 
-/// The enrolled workload that owns a packet's socket.
+/// The enrolled workload that owns a packet's socket. Every packet under the attach cgroup
+/// asks (on a node, every packet of every process), so the answer is remembered per cgroup
+/// for the current enrolment generation: one lookup instead of a walk up the ancestors with
+/// a lookup per level.
 #[inline(always)]
 fn skb_workload(ctx: &SkBuffContext) -> Option<u64> {
     let skb = ctx.skb.skb;
@@ -166,10 +176,23 @@ fn skb_workload(ctx: &SkBuffContext) -> Option<u64> {
     if leaf == 0 {
         return None;
     }
+    let generation = ENROL_GENERATION.get(0).copied().unwrap_or(0);
+    // SAFETY: the map value is read (copied) at once; no reference outlives this statement.
+    if let Some(verdict) = unsafe { CGROUP_VERDICTS.get(leaf) }.copied()
+        && verdict.generation == generation
+    {
+        return (verdict.workload != 0).then_some(verdict.workload);
+    }
     // SAFETY: cgroup-id helpers have no memory arguments (the skb pointer is this program's own context) and are allowed for this hook.
-    enrolled_workload(leaf, |level| unsafe {
+    let workload = enrolled_workload(leaf, |level| unsafe {
         bpf_skb_ancestor_cgroup_id(skb, level)
-    })
+    });
+    let verdict = CgroupVerdict {
+        workload: workload.unwrap_or(0),
+        generation,
+    };
+    let _ = CGROUP_VERDICTS.insert(leaf, verdict, BPF_ANY as u64);
+    workload
 }
 
 /// Whether the current connect() must be left alone: capture off, not TCP, or the agent itself.

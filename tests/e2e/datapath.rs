@@ -246,6 +246,52 @@ fn unenrolled_process_is_untouched() {
 }
 
 #[test]
+fn a_cgroup_enrolled_at_run_time_is_counted_from_then_on_and_not_after_it_leaves() {
+    const BYTES: u64 = 300_000;
+    let world = World::start("late-enrol", false);
+    let server = EchoServer::start("127.0.0.1:0");
+    let bystander = world.tree.relative().join("bystander");
+    let enrolment = |command: &str| {
+        world
+            .agent
+            .command(&[command, "--cgroup", &bystander.to_string_lossy()])
+            .unwrap_or_else(|error| panic!("{command} the bystander: {error}"));
+    };
+    let counters = || {
+        world
+            .agent
+            .workload_counters(&world.bystander)
+            .expect("read counters")
+    };
+
+    // Before: not captured, not counted (and the kernel remembers that verdict for the
+    // cgroup).
+    assert_intact(&world.peer(&world.bystander, server.address, BYTES), BYTES);
+    assert!(counters().is_null());
+
+    // Enrolled at run time: its bytes are counted from the first packet.
+    enrolment("enrol");
+    assert_intact(&world.peer(&world.bystander, server.address, BYTES), BYTES);
+    let mut row = Value::Null;
+    let settled = eventually(|| {
+        row = counters();
+        row["tx_payload_bytes"].as_u64() == Some(BYTES)
+            && row["rx_payload_bytes"].as_u64() == Some(BYTES)
+    });
+    assert!(settled, "the newly enrolled cgroup's bytes: {row}");
+
+    // Unenrolled: its traffic is not counted. Enrolled again, it starts from nothing.
+    enrolment("unenrol");
+    assert_intact(&world.peer(&world.bystander, server.address, BYTES), BYTES);
+    enrolment("enrol");
+    let row = counters();
+    assert!(
+        row.is_null() || row["tx_payload_bytes"].as_u64() == Some(0),
+        "bytes sent while unenrolled were counted: {row}"
+    );
+}
+
+#[test]
 fn agent_connections_are_not_looped() {
     let world = World::start("noloop", false);
     let server = EchoServer::start("127.0.0.1:0");

@@ -44,6 +44,8 @@ pub struct DatapathMaps {
     redirect_state: HashMap<MapData, SockTuple, RedirectState>,
     counters: Mutex<PerCpuHashMap<MapData, u64, TrafficCounters>>,
     events: PerCpuArray<MapData, u64>,
+    /// Absent only in a pin folder an older agent made (its programs keep no verdicts).
+    enrol_generation: Option<Mutex<Array<MapData, u64>>>,
 }
 
 impl std::fmt::Debug for DatapathMaps {
@@ -134,7 +136,26 @@ impl DatapathMaps {
             redirect_state: typed(map_names::REDIRECT_STATE, take(map_names::REDIRECT_STATE)?)?,
             counters: Mutex::new(typed(map_names::COUNTERS, take(map_names::COUNTERS)?)?),
             events: typed(map_names::EVENTS, take(map_names::EVENTS)?)?,
+            enrol_generation: match take(map_names::ENROL_GENERATION) {
+                Ok(map) => Some(Mutex::new(typed(map_names::ENROL_GENERATION, map)?)),
+                Err(_) => None,
+            },
         })
+    }
+
+    /// Moves the enrolment generation on, after a change to the enrolled workloads: the
+    /// accounting programs' remembered cgroup verdicts stop counting and are worked out again.
+    pub fn bump_enrol_generation(&self) -> Result<(), DatapathError> {
+        let Some(generation) = &self.enrol_generation else {
+            return Ok(());
+        };
+        let mut generation = locked(generation);
+        let current = generation
+            .get(&0, 0)
+            .map_err(map_error(map_names::ENROL_GENERATION))?;
+        generation
+            .set(0, current.wrapping_add(1), 0)
+            .map_err(map_error(map_names::ENROL_GENERATION))
     }
 
     /// Writes the settings the programs read; capture follows its flags from the next connect.
@@ -246,7 +267,8 @@ impl DatapathMaps {
         };
         locked(&self.workloads)
             .insert(cgroup_id, info, 0)
-            .map_err(map_error(map_names::WORKLOADS))
+            .map_err(map_error(map_names::WORKLOADS))?;
+        self.bump_enrol_generation()
     }
 
     /// Removes a cgroup from the enrolled workloads and drops its counters. Returns whether it
@@ -261,6 +283,7 @@ impl DatapathMaps {
             locked(&self.counters).remove(&cgroup_id),
             map_names::COUNTERS,
         )?;
+        self.bump_enrol_generation()?;
         Ok(removed)
     }
 

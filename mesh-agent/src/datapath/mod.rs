@@ -116,6 +116,8 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         let maps = DatapathMaps::from_ebpf(&mut ebpf)?;
+        // Verdicts the programs remembered under a previous agent are not trusted.
+        maps.bump_enrol_generation()?;
 
         // Acceleration needs the agent's accepted sockets to pass through sock_ops, i.e. the
         // agent must run inside the attach cgroup.
