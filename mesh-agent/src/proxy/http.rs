@@ -1367,6 +1367,9 @@ async fn inspect_body(
     };
     let collected = match body {
         // Read whole by the HTTP/1.1 server already (small, with a Content-Length).
+        RequestBody::Inline(bytes) if bytes.is_empty() => {
+            return Ok((Body::Buffered(bytes), facts));
+        }
         RequestBody::Inline(bytes) if json && bytes.len() as u64 > limit => {
             return Err(too_large());
         }
