@@ -349,18 +349,6 @@ fn http_date() -> HeaderValue {
     })
 }
 
-/// A simple answer the server gives itself, then closes: 400 for a malformed request, 431 for
-/// a head too large.
-fn refusal(status: StatusCode, out: &mut BytesMut) {
-    out.put_slice(b"HTTP/1.1 ");
-    out.put_slice(status.as_str().as_bytes());
-    out.put_u8(b' ');
-    out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.put_slice(b"\r\ncontent-length: 0\r\nconnection: close\r\n");
-    put_field(out, header::DATE.as_str(), http_date().as_bytes());
-    out.put_slice(b"\r\n");
-}
-
 /// One client connection and its buffers.
 struct Connection<S> {
     io: S,
@@ -405,8 +393,17 @@ where
                     _ => None,
                 };
                 if let Some(status) = status {
+                    // An empty answer the server gives itself, then closes.
                     connection.write.clear();
-                    refusal(status, &mut connection.write);
+                    encode_response_head(
+                        status,
+                        &HeaderMap::new(),
+                        Some(0),
+                        false,
+                        false,
+                        Some(&http_date()),
+                        &mut connection.write,
+                    );
                     // The client is told why; the connection closes on the error either way.
                     let _ = connection.io.write_all(&connection.write).await;
                     let _ = connection.io.shutdown().await;
@@ -468,6 +465,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// Reads more of the request before the head deadline: the bytes read, 0 at end of
+    /// stream. With `release_when_idle`, see [`Connection::poll_fill`].
+    async fn fill_before_deadline(
+        &mut self,
+        release_when_idle: bool,
+    ) -> Result<usize, ServerError> {
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(read) = self.poll_fill(cx, release_when_idle) {
+                return Poll::Ready(read.map_err(ServerError::from));
+            }
+            self.poll_head_timeout(cx)
+                .map(|()| Err(ServerError::HeadTimeout))
+        })
+        .await
+    }
+
     /// The next request head: `Ok(None)` when the client closed between requests.
     async fn next_head(&mut self) -> Result<Option<Parsed>, ServerError> {
         loop {
@@ -476,19 +489,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             {
                 return Ok(Some(parsed));
             }
-            let read = std::future::poll_fn(|cx| {
-                if let Poll::Ready(read) = self.poll_fill(cx, true) {
-                    return Poll::Ready(Some(read));
-                }
-                self.poll_head_timeout(cx).map(|()| None)
-            })
-            .await;
-            match read {
-                None => return Err(ServerError::HeadTimeout),
-                Some(Ok(0)) if self.read.is_empty() => return Ok(None),
-                Some(Ok(0)) => return Err(ServerError::ClosedEarly),
-                Some(Ok(_)) => {}
-                Some(Err(error)) => return Err(error.into()),
+            if self.fill_before_deadline(true).await? == 0 {
+                return if self.read.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ServerError::ClosedEarly)
+                };
             }
         }
     }
@@ -500,18 +506,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         while self.read.len() < length {
             self.read.reserve(length - self.read.len());
-            let read = std::future::poll_fn(|cx| {
-                if let Poll::Ready(read) = self.poll_fill(cx, false) {
-                    return Poll::Ready(Some(read));
-                }
-                self.poll_head_timeout(cx).map(|()| None)
-            })
-            .await;
-            match read {
-                None => return Err(ServerError::HeadTimeout),
-                Some(Ok(0)) => return Err(ServerError::ClosedEarly),
-                Some(Ok(_)) => {}
-                Some(Err(error)) => return Err(error.into()),
+            if self.fill_before_deadline(false).await? == 0 {
+                return Err(ServerError::ClosedEarly);
             }
         }
         Ok(self.read.split_to(length).freeze())
@@ -643,8 +639,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 }
                 Err(frame) => {
-                    // Trailers go out after the last chunk; a sized body has no place for them.
-                    // Trailers go out only to a client that asked for them.
+                    // Trailers go out after the last chunk, only to a client that asked for
+                    // them; a sized body has no place for them.
                     if let (None, true, Ok(fields)) = (remaining, trailers, frame.into_trailers()) {
                         self.write.put_slice(b"0\r\n");
                         for (name, value) in &fields {
