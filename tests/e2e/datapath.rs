@@ -1035,7 +1035,8 @@ fn a_slow_reader_holds_the_accelerated_sender_back_without_an_error() {
 }
 
 /// An HTTP/1.1 keep-alive server in the test process that answers every request with the
-/// length of the body it read (`content-length` framed).
+/// length of the body it read (`content-length` framed), two seconds late for a path that
+/// starts with `/pause`.
 fn body_length_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind HTTP server");
     let address = listener.local_addr().expect("HTTP server address");
@@ -1054,12 +1055,16 @@ fn answer_body_lengths(stream: TcpStream) {
     loop {
         let mut length = 0usize;
         let mut line = String::new();
+        let mut request_line = String::new();
         // The request line, then headers until the blank line.
         loop {
             line.clear();
             match std::io::BufRead::read_line(&mut reader, &mut line) {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
+            }
+            if request_line.is_empty() {
+                request_line.clone_from(&line);
             }
             if line == "\r\n" {
                 break;
@@ -1073,6 +1078,10 @@ fn answer_body_lengths(stream: TcpStream) {
         let mut body = vec![0u8; length];
         if reader.read_exact(&mut body).is_err() {
             return;
+        }
+        if request_line.contains(" /pause") {
+            // Holds the connection's next requests back, so the client gets far ahead.
+            thread::sleep(Duration::from_secs(2));
         }
         let answer = length.to_string();
         let response = format!(
@@ -1131,6 +1140,97 @@ fn the_l7_path_keeps_an_accelerated_connection_redirected_past_its_first_window(
     assert!(
         redirected >= (REQUESTS * BODY) as u64,
         "the requests stayed on the redirect past its first 4 MiB window: {counters}"
+    );
+    assert!(
+        world
+            .agent
+            .log()
+            .contains("serving captured connection at L7"),
+        "the connection went through the L7 path"
+    );
+}
+
+/// Pipelines one request that the upstream holds for two seconds, then (once the agent has
+/// read that one) `count` POSTs of `body` bytes each, from a thread, while the main thread
+/// reads the responses; prints the status lines and bodies as a JSON list.
+const PIPELINED_UPLOADS_CLIENT: &str = r#"
+import json, socket, sys, threading, time
+host, port, count, body = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+conn = socket.create_connection((host, port), timeout=30)
+def request(path, size):
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {size}\r\n\r\n"
+    return head.encode() + b"x" * size
+def send():
+    conn.sendall(request("/pause", 1))
+    time.sleep(0.5)
+    for _ in range(count):
+        conn.sendall(request("/upload", body))
+threading.Thread(target=send, daemon=True).start()
+reader = conn.makefile("rb")
+answers = []
+for _ in range(count + 1):
+    status = reader.readline()
+    length = 0
+    while True:
+        line = reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.decode().partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    answers.append(status.decode().strip() + " " + reader.read(length).decode())
+print(json.dumps(answers))
+"#;
+
+#[test]
+fn the_l7_path_serves_every_request_after_an_accelerated_connection_falls_back_to_tcp() {
+    // The upstream holds the first request while the client sends 70 requests behind it,
+    // 4.2 MB in all: the redirect passes its 4 MiB window and the workload's socket falls
+    // back to TCP, so its last few kilobytes wait in the agent's TCP queue while the client
+    // waits for answers. The agent must read the redirected backlog and then that queue:
+    // a reader that took the backlog's last short read for "drained" would never see them.
+    const COUNT: usize = 70;
+    const BODY: usize = 60_000;
+    let world = World::start("l7-fallback", true);
+    let upstream = body_length_server();
+    let output = world
+        .tree
+        .run_in(
+            &world.workload,
+            Command::new("timeout").args([
+                "60",
+                "python3",
+                "-c",
+                PIPELINED_UPLOADS_CLIENT,
+                &upstream.ip().to_string(),
+                &upstream.port().to_string(),
+                &COUNT.to_string(),
+                &BODY.to_string(),
+            ]),
+        )
+        .expect("run the pipelining client");
+    let answers: Vec<String> = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "the client printed no answers ({error}): {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert_eq!(answers.len(), COUNT + 1, "{answers:?}");
+    assert_eq!(answers[0], "HTTP/1.1 200 OK 1");
+    for answer in &answers[1..] {
+        assert_eq!(*answer, format!("HTTP/1.1 200 OK {BODY}"));
+    }
+    let events = world.events();
+    assert!(
+        field(&events, "redirect_missed") > 0,
+        "the workload's socket fell back to TCP: {events}"
+    );
+    let counters = world.counters();
+    let redirected = field(&counters, "redirected_bytes");
+    assert!(
+        redirected >= 3 << 20 && redirected < (COUNT * BODY) as u64,
+        "part of the requests went by redirect, the rest by TCP: {counters}"
     );
     assert!(
         world

@@ -101,21 +101,35 @@ pub enum Redirect {
 }
 
 /// An accelerated workload connection as the L7 path reads it: reads are reported to the
-/// datapath while the redirect is in use, and readiness is only given up on `WouldBlock`.
+/// datapath while the redirect is in use, and readiness is given up only when the socket is
+/// known to be drained.
 ///
 /// Tokio's own `poll_read` forgets readiness after a short read, which on plain TCP means the
-/// queue is empty. A socket with a redirect queue can return short while bytes wait in the
-/// other queue, and no new wake-up comes for them: the connection would stall.
+/// queue is empty. A socket with a redirect queue can return short while bytes wait in its
+/// TCP queue, and no new wake-up comes for them: the connection would stall. [`ShortReads`]
+/// says when a short read does prove the socket drained; otherwise the reader reads again
+/// until `WouldBlock`.
 #[derive(Debug)]
 pub struct ReadReporting {
     inner: TcpStream,
     reporter: Option<ReadReporter>,
+    short_reads: ShortReads,
 }
 
 impl ReadReporting {
-    /// `inner`, reporting through `reporter` (none: reads are only made stall-free).
+    /// `inner`, reporting through `reporter` (none: nothing is known about the redirect, and
+    /// only `WouldBlock` proves the socket drained).
     pub fn new(inner: TcpStream, reporter: Option<ReadReporter>) -> Self {
-        Self { inner, reporter }
+        let short_reads = if reporter.is_some() {
+            ShortReads::Redirecting { unbroken: 0 }
+        } else {
+            ShortReads::Unknown
+        };
+        Self {
+            inner,
+            reporter,
+            short_reads,
+        }
     }
 }
 
@@ -125,19 +139,58 @@ impl AsyncRead for ReadReporting {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
+        let Self {
+            inner,
+            reporter,
+            short_reads,
+        } = &mut *self;
         let count = loop {
-            ready!(this.inner.poll_read_ready(cx))?;
-            let socket = socket2::SockRef::from(&this.inner);
+            ready!(inner.poll_read_ready(cx))?;
+            let socket = socket2::SockRef::from(&*inner);
             // SAFETY: `recv` only writes into the slice (never de-initialises a byte), and
             // only the bytes it reports are marked initialised below.
             let unfilled = unsafe { buf.unfilled_mut() };
-            match this
-                .inner
-                .try_io(Interest::READABLE, || socket.recv(unfilled))
-            {
+            let asked = unfilled.len();
+            // A read that proves the socket drained gives up readiness as tokio's own reader
+            // does: by answering `WouldBlock` to `try_io` (which forgets only the readiness
+            // this read was made on), with the bytes kept here.
+            let mut drained_with = None;
+            let read = inner.try_io(Interest::READABLE, || {
+                let count = match socket.recv(unfilled) {
+                    Ok(count) => count,
+                    Err(error) => {
+                        if error.kind() == io::ErrorKind::WouldBlock {
+                            short_reads.drained();
+                        }
+                        return Err(error);
+                    }
+                };
+                if count == 0 {
+                    return Ok(0);
+                }
+                let report = match reporter.as_mut() {
+                    Some(reporter) => {
+                        let report = reporter.read(count);
+                        (report, reporter.consumed())
+                    }
+                    None => (Redirect::Open, 0),
+                };
+                if report.0 != Redirect::Open {
+                    *reporter = None;
+                }
+                if short_reads.after_read(count as u64, count < asked, report.0, report.1) {
+                    drained_with = Some(count);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(count)
+            });
+            match read {
                 Ok(count) => break count,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(count) = drained_with {
+                        break count;
+                    }
+                }
                 Err(error) => return Poll::Ready(Err(error)),
             }
         };
@@ -146,14 +199,161 @@ impl AsyncRead for ReadReporting {
         // SAFETY: `recv` wrote `count` bytes at the start of the unfilled part.
         unsafe { buf.assume_init(count) };
         buf.advance(count);
-        if count > 0
-            && let Some(reporter) = this.reporter.as_mut()
-            && reporter.read(count) != Redirect::Open
-        {
-            this.reporter = None;
-        }
         Poll::Ready(Ok(()))
     }
 }
 
+/// Bytes read without the socket being seen drained, below which a short read of a socket
+/// still redirecting proves it drained.
+///
+/// `sk_msg` sends a workload socket to TCP when a message would take its redirected total
+/// past the allowance, which is at least what the agent last reported plus
+/// `REDIRECT_WINDOW` (the allowance map has room for every accelerated socket, so no entry is
+/// evicted while its socket is open). The agent reports every `REDIRECT_WINDOW / 4` bytes,
+/// right after the read that crossed the step (at most 408 KiB, hyper's largest buffer), and
+/// one message is at most 45 pages of 32 KiB (1.44 MiB). So when the redirect falls back, the
+/// redirect queue holds more than 3 MiB - 408 KiB - 1.44 MiB (1.17 MiB) that the agent has not
+/// read, and the agent reads all of it, in full reads, before its next short read: a short
+/// read after fewer unbroken bytes than that cannot follow a fallback. Once the redirect queue
+/// is drained and has not fallen back, nothing waits in the TCP queue either (bytes go there
+/// only after a fallback), so the socket is drained. (Reading that backlog also crosses a
+/// report step, whose report finds the fallback: the run is the second of two guards.)
+const TRUSTED_RUN: u64 = mesh_common::REDIRECT_WINDOW / 4;
+
+/// What a short read of an accelerated workload socket proves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShortReads {
+    /// The redirect is in use as far as the agent knows; `unbroken` bytes were read since
+    /// the socket was last seen drained (see [`TRUSTED_RUN`]).
+    Redirecting { unbroken: u64 },
+    /// The redirect fell back after `redirected` bytes, of which the agent has not read all:
+    /// the redirect queue is read first, so a short read may leave bytes in the TCP queue.
+    FellBack { redirected: u64 },
+    /// Only the TCP queue is left: a short read drains it, as on any TCP socket.
+    Tcp,
+    /// Nothing is known about the redirect (the datapath cannot be reached): only
+    /// `WouldBlock` proves the socket drained.
+    Unknown,
+}
+
+impl ShortReads {
+    /// Accounts a read of `count` bytes (`short`: fewer than asked), with what the reporter
+    /// found out and the bytes read in all (`consumed`); says whether the socket is now known
+    /// to be drained.
+    fn after_read(&mut self, count: u64, short: bool, report: Redirect, consumed: u64) -> bool {
+        match report {
+            Redirect::Open => {}
+            Redirect::FellBack { redirected } => {
+                if matches!(self, Self::Redirecting { .. }) {
+                    *self = Self::FellBack { redirected };
+                }
+            }
+            Redirect::Unreported => *self = Self::Unknown,
+        }
+        match self {
+            Self::Redirecting { unbroken } => {
+                *unbroken = unbroken.saturating_add(count);
+                if short && *unbroken < TRUSTED_RUN {
+                    *unbroken = 0;
+                    true
+                } else {
+                    false
+                }
+            }
+            Self::FellBack { redirected } => {
+                // The read that takes the last redirected bytes is short for want of more
+                // redirected bytes, not for want of TCP bytes: only later reads are final.
+                if consumed >= *redirected {
+                    *self = Self::Tcp;
+                }
+                false
+            }
+            Self::Tcp => short,
+            Self::Unknown => false,
+        }
+    }
+
+    /// The socket answered `WouldBlock`: both of its queues are empty.
+    fn drained(&mut self) {
+        match self {
+            Self::Redirecting { unbroken } => *unbroken = 0,
+            // Every redirected byte has been read.
+            Self::FellBack { .. } => *self = Self::Tcp,
+            Self::Tcp | Self::Unknown => {}
+        }
+    }
+}
+
 delegate_async_write!([] ReadReporting, inner);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: u64 = 1024;
+
+    #[test]
+    fn a_short_read_after_a_short_run_proves_a_redirecting_socket_drained() {
+        let mut reads = ShortReads::Redirecting { unbroken: 0 };
+        assert!(reads.after_read(100, true, Redirect::Open, 100));
+        assert_eq!(reads, ShortReads::Redirecting { unbroken: 0 });
+        // A full read proves nothing; the run goes on.
+        assert!(!reads.after_read(64 * KIB, false, Redirect::Open, 64 * KIB + 100));
+        assert!(reads.after_read(10, true, Redirect::Open, 64 * KIB + 110));
+    }
+
+    #[test]
+    fn a_long_run_of_full_reads_makes_the_next_short_read_wait_for_would_block() {
+        let mut reads = ShortReads::Redirecting { unbroken: 0 };
+        let mut consumed = 0;
+        while consumed < TRUSTED_RUN {
+            consumed += 64 * KIB;
+            assert!(!reads.after_read(64 * KIB, false, Redirect::Open, consumed));
+        }
+        // The redirect may have fallen back behind this backlog: not proof.
+        assert!(!reads.after_read(1, true, Redirect::Open, consumed + 1));
+        assert!(!reads.after_read(1, true, Redirect::Open, consumed + 2));
+        // Until the socket says `WouldBlock`.
+        reads.drained();
+        assert!(reads.after_read(1, true, Redirect::Open, consumed + 3));
+    }
+
+    #[test]
+    fn after_a_fallback_short_reads_prove_nothing_until_the_redirected_bytes_are_read() {
+        let mut reads = ShortReads::Redirecting { unbroken: 0 };
+        let report = Redirect::FellBack { redirected: 5000 };
+        assert!(!reads.after_read(1000, true, report, 1000));
+        assert_eq!(reads, ShortReads::FellBack { redirected: 5000 });
+        assert!(!reads.after_read(2000, true, Redirect::Open, 3000));
+        // The read that takes the last redirected bytes is not proof either ...
+        assert!(!reads.after_read(2000, true, Redirect::Open, 5000));
+        assert_eq!(reads, ShortReads::Tcp);
+        // ... but from then on only TCP is left.
+        assert!(reads.after_read(300, true, Redirect::Open, 5300));
+        assert!(!reads.after_read(300, false, Redirect::Open, 5600));
+    }
+
+    #[test]
+    fn a_fallback_found_at_the_first_read_with_nothing_redirected_leaves_only_tcp() {
+        let mut reads = ShortReads::Redirecting { unbroken: 0 };
+        let report = Redirect::FellBack { redirected: 0 };
+        assert!(!reads.after_read(500, true, report, 500));
+        assert!(reads.after_read(500, true, Redirect::Open, 1000));
+    }
+
+    #[test]
+    fn would_block_after_a_fallback_means_every_redirected_byte_was_read() {
+        let mut reads = ShortReads::FellBack { redirected: 5000 };
+        reads.drained();
+        assert_eq!(reads, ShortReads::Tcp);
+    }
+
+    #[test]
+    fn an_unreachable_datapath_leaves_only_would_block_as_proof() {
+        let mut reads = ShortReads::Redirecting { unbroken: 0 };
+        assert!(!reads.after_read(10, true, Redirect::Unreported, 10));
+        reads.drained();
+        assert!(!reads.after_read(10, true, Redirect::Open, 20));
+        assert_eq!(reads, ShortReads::Unknown);
+    }
+}
