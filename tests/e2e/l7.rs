@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::free_port;
+use mesh_tests::{free_port, refusing_port};
 
 mod common;
 use common::*;
@@ -393,7 +393,9 @@ spec:
 #[test]
 fn a_failing_instance_is_ejected_and_recovers_through_a_half_open_probe() {
     let live = ScriptedServer::start(always(200));
-    let dead = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    // Refuses connections for the whole test; no other server can take its port.
+    let refusing = refusing_port().unwrap();
+    let dead = refusing.address;
     let resources = format!(
         "apiVersion: mesh.agentmesh.dev/v1alpha1
 kind: Agent
@@ -445,6 +447,7 @@ spec:
     );
 
     // The instance comes back: after the ejection, a probe finds it and it serves again.
+    drop(refusing);
     let revived = ScriptedServer::start_on(dead, always(200));
     let start = Instant::now();
     while revived.count() == 0 {
@@ -462,7 +465,9 @@ spec:
 #[test]
 fn an_agent_with_no_working_instance_fails_over_to_its_fallback() {
     let backup = ScriptedServer::start(always(200));
-    let dead = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    // Refuses connections for the whole test; no other server can take its port.
+    let refusing = refusing_port().unwrap();
+    let dead = refusing.address;
     let resources = format!(
         "apiVersion: mesh.agentmesh.dev/v1alpha1
 kind: Agent

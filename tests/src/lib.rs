@@ -428,6 +428,34 @@ pub fn free_port() -> Result<u16, HarnessError> {
     Ok(port)
 }
 
+/// A port on 127.0.0.1 that refuses connections for as long as this value lives: its socket
+/// is bound, so nothing else (another test's server, an outgoing connection) takes the port
+/// meanwhile, but never listens.
+#[derive(Debug)]
+pub struct RefusingPort {
+    _socket: socket2::Socket,
+    pub address: std::net::SocketAddr,
+}
+
+/// Reserves a [`RefusingPort`].
+pub fn refusing_port() -> Result<RefusingPort, HarnessError> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(io_error("creating a socket"))?;
+    let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    socket
+        .bind(&any_port.into())
+        .map_err(io_error("binding a port"))?;
+    let address = socket
+        .local_addr()
+        .map_err(io_error("reading a bound port"))?
+        .as_socket()
+        .ok_or_else(|| io_error("reading a bound port")(io::Error::other("not an IP address")))?;
+    Ok(RefusingPort {
+        _socket: socket,
+        address,
+    })
+}
+
 /// How to start an agent.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {

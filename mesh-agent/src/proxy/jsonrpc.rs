@@ -4,10 +4,11 @@
 //! `Mcp-Method` / `Mcp-Name` request headers, and the JSON-RPC error bodies the mesh answers
 //! with when it refuses a request.
 //!
-//! Bodies are untrusted. The parser never builds a `serde_json::Value` of the request: it
-//! streams through the body once, keeps only a handful of strings (each a substring of the
-//! input), skips everything else, and bounds the body size ([`MAX_BODY_BYTES`]), the nesting
-//! depth ([`MAX_DEPTH`]) and the batch length ([`MAX_BATCH`]). It is deliberately strict where
+//! Bodies are untrusted. The parser builds no tree of the request: it scans the body once
+//! ([`super::json_scan`]), keeps only a handful of strings (slices of the body, copied only
+//! for the message it returns), checks the grammar of everything else as it skips it, and
+//! bounds the body size ([`MAX_BODY_BYTES`]), the nesting depth ([`MAX_DEPTH`]) and the
+//! batch length ([`MAX_BATCH`]). It is deliberately strict where
 //! leniency would let the proxy and the upstream server read different requests: a duplicate
 //! `jsonrpc`, `method`, `id` or `params` member, or a duplicate `params.name` / `params.uri`,
 //! is rejected rather than resolved one way or the other.
@@ -15,8 +16,9 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Serialize, Serializer};
+
+use super::json_scan::{Kind, Scalar, ScanError, Scanner};
 
 /// Largest body the parser looks at. The caller bounds bodies much tighter; this is the
 /// backstop.
@@ -24,7 +26,7 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Most messages accepted in one batch.
 pub const MAX_BATCH: usize = 64;
 /// Deepest nesting of arrays and objects accepted anywhere in the body (the top level is
-/// depth 1). serde_json's own recursion limit (128) is a second, looser backstop.
+/// depth 1).
 pub const MAX_DEPTH: usize = 64;
 /// Longest header or body value quoted in a [`HeaderMismatch`], in characters.
 pub const MAX_QUOTED_CHARS: usize = 128;
@@ -282,12 +284,34 @@ pub fn parse_request(body: &[u8]) -> Result<JsonRpcRequest, JsonRpcError> {
             max: MAX_BODY_BYTES,
         });
     }
-    if nesting_depth(body) > MAX_DEPTH {
-        return Err(JsonRpcError::TooDeep { max: MAX_DEPTH });
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let top = de.deserialize_any(TopVisitor).map_err(parse_error)?;
-    de.end().map_err(parse_error)?;
+    let mut scanner = Scanner::new(body, MAX_DEPTH)?;
+    let top = match scanner.peek_kind()? {
+        Kind::Object => Top::Single(raw_message(&mut scanner)?),
+        Kind::Array => {
+            let mut elements = Vec::new();
+            let mut overflow = false;
+            scanner.array(|scanner| {
+                if elements.len() == MAX_BATCH {
+                    overflow = true;
+                    return scanner.skip_value();
+                }
+                let element = if scanner.peek_kind()? == Kind::Object {
+                    Some(raw_message(scanner)?)
+                } else {
+                    scanner.skip_value()?;
+                    None
+                };
+                elements.push(element);
+                Ok(())
+            })?;
+            Top::Batch { elements, overflow }
+        }
+        Kind::Null | Kind::Other => {
+            scanner.skip_value()?;
+            Top::Other
+        }
+    };
+    scanner.finish()?;
     match top {
         Top::Single(raw) => Ok(JsonRpcRequest {
             messages: vec![validate(raw, None)?],
@@ -325,43 +349,13 @@ pub fn parse_request(body: &[u8]) -> Result<JsonRpcRequest, JsonRpcError> {
     }
 }
 
-fn parse_error(e: serde_json::Error) -> JsonRpcError {
-    JsonRpcError::Parse(e.to_string())
-}
-
-/// The deepest nesting of `[`/`{` outside strings, stopping as soon as it exceeds
-/// [`MAX_DEPTH`]. On malformed input the answer may be meaningless; serde_json rejects that
-/// input anyway.
-fn nesting_depth(body: &[u8]) -> usize {
-    let (mut depth, mut max) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    max = depth;
-                    if max > MAX_DEPTH {
-                        break;
-                    }
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
+impl From<ScanError> for JsonRpcError {
+    fn from(error: ScanError) -> Self {
+        match error {
+            ScanError::TooDeep { max } => Self::TooDeep { max },
+            ScanError::Syntax { .. } => Self::Parse(error.to_string()),
         }
     }
-    max
 }
 
 /// Checks the MCP 2026-07-28 standard request headers against the message they travel with:
@@ -687,7 +681,7 @@ const A2A_STREAMING: [&str; 4] = [
 
 /// The protocol a method belongs to. `tasks/get` and `tasks/cancel` exist in both MCP
 /// (`params.taskId`) and A2A v0.3 (`params.id`), so the params decide.
-fn classify(method: &str, params: &RawParams) -> Family {
+fn classify(method: &str, params: &RawParams<'_>) -> Family {
     if method == "tasks/get" || method == "tasks/cancel" {
         return match (params.task_id, params.a2a_id) {
             (true, false) => Family::Mcp,
@@ -707,10 +701,10 @@ fn classify(method: &str, params: &RawParams) -> Family {
 // ---------------------------------------------------------------------------------------
 // Validation of what the streaming pass collected.
 
-fn validate(raw: RawMessage, index: Option<usize>) -> Result<Message, JsonRpcError> {
+fn validate(raw: RawMessage<'_>, index: Option<usize>) -> Result<Message, JsonRpcError> {
     let id = match raw.id {
         None => None,
-        Some(Scalar::Str(s)) => Some(RpcId::String(s)),
+        Some(Scalar::Str(s)) => Some(RpcId::String(s.into_owned())),
         Some(Scalar::Int(n)) => Some(RpcId::Number(n)),
         Some(Scalar::Null) => Some(RpcId::Null),
         Some(_) => {
@@ -752,7 +746,7 @@ fn validate(raw: RawMessage, index: Option<usize>) -> Result<Message, JsonRpcErr
         };
     };
     let method = match method {
-        Scalar::Str(m) if !m.is_empty() => m,
+        Scalar::Str(m) if !m.is_empty() => m.into_owned(),
         _ => return Err(invalid("method must be a non-empty string")),
     };
     if raw.result || raw.error {
@@ -773,12 +767,12 @@ fn validate(raw: RawMessage, index: Option<usize>) -> Result<Message, JsonRpcErr
     let protocol = classify(&method, &params);
     let tool = if NAME_METHODS.contains(&method.as_str()) {
         match params.name {
-            Some(Scalar::Str(name)) => Some(name),
+            Some(Scalar::Str(name)) => Some(name.into_owned()),
             _ => return Err(invalid_params("params.name must be a string")),
         }
     } else if URI_METHODS.contains(&method.as_str()) {
         match params.uri {
-            Some(Scalar::Str(uri)) => Some(uri),
+            Some(Scalar::Str(uri)) => Some(uri.into_owned()),
             _ => return Err(invalid_params("params.uri must be a string")),
         }
     } else {
@@ -800,283 +794,78 @@ fn validate(raw: RawMessage, index: Option<usize>) -> Result<Message, JsonRpcErr
 }
 
 // ---------------------------------------------------------------------------------------
-// The streaming pass: serde visitors that keep only the members listed below and skip the
-// rest with `IgnoredAny` (no allocation for skipped values).
+// The scan: keeps only the members listed below, as slices of the body where it can, and
+// skips the rest (checking its grammar, allocating nothing).
 
-enum Top {
-    Single(RawMessage),
+enum Top<'a> {
+    Single(RawMessage<'a>),
     /// `None` elements were not objects. At most [`MAX_BATCH`] are kept; `overflow` says
     /// there were more.
     Batch {
-        elements: Vec<Option<RawMessage>>,
+        elements: Vec<Option<RawMessage<'a>>>,
         overflow: bool,
     },
     Other,
 }
 
-struct TopVisitor;
-
-impl<'de> Visitor<'de> for TopVisitor {
-    type Value = Top;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON-RPC message or batch")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Top, A::Error> {
-        MessageVisitor.visit_map(map).map(Top::Single)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Top, A::Error> {
-        let mut elements = Vec::new();
-        let mut overflow = false;
-        loop {
-            if elements.len() < MAX_BATCH {
-                match seq.next_element_seed(ElementSeed)? {
-                    Some(element) => elements.push(element),
-                    None => break,
-                }
-            } else {
-                match seq.next_element::<IgnoredAny>()? {
-                    Some(_) => overflow = true,
-                    None => break,
-                }
-            }
-        }
-        Ok(Top::Batch { elements, overflow })
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Top, E> {
-        Ok(Top::Other)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Top, E> {
-        Ok(Top::Other)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Top, E> {
-        Ok(Top::Other)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Top, E> {
-        Ok(Top::Other)
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Top, E> {
-        Ok(Top::Other)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Top, E> {
-        Ok(Top::Other)
-    }
-}
-
-/// A batch element: `Some` for an object, `None` for anything else.
-struct ElementSeed;
-
-impl<'de> DeserializeSeed<'de> for ElementSeed {
-    type Value = Option<RawMessage>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        struct ElementVisitor;
-        impl<'de> Visitor<'de> for ElementVisitor {
-            type Value = Option<RawMessage>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON-RPC message")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                MessageVisitor.visit_map(map).map(Some)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-                drain_seq(seq).map(|()| None)
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-        }
-        deserializer.deserialize_any(ElementVisitor)
-    }
-}
-
-fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
-    while seq.next_element::<IgnoredAny>()?.is_some() {}
-    Ok(())
-}
-
-fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
-    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-    Ok(())
-}
-
 #[derive(Default)]
-struct RawMessage {
-    jsonrpc: Option<Scalar>,
-    method: Option<Scalar>,
-    id: Option<Scalar>,
-    params: Option<RawParams>,
+struct RawMessage<'a> {
+    jsonrpc: Option<Scalar<'a>>,
+    method: Option<Scalar<'a>>,
+    id: Option<Scalar<'a>>,
+    params: Option<RawParams<'a>>,
     result: bool,
     error: bool,
     /// Set to a reason when a member we read appeared twice.
     duplicate: Option<&'static str>,
 }
 
-/// A member value, kept only when it is a string or an integer that fits in `i64`.
-enum Scalar {
-    Str(String),
-    Int(i64),
-    Null,
-    /// Any other number, a boolean, an array or an object.
-    Other,
-}
-
-impl<'de> Deserialize<'de> for Scalar {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ScalarVisitor;
-        impl<'de> Visitor<'de> for ScalarVisitor {
-            type Value = Scalar;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
+/// Scans a message object at the scanner's cursor.
+fn raw_message<'a>(scanner: &mut Scanner<'a>) -> Result<RawMessage<'a>, ScanError> {
+    let mut raw = RawMessage::default();
+    scanner.object(|scanner, key| {
+        let (taken, reason) = match &*key {
+            "jsonrpc" => (
+                raw.jsonrpc.replace(scanner.scalar()?).is_some(),
+                "duplicate member \"jsonrpc\"",
+            ),
+            "method" => (
+                raw.method.replace(scanner.scalar()?).is_some(),
+                "duplicate member \"method\"",
+            ),
+            "id" => (
+                raw.id.replace(scanner.scalar()?).is_some(),
+                "duplicate member \"id\"",
+            ),
+            "params" => (
+                raw.params.replace(raw_params(scanner)?).is_some(),
+                "duplicate member \"params\"",
+            ),
+            "result" => {
+                scanner.skip_value()?;
+                (
+                    std::mem::replace(&mut raw.result, true),
+                    "duplicate member \"result\"",
+                )
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
-                Ok(Scalar::Str(v.to_owned()))
+            "error" => {
+                scanner.skip_value()?;
+                (
+                    std::mem::replace(&mut raw.error, true),
+                    "duplicate member \"error\"",
+                )
             }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Scalar, E> {
-                Ok(Scalar::Str(v))
+            _ => {
+                scanner.skip_value()?;
+                (false, "")
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
-                Ok(Scalar::Int(v))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
-                Ok(i64::try_from(v).map_or(Scalar::Other, Scalar::Int))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Scalar, E> {
-                Ok(Scalar::Other)
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Scalar, E> {
-                Ok(Scalar::Other)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
-                Ok(Scalar::Null)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Scalar, A::Error> {
-                drain_seq(seq).map(|()| Scalar::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Scalar, A::Error> {
-                drain_map(map).map(|()| Scalar::Other)
-            }
+        };
+        if taken && raw.duplicate.is_none() {
+            raw.duplicate = Some(reason);
         }
-        deserializer.deserialize_any(ScalarVisitor)
-    }
-}
-
-/// Object keys we care about, recognised without allocating.
-enum Key {
-    Jsonrpc,
-    Method,
-    Id,
-    Params,
-    Result,
-    Error,
-    Name,
-    Uri,
-    TaskId,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for Key {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = Key;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-                Ok(match v {
-                    "jsonrpc" => Key::Jsonrpc,
-                    "method" => Key::Method,
-                    "id" => Key::Id,
-                    "params" => Key::Params,
-                    "result" => Key::Result,
-                    "error" => Key::Error,
-                    "name" => Key::Name,
-                    "uri" => Key::Uri,
-                    "taskId" => Key::TaskId,
-                    _ => Key::Other,
-                })
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
-    }
-}
-
-struct MessageVisitor;
-
-impl<'de> Visitor<'de> for MessageVisitor {
-    type Value = RawMessage;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON-RPC message object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMessage, A::Error> {
-        let mut raw = RawMessage::default();
-        let mut seen_result = false;
-        let mut seen_error = false;
-        while let Some(key) = map.next_key::<Key>()? {
-            let (slot_taken, reason) = match key {
-                Key::Jsonrpc => {
-                    let taken = raw.jsonrpc.replace(map.next_value()?).is_some();
-                    (taken, "duplicate member \"jsonrpc\"")
-                }
-                Key::Method => {
-                    let taken = raw.method.replace(map.next_value()?).is_some();
-                    (taken, "duplicate member \"method\"")
-                }
-                Key::Id => {
-                    let taken = raw.id.replace(map.next_value()?).is_some();
-                    (taken, "duplicate member \"id\"")
-                }
-                Key::Params => {
-                    let params = map.next_value_seed(ParamsSeed)?;
-                    (
-                        raw.params.replace(params).is_some(),
-                        "duplicate member \"params\"",
-                    )
-                }
-                Key::Result => {
-                    map.next_value::<IgnoredAny>()?;
-                    let taken = std::mem::replace(&mut seen_result, true);
-                    (taken, "duplicate member \"result\"")
-                }
-                Key::Error => {
-                    map.next_value::<IgnoredAny>()?;
-                    let taken = std::mem::replace(&mut seen_error, true);
-                    (taken, "duplicate member \"error\"")
-                }
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                    (false, "")
-                }
-            };
-            if slot_taken && raw.duplicate.is_none() {
-                raw.duplicate = Some(reason);
-            }
-        }
-        raw.result = seen_result;
-        raw.error = seen_error;
-        Ok(raw)
-    }
+        Ok(())
+    })?;
+    Ok(raw)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1090,10 +879,10 @@ enum Shape {
 
 /// What the parser keeps of `params`.
 #[derive(Default)]
-struct RawParams {
+struct RawParams<'a> {
     shape: Shape,
-    name: Option<Scalar>,
-    uri: Option<Scalar>,
+    name: Option<Scalar<'a>>,
+    uri: Option<Scalar<'a>>,
     /// `params.taskId` is present (MCP tasks).
     task_id: bool,
     /// `params.id` is present (A2A v0.3 tasks).
@@ -1101,91 +890,47 @@ struct RawParams {
     duplicate: bool,
 }
 
-struct ParamsSeed;
-
-impl<'de> DeserializeSeed<'de> for ParamsSeed {
-    type Value = RawParams;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<RawParams, D::Error> {
-        deserializer.deserialize_any(ParamsVisitor)
-    }
-}
-
-struct ParamsVisitor;
-
-impl<'de> Visitor<'de> for ParamsVisitor {
-    type Value = RawParams;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("params")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawParams, A::Error> {
-        let mut params = RawParams {
-            shape: Shape::Object,
-            ..RawParams::default()
-        };
-        while let Some(key) = map.next_key::<Key>()? {
-            match key {
-                Key::Name => {
-                    let value = map.next_value()?;
-                    params.duplicate |= params.name.replace(value).is_some();
+/// Scans a `params` value at the scanner's cursor. `"params": null` is taken as absent;
+/// several clients send it.
+fn raw_params<'a>(scanner: &mut Scanner<'a>) -> Result<RawParams<'a>, ScanError> {
+    let mut params = RawParams::default();
+    match scanner.peek_kind()? {
+        Kind::Object => {
+            params.shape = Shape::Object;
+            scanner.object(|scanner, key| {
+                match &*key {
+                    "name" => {
+                        let value = scanner.scalar()?;
+                        params.duplicate |= params.name.replace(value).is_some();
+                    }
+                    "uri" => {
+                        let value = scanner.scalar()?;
+                        params.duplicate |= params.uri.replace(value).is_some();
+                    }
+                    "taskId" => {
+                        scanner.skip_value()?;
+                        params.task_id = true;
+                    }
+                    "id" => {
+                        scanner.skip_value()?;
+                        params.a2a_id = true;
+                    }
+                    _ => scanner.skip_value()?,
                 }
-                Key::Uri => {
-                    let value = map.next_value()?;
-                    params.duplicate |= params.uri.replace(value).is_some();
-                }
-                Key::TaskId => {
-                    map.next_value::<IgnoredAny>()?;
-                    params.task_id = true;
-                }
-                Key::Id => {
-                    map.next_value::<IgnoredAny>()?;
-                    params.a2a_id = true;
-                }
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
+                Ok(())
+            })?;
         }
-        Ok(params)
+        Kind::Array => {
+            params.shape = Shape::Array;
+            scanner.skip_value()?;
+        }
+        Kind::Null => scanner.skip_value()?,
+        Kind::Other => {
+            params.shape = Shape::Other;
+            scanner.skip_value()?;
+        }
     }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawParams, A::Error> {
-        drain_seq(seq)?;
-        Ok(RawParams {
-            shape: Shape::Array,
-            ..RawParams::default()
-        })
-    }
-
-    /// `"params": null` is tolerated as absent; several clients send it.
-    fn visit_unit<E: de::Error>(self) -> Result<RawParams, E> {
-        Ok(RawParams::default())
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<RawParams, E> {
-        Ok(other_params())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<RawParams, E> {
-        Ok(other_params())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<RawParams, E> {
-        Ok(other_params())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<RawParams, E> {
-        Ok(other_params())
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<RawParams, E> {
-        Ok(other_params())
-    }
-}
-
-fn other_params() -> RawParams {
-    RawParams {
-        shape: Shape::Other,
-        ..RawParams::default()
-    }
+    Ok(params)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod dialer;
 pub mod h1_client;
 pub mod h1_server;
 pub mod http;
+pub mod json_scan;
 pub mod jsonrpc;
 pub mod outbound;
 pub mod prefixed;
