@@ -106,6 +106,16 @@ impl World {
     fn events(&self) -> Value {
         self.agent.counters().expect("read counters")["events"].clone()
     }
+
+    /// Fails unless the agent served a captured connection at L7.
+    fn assert_served_at_l7(&self) {
+        assert!(
+            self.agent
+                .log()
+                .contains("serving captured connection at L7"),
+            "the connection went through the L7 path"
+        );
+    }
 }
 
 /// Runs mesh-testpeer in a cgroup and returns its JSON report.
@@ -1141,13 +1151,7 @@ fn the_l7_path_keeps_an_accelerated_connection_redirected_past_its_first_window(
         redirected >= (REQUESTS * BODY) as u64,
         "the requests stayed on the redirect past its first 4 MiB window: {counters}"
     );
-    assert!(
-        world
-            .agent
-            .log()
-            .contains("serving captured connection at L7"),
-        "the connection went through the L7 path"
-    );
+    world.assert_served_at_l7();
 }
 
 /// Pipelines one request that the upstream holds for two seconds, then (once the agent has
@@ -1232,13 +1236,7 @@ fn the_l7_path_serves_every_request_after_an_accelerated_connection_falls_back_t
         redirected >= 3 << 20 && redirected < (COUNT * BODY) as u64,
         "part of the requests went by redirect, the rest by TCP: {counters}"
     );
-    assert!(
-        world
-            .agent
-            .log()
-            .contains("serving captured connection at L7"),
-        "the connection went through the L7 path"
-    );
+    world.assert_served_at_l7();
 }
 
 /// The Prometheus sample named exactly `name` (labels included); a missing one fails.
