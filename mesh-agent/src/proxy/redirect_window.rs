@@ -226,9 +226,10 @@ enum ShortReads {
     /// The redirect is in use as far as the agent knows; `unbroken` bytes were read since
     /// the socket was last seen drained (see [`TRUSTED_RUN`]).
     Redirecting { unbroken: u64 },
-    /// The redirect fell back after `redirected` bytes, of which the agent has not read all:
-    /// the redirect queue is read first, so a short read may leave bytes in the TCP queue.
-    FellBack { redirected: u64 },
+    /// The redirect fell back, and `unread` of the bytes it carried were not read by the
+    /// end of the last read: the redirect queue is read first, so a read that draws on it
+    /// may return short while bytes wait in the TCP queue.
+    FellBack { unread: u64 },
     /// Only the TCP queue is left: a short read drains it, as on any TCP socket.
     Tcp,
     /// Nothing is known about the redirect (the datapath cannot be reached): only
@@ -238,14 +239,17 @@ enum ShortReads {
 
 impl ShortReads {
     /// Accounts a read of `count` bytes (`short`: fewer than asked), with what the reporter
-    /// found out and the bytes read in all (`consumed`); says whether the socket is now known
-    /// to be drained.
+    /// found out at it and the bytes read in all up to it (`consumed`, used with a report);
+    /// says whether the socket is now known to be drained.
     fn after_read(&mut self, count: u64, short: bool, report: Redirect, consumed: u64) -> bool {
         match report {
             Redirect::Open => {}
             Redirect::FellBack { redirected } => {
                 if matches!(self, Self::Redirecting { .. }) {
-                    *self = Self::FellBack { redirected };
+                    *self = Self::FellBack {
+                        unread: redirected.saturating_sub(consumed),
+                    };
+                    return false;
                 }
             }
             Redirect::Unreported => *self = Self::Unknown,
@@ -260,12 +264,13 @@ impl ShortReads {
                     false
                 }
             }
-            Self::FellBack { redirected } => {
-                // The read that takes the last redirected bytes is short for want of more
-                // redirected bytes, not for want of TCP bytes: only later reads are final.
-                if consumed >= *redirected {
-                    *self = Self::Tcp;
-                }
+            Self::FellBack { unread: 0 } => {
+                // Every redirected byte was read before this read: only TCP is left.
+                *self = Self::Tcp;
+                short
+            }
+            Self::FellBack { unread } => {
+                *unread = unread.saturating_sub(count);
                 false
             }
             Self::Tcp => short,
@@ -323,14 +328,15 @@ mod tests {
         let mut reads = ShortReads::Redirecting { unbroken: 0 };
         let report = Redirect::FellBack { redirected: 5000 };
         assert!(!reads.after_read(1000, true, report, 1000));
-        assert_eq!(reads, ShortReads::FellBack { redirected: 5000 });
+        assert_eq!(reads, ShortReads::FellBack { unread: 4000 });
         assert!(!reads.after_read(2000, true, Redirect::Open, 3000));
         // The read that takes the last redirected bytes is not proof either ...
         assert!(!reads.after_read(2000, true, Redirect::Open, 5000));
-        assert_eq!(reads, ShortReads::Tcp);
         // ... but from then on only TCP is left.
         assert!(reads.after_read(300, true, Redirect::Open, 5300));
+        assert_eq!(reads, ShortReads::Tcp);
         assert!(!reads.after_read(300, false, Redirect::Open, 5600));
+        assert!(reads.after_read(3, true, Redirect::Open, 5603));
     }
 
     #[test]
@@ -343,7 +349,7 @@ mod tests {
 
     #[test]
     fn would_block_after_a_fallback_means_every_redirected_byte_was_read() {
-        let mut reads = ShortReads::FellBack { redirected: 5000 };
+        let mut reads = ShortReads::FellBack { unread: 5000 };
         reads.drained();
         assert_eq!(reads, ShortReads::Tcp);
     }
