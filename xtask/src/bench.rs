@@ -526,7 +526,12 @@ fn run_path(
                     exclude_cidrs: vec![],
                     agent_cgroup: tree.relative().join("agent"),
                     log_filter: "info".into(),
-                    agent_binary: Some(tools.agent.clone()),
+                    // `MESH_AGENT_BIN`, as in the tests and the l7 bench: another build of
+                    // the agent, for an A/B in one sitting.
+                    agent_binary: Some(
+                        std::env::var_os("MESH_AGENT_BIN")
+                            .map_or_else(|| tools.agent.clone(), PathBuf::from),
+                    ),
                     policy_dir: None,
                 },
             )?;

@@ -27,7 +27,7 @@ use super::{
     dialer::{Dialer, Upstream, node_of},
     http::{CallerContext, HttpProxy, HttpVersion},
     prefixed::PrefixedStream,
-    redirect_window::{ReadReporter, ReadReporting, Redirect},
+    redirect_window::{ReadReporter, ReadReporting, RedirectReader},
     sniff::{Detection, MAX_SNIFF, Protocol, detect},
     splice::{Moved, forward_one_way},
     workers::ConnectionWorkers,
@@ -626,17 +626,17 @@ impl OutboundProxy {
 }
 
 /// Carries a workload's bytes to the upstream on an accelerated connection, until the
-/// workload's EOF (then half-closes the upstream). Every quarter window it tells the datapath
-/// how much it has read, so `sk_msg` keeps redirecting while the agent keeps up; once the
-/// workload's socket has fallen back to TCP and everything it redirected has been read, its
-/// redirect queue stays empty and the rest moves by splice(2).
+/// workload's EOF (then half-closes the upstream). Its [`RedirectReader`] tells the datapath
+/// every quarter window how much it has read, so `sk_msg` keeps redirecting while the agent
+/// keeps up; once the workload's socket has fallen back to TCP and everything it redirected
+/// has been read, its redirect queue stays empty and the rest moves by splice(2).
 async fn upload_accelerated(
     datapath: &Arc<Datapath>,
     client: &TcpStream,
     upstream: &TcpStream,
     already_read: u64,
 ) -> std::io::Result<Moved> {
-    let mut reporter =
+    let reporter =
         client
             .peer_addr()
             .ok()
@@ -644,17 +644,17 @@ async fn upload_accelerated(
             .map(|(workload_end, agent_end)| {
                 ReadReporter::new(Arc::clone(datapath), workload_end, agent_end, already_read)
             });
+    let mut reader = RedirectReader::new(reporter);
     let mut total = 0u64;
     let mut buffer = vec![0u8; COPY_BUFFER];
     loop {
-        // Plain reads (not the short-read readiness shortcut of `forward_one_way`): the
-        // redirect queue and the TCP queue each wake the reader.
-        client.readable().await?;
-        let count = match client.try_read(&mut buffer) {
-            Ok(count) => count,
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error),
-        };
+        let count = std::future::poll_fn(|cx| {
+            let mut unfilled = tokio::io::ReadBuf::new(&mut buffer);
+            reader
+                .poll_read(client, cx, &mut unfilled)
+                .map_ok(|()| unfilled.filled().len())
+        })
+        .await?;
         if count == 0 {
             socket2::SockRef::from(upstream).shutdown(std::net::Shutdown::Write)?;
             return Ok(Moved { total, spliced: 0 });
@@ -670,21 +670,13 @@ async fn upload_accelerated(
             }
         }
         total += count as u64;
-        let Some(report) = reporter.as_mut() else {
-            continue;
-        };
-        match report.read(count) {
-            Redirect::Open => {}
-            Redirect::FellBack { redirected } if report.consumed() >= redirected => {
-                // Everything redirected has been read: the rest is TCP only, for splice(2).
-                let rest = forward_one_way(client, upstream).await?;
-                return Ok(Moved {
-                    total: total + rest.total,
-                    spliced: rest.spliced,
-                });
-            }
-            Redirect::FellBack { .. } => {}
-            Redirect::Unreported => reporter = None,
+        if reader.only_tcp_left() {
+            // Everything redirected has been read: the rest is TCP only, for splice(2).
+            let rest = forward_one_way(client, upstream).await?;
+            return Ok(Moved {
+                total: total + rest.total,
+                spliced: rest.spliced,
+            });
         }
     }
 }

@@ -100,35 +100,20 @@ pub enum Redirect {
     Unreported,
 }
 
-/// An accelerated workload connection as the L7 path reads it: reads are reported to the
-/// datapath while the redirect is in use, and readiness is given up only when the socket is
-/// known to be drained.
-///
-/// Tokio's own `poll_read` forgets readiness after a short read, which on plain TCP means the
-/// queue is empty. A socket with a redirect queue can return short while bytes wait in its
-/// TCP queue, and no new wake-up comes for them: the connection would stall. [`ShortReads`]
-/// says when a short read does prove the socket drained; otherwise the reader reads again
-/// until `WouldBlock`.
+/// An accelerated workload connection as the L7 path reads it, through a [`RedirectReader`].
 #[derive(Debug)]
 pub struct ReadReporting {
     inner: TcpStream,
-    reporter: Option<ReadReporter>,
-    short_reads: ShortReads,
+    reader: RedirectReader,
 }
 
 impl ReadReporting {
     /// `inner`, reporting through `reporter` (none: nothing is known about the redirect, and
     /// only `WouldBlock` proves the socket drained).
     pub fn new(inner: TcpStream, reporter: Option<ReadReporter>) -> Self {
-        let short_reads = if reporter.is_some() {
-            ShortReads::Redirecting { unbroken: 0 }
-        } else {
-            ShortReads::Unknown
-        };
         Self {
             inner,
-            reporter,
-            short_reads,
+            reader: RedirectReader::new(reporter),
         }
     }
 }
@@ -139,14 +124,65 @@ impl AsyncRead for ReadReporting {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let Self {
-            inner,
+        let Self { inner, reader } = &mut *self;
+        reader.poll_read(inner, cx, buf)
+    }
+}
+
+delegate_async_write!([] ReadReporting, inner);
+
+/// Reads an accelerated workload socket: reads are reported to the datapath while the
+/// redirect is in use, and readiness is given up only when the socket is known to be drained.
+///
+/// Tokio's own `poll_read` forgets readiness after a short read, which on plain TCP means the
+/// queue is empty. A socket with a redirect queue can return short while bytes wait in its
+/// TCP queue, and no new wake-up comes for them: the connection would stall. [`ShortReads`]
+/// says when a short read does prove the socket drained; otherwise the reader reads again
+/// until `WouldBlock`.
+#[derive(Debug)]
+pub struct RedirectReader {
+    reporter: Option<ReadReporter>,
+    short_reads: ShortReads,
+}
+
+impl RedirectReader {
+    /// A reader reporting through `reporter` (none: nothing is known about the redirect, and
+    /// only `WouldBlock` proves the socket drained).
+    pub fn new(reporter: Option<ReadReporter>) -> Self {
+        let short_reads = if reporter.is_some() {
+            ShortReads::Redirecting { unbroken: 0 }
+        } else {
+            ShortReads::Unknown
+        };
+        Self {
             reporter,
             short_reads,
-        } = &mut *self;
+        }
+    }
+
+    /// Whether the redirect fell back and every byte it carried has been read: the socket's
+    /// TCP queue is all that is left (splice(2) can take it from here).
+    pub fn only_tcp_left(&self) -> bool {
+        matches!(
+            self.short_reads,
+            ShortReads::Tcp | ShortReads::FellBack { unread: 0 }
+        )
+    }
+
+    /// Reads `socket` into `buf`, as `AsyncRead::poll_read` does.
+    pub fn poll_read(
+        &mut self,
+        socket: &TcpStream,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let Self {
+            reporter,
+            short_reads,
+        } = self;
         let count = loop {
-            ready!(inner.poll_read_ready(cx))?;
-            let socket = socket2::SockRef::from(&*inner);
+            ready!(socket.poll_read_ready(cx))?;
+            let fd = socket2::SockRef::from(socket);
             // SAFETY: `recv` only writes into the slice (never de-initialises a byte), and
             // only the bytes it reports are marked initialised below.
             let unfilled = unsafe { buf.unfilled_mut() };
@@ -155,8 +191,8 @@ impl AsyncRead for ReadReporting {
             // does: by answering `WouldBlock` to `try_io` (which forgets only the readiness
             // this read was made on), with the bytes kept here.
             let mut drained_with = None;
-            let read = inner.try_io(Interest::READABLE, || {
-                let count = match socket.recv(unfilled) {
+            let read = socket.try_io(Interest::READABLE, || {
+                let count = match fd.recv(unfilled) {
                     Ok(count) => count,
                     Err(error) => {
                         if error.kind() == io::ErrorKind::WouldBlock {
@@ -288,8 +324,6 @@ impl ShortReads {
         }
     }
 }
-
-delegate_async_write!([] ReadReporting, inner);
 
 #[cfg(test)]
 mod tests {
