@@ -469,6 +469,14 @@ pub fn end_to_end_fields(headers: &HeaderMap) -> impl Iterator<Item = (&str, &He
         })
 }
 
+/// Writes one header field line (`name: value` and CRLF) into `out`.
+pub fn put_field(out: &mut BytesMut, name: &str, value: &[u8]) {
+    out.put_slice(name.as_bytes());
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 pub const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -504,24 +512,18 @@ pub fn encode_request(
     out.put_u8(b' ');
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    let mut put = |name: &str, value: &HeaderValue| {
-        out.put_slice(name.as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
-    };
     if let Some(host) = host.filter(|_| !headers.contains_key(header::HOST)) {
-        put(header::HOST.as_str(), host);
+        put_field(out, header::HOST.as_str(), host.as_bytes());
     }
     for (name, value) in end_to_end_fields(headers) {
-        put(name, value);
+        put_field(out, name, value.as_bytes());
     }
     let needs_length =
         !body.is_empty() || matches!(*method, Method::POST | Method::PUT | Method::PATCH);
     if needs_length {
-        out.put_slice(b"content-length: ");
-        out.put_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-        out.put_slice(b"\r\n");
+        let mut digits = itoa::Buffer::new();
+        let length = digits.format(body.len());
+        put_field(out, header::CONTENT_LENGTH.as_str(), length.as_bytes());
     }
     out.put_slice(b"\r\n");
     if body.len() <= INLINE_BODY {

@@ -31,7 +31,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use super::h1_client::{self, HeadFault, MAX_HEAD_BYTES, MAX_HEADERS, TooManyHeaders};
+use super::h1_client::{self, HeadFault, MAX_HEAD_BYTES, MAX_HEADERS, TooManyHeaders, put_field};
 
 /// Largest request body read whole on this path; a larger one goes to hyper's server.
 pub const MAX_INLINE_REQUEST_BODY: usize = 64 * 1024;
@@ -307,13 +307,6 @@ fn put_chunk_size(out: &mut BytesMut, length: usize) {
         }
     }
     out.put_slice(&digits[at..]);
-    out.put_slice(b"\r\n");
-}
-
-fn put_field(out: &mut BytesMut, name: &str, value: &[u8]) {
-    out.put_slice(name.as_bytes());
-    out.put_slice(b": ");
-    out.put_slice(value);
     out.put_slice(b"\r\n");
 }
 
