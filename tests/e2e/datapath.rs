@@ -302,6 +302,68 @@ fn a_cgroup_enrolled_at_run_time_is_counted_from_then_on_and_not_after_it_leaves
 }
 
 #[test]
+fn accounting_programs_run_only_for_enrolled_cgroups_and_count_a_nested_enrolment_once() {
+    const BYTES: u64 = 200_000;
+    let world = World::start("accounting-links", false);
+    let server = EchoServer::start("127.0.0.1:0");
+    let attached = |cgroup: &Path| {
+        attached_programs(&world.tree.absolute(cgroup))
+            .expect("bpftool")
+            .len()
+    };
+    let enrolment = |command: &str, cgroup: &Path| {
+        world
+            .agent
+            .command(&[command, "--cgroup", &cgroup.to_string_lossy()])
+            .unwrap_or_else(|error| panic!("{command} {}: {error}", cgroup.display()));
+    };
+    let sent = |cgroup: &Path| {
+        world.agent.workload_counters(cgroup).expect("read counters")["tx_payload_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+
+    // Capture hooks on the attach cgroup; the accounting pair on the enrolled workload only:
+    // the agent's and the bystander's packets never run it.
+    assert_eq!(attached(world.tree.relative()), 5);
+    assert_eq!(attached(&world.workload), 2);
+    assert_eq!(attached(&world.tree.relative().join("agent")), 0);
+    assert_eq!(attached(&world.bystander), 0);
+
+    // A team cgroup enrolled above an enrolled member: the outer one carries the programs.
+    let team = world.tree.child("team").expect("team cgroup");
+    let member = world.tree.child("team/member").expect("member cgroup");
+    let other = world.tree.child("team/other").expect("other cgroup");
+    enrolment("enrol", &member);
+    assert_eq!(attached(&member), 2);
+    enrolment("enrol", &team);
+    assert_eq!((attached(&team), attached(&member)), (2, 0));
+
+    // The member's bytes are counted once, for the member; the rest of the team's for the team.
+    assert_intact(&world.peer(&member, server.address, BYTES), BYTES);
+    assert_intact(&world.peer(&other, server.address, BYTES), BYTES);
+    assert!(
+        eventually(|| sent(&member) == BYTES && sent(&team) == BYTES),
+        "member {} team {} (want {BYTES} each)",
+        sent(&member),
+        sent(&team)
+    );
+
+    // The team leaves: the member takes the programs and keeps being counted exactly.
+    enrolment("unenrol", &team);
+    assert_eq!((attached(&team), attached(&member)), (0, 2));
+    assert_intact(&world.peer(&member, server.address, BYTES), BYTES);
+    assert!(
+        eventually(|| sent(&member) == 2 * BYTES),
+        "member {} (want {})",
+        sent(&member),
+        2 * BYTES
+    );
+    enrolment("unenrol", &member);
+    assert_eq!(attached(&member), 0);
+}
+
+#[test]
 fn agent_connections_are_not_looped() {
     let world = World::start("noloop", false);
     let server = EchoServer::start("127.0.0.1:0");
@@ -450,7 +512,10 @@ fn agent_restart_keeps_capture_and_counters() {
     let mut world = World::start("restart", true);
     let server = EchoServer::start("127.0.0.1:0");
     let attachments_before = attached_programs(&world.tree.dir()).expect("bpftool");
-    assert_eq!(attachments_before.len(), 7, "{attachments_before:?}");
+    assert_eq!(attachments_before.len(), 5, "{attachments_before:?}");
+    let workload_dir = world.tree.absolute(&world.workload);
+    let accounting_before = attached_programs(&workload_dir).expect("bpftool");
+    assert_eq!(accounting_before.len(), 2, "{accounting_before:?}");
 
     assert_intact(&world.peer(&world.workload, server.address, 1000), 1000);
     world.agent.kill();
@@ -459,6 +524,10 @@ fn agent_restart_keeps_capture_and_counters() {
     assert_eq!(
         attached_programs(&world.tree.dir()).expect("bpftool"),
         attachments_before
+    );
+    assert_eq!(
+        attached_programs(&workload_dir).expect("bpftool"),
+        accounting_before
     );
     let counters = world.counters();
     assert_eq!(field(&counters, "connections_captured"), 1, "{counters}");
@@ -472,7 +541,9 @@ fn agent_restart_keeps_capture_and_counters() {
     assert_intact(&world.peer(&world.workload, server.address, 1000), 1000);
     // Same links (programs swapped in place), no duplicate attachments, counters carried on.
     let attachments_after = attached_programs(&world.tree.dir()).expect("bpftool");
-    assert_eq!(attachments_after.len(), 7, "{attachments_after:?}");
+    assert_eq!(attachments_after.len(), 5, "{attachments_after:?}");
+    let accounting_after = attached_programs(&workload_dir).expect("bpftool");
+    assert_eq!(accounting_after.len(), 2, "{accounting_after:?}");
     let counters = world.counters();
     assert_eq!(field(&counters, "connections_captured"), 3, "{counters}");
     assert!(field(&counters, "tx_payload_bytes") >= 2000, "{counters}");

@@ -287,6 +287,15 @@ impl DatapathMaps {
         Ok(removed)
     }
 
+    /// Whether a cgroup id is enrolled itself (not through an ancestor).
+    pub fn is_enrolled(&self, cgroup_id: u64) -> Result<bool, DatapathError> {
+        Ok(optional(
+            locked(&self.workloads).get(&cgroup_id, 0),
+            map_names::WORKLOADS,
+        )?
+        .is_some())
+    }
+
     /// The enrolled cgroup ids.
     pub fn enrolled(&self) -> Result<Vec<u64>, DatapathError> {
         locked(&self.workloads)

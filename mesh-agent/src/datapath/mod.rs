@@ -3,6 +3,7 @@
 //! attaches them idempotently to the configured cgroup, enrols and unenrols workloads, and
 //! answers "who is this accepted connection from and where did it want to go".
 
+mod accounting;
 pub mod cgroup;
 mod error;
 mod maps;
@@ -23,7 +24,7 @@ use ipnet::IpNet;
 use mesh_common::{ConnInfo, DatapathConfig, Endpoint, config_flags, map_names, program_names};
 use tracing::{debug, info, warn};
 
-use self::sys::AttachType;
+use self::{accounting::Accounting, sys::AttachType};
 pub use self::{
     cgroup::Cgroup,
     error::DatapathError,
@@ -56,8 +57,9 @@ pub struct CapturedConnection {
     pub workload_cgroup: u64,
 }
 
-/// The cgroup programs, their section kinds and how they attach.
-const CGROUP_PROGRAMS: [(&str, AttachType); 7] = [
+/// The programs attached to the attach cgroup, and how they attach. The accounting programs
+/// are attached per workload instead (`accounting`).
+const CGROUP_PROGRAMS: [(&str, AttachType); 5] = [
     (program_names::CONNECT4, AttachType::CgroupInet4Connect),
     (program_names::CONNECT6, AttachType::CgroupInet6Connect),
     (
@@ -69,9 +71,11 @@ const CGROUP_PROGRAMS: [(&str, AttachType); 7] = [
         AttachType::CgroupInet6Getpeername,
     ),
     (program_names::SOCK_OPS, AttachType::CgroupSockOps),
-    (program_names::SKB_INGRESS, AttachType::CgroupInetIngress),
-    (program_names::SKB_EGRESS, AttachType::CgroupInetEgress),
 ];
+
+/// Links an agent of an earlier version pinned for the accounting programs on the attach
+/// cgroup; removed at start.
+const LEGACY_LINKS: [&str; 2] = [program_names::SKB_INGRESS, program_names::SKB_EGRESS];
 
 /// The loaded and attached datapath. Dropping it leaves the attachments in place (they are
 /// pinned); [`detach`] removes them.
@@ -82,6 +86,7 @@ pub struct Datapath {
     /// Exclusive lock on the pin folder while this agent owns it; `None` when opened from pins.
     _lock: Option<nix::fcntl::Flock<fs::File>>,
     maps: DatapathMaps,
+    accounting: Accounting,
     cgroup_mount: PathBuf,
     attach: Cgroup,
     accelerated: bool,
@@ -154,6 +159,18 @@ impl Datapath {
                 &links_dir,
             )?;
         }
+        for name in LEGACY_LINKS {
+            remove_link(&links_dir.join(name))?;
+        }
+        let accounting = Accounting::install(
+            &settings.pin_dir,
+            load_program(&mut ebpf, program_names::SKB_INGRESS)?,
+            load_program(&mut ebpf, program_names::SKB_EGRESS)?,
+        )?;
+        {
+            let _lock = accounting.lock()?;
+            accounting.reconcile_all(&maps, &attach.dir)?;
+        }
         if accelerated {
             let prog_fd = load_program(&mut ebpf, program_names::SK_MSG)?;
             maps.attach_sk_msg(prog_fd.as_fd())?;
@@ -170,6 +187,7 @@ impl Datapath {
             _ebpf: Some(ebpf),
             _lock: Some(lock),
             maps,
+            accounting,
             cgroup_mount,
             attach,
             accelerated,
@@ -186,6 +204,7 @@ impl Datapath {
             });
         }
         let maps = DatapathMaps::open_pinned(pin_dir)?;
+        let accounting = Accounting::open_pinned(pin_dir)?;
         let cgroup_mount = cgroup::cgroup2_mount()?;
         let link_pin = pin_dir.join("links").join(program_names::CONNECT4);
         let link = sys::obj_get(&link_pin).map_err(|source| DatapathError::Io {
@@ -208,6 +227,7 @@ impl Datapath {
             _ebpf: None,
             _lock: None,
             maps,
+            accounting,
             cgroup_mount,
             attach,
             accelerated,
@@ -272,11 +292,20 @@ impl Datapath {
         &self.cgroup_mount
     }
 
-    /// Enrols a cgroup (relative to the cgroup2 mount) for capture.
+    /// Enrols a cgroup (relative to the cgroup2 mount) for capture and accounting.
     pub fn enrol_cgroup(&self, path: &Path) -> Result<Cgroup, DatapathError> {
         let cgroup = cgroup::resolve(&self.cgroup_mount, path)?;
         self.check_enrollable(&cgroup)?;
+        let _lock = self.accounting.lock()?;
+        let was_enrolled = self.maps.is_enrolled(cgroup.id)?;
         self.maps.enrol(cgroup.id)?;
+        if let Err(error) = self.relink_subtree(&cgroup.dir) {
+            // All or nothing: a workload that would not be counted is not enrolled.
+            if !was_enrolled {
+                self.maps.unenrol(cgroup.id)?;
+            }
+            return Err(error);
+        }
         info!(cgroup = %cgroup.path.display(), cgroup_id = cgroup.id, "workload enrolled");
         Ok(cgroup)
     }
@@ -287,19 +316,36 @@ impl Datapath {
         self.enrol_cgroup(&path)
     }
 
-    /// Removes a cgroup from capture; connections already open stay as they are.
+    /// Removes a cgroup from capture and accounting; connections already open stay as they
+    /// are.
     pub fn unenrol_cgroup(&self, path: &Path) -> Result<Cgroup, DatapathError> {
         let cgroup = cgroup::resolve(&self.cgroup_mount, path)?;
+        let _lock = self.accounting.lock()?;
         self.maps.unenrol(cgroup.id)?;
         info!(cgroup = %cgroup.path.display(), "workload unenrolled");
+        // Enrolled cgroups below it may now be outermost and need links of their own.
+        self.relink_subtree(&cgroup.dir)?;
         Ok(cgroup)
     }
 
     /// Removes a cgroup from capture by id (its directory may be gone already).
     pub fn unenrol_id(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        let _lock = self.accounting.lock()?;
         self.maps.unenrol(cgroup_id)?;
         info!(cgroup_id, "workload unenrolled");
+        self.accounting.remove_links(cgroup_id)?;
+        // Only a nested enrolment below it can have lost its accounting; without one, every
+        // enrolled cgroup has links and there is nothing to walk.
+        if self.accounting.unlinked_enrolments(&self.maps)? {
+            self.accounting.reconcile_all(&self.maps, &self.attach.dir)?;
+        }
         Ok(())
+    }
+
+    /// Re-derives the accounting links in the subtree of a cgroup whose enrolment changed.
+    fn relink_subtree(&self, dir: &Path) -> Result<(), DatapathError> {
+        let covered = Accounting::has_enrolled_ancestor(&self.maps, &self.cgroup_mount, dir)?;
+        self.accounting.reconcile_subtree(&self.maps, dir, covered)
     }
 
     fn check_enrollable(&self, cgroup: &Cgroup) -> Result<(), DatapathError> {
@@ -568,16 +614,25 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, DatapathError> {
     let links_dir = pin_dir.join("links");
     if links_dir.exists() {
         for entry in read_dir(&links_dir)? {
-            let path = entry.path();
-            if let Ok(link) = sys::obj_get(&path)
-                && let Err(error) = sys::link_detach(link.as_fd())
-            {
-                warn!(link = %path.display(), %error, "detaching link failed; removing its pin");
-            }
-            remove_pin(&path)?;
+            remove_link(&entry.path())?;
             report.links += 1;
         }
         remove_dir(&links_dir)?;
+    }
+    let accounting_dir = pin_dir.join(accounting::LINKS_DIR);
+    if accounting_dir.exists() {
+        for entry in read_dir(&accounting_dir)? {
+            remove_link(&entry.path())?;
+            report.links += 1;
+        }
+        remove_dir(&accounting_dir)?;
+    }
+    let programs_dir = pin_dir.join(accounting::PROGRAMS_DIR);
+    if programs_dir.exists() {
+        for entry in read_dir(&programs_dir)? {
+            remove_pin(&entry.path())?;
+        }
+        remove_dir(&programs_dir)?;
     }
     for entry in read_dir(pin_dir)? {
         let path = entry.path();
@@ -596,6 +651,21 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, DatapathError> {
 pub struct DetachReport {
     pub links: usize,
     pub maps: usize,
+}
+
+/// Detaches a pinned link (a link whose cgroup is gone is detached already) and removes its
+/// pin. Nothing to do when the pin is not there.
+fn remove_link(pin: &Path) -> Result<(), DatapathError> {
+    if !pin.exists() {
+        return Ok(());
+    }
+    if let Ok(link) = sys::obj_get(pin)
+        && let Err(error) = sys::link_detach(link.as_fd())
+        && error.raw_os_error() != Some(libc::ENOLINK)
+    {
+        warn!(link = %pin.display(), %error, "detaching link failed; removing its pin");
+    }
+    remove_pin(pin)
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>, DatapathError> {
