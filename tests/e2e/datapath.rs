@@ -318,7 +318,10 @@ fn accounting_programs_run_only_for_enrolled_cgroups_and_count_a_nested_enrolmen
             .unwrap_or_else(|error| panic!("{command} {}: {error}", cgroup.display()));
     };
     let sent = |cgroup: &Path| {
-        world.agent.workload_counters(cgroup).expect("read counters")["tx_payload_bytes"]
+        world
+            .agent
+            .workload_counters(cgroup)
+            .expect("read counters")["tx_payload_bytes"]
             .as_u64()
             .unwrap_or(0)
     };

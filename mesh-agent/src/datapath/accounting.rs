@@ -240,7 +240,11 @@ impl Accounting {
 
     /// The cgroup ids that have at least one link pinned.
     fn linked_ids(&self) -> Result<BTreeSet<u64>, DatapathError> {
-        Ok(self.links()?.into_iter().map(|link| link.cgroup_id).collect())
+        Ok(self
+            .links()?
+            .into_iter()
+            .map(|link| link.cgroup_id)
+            .collect())
     }
 
     fn links(&self) -> Result<Vec<PinnedLink>, DatapathError> {
@@ -253,7 +257,9 @@ impl Accounting {
                     cgroup_id,
                     kind,
                 }),
-                None => warn!(pin = %entry.path().display(), "unexpected file among accounting links"),
+                None => {
+                    warn!(pin = %entry.path().display(), "unexpected file among accounting links")
+                }
             }
         }
         Ok(links)

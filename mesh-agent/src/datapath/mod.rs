@@ -337,7 +337,8 @@ impl Datapath {
         // Only a nested enrolment below it can have lost its accounting; without one, every
         // enrolled cgroup has links and there is nothing to walk.
         if self.accounting.unlinked_enrolments(&self.maps)? {
-            self.accounting.reconcile_all(&self.maps, &self.attach.dir)?;
+            self.accounting
+                .reconcile_all(&self.maps, &self.attach.dir)?;
         }
         Ok(())
     }
