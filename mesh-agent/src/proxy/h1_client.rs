@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use sync_wrapper::SyncWrapper;
 
 use super::dialer::Upstream;
+use super::read_buffers::{Stash, UPSTREAM_READ_CHUNK, UPSTREAM_READS};
 
 /// Largest response head (status line and headers) accepted.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -37,7 +38,7 @@ const MAX_CHUNK_LINE: usize = 1024;
 /// Most bytes of trailers accepted.
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 /// Bytes asked of the socket per read.
-const READ_CHUNK: usize = 8 * 1024;
+const READ_CHUNK: usize = UPSTREAM_READ_CHUNK;
 /// A body up to this size is copied behind the head so both go out in one write (the proxy
 /// sends larger ones through hyper's client).
 pub const INLINE_BODY: usize = 16 * 1024;
@@ -574,7 +575,8 @@ impl RawConnection {
     /// Releases the read buffer of a connection going idle (it is allocated again for the
     /// next response).
     pub fn release_buffer(&mut self) {
-        self.buffer = BytesMut::new();
+        let idle = std::mem::take(&mut self.buffer);
+        UPSTREAM_READS.with(|stash| stash.give_back(idle));
     }
 
     /// Sends a request (its head already encoded by [`encode_request`], `body` its whole
@@ -648,7 +650,9 @@ impl RawConnection {
 
     /// Reads what the socket has into the buffer; `Ok(0)` at end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.buffer.capacity() - self.buffer.len() < READ_CHUNK / 2 {
+        if self.buffer.capacity() == 0 {
+            self.buffer = UPSTREAM_READS.with(Stash::take);
+        } else if self.buffer.capacity() - self.buffer.len() < READ_CHUNK / 2 {
             self.buffer.reserve(READ_CHUNK);
         }
         tokio_util::io::poll_read_buf(Pin::new(self.io.get_mut()), cx, &mut self.buffer)

@@ -14,6 +14,7 @@ pub mod jsonrpc;
 pub mod outbound;
 pub mod prefixed;
 pub mod priority;
+pub mod read_buffers;
 pub mod redirect_window;
 pub mod sniff;
 pub mod splice;
