@@ -9,6 +9,7 @@
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::MetadataExt,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -551,6 +552,50 @@ fn agent_restart_keeps_capture_and_counters() {
     assert_eq!(field(&counters, "connections_captured"), 3, "{counters}");
     assert!(field(&counters, "tx_payload_bytes") >= 2000, "{counters}");
     assert_eq!(server.peers().len(), 2);
+}
+
+#[test]
+fn an_agent_restarted_after_an_enrolled_cgroup_went_away_drops_its_accounting_links() {
+    let mut world = World::start("restart-gone", false);
+    let server = EchoServer::start("127.0.0.1:0");
+    let gone = world.tree.child("gone").expect("cgroup");
+    world
+        .agent
+        .command(&["enrol", "--cgroup", &gone.to_string_lossy()])
+        .expect("enrol");
+    let gone_dir = world.tree.absolute(&gone);
+    let gone_id = std::fs::metadata(&gone_dir).expect("cgroup").ino();
+    let links = world.agent.pin_dir.join("accounting");
+    let pin = links.join(format!("{gone_id}_ingress"));
+    assert!(
+        pin.exists(),
+        "no accounting link pinned at {}",
+        pin.display()
+    );
+
+    // The workload's cgroup goes while no agent runs: the kernel detaches its links, the pins
+    // stay behind.
+    world.agent.kill();
+    std::fs::remove_dir(&gone_dir).expect("remove the cgroup");
+    world.agent.restart(&world.tree).expect("restart agent");
+
+    assert!(
+        !pin.exists(),
+        "stale accounting link {} kept",
+        pin.display()
+    );
+    assert_eq!(
+        attached_programs(&world.tree.absolute(&world.workload))
+            .expect("bpftool")
+            .len(),
+        2
+    );
+    assert_intact(&world.peer(&world.workload, server.address, 1000), 1000);
+    assert!(
+        eventually(|| world.counters()["tx_payload_bytes"].as_u64() == Some(1000)),
+        "{}",
+        world.counters()
+    );
 }
 
 #[test]

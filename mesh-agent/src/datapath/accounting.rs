@@ -81,13 +81,18 @@ impl Accounting {
         let _lock = accounting.lock()?;
         for link in accounting.links()? {
             let program = &accounting.programs[link.kind];
-            let name = ACCOUNTING_PROGRAMS[link.kind].0;
-            match sys::obj_get(&link.pin) {
-                Ok(fd) => sys::link_update(fd.as_fd(), program.as_fd())
-                    .map_err(|source| DatapathError::Attach { name, source })?,
-                Err(error) => {
-                    warn!(pin = %link.pin.display(), %error, "unreadable accounting link pin");
-                }
+            let updated = sys::obj_get(&link.pin)
+                .and_then(|fd| sys::link_update(fd.as_fd(), program.as_fd()));
+            if let Err(error) = updated {
+                // Typically the cgroup was removed while no agent ran (the kernel detached the
+                // link then): the pin goes, and reconciling attaches again where needed.
+                warn!(
+                    pin = %link.pin.display(),
+                    cgroup_id = link.cgroup_id,
+                    %error,
+                    "accounting link could not take the new program; removing it"
+                );
+                super::remove_link(&link.pin)?;
             }
         }
         Ok(accounting)
