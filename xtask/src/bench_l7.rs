@@ -174,7 +174,7 @@ const PACED_CONNECTIONS: usize = 8;
 const WARMUP_SINGLE: usize = 200;
 const WARMUP_SEVERAL: usize = 50;
 
-const METRICS: [Metric; 29] = [
+const METRICS: [Metric; 33] = [
     metric("get_c1_p50_us", "GET, 1 conn, p50", "µs", false),
     metric("get_c1_p99_us", "GET, 1 conn, p99", "µs", false),
     metric("get_c1_added_p99_us", "GET, 1 conn, added p99", "µs", false),
@@ -215,6 +215,18 @@ const METRICS: [Metric; 29] = [
         "get_requests_per_proxy_cpu_s",
         "GET, requests per proxy CPU second",
         "req",
+        true,
+    ),
+    metric(
+        "get_proxy_cpu_vs_nginx",
+        "GET, requests per proxy CPU second over nginx's, same round",
+        "×",
+        true,
+    ),
+    metric(
+        "get_proxy_cpu_vs_haproxy",
+        "GET, requests per proxy CPU second over haproxy's, same round",
+        "×",
         true,
     ),
     metric("mcp_c1_p50_us", "MCP tools/call, 1 conn, p50", "µs", false),
@@ -277,6 +289,18 @@ const METRICS: [Metric; 29] = [
         "mcp_requests_per_proxy_cpu_s",
         "MCP tools/call, requests per proxy CPU second",
         "req",
+        true,
+    ),
+    metric(
+        "mcp_proxy_cpu_vs_nginx",
+        "MCP tools/call, requests per proxy CPU second over nginx's, same round",
+        "×",
+        true,
+    ),
+    metric(
+        "mcp_proxy_cpu_vs_haproxy",
+        "MCP tools/call, requests per proxy CPU second over haproxy's, same round",
+        "×",
         true,
     ),
     metric(
@@ -910,6 +934,38 @@ fn add_added_latency(samples: &mut [Vec<Value>]) {
     }
 }
 
+/// Adds each proxy's requests per CPU second over nginx's and haproxy's in the same round:
+/// the paths of a round run back to back, so a ratio within a round is spared most of the
+/// drift between rounds that moves each path's own median.
+fn add_cpu_ratios(samples: &mut [Vec<Value>]) {
+    let index_of = |wanted: PathKind| PathKind::ALL.iter().position(|kind| *kind == wanted);
+    let (Some(nginx), Some(haproxy)) = (index_of(PathKind::Nginx), index_of(PathKind::Haproxy))
+    else {
+        return;
+    };
+    let references = [
+        ("nginx", samples[nginx].clone()),
+        ("haproxy", samples[haproxy].clone()),
+    ];
+    for path in samples.iter_mut() {
+        for (round, sample) in path.iter_mut().enumerate() {
+            for request in ["get", "mcp"] {
+                let key = format!("{request}_requests_per_proxy_cpu_s");
+                for (name, reference) in &references {
+                    let theirs = reference
+                        .get(round)
+                        .and_then(|sample| sample[&key].as_f64());
+                    if let (Some(ours), Some(theirs)) = (sample[&key].as_f64(), theirs)
+                        && theirs > 0.0
+                    {
+                        sample[format!("{request}_proxy_cpu_vs_{name}")] = json!(ours / theirs);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Whether each configuration of the mesh met the goal: better than both reference proxies
 /// on added p99 latency and on requests per proxy CPU second (at saturation). Added p99
 /// counts on one connection and at the paced load, where every path carries the same
@@ -938,10 +994,13 @@ fn verdicts(results: &Value, mesh_kind: PathKind) -> Vec<(String, bool)> {
         let key = format!("{request}_requests_per_proxy_cpu_s");
         let [mesh, nginx, haproxy] =
             [mesh_kind, PathKind::Nginx, PathKind::Haproxy].map(|kind| get(kind, &key));
+        let [over_nginx, over_haproxy] = ["nginx", "haproxy"]
+            .map(|reference| get(mesh_kind, &format!("{request}_proxy_cpu_vs_{reference}")));
         verdicts.push((
             format!(
                 "{label}: requests per proxy CPU second of {name} {mesh:.0} above nginx's \
-                 {nginx:.0} and haproxy's {haproxy:.0}"
+                 {nginx:.0} and haproxy's {haproxy:.0} (within each round: median \
+                 {over_nginx:.2}× nginx's, {over_haproxy:.2}× haproxy's)"
             ),
             mesh > nginx && mesh > haproxy,
         ));
@@ -1059,6 +1118,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             }
         }
         add_added_latency(&mut samples);
+        add_cpu_ratios(&mut samples);
         let mut results = json!({});
         for (index, kind) in PathKind::ALL.into_iter().enumerate() {
             results[kind.key()] = medians(&samples[index], &METRICS);
@@ -1241,6 +1301,35 @@ mod tests {
         assert_eq!(samples[1][0]["get_c1_added_p99_us"], json!(5.0));
         assert_eq!(samples[1][1]["get_c1_added_p99_us"], json!(1.0));
         assert!(samples[1][1].get("mcp_c1_added_p99_us").is_none());
+    }
+
+    #[test]
+    fn cpu_ratios_compare_with_the_reference_proxies_round_by_round() {
+        // PathKind::ALL order: direct, mesh, mesh_accelerated, nginx, haproxy.
+        let round = |per_cpu: Option<f64>| match per_cpu {
+            Some(value) => json!({"get_requests_per_proxy_cpu_s": value}),
+            None => json!({}),
+        };
+        let mut samples = vec![
+            vec![round(None), round(None)],
+            vec![round(Some(60.0)), round(Some(30.0))],
+            vec![round(Some(90.0)), round(None)],
+            vec![round(Some(50.0)), round(Some(25.0))],
+            vec![round(Some(40.0)), round(Some(0.0))],
+        ];
+        add_cpu_ratios(&mut samples);
+        let ratio = |path: usize, round: usize, reference: &str| {
+            samples[path][round][format!("get_proxy_cpu_vs_{reference}")].as_f64()
+        };
+        // Each round against the same round's reference, not against its median.
+        assert_eq!(ratio(1, 0, "nginx"), Some(1.2));
+        assert_eq!(ratio(1, 1, "nginx"), Some(1.2));
+        assert_eq!(ratio(1, 0, "haproxy"), Some(1.5));
+        // No value, or a reference with no CPU measured: no ratio.
+        assert_eq!(ratio(1, 1, "haproxy"), None);
+        assert_eq!(ratio(2, 1, "nginx"), None);
+        assert_eq!(ratio(0, 0, "nginx"), None);
+        assert!(samples[1][0].get("mcp_proxy_cpu_vs_nginx").is_none());
     }
 
     #[test]

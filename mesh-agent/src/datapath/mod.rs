@@ -612,29 +612,10 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, DatapathError> {
     if !pin_dir.exists() {
         return Ok(report);
     }
-    let links_dir = pin_dir.join("links");
-    if links_dir.exists() {
-        for entry in read_dir(&links_dir)? {
-            remove_link(&entry.path())?;
-            report.links += 1;
-        }
-        remove_dir(&links_dir)?;
+    for links in ["links", accounting::LINKS_DIR] {
+        report.links += remove_folder(&pin_dir.join(links), remove_link)?;
     }
-    let accounting_dir = pin_dir.join(accounting::LINKS_DIR);
-    if accounting_dir.exists() {
-        for entry in read_dir(&accounting_dir)? {
-            remove_link(&entry.path())?;
-            report.links += 1;
-        }
-        remove_dir(&accounting_dir)?;
-    }
-    let programs_dir = pin_dir.join(accounting::PROGRAMS_DIR);
-    if programs_dir.exists() {
-        for entry in read_dir(&programs_dir)? {
-            remove_pin(&entry.path())?;
-        }
-        remove_dir(&programs_dir)?;
-    }
+    remove_folder(&pin_dir.join(accounting::PROGRAMS_DIR), remove_pin)?;
     for entry in read_dir(pin_dir)? {
         let path = entry.path();
         if path.is_dir() {
@@ -645,6 +626,23 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, DatapathError> {
     }
     remove_dir(pin_dir)?;
     Ok(report)
+}
+
+/// Removes each pin in a folder with `remove`, then the folder; returns how many pins there
+/// were (none when the folder is not there).
+fn remove_folder(
+    folder: &Path,
+    remove: fn(&Path) -> Result<(), DatapathError>,
+) -> Result<usize, DatapathError> {
+    if !folder.exists() {
+        return Ok(0);
+    }
+    let entries = read_dir(folder)?;
+    for entry in &entries {
+        remove(&entry.path())?;
+    }
+    remove_dir(folder)?;
+    Ok(entries.len())
 }
 
 /// What [`detach`] removed.
