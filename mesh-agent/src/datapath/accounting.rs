@@ -50,8 +50,17 @@ pub const LINKS_DIR: &str = "accounting";
 pub struct Accounting {
     /// `<pin dir>/accounting`, also locked while links change.
     links_dir: PathBuf,
-    /// Program fds in the order of [`ACCOUNTING_PROGRAMS`].
-    programs: [OwnedFd; 2],
+    programs: Programs,
+}
+
+/// Where the programs come from.
+#[derive(Debug)]
+enum Programs {
+    /// Loaded by this agent, in the order of [`ACCOUNTING_PROGRAMS`].
+    Loaded([OwnedFd; 2]),
+    /// Pinned by the running agent in this folder, opened only when a link is made (so
+    /// operator commands that attach nothing work against any agent).
+    Pinned(PathBuf),
 }
 
 impl Accounting {
@@ -66,11 +75,7 @@ impl Accounting {
         let links_dir = pin_dir.join(LINKS_DIR);
         super::create_dir(&programs_dir)?;
         super::create_dir(&links_dir)?;
-        let accounting = Self {
-            links_dir,
-            programs: [ingress, egress],
-        };
-        for ((name, _, _), program) in ACCOUNTING_PROGRAMS.iter().zip(&accounting.programs) {
+        for ((name, _, _), program) in ACCOUNTING_PROGRAMS.iter().zip([&ingress, &egress]) {
             let pin = programs_dir.join(name);
             super::remove_pin(&pin)?;
             sys::obj_pin(program.as_fd(), &pin).map_err(|source| DatapathError::Pin {
@@ -78,9 +83,13 @@ impl Accounting {
                 source,
             })?;
         }
+        let accounting = Self {
+            links_dir,
+            programs: Programs::Loaded([ingress, egress]),
+        };
         let _lock = accounting.lock()?;
         for link in accounting.links()? {
-            let program = &accounting.programs[link.kind];
+            let program = accounting.program(link.kind)?;
             let updated = sys::obj_get(&link.pin)
                 .and_then(|fd| sys::link_update(fd.as_fd(), program.as_fd()));
             if let Err(error) = updated {
@@ -98,23 +107,34 @@ impl Accounting {
         Ok(accounting)
     }
 
-    /// Opens the programs a running (or earlier) agent pinned.
-    pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let programs_dir = pin_dir.join(PROGRAMS_DIR);
-        let open = |name: &str| {
-            let pin = programs_dir.join(name);
-            sys::obj_get(&pin).map_err(|source| DatapathError::Io {
-                what: format!("opening {}", pin.display()),
-                source,
-            })
-        };
-        Ok(Self {
+    /// The accounting state a running (or earlier) agent pinned under `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> Self {
+        Self {
             links_dir: pin_dir.join(LINKS_DIR),
-            programs: [
-                open(ACCOUNTING_PROGRAMS[0].0)?,
-                open(ACCOUNTING_PROGRAMS[1].0)?,
-            ],
-        })
+            programs: Programs::Pinned(pin_dir.join(PROGRAMS_DIR)),
+        }
+    }
+
+    /// The program at `kind` (an index into [`ACCOUNTING_PROGRAMS`]).
+    fn program(&self, kind: usize) -> Result<OwnedFd, DatapathError> {
+        let name = ACCOUNTING_PROGRAMS[kind].0;
+        match &self.programs {
+            Programs::Loaded(programs) => {
+                programs[kind]
+                    .try_clone()
+                    .map_err(|source| DatapathError::Io {
+                        what: format!("duplicating fd of {name}"),
+                        source,
+                    })
+            }
+            Programs::Pinned(dir) => {
+                let pin = dir.join(name);
+                sys::obj_get(&pin).map_err(|source| DatapathError::Io {
+                    what: format!("opening {} (pinned by the agent)", pin.display()),
+                    source,
+                })
+            }
+        }
     }
 
     /// Serialises link changes between the agent and operator commands.
@@ -217,10 +237,10 @@ impl Accounting {
     fn add_links(&self, cgroup_id: u64, dir: &Path) -> Result<(), DatapathError> {
         let missing: Vec<_> = ACCOUNTING_PROGRAMS
             .iter()
-            .zip(&self.programs)
-            .map(|(&(name, suffix, attach_type), program)| {
+            .enumerate()
+            .map(|(kind, &(name, suffix, attach_type))| {
                 let pin = self.links_dir.join(format!("{cgroup_id}_{suffix}"));
-                (name, attach_type, program, pin)
+                (kind, name, attach_type, pin)
             })
             .filter(|(_, _, _, pin)| !pin.exists())
             .collect();
@@ -231,7 +251,8 @@ impl Accounting {
             what: format!("opening cgroup {}", dir.display()),
             source,
         })?;
-        for (name, attach_type, program, pin) in missing {
+        for (kind, name, attach_type, pin) in missing {
+            let program = self.program(kind)?;
             let link = sys::link_create(program.as_fd(), cgroup.as_fd(), attach_type)
                 .map_err(|source| DatapathError::Attach { name, source })?;
             sys::obj_pin(link.as_fd(), &pin).map_err(|source| DatapathError::Pin {

@@ -204,7 +204,7 @@ impl Datapath {
             });
         }
         let maps = DatapathMaps::open_pinned(pin_dir)?;
-        let accounting = Accounting::open_pinned(pin_dir)?;
+        let accounting = Accounting::open_pinned(pin_dir);
         let cgroup_mount = cgroup::cgroup2_mount()?;
         let link_pin = pin_dir.join("links").join(program_names::CONNECT4);
         let link = sys::obj_get(&link_pin).map_err(|source| DatapathError::Io {
