@@ -137,44 +137,48 @@ impl Accounting {
         }
     }
 
-    /// Serialises link changes between the agent and operator commands.
-    pub fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, DatapathError> {
+    /// Serialises link changes between the agent and operator commands: every method that
+    /// changes links takes the guard.
+    pub fn lock(&self) -> Result<LinksLock, DatapathError> {
         let dir = fs::File::open(&self.links_dir).map_err(|source| DatapathError::Io {
             what: format!("opening {}", self.links_dir.display()),
             source,
         })?;
-        nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
-            DatapathError::Io {
+        nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
+            .map(|flock| LinksLock { _flock: flock })
+            .map_err(|(_, errno)| DatapathError::Io {
                 what: format!("locking {}", self.links_dir.display()),
                 source: errno.into(),
-            }
-        })
+            })
     }
 
     /// Re-derives the links of the cgroup at `dir` and its subtree after an enrolment change
-    /// there: links on the outermost enrolled cgroups, none on the others. Call it with
-    /// [`Accounting::lock`] held. `covered` says whether an ancestor of `dir` is enrolled.
+    /// there: links on the outermost enrolled cgroups, none on the others. `covered` says
+    /// whether an ancestor of `dir` is enrolled.
     pub fn reconcile_subtree(
         &self,
+        lock: &LinksLock,
         maps: &DatapathMaps,
         dir: &Path,
         covered: bool,
     ) -> Result<(), DatapathError> {
-        self.reconcile(maps, dir, covered, Scope::Subtree)
+        self.reconcile(lock, maps, dir, covered, Scope::Subtree)
     }
 
     /// Re-derives every link below `attach_dir`, and removes links of cgroups that are gone:
-    /// at start, and after an unenrolment by id. Call it with [`Accounting::lock`] held.
+    /// at start, and after an unenrolment by id.
     pub fn reconcile_all(
         &self,
+        lock: &LinksLock,
         maps: &DatapathMaps,
         attach_dir: &Path,
     ) -> Result<(), DatapathError> {
-        self.reconcile(maps, attach_dir, false, Scope::Everything)
+        self.reconcile(lock, maps, attach_dir, false, Scope::Everything)
     }
 
     fn reconcile(
         &self,
+        lock: &LinksLock,
         maps: &DatapathMaps,
         dir: &Path,
         covered: bool,
@@ -186,7 +190,7 @@ impl Accounting {
         for id in self.linked_ids()? {
             let in_scope = scope == Scope::Everything || plan.seen.contains(&id);
             if in_scope && !wanted.contains(&id) {
-                self.remove_links(id)?;
+                self.remove_links(lock, id)?;
             }
         }
         for (id, dir) in &plan.outermost {
@@ -218,7 +222,7 @@ impl Accounting {
     }
 
     /// Removes the links of one cgroup (its directory may be gone).
-    pub fn remove_links(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+    pub fn remove_links(&self, _lock: &LinksLock, cgroup_id: u64) -> Result<(), DatapathError> {
         for (_, suffix, _) in ACCOUNTING_PROGRAMS {
             super::remove_link(&self.links_dir.join(format!("{cgroup_id}_{suffix}")))?;
         }
@@ -290,6 +294,13 @@ impl Accounting {
         }
         Ok(links)
     }
+}
+
+/// Held while links change (see [`Accounting::lock`]).
+#[derive(Debug)]
+pub struct LinksLock {
+    /// Released when dropped.
+    _flock: nix::fcntl::Flock<fs::File>,
 }
 
 /// One pinned accounting link.

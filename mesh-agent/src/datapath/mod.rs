@@ -24,7 +24,10 @@ use ipnet::IpNet;
 use mesh_common::{ConnInfo, DatapathConfig, Endpoint, config_flags, map_names, program_names};
 use tracing::{debug, info, warn};
 
-use self::{accounting::Accounting, sys::AttachType};
+use self::{
+    accounting::{Accounting, LinksLock},
+    sys::AttachType,
+};
 pub use self::{
     cgroup::Cgroup,
     error::DatapathError,
@@ -167,10 +170,7 @@ impl Datapath {
             load_program(&mut ebpf, program_names::SKB_INGRESS)?,
             load_program(&mut ebpf, program_names::SKB_EGRESS)?,
         )?;
-        {
-            let _lock = accounting.lock()?;
-            accounting.reconcile_all(&maps, &attach.dir)?;
-        }
+        accounting.reconcile_all(&accounting.lock()?, &maps, &attach.dir)?;
         if accelerated {
             let prog_fd = load_program(&mut ebpf, program_names::SK_MSG)?;
             maps.attach_sk_msg(prog_fd.as_fd())?;
@@ -296,10 +296,10 @@ impl Datapath {
     pub fn enrol_cgroup(&self, path: &Path) -> Result<Cgroup, DatapathError> {
         let cgroup = cgroup::resolve(&self.cgroup_mount, path)?;
         self.check_enrollable(&cgroup)?;
-        let _lock = self.accounting.lock()?;
+        let lock = self.accounting.lock()?;
         let was_enrolled = self.maps.is_enrolled(cgroup.id)?;
         self.maps.enrol(cgroup.id)?;
-        if let Err(error) = self.relink_subtree(&cgroup.dir) {
+        if let Err(error) = self.relink_subtree(&lock, &cgroup.dir) {
             // All or nothing: a workload that would not be counted is not enrolled.
             if !was_enrolled {
                 self.maps.unenrol(cgroup.id)?;
@@ -320,33 +320,34 @@ impl Datapath {
     /// are.
     pub fn unenrol_cgroup(&self, path: &Path) -> Result<Cgroup, DatapathError> {
         let cgroup = cgroup::resolve(&self.cgroup_mount, path)?;
-        let _lock = self.accounting.lock()?;
+        let lock = self.accounting.lock()?;
         self.maps.unenrol(cgroup.id)?;
         info!(cgroup = %cgroup.path.display(), "workload unenrolled");
         // Enrolled cgroups below it may now be outermost and need links of their own.
-        self.relink_subtree(&cgroup.dir)?;
+        self.relink_subtree(&lock, &cgroup.dir)?;
         Ok(cgroup)
     }
 
     /// Removes a cgroup from capture by id (its directory may be gone already).
     pub fn unenrol_id(&self, cgroup_id: u64) -> Result<(), DatapathError> {
-        let _lock = self.accounting.lock()?;
+        let lock = self.accounting.lock()?;
         self.maps.unenrol(cgroup_id)?;
         info!(cgroup_id, "workload unenrolled");
-        self.accounting.remove_links(cgroup_id)?;
+        self.accounting.remove_links(&lock, cgroup_id)?;
         // Only a nested enrolment below it can have lost its accounting; without one, every
         // enrolled cgroup has links and there is nothing to walk.
         if self.accounting.unlinked_enrolments(&self.maps)? {
             self.accounting
-                .reconcile_all(&self.maps, &self.attach.dir)?;
+                .reconcile_all(&lock, &self.maps, &self.attach.dir)?;
         }
         Ok(())
     }
 
     /// Re-derives the accounting links in the subtree of a cgroup whose enrolment changed.
-    fn relink_subtree(&self, dir: &Path) -> Result<(), DatapathError> {
+    fn relink_subtree(&self, lock: &LinksLock, dir: &Path) -> Result<(), DatapathError> {
         let covered = Accounting::has_enrolled_ancestor(&self.maps, &self.cgroup_mount, dir)?;
-        self.accounting.reconcile_subtree(&self.maps, dir, covered)
+        self.accounting
+            .reconcile_subtree(lock, &self.maps, dir, covered)
     }
 
     fn check_enrollable(&self, cgroup: &Cgroup) -> Result<(), DatapathError> {
