@@ -685,10 +685,15 @@ pub(crate) fn median_round_ratio(rounds: &Value, kind: &str, reference: &str, ke
     let theirs = rounds[reference].as_array().into_iter().flatten();
     let ratios: Vec<f64> = ours
         .zip(theirs)
-        .filter_map(|(ours, theirs)| Some(ours[key].as_f64()? / theirs[key].as_f64()?))
-        .filter(|ratio| ratio.is_finite())
+        .filter_map(|(ours, theirs)| round_ratio(ours, theirs, key))
         .collect();
     median(ratios).unwrap_or(f64::NAN)
+}
+
+/// One round's `key` of a path over the same round's of a reference path; `None` when
+/// either has no value or the ratio is not finite (the reference measured nothing).
+pub(crate) fn round_ratio(ours: &Value, theirs: &Value, key: &str) -> Option<f64> {
+    Some(ours[key].as_f64()? / theirs[key].as_f64()?).filter(|ratio| ratio.is_finite())
 }
 
 /// The stage targets, each with whether this run met it (judged on the medians; the text adds

@@ -35,8 +35,8 @@ use serde_json::{Value, json};
 use crate::{
     bench::{
         BenchArgs, Column, Guard, Metric, Tools, build_release, cpu_seconds, loadgen, medians,
-        memory_mib, metric, number, spawn_haproxy, start_server, table, wait_listening,
-        write_json_report,
+        memory_mib, metric, number, round_ratio, spawn_haproxy, start_server, table,
+        wait_listening, write_json_report,
     },
     util::step,
 };
@@ -952,13 +952,11 @@ fn add_cpu_ratios(samples: &mut [Vec<Value>]) {
             for request in ["get", "mcp"] {
                 let key = format!("{request}_requests_per_proxy_cpu_s");
                 for (name, reference) in &references {
-                    let theirs = reference
+                    if let Some(ratio) = reference
                         .get(round)
-                        .and_then(|sample| sample[&key].as_f64());
-                    if let (Some(ours), Some(theirs)) = (sample[&key].as_f64(), theirs)
-                        && theirs > 0.0
+                        .and_then(|theirs| round_ratio(sample, theirs, &key))
                     {
-                        sample[format!("{request}_proxy_cpu_vs_{name}")] = json!(ours / theirs);
+                        sample[format!("{request}_proxy_cpu_vs_{name}")] = json!(ratio);
                     }
                 }
             }

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use sync_wrapper::SyncWrapper;
 
 use super::dialer::Upstream;
-use super::read_buffers::{Stash, UPSTREAM_READ_CHUNK, UPSTREAM_READS};
+use super::read_buffers::UPSTREAM_READS;
 
 /// Largest response head (status line and headers) accepted.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -37,8 +37,6 @@ pub const MAX_HEADERS: usize = 100;
 const MAX_CHUNK_LINE: usize = 1024;
 /// Most bytes of trailers accepted.
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
-/// Bytes asked of the socket per read.
-const READ_CHUNK: usize = UPSTREAM_READ_CHUNK;
 /// A body up to this size is copied behind the head so both go out in one write (the proxy
 /// sends larger ones through hyper's client).
 pub const INLINE_BODY: usize = 16 * 1024;
@@ -575,8 +573,7 @@ impl RawConnection {
     /// Releases the read buffer of a connection going idle (it is allocated again for the
     /// next response).
     pub fn release_buffer(&mut self) {
-        let idle = std::mem::take(&mut self.buffer);
-        UPSTREAM_READS.with(|stash| stash.give_back(idle));
+        UPSTREAM_READS.with(|stash| stash.release(&mut self.buffer));
     }
 
     /// Sends a request (its head already encoded by [`encode_request`], `body` its whole
@@ -650,11 +647,7 @@ impl RawConnection {
 
     /// Reads what the socket has into the buffer; `Ok(0)` at end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.buffer.capacity() == 0 {
-            self.buffer = UPSTREAM_READS.with(Stash::take);
-        } else if self.buffer.capacity() - self.buffer.len() < READ_CHUNK / 2 {
-            self.buffer.reserve(READ_CHUNK);
-        }
+        UPSTREAM_READS.with(|stash| stash.make_room(&mut self.buffer));
         tokio_util::io::poll_read_buf(Pin::new(self.io.get_mut()), cx, &mut self.buffer)
     }
 }

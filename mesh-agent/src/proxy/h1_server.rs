@@ -32,7 +32,7 @@ use tokio::{
 };
 
 use super::h1_client::{self, HeadFault, MAX_HEAD_BYTES, MAX_HEADERS, TooManyHeaders, put_field};
-use super::read_buffers::{CLIENT_READ_CHUNK, CLIENT_READS, Stash};
+use super::read_buffers::CLIENT_READS;
 
 /// Largest request body read whole on this path; a larger one goes to hyper's server.
 pub const MAX_INLINE_REQUEST_BODY: usize = 64 * 1024;
@@ -42,8 +42,6 @@ pub const MAX_READ_AHEAD: usize = 64 * 1024;
 /// How long a client may take to send a complete request head, counted from the end of the
 /// previous response (an idle keep-alive connection is closed after this too).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bytes asked of the socket per read.
-const READ_CHUNK: usize = CLIENT_READ_CHUNK;
 /// How long, and for how many bytes, a refused client's remaining bytes are read and dropped
 /// before the connection closes.
 const LINGER: Duration = Duration::from_secs(1);
@@ -433,15 +431,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         cx: &mut Context<'_>,
         release_when_idle: bool,
     ) -> Poll<std::io::Result<usize>> {
-        if self.read.capacity() == 0 {
-            self.read = CLIENT_READS.with(Stash::take);
-        } else if self.read.capacity() - self.read.len() < READ_CHUNK / 2 {
-            self.read.reserve(READ_CHUNK);
-        }
+        CLIENT_READS.with(|stash| stash.make_room(&mut self.read));
         let polled = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read);
         if polled.is_pending() && release_when_idle && self.read.is_empty() {
-            let idle = std::mem::take(&mut self.read);
-            CLIENT_READS.with(|stash| stash.give_back(idle));
+            CLIENT_READS.with(|stash| stash.release(&mut self.read));
         }
         polled
     }

@@ -115,13 +115,8 @@ impl<'a> Scanner<'a> {
             }
             self.skip_whitespace();
             member(self, key)?;
-            self.skip_whitespace();
-            if self.eat(b',') {
-                self.skip_whitespace();
-            } else if self.eat(b'}') {
+            if !self.another(b'}', "expected ',' or '}'")? {
                 return self.close();
-            } else {
-                return Err(self.error("expected ',' or '}'"));
             }
         }
     }
@@ -138,14 +133,23 @@ impl<'a> Scanner<'a> {
         }
         loop {
             element(self)?;
-            self.skip_whitespace();
-            if self.eat(b',') {
-                self.skip_whitespace();
-            } else if self.eat(b']') {
+            if !self.another(b']', "expected ',' or ']'")? {
                 return self.close();
-            } else {
-                return Err(self.error("expected ',' or ']'"));
             }
+        }
+    }
+
+    /// After a member or element: `true` past a `,` (another follows), `false` past the
+    /// closing `bracket`, `expected` as the error otherwise.
+    fn another(&mut self, bracket: u8, expected: &'static str) -> Result<bool, ScanError> {
+        self.skip_whitespace();
+        if self.eat(b',') {
+            self.skip_whitespace();
+            Ok(true)
+        } else if self.eat(bracket) {
+            Ok(false)
+        } else {
+            Err(self.error(expected))
         }
     }
 

@@ -14,10 +14,10 @@ use std::cell::RefCell;
 
 use bytes::BytesMut;
 
-/// The read size of connections from clients.
-pub const CLIENT_READ_CHUNK: usize = 4 * 1024;
-/// The read size of pooled connections to upstreams.
-pub const UPSTREAM_READ_CHUNK: usize = 8 * 1024;
+/// Bytes asked of the socket per read, on connections from clients.
+const CLIENT_READ_CHUNK: usize = 4 * 1024;
+/// Bytes asked of the socket per read, on pooled connections to upstreams.
+const UPSTREAM_READ_CHUNK: usize = 8 * 1024;
 
 /// Most buffers one stash keeps per thread.
 pub const MAX_STASHED: usize = 32;
@@ -52,6 +52,21 @@ impl Stash {
             .borrow_mut()
             .pop()
             .unwrap_or_else(|| BytesMut::with_capacity(self.chunk))
+    }
+
+    /// Makes room in a connection's read buffer for the next read: a stashed buffer when it
+    /// has none (it was given back), a chunk more when less than half a chunk is free.
+    pub fn make_room(&self, buffer: &mut BytesMut) {
+        if buffer.capacity() == 0 {
+            *buffer = self.take();
+        } else if buffer.capacity() - buffer.len() < self.chunk / 2 {
+            buffer.reserve(self.chunk);
+        }
+    }
+
+    /// Gives a connection's (empty) read buffer back while it waits, leaving it none.
+    pub fn release(&self, buffer: &mut BytesMut) {
+        self.give_back(std::mem::take(buffer));
     }
 
     /// Keeps an empty buffer for the next [`Stash::take`] on this thread, or drops it: when
@@ -124,6 +139,27 @@ mod tests {
         drop(reused.split().freeze());
         stash.give_back(reused);
         assert_eq!(stash.len(), 1);
+    }
+
+    #[test]
+    fn room_comes_from_the_stash_and_a_released_buffer_goes_back_to_it() {
+        let stash = Stash::new(1024);
+        let mut buffer = BytesMut::new();
+        stash.make_room(&mut buffer);
+        assert!(buffer.capacity() >= 1024);
+        stash.release(&mut buffer);
+        assert_eq!((buffer.capacity(), stash.len()), (0, 1));
+        stash.make_room(&mut buffer);
+        assert_eq!(stash.len(), 0, "the stashed buffer is taken again");
+
+        // Less than half a chunk free: a chunk more.
+        buffer.put_slice(&[b'x'; 700]);
+        stash.make_room(&mut buffer);
+        assert!(buffer.capacity() - buffer.len() >= 1024);
+        // Half a chunk or more free: left as it is.
+        let capacity = buffer.capacity();
+        stash.make_room(&mut buffer);
+        assert_eq!(buffer.capacity(), capacity);
     }
 
     #[test]

@@ -204,17 +204,14 @@ impl RedirectReader {
                 if count == 0 {
                     return Ok(0);
                 }
-                let report = match reporter.as_mut() {
-                    Some(reporter) => {
-                        let report = reporter.read(count);
-                        (report, reporter.consumed())
-                    }
+                let (report, consumed) = match reporter.as_mut() {
+                    Some(reporter) => (reporter.read(count), reporter.consumed()),
                     None => (Redirect::Open, 0),
                 };
-                if report.0 != Redirect::Open {
+                if report != Redirect::Open {
                     *reporter = None;
                 }
-                if short_reads.after_read(count as u64, count < asked, report.0, report.1) {
+                if short_reads.after_read(count as u64, count < asked, report, consumed) {
                     drained_with = Some(count);
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
