@@ -13,12 +13,13 @@
 //! bucket that is still active restarts full, which only happens under key churn beyond the cap.
 
 use std::{
-    collections::HashMap,
-    fmt::{self, Write as _},
+    fmt,
     hash::{BuildHasher, RandomState},
     sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
+
+use hashbrown::HashTable;
 
 use super::snapshot::TrafficSettings;
 
@@ -58,9 +59,36 @@ struct Bucket {
 
 /// In-process, sharded token-bucket limiter.
 pub struct RateLimiter {
-    shards: Vec<Mutex<HashMap<Box<str>, Bucket>>>,
+    shards: Vec<Mutex<Shard>>,
     max_keys_per_shard: usize,
+    /// Keyed per process: the key parts come from peers (source names, tool names).
     hasher: RandomState,
+}
+
+/// One shard's buckets, found by the hash the limiter computed once per request (it also
+/// picked the shard).
+type Shard = HashTable<(BucketKey, Bucket)>;
+
+/// Whose bucket it is; copied to the heap only when a bucket is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BucketKey {
+    source: Box<str>,
+    destination: Box<str>,
+    tool: Option<Box<str>>,
+}
+
+impl BucketKey {
+    fn new(source: &str, destination: &str, tool: Option<&str>) -> Self {
+        BucketKey {
+            source: source.into(),
+            destination: destination.into(),
+            tool: tool.map(Into::into),
+        }
+    }
+
+    fn is(&self, source: &str, destination: &str, tool: Option<&str>) -> bool {
+        *self.source == *source && *self.destination == *destination && self.tool.as_deref() == tool
+    }
 }
 
 impl fmt::Debug for RateLimiter {
@@ -82,7 +110,7 @@ impl RateLimiter {
     /// A limiter holding at most about `max_keys` buckets (rounded up to a multiple of 16).
     pub fn new(max_keys: usize) -> Self {
         RateLimiter {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
             hasher: RandomState::new(),
         }
@@ -109,86 +137,21 @@ impl RateLimiter {
             .map(|shard| {
                 let mut buckets = shard.lock().unwrap_or_else(PoisonError::into_inner);
                 let before = buckets.len();
-                buckets.retain(|_, b| b.tat > now);
+                buckets.retain(|(_, b)| b.tat > now);
                 before - buckets.len()
             })
             .sum()
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<Box<str>, Bucket>> {
-        let index = (self.hasher.hash_one(key) as usize) % SHARDS;
-        &self.shards[index]
+    /// The hash of a bucket's key: it picks the shard and finds the bucket in it.
+    fn hash(&self, source: &str, destination: &str, tool: Option<&str>) -> u64 {
+        self.hasher.hash_one((source, destination, tool))
     }
-}
 
-/// Unambiguous bucket key: length-prefixed parts.
-#[cfg(test)]
-fn bucket_key(source: &str, destination: &str, tool: Option<&str>) -> String {
-    let mut key = KeyBuf::default();
-    write_bucket_key(&mut key, source, destination, tool);
-    key.as_str().to_owned()
-}
-
-fn write_bucket_key(key: &mut KeyBuf, source: &str, destination: &str, tool: Option<&str>) {
-    for part in [Some(source), Some(destination), tool]
-        .into_iter()
-        .flatten()
-    {
-        // `<decimal length>:<part>`, written without the formatting machinery (this runs on
-        // every rate-limited request).
-        let _ = key.write_str(itoa::Buffer::new().format(part.len()));
-        let _ = key.write_str(":");
-        let _ = key.write_str(part);
-    }
-}
-
-/// Room for a bucket key on the stack: looking up a bucket allocates nothing unless the key
-/// is longer than this (only a new bucket's key is copied to the heap).
-const INLINE_KEY: usize = 192;
-
-/// A bucket key being built: inline while it fits, else on the heap.
-enum KeyBuf {
-    Inline { bytes: [u8; INLINE_KEY], len: usize },
-    Heap(String),
-}
-
-impl Default for KeyBuf {
-    fn default() -> Self {
-        KeyBuf::Inline {
-            bytes: [0; INLINE_KEY],
-            len: 0,
-        }
-    }
-}
-
-impl KeyBuf {
-    fn as_str(&self) -> &str {
-        match self {
-            // Only whole `&str`s are ever copied in, so the bytes are UTF-8.
-            KeyBuf::Inline { bytes, len } => std::str::from_utf8(&bytes[..*len]).unwrap_or(""),
-            KeyBuf::Heap(text) => text,
-        }
-    }
-}
-
-impl fmt::Write for KeyBuf {
-    fn write_str(&mut self, part: &str) -> fmt::Result {
-        match self {
-            KeyBuf::Inline { bytes, len } => {
-                let end = *len + part.len();
-                if end <= INLINE_KEY {
-                    bytes[*len..end].copy_from_slice(part.as_bytes());
-                    *len = end;
-                } else {
-                    let mut text = String::with_capacity(end);
-                    text.push_str(std::str::from_utf8(&bytes[..*len]).unwrap_or(""));
-                    text.push_str(part);
-                    *self = KeyBuf::Heap(text);
-                }
-            }
-            KeyBuf::Heap(text) => text.push_str(part),
-        }
-        Ok(())
+    /// The shard of a key's hash. Bits 32 and up: the table inside the shard places entries by
+    /// the low bits and tells them apart by the top seven, so neither is constant in a shard.
+    fn shard(&self, hash: u64) -> &Mutex<Shard> {
+        &self.shards[((hash >> 32) as usize) % SHARDS]
     }
 }
 
@@ -216,23 +179,29 @@ fn take_token(
 }
 
 /// Makes room in a full shard: idle buckets first, else the least recently used sixteenth.
-fn make_room(buckets: &mut HashMap<Box<str>, Bucket>, capacity: usize, now: Instant) {
+fn make_room(buckets: &mut Shard, capacity: usize, now: Instant) {
     if buckets.len() < capacity {
         return;
     }
-    buckets.retain(|_, b| b.tat > now);
+    buckets.retain(|(_, b)| b.tat > now);
     if buckets.len() < capacity {
         return;
     }
     let evict = (buckets.len() / 16).max(1);
-    let mut by_age: Vec<(Instant, Box<str>)> = buckets
-        .iter()
-        .map(|(k, b)| (b.last_seen, k.clone()))
-        .collect();
-    by_age.select_nth_unstable_by_key(evict - 1, |(seen, _)| *seen);
-    for (_, key) in by_age.into_iter().take(evict) {
-        buckets.remove(&key);
-    }
+    let mut last_seen: Vec<Instant> = buckets.iter().map(|(_, b)| b.last_seen).collect();
+    let (older, &mut cutoff, _) = last_seen.select_nth_unstable(evict - 1);
+    // Everything seen before the cut-off goes, then as many seen at it as make `evict`.
+    let mut at_cutoff = evict - older.iter().filter(|&&seen| seen < cutoff).count();
+    buckets.retain(|(_, b)| {
+        if b.last_seen < cutoff {
+            false
+        } else if b.last_seen == cutoff && at_cutoff > 0 {
+            at_cutoff -= 1;
+            false
+        } else {
+            true
+        }
+    });
 }
 
 impl RateLimit for RateLimiter {
@@ -256,15 +225,14 @@ impl RateLimit for RateLimiter {
             .unwrap_or(Duration::MAX);
 
         let tool = rule.tool.as_ref().and(key.tool);
-        let mut id = KeyBuf::default();
-        write_bucket_key(&mut id, key.source, key.destination, tool);
-        let id = id.as_str();
+        let hash = self.hash(key.source, key.destination, tool);
         let mut buckets = self
-            .shard(id)
+            .shard(hash)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         // One lookup when the bucket exists (every request but a key's first).
-        if let Some(bucket) = buckets.get_mut(id) {
+        let found = buckets.find_mut(hash, |(id, _)| id.is(key.source, key.destination, tool));
+        if let Some((_, bucket)) = found {
             return take_token(bucket, now, interval, tolerance);
         }
         make_room(&mut buckets, self.max_keys_per_shard, now);
@@ -273,7 +241,10 @@ impl RateLimit for RateLimiter {
             last_seen: now,
         };
         let verdict = take_token(&mut bucket, now, interval, tolerance);
-        buckets.insert(Box::from(id), bucket);
+        let id = BucketKey::new(key.source, key.destination, tool);
+        buckets.insert_unique(hash, (id, bucket), |(id, _)| {
+            self.hash(&id.source, &id.destination, id.tool.as_deref())
+        });
         verdict
     }
 }
@@ -423,10 +394,8 @@ mod tests {
         let s = settings(&[("*", None, 1.0, 1)]);
         let t0 = Instant::now();
         assert!(limiter.check(&s, &key("hot", None), t0).is_ok());
-        let shard_of = |name: &str| {
-            let id = bucket_key(name, "tools", None);
-            std::ptr::from_ref(limiter.shard(&id))
-        };
+        let shard_of =
+            |name: &str| std::ptr::from_ref(limiter.shard(limiter.hash(name, "tools", None)));
         let neighbour = (0..10_000)
             .map(|i| format!("n{i}"))
             .find(|n| shard_of(n) == shard_of("hot"))
@@ -462,29 +431,59 @@ mod tests {
     }
 
     #[test]
-    fn long_keys_spill_to_the_heap_and_still_find_their_bucket() {
+    fn buckets_are_told_apart_by_every_part_of_their_key() {
         let limiter = RateLimiter::default();
-        let s = settings(&[("*", None, 1.0, 1)]);
+        let s = settings(&[("*", None, 1.0, 1), ("*", Some("t"), 1.0, 1)]);
         let t0 = Instant::now();
-        let long = "w".repeat(INLINE_KEY * 2);
-        assert!(bucket_key(&long, "tools", None).starts_with(&format!("{}:w", long.len())));
-        assert!(limiter.check(&s, &key(&long, None), t0).is_ok());
-        assert!(limiter.check(&s, &key(&long, None), t0).is_err());
-        let edge = "e".repeat(INLINE_KEY - "192:".len() - "5:tools".len());
-        assert!(limiter.check(&s, &key(&edge, None), t0).is_ok());
-        assert!(limiter.check(&s, &key(&edge, None), t0).is_err());
-        assert_eq!(limiter.len(), 2);
+        let long = "w".repeat(4096);
+        let keys = [
+            (long.as_str(), "tools", None),
+            ("a:b", "c", None),
+            ("a", "b:c", None),
+            ("a", "b", Some("t")),
+            ("a", "b", None),
+            ("ab", "", None),
+            ("", "ab", None),
+        ];
+        for (source, destination, tool) in keys {
+            let key = RateLimitKey {
+                source,
+                destination,
+                tool,
+            };
+            assert!(
+                limiter.check(&s, &key, t0).is_ok(),
+                "{source:.8} {destination} {tool:?}"
+            );
+            assert!(
+                limiter.check(&s, &key, t0).is_err(),
+                "{source:.8} {destination} {tool:?}"
+            );
+        }
+        assert_eq!(limiter.len(), keys.len());
     }
 
     #[test]
-    fn bucket_keys_are_unambiguous() {
-        assert_eq!(bucket_key("", "ab", None), "0:2:ab");
-        assert_eq!(
-            bucket_key(&"s".repeat(12), "d", Some("t")),
-            format!("12:{}1:d1:t", "s".repeat(12))
-        );
-        assert_ne!(bucket_key("a:b", "c", None), bucket_key("a", "b:c", None));
-        assert_ne!(bucket_key("a", "b", Some("")), bucket_key("a", "b", None));
+    fn a_full_shard_evicts_its_least_recently_seen_sixteenth() {
+        let mut shard = Shard::new();
+        let t0 = Instant::now();
+        for i in 0..32u32 {
+            let seen = t0 + Duration::from_millis(u64::from(i % 4));
+            let bucket = Bucket {
+                tat: t0 + Duration::from_secs(10),
+                last_seen: seen,
+            };
+            let id = BucketKey::new(&i.to_string(), "d", None);
+            // The source is the bucket's number, and its hash here.
+            shard.insert_unique(u64::from(i), (id, bucket), |(id, _)| {
+                id.source.parse().unwrap()
+            });
+        }
+        make_room(&mut shard, 32, t0);
+        // Two go (32 / 16), both among the eight seen first, though all eight tie.
+        assert_eq!(shard.len(), 30);
+        let first_seen = shard.iter().filter(|(_, b)| b.last_seen == t0).count();
+        assert_eq!(first_seen, 6);
     }
 
     #[test]
