@@ -17,6 +17,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 use serde::{Serialize, Serializer};
+use smallvec::{SmallVec, smallvec};
+use smol_str::SmolStr;
 
 use super::json_scan::{Kind, Scalar, ScanError, Scanner};
 
@@ -137,14 +139,16 @@ impl Family {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub kind: MessageKind,
-    /// The method; `None` exactly for responses. Never empty.
-    pub method: Option<String>,
+    /// The method; `None` exactly for responses. Never empty. Held inline up to 23 bytes
+    /// (every method the mesh knows): parsing a request allocates nothing for it.
+    pub method: Option<SmolStr>,
     /// The id; `None` for notifications.
     pub id: Option<RpcId>,
     /// The MCP target name: `params.name` for `tools/call` and `prompts/get`, `params.uri`
     /// for `resources/read`, `resources/subscribe` and `resources/unsubscribe`. Always
-    /// present for those methods (a call without it is rejected), `None` otherwise.
-    pub tool: Option<String>,
+    /// present for those methods (a call without it is rejected), `None` otherwise. Inline
+    /// up to 23 bytes, like the method.
+    pub tool: Option<SmolStr>,
     pub protocol: Family,
     /// An A2A method answered with a stream of events (`message/stream`, `tasks/resubscribe`,
     /// `SendStreamingMessage`, `SubscribeToTask`).
@@ -154,8 +158,8 @@ pub struct Message {
 /// A parsed request body: one message, or a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonRpcRequest {
-    /// The messages in body order; exactly one unless `batch`.
-    pub messages: Vec<Message>,
+    /// The messages in body order; exactly one unless `batch` (held inline then).
+    pub messages: SmallVec<[Message; 1]>,
     /// The body was a JSON array (even of one element).
     pub batch: bool,
 }
@@ -314,7 +318,7 @@ pub fn parse_request(body: &[u8]) -> Result<JsonRpcRequest, JsonRpcError> {
     scanner.finish()?;
     match top {
         Top::Single(raw) => Ok(JsonRpcRequest {
-            messages: vec![validate(raw, None)?],
+            messages: smallvec![validate(raw, None)?],
             batch: false,
         }),
         Top::Batch { elements, overflow } => {
@@ -335,7 +339,7 @@ pub fn parse_request(body: &[u8]) -> Result<JsonRpcRequest, JsonRpcError> {
                         reason: "batch element is not an object",
                     }),
                 })
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<_, _>>()?;
             Ok(JsonRpcRequest {
                 messages,
                 batch: true,
@@ -746,7 +750,7 @@ fn validate(raw: RawMessage<'_>, index: Option<usize>) -> Result<Message, JsonRp
         };
     };
     let method = match method {
-        Scalar::Str(m) if !m.is_empty() => m.into_owned(),
+        Scalar::Str(m) if !m.is_empty() => SmolStr::new(m),
         _ => return Err(invalid("method must be a non-empty string")),
     };
     if raw.result || raw.error {
@@ -767,12 +771,12 @@ fn validate(raw: RawMessage<'_>, index: Option<usize>) -> Result<Message, JsonRp
     let protocol = classify(&method, &params);
     let tool = if NAME_METHODS.contains(&method.as_str()) {
         match params.name {
-            Some(Scalar::Str(name)) => Some(name.into_owned()),
+            Some(Scalar::Str(name)) => Some(SmolStr::new(name)),
             _ => return Err(invalid_params("params.name must be a string")),
         }
     } else if URI_METHODS.contains(&method.as_str()) {
         match params.uri {
-            Some(Scalar::Str(uri)) => Some(uri.into_owned()),
+            Some(Scalar::Str(uri)) => Some(SmolStr::new(uri)),
             _ => return Err(invalid_params("params.uri must be a string")),
         }
     } else {
