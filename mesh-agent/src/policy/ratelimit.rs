@@ -70,7 +70,8 @@ pub struct RateLimiter {
 type Shard = HashTable<(BucketKey, Bucket)>;
 
 /// Whose bucket it is; copied to the heap only when a bucket is created.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Compared with [`BucketKey::is`], against the parts of a request's key.
+#[derive(Debug)]
 struct BucketKey {
     source: Box<str>,
     destination: Box<str>,
