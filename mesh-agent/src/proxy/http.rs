@@ -37,7 +37,8 @@ use super::{
     h1_server,
     jsonrpc::{self, JsonRpcRequest, Message},
     prefixed::PrefixedStream,
-    priority::{Admission, PRIORITY_HEADER, class_of},
+    priority::{Admission, class_of},
+    request_headers::KnownHeaders,
     upstream::{Http1Pool, PooledBody, SendError, UpstreamKey},
 };
 use crate::{
@@ -281,14 +282,16 @@ enum UpstreamError {
     },
 }
 
-/// What one request is, for policy, telemetry and retries.
+/// What one request is, for policy, telemetry and retries: the headers the proxy acts on
+/// (borrowed from the request's), and what its body says.
 #[derive(Debug, Default)]
-struct RequestFacts {
+struct RequestFacts<'h> {
+    headers: KnownHeaders<'h>,
     jsonrpc: Option<JsonRpcRequest>,
     grpc: bool,
 }
 
-impl RequestFacts {
+impl RequestFacts<'_> {
     fn first(&self) -> Option<&Message> {
         self.jsonrpc
             .as_ref()
@@ -436,21 +439,34 @@ impl HttpProxy {
     async fn handle(
         &self,
         caller: &CallerContext,
-        mut request: Request<RequestBody>,
+        request: Request<RequestBody>,
         version: HttpVersion,
     ) -> Response<ProxyBody> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let snapshot = self.policy.current();
-        let destination = request_host(&request)
+        let (mut parts, incoming) = request.into_parts();
+        let headers = KnownHeaders::of(&parts.headers);
+        let destination = request_host(&parts.uri, headers.host)
             .and_then(|host| snapshot.agent_by_host(host))
             .or_else(|| snapshot.agent_by_address(caller.original_dst));
         let traffic = snapshot.traffic(destination.map_or("", |agent| agent.name.as_str()));
-        let client_upgrade =
-            is_websocket_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-        let (parts, incoming) = request.into_parts();
+        let client_upgrade = if headers.is_websocket_upgrade(parts.version) {
+            // hyper's server gives every HTTP/1.1 request with `Upgrade` the means to switch
+            // (the raw HTTP/1.1 server hands such requests to it).
+            let Some(upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+                debug!(source = %caller.source, "WebSocket upgrade on a connection that cannot switch protocols");
+                return plain_error(
+                    StatusCode::BAD_REQUEST,
+                    "WebSocket upgrade on a connection that cannot switch protocols",
+                );
+            };
+            Some(upgrade)
+        } else {
+            None
+        };
 
         // Read what policy needs to see before a byte goes upstream.
-        let (body, facts) = match inspect_body(&parts, incoming, traffic).await {
+        let (body, facts) = match inspect_body(&parts, headers, incoming, traffic).await {
             Ok(inspected) => inspected,
             Err(response) => {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -462,7 +478,7 @@ impl HttpProxy {
             Some(jsonrpc::Family::A2a) => self.stats.a2a_requests.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
-        if let Some(response) = check_mcp_headers(&parts.headers, &facts) {
+        if let Some(response) = check_mcp_headers(&facts) {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             return response;
         }
@@ -514,10 +530,7 @@ impl HttpProxy {
         let class = class_of(
             &traffic.priority,
             &caller.source,
-            parts
-                .headers
-                .get(&PRIORITY_HEADER)
-                .and_then(|value| value.to_str().ok()),
+            KnownHeaders::text(facts.headers.priority),
         );
         let admitted = if traffic.priority.max_concurrent == 0 {
             // No limit: admitted at once, no queue to wait in.
@@ -560,7 +573,7 @@ impl HttpProxy {
                 caller,
                 &snapshot,
                 destination,
-                parts,
+                &parts,
                 body,
                 facts,
                 traffic,
@@ -728,15 +741,14 @@ impl HttpProxy {
         caller: &CallerContext,
         snapshot: &PolicySnapshot,
         destination: Option<&AgentEntry>,
-        parts: http::request::Parts,
+        parts: &http::request::Parts,
         body: Body,
-        facts: RequestFacts,
+        facts: RequestFacts<'_>,
         traffic: &TrafficSettings,
         version: HttpVersion,
     ) -> Response<ProxyBody> {
         let retryable_request = body.is_buffered()
-            && (is_idempotent(&parts.method)
-                || parts.headers.contains_key(&IDEMPOTENCY_KEY_HEADER));
+            && (is_idempotent(&parts.method) || facts.headers.idempotency_key.is_some());
         let budget_key = destination.map_or(BudgetKey::Address(caller.original_dst), |agent| {
             BudgetKey::Agent(&agent.name)
         });
@@ -777,14 +789,11 @@ impl HttpProxy {
             },
             None => destination,
         };
-        let timeout = request_timeout(&parts.headers, traffic);
+        let timeout = request_timeout(&facts.headers, traffic);
         let mut body = Some(body);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
-        let session = parts
-            .headers
-            .get(&MCP_SESSION_HEADER)
-            .and_then(|value| value.to_str().ok());
+        let session = KnownHeaders::text(facts.headers.mcp_session);
         let mut agent = destination;
         let mut failed_over = false;
         loop {
@@ -833,7 +842,8 @@ impl HttpProxy {
             };
             let outcome = self
                 .send(
-                    &parts,
+                    parts,
+                    facts.headers.host.is_some(),
                     this_body,
                     (endpoint, node.as_deref(), &caller.source),
                     timeout,
@@ -960,6 +970,7 @@ impl HttpProxy {
     async fn send(
         &self,
         parts: &http::request::Parts,
+        has_host: bool,
         body: Body,
         target: (SocketAddr, Option<&str>, &Arc<str>),
         timeout: Duration,
@@ -991,11 +1002,7 @@ impl HttpProxy {
                         .path_and_query()
                         .map_or("/", http::uri::PathAndQuery::as_str);
                     let target = if target.is_empty() { "/" } else { target };
-                    let host = if parts.headers.contains_key(header::HOST) {
-                        None
-                    } else {
-                        host()
-                    };
+                    let host = if has_host { None } else { host() };
                     let send = self.pool.send_buffered_as(
                         source,
                         endpoint,
@@ -1339,21 +1346,19 @@ async fn request_over(
 /// Buffers a JSON request body (bounded by the traffic policy) and extracts its JSON-RPC
 /// messages; buffers small bodies of other requests so they can be retried; streams the rest
 /// (gRPC, large or unknown-length bodies) untouched.
-async fn inspect_body(
+async fn inspect_body<'h>(
     parts: &http::request::Parts,
+    headers: KnownHeaders<'h>,
     body: RequestBody,
     traffic: &TrafficSettings,
-) -> Result<(Body, RequestFacts), Response<ProxyBody>> {
+) -> Result<(Body, RequestFacts<'h>), Response<ProxyBody>> {
     let mut facts = RequestFacts {
-        grpc: is_grpc(&parts.headers),
-        ..RequestFacts::default()
+        headers,
+        grpc: headers.is_grpc(),
+        jsonrpc: None,
     };
-    let json = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(jsonrpc::is_json_content_type);
-    let declared = content_length(&parts.headers);
+    let json = KnownHeaders::text(headers.content_type).is_some_and(jsonrpc::is_json_content_type);
+    let declared = headers.content_length();
     let limit = if json {
         traffic.max_request_body_bytes
     } else {
@@ -1523,7 +1528,7 @@ fn dedup_key(
         parts.method.as_str().as_bytes(),
         target.as_bytes(),
     ];
-    if let Some(idempotency) = parts.headers.get(&IDEMPOTENCY_KEY_HEADER) {
+    if let Some(idempotency) = facts.headers.idempotency_key {
         return Some(dedup::key(&[
             source,
             destination,
@@ -1546,9 +1551,9 @@ fn dedup_key(
     {
         return None;
     }
-    let session = parts
+    let session = facts
         .headers
-        .get(&MCP_SESSION_HEADER)
+        .mcp_session
         .map_or(&b""[..], |value| value.as_bytes());
     Some(dedup::key(&[
         source,
@@ -1561,19 +1566,12 @@ fn dedup_key(
     ]))
 }
 
-/// The host a request names, without port: `Host` for HTTP/1.1, `:authority` for HTTP/2.
-fn request_host<B>(request: &Request<B>) -> Option<&str> {
-    request
-        .uri()
-        .authority()
+/// The host a request names, without port: `:authority` for HTTP/2 (and absolute-form
+/// targets), else `Host`.
+fn request_host<'r>(uri: &'r http::Uri, host: Option<&'r HeaderValue>) -> Option<&'r str> {
+    uri.authority()
         .map(http::uri::Authority::host)
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|value| value.to_str().ok())
-                .map(host_without_port)
-        })
+        .or_else(|| KnownHeaders::text(host).map(host_without_port))
 }
 
 fn host_without_port(host: &str) -> &str {
@@ -1585,20 +1583,6 @@ fn host_without_port(host: &str) -> &str {
         .map_or(host, |(name, _)| name)
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse().ok())
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/grpc"))
-}
-
 fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
@@ -1606,22 +1590,11 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-fn is_websocket_upgrade<B>(request: &Request<B>) -> bool {
-    request.version() == http::Version::HTTP_11
-        && request
-            .headers()
-            .get(header::UPGRADE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.eq_ignore_ascii_case("websocket"))
-}
-
 /// The time allowed for the response headers: the traffic policy's request timeout, shortened
 /// by a gRPC deadline (`grpc-timeout`) the caller propagated.
-fn request_timeout(headers: &HeaderMap, traffic: &TrafficSettings) -> Duration {
+fn request_timeout(headers: &KnownHeaders<'_>, traffic: &TrafficSettings) -> Duration {
     let policy = traffic.timeouts.request;
-    headers
-        .get(&GRPC_TIMEOUT_HEADER)
-        .and_then(|value| value.to_str().ok())
+    KnownHeaders::text(headers.grpc_timeout)
         .and_then(parse_grpc_timeout)
         .map_or(policy, |deadline| deadline.min(policy))
 }
@@ -1657,12 +1630,6 @@ fn backoff(attempt: u32, traffic: &TrafficSettings) -> Duration {
 
 /// The MCP session header (Streamable HTTP, 2025-11-25).
 static MCP_SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id");
-/// Names of headers looked up on every request, parsed once (a `&str` name is parsed and
-/// checked on each lookup).
-static IDEMPOTENCY_KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
-static GRPC_TIMEOUT_HEADER: HeaderName = HeaderName::from_static("grpc-timeout");
-static MCP_METHOD_HEADER: HeaderName = HeaderName::from_static("mcp-method");
-static MCP_NAME_HEADER: HeaderName = HeaderName::from_static("mcp-name");
 /// Sessions remembered at most; past this the oldest half is forgotten (their requests are
 /// then balanced like any other, which a stateless server handles and a stateful one answers
 /// with its own "unknown session" error).
@@ -1954,10 +1921,9 @@ fn percent_encode_grpc(message: &str) -> String {
 /// The 2026-07-28 MCP generation repeats the method and tool name in headers; a request
 /// whose headers disagree with its body is refused (a policy decision on the header alone
 /// would otherwise be spoofable).
-fn check_mcp_headers(headers: &HeaderMap, facts: &RequestFacts) -> Option<Response<ProxyBody>> {
-    let header_text = |name: &HeaderName| headers.get(name).and_then(|value| value.to_str().ok());
-    let method = header_text(&MCP_METHOD_HEADER);
-    let name = header_text(&MCP_NAME_HEADER);
+fn check_mcp_headers(facts: &RequestFacts<'_>) -> Option<Response<ProxyBody>> {
+    let method = KnownHeaders::text(facts.headers.mcp_method);
+    let name = KnownHeaders::text(facts.headers.mcp_name);
     if method.is_none() && name.is_none() {
         return None;
     }

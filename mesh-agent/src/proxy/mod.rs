@@ -16,6 +16,7 @@ pub mod prefixed;
 pub mod priority;
 pub mod read_buffers;
 pub mod redirect_window;
+pub mod request_headers;
 pub mod sniff;
 pub mod splice;
 pub mod sse;

@@ -14,8 +14,9 @@ use tokio::sync::oneshot;
 
 use crate::policy::{Pattern, Priority, PriorityClass};
 
-/// Header a caller may set to pick its class, where policy allows it.
-pub static PRIORITY_HEADER: http::HeaderName = http::HeaderName::from_static("x-mesh-priority");
+/// Header a caller may set to pick its class, where policy allows it (lower case, as
+/// `HeaderName` holds it).
+pub const PRIORITY_HEADER: &str = "x-mesh-priority";
 
 /// Why a request was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
