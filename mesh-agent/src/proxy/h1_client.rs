@@ -68,6 +68,97 @@ pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
     pub headers: HeaderMap,
+    /// What its framing headers say, read off the raw fields while parsing.
+    framing_fields: FramingFields,
+}
+
+/// What a response's `Connection`, `Transfer-Encoding` and `Content-Length` fields say, read
+/// in one pass over the parsed fields (every value of each, in order). A fault is kept, not
+/// raised: it matters only if the framing depends on that field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FramingFields {
+    /// `Connection` lists `close` / `keep-alive`.
+    close: bool,
+    keep_alive: bool,
+    /// `Transfer-Encoding`: absent, or whether its last coding is `chunked`.
+    transfer_coding: Option<Result<bool, &'static str>>,
+    content_length: Result<Option<u64>, &'static str>,
+    has_content_length: bool,
+}
+
+impl FramingFields {
+    fn scan(fields: &[httparse::Header<'_>]) -> Self {
+        let mut scanned = Self {
+            close: false,
+            keep_alive: false,
+            transfer_coding: None,
+            content_length: Ok(None),
+            has_content_length: false,
+        };
+        for field in fields {
+            let name = field.name;
+            if name.eq_ignore_ascii_case("connection") {
+                for token in list_items(field.value) {
+                    scanned.close |= token.eq_ignore_ascii_case(b"close");
+                    scanned.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                let previous = scanned.transfer_coding.unwrap_or(Ok(false));
+                scanned.transfer_coding = Some(if is_visible_text(field.value) {
+                    // The last coding of all the values decides; an empty list changes nothing.
+                    previous.map(|chunked| {
+                        list_items(field.value)
+                            .last()
+                            .map_or(chunked, |coding| coding.eq_ignore_ascii_case(b"chunked"))
+                    })
+                } else {
+                    Err("invalid Transfer-Encoding")
+                });
+            } else if name.eq_ignore_ascii_case("content-length") {
+                scanned.has_content_length = true;
+                if let Ok(seen) = scanned.content_length {
+                    scanned.content_length = content_length_items(field.value, seen);
+                }
+            }
+        }
+        scanned
+    }
+}
+
+/// The non-empty items of a comma-separated field value, trimmed.
+fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&byte| byte == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|item| !item.is_empty())
+}
+
+/// Whether a field value is text `HeaderValue::to_str` takes (visible ASCII, space, tab).
+fn is_visible_text(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&byte| byte == b'\t' || (0x20..0x7f).contains(&byte))
+}
+
+/// A message's length after one more `Content-Length` value (`seen`: the length the earlier
+/// values gave): each value is one number or a list of them, every one the same
+/// (RFC 9110 §8.6); anything else is an error.
+pub fn content_length_items(value: &[u8], seen: Option<u64>) -> Result<Option<u64>, &'static str> {
+    let mut length = seen;
+    for item in value.split(|&byte| byte == b',').map(<[u8]>::trim_ascii) {
+        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+            return Err("invalid Content-Length");
+        }
+        // 19 digits or fewer always fit a u64.
+        let parsed = item
+            .iter()
+            .fold(0u64, |total, &digit| total * 10 + u64::from(digit - b'0'));
+        if length.is_some_and(|seen| seen != parsed) {
+            return Err("conflicting Content-Length values");
+        }
+        length = Some(parsed);
+    }
+    Ok(length)
 }
 
 /// Parses a response head at the start of `buffer` and takes it off: `Ok(None)` while
@@ -129,14 +220,15 @@ fn parse_response_head_with<const SLOTS: usize>(
             return Ok(Err(H1Error::Malformed("invalid status line or header")));
         }
     };
+    let framing_fields = FramingFields::scan(response.headers);
     let (spans, count) = header_spans::<SLOTS>(base, response.headers);
     let (version, code) = (response.version, response.code);
     Ok(finish_head(
         buffer,
         consumed,
-        version,
-        code,
+        (version, code),
         &spans[..count],
+        framing_fields,
     ))
 }
 
@@ -145,9 +237,9 @@ fn parse_response_head_with<const SLOTS: usize>(
 fn finish_head(
     buffer: &mut BytesMut,
     consumed: usize,
-    version: Option<u8>,
-    code: Option<u16>,
+    (version, code): (Option<u8>, Option<u16>),
     spans: &[HeaderSpan],
+    framing_fields: FramingFields,
 ) -> Result<Option<ResponseHead>, H1Error> {
     let version = match version {
         Some(0) => Version::HTTP_10,
@@ -163,6 +255,7 @@ fn finish_head(
         status,
         version,
         headers,
+        framing_fields,
     }))
 }
 
@@ -178,11 +271,10 @@ pub enum Framing {
 /// The framing of the body that follows `head`, answering a request with `method`, and
 /// whether the connection may carry another request after it.
 pub fn framing(method: &Method, head: &ResponseHead) -> Result<(Framing, bool), H1Error> {
-    let connection_has =
-        |token: &str| connection_tokens(&head.headers).any(|item| item.eq_ignore_ascii_case(token));
+    let fields = &head.framing_fields;
     let keep_alive = match head.version {
-        Version::HTTP_11 => !connection_has("close"),
-        _ => connection_has("keep-alive"),
+        Version::HTTP_11 => !fields.close,
+        _ => fields.keep_alive,
     };
     let status = head.status;
     if *method == Method::HEAD
@@ -192,50 +284,18 @@ pub fn framing(method: &Method, head: &ResponseHead) -> Result<(Framing, bool), 
     {
         return Ok((Framing::Empty, keep_alive));
     }
-    let mut codings = head
-        .headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .peekable();
-    if codings.peek().is_some() {
-        let mut last = None;
-        for value in codings {
-            let text = value
-                .to_str()
-                .map_err(|_| H1Error::Malformed("invalid Transfer-Encoding"))?;
-            for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-                last = Some(coding);
-            }
-        }
-        let chunked = last.is_some_and(|coding| coding.eq_ignore_ascii_case("chunked"));
+    if let Some(coding) = fields.transfer_coding {
+        let chunked = coding.map_err(H1Error::Malformed)?;
         // With a Content-Length too, the message may be an attempt at smuggling: read it as
         // the transfer coding says, then close (RFC 9112 §6.3, item 3).
-        let reusable = keep_alive && chunked && !head.headers.contains_key(header::CONTENT_LENGTH);
+        let reusable = keep_alive && chunked && !fields.has_content_length;
         return Ok(if chunked {
             (Framing::Chunked, reusable)
         } else {
             (Framing::UntilClose, false)
         });
     }
-    let mut length: Option<u64> = None;
-    for value in head.headers.get_all(header::CONTENT_LENGTH) {
-        let text = value
-            .to_str()
-            .map_err(|_| H1Error::Malformed("invalid Content-Length"))?;
-        for item in text.split(',').map(str::trim) {
-            if item.is_empty() || item.len() > 19 || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(H1Error::Malformed("invalid Content-Length"));
-            }
-            let parsed: u64 = item
-                .parse()
-                .map_err(|_| H1Error::Malformed("invalid Content-Length"))?;
-            if length.is_some_and(|seen| seen != parsed) {
-                return Err(H1Error::Malformed("conflicting Content-Length values"));
-            }
-            length = Some(parsed);
-        }
-    }
-    Ok(match length {
+    Ok(match fields.content_length.map_err(H1Error::Malformed)? {
         Some(length) => (Framing::Length(length), keep_alive),
         None => (Framing::UntilClose, false),
     })
@@ -455,13 +515,19 @@ pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// a `Connection` header names (usually there is none), and `Content-Length` (each hop
 /// frames its own body).
 pub fn end_to_end_fields(headers: &HeaderMap) -> impl Iterator<Item = (&str, &HeaderValue)> {
-    let listed: Vec<&str> = connection_tokens(headers).collect();
+    // Usually there is no `Connection` header: a look at the names finds that without a
+    // hashed lookup.
+    let listed: Vec<&str> = if headers.keys().any(|name| name == header::CONNECTION) {
+        connection_tokens(headers).collect()
+    } else {
+        Vec::new()
+    };
     headers
         .iter()
         .map(|(name, value)| (name.as_str(), value))
         .filter(move |&(name, _)| {
             name != header::CONTENT_LENGTH.as_str()
-                && !HOP_BY_HOP.contains(&name)
+                && !is_hop_by_hop(name)
                 && !listed
                     .iter()
                     .any(|listed| listed.eq_ignore_ascii_case(name))
@@ -474,6 +540,21 @@ pub fn put_field(out: &mut BytesMut, name: &str, value: &[u8]) {
     out.put_slice(b": ");
     out.put_slice(value);
     out.put_slice(b"\r\n");
+}
+
+/// Whether a (lower-case) header name is one of [`HOP_BY_HOP`].
+pub fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
@@ -916,6 +997,87 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
         ] {
             assert!(framing(&get, &head(text)).is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn framing_fields_read_every_value_in_order() {
+        let get = Method::GET;
+        /// A head and its framing (`None`: an error).
+        type Case = (&'static [u8], Option<(Framing, bool)>);
+        let cases: [Case; 6] = [
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: \r\n\r\n",
+                Some((Framing::Chunked, true)),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+                Some((Framing::Chunked, true)),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+                Some((Framing::UntilClose, false)),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: ch\xffunked\r\n\r\n",
+                None,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: x-a\r\nconnection: Close\r\ncontent-length: 2\r\n\r\n",
+                Some((Framing::Length(2), false)),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2, 2\r\n\r\n",
+                Some((Framing::Length(2), true)),
+            ),
+        ];
+        for (text, expected) in cases {
+            let head = parse(text).unwrap().unwrap();
+            assert_eq!(
+                framing(&get, &head).ok(),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        // A fault in a field the framing does not depend on is no error.
+        let head = parse(b"HTTP/1.1 204 No Content\r\ncontent-length: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(framing(&get, &head).unwrap(), (Framing::Empty, true));
+    }
+
+    #[test]
+    fn content_length_values_are_one_number_or_a_list_of_the_same() {
+        assert_eq!(content_length_items(b"0", None), Ok(Some(0)));
+        assert_eq!(content_length_items(b" 17 ", None), Ok(Some(17)));
+        assert_eq!(content_length_items(b"17,17", Some(17)), Ok(Some(17)));
+        assert_eq!(
+            content_length_items(b"9999999999999999999", None),
+            Ok(Some(9_999_999_999_999_999_999))
+        );
+        for bad in [
+            &b""[..],
+            b"+1",
+            b"-1",
+            b"1 2",
+            b"1,",
+            b"0x10",
+            b"12345678901234567890",
+        ] {
+            assert!(content_length_items(bad, None).is_err(), "{bad:?}");
+        }
+        assert!(content_length_items(b"5", Some(6)).is_err());
+        assert!(content_length_items(b"5, 6", None).is_err());
+    }
+
+    #[test]
+    fn the_hop_by_hop_test_names_exactly_the_hop_by_hop_headers() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in ["content-length", "host", "trailer", "connections", "t", ""] {
+            assert!(!is_hop_by_hop(name), "{name}");
         }
     }
 

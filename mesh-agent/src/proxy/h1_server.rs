@@ -161,13 +161,9 @@ fn parse_with<const SLOTS: usize>(
         let name = field.name;
         if name.eq_ignore_ascii_case("content-length") {
             // Every value must be the same number; anything else is hyper's to refuse.
-            let value = std::str::from_utf8(field.value)
-                .ok()
-                .and_then(|value| value.trim().parse::<u64>().ok());
-            match (value, body_len) {
-                (Some(value), None) => body_len = Some(value),
-                (Some(value), Some(seen)) if value == seen => {}
-                _ => return Ok(Ok(Some(Parsed::Handoff))),
+            match h1_client::content_length_items(field.value, body_len) {
+                Ok(length) => body_len = length,
+                Err(_) => return Ok(Ok(Some(Parsed::Handoff))),
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("expect")
@@ -309,14 +305,19 @@ fn put_chunk_size(out: &mut BytesMut, length: usize) {
     out.put_slice(b"\r\n");
 }
 
-/// The response's `Content-Length` when it has exactly one valid value.
+/// The response's `Content-Length` when it has exactly one valid value (found by a look at
+/// the few names a response has, not a hashed lookup).
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let first = values.next()?;
+    let mut values = headers
+        .iter()
+        .filter(|(name, _)| *name == header::CONTENT_LENGTH);
+    let (_, first) = values.next()?;
     if values.next().is_some() {
         return None;
     }
-    first.to_str().ok()?.trim().parse().ok()
+    h1_client::content_length_items(first.as_bytes(), None)
+        .ok()
+        .flatten()
 }
 
 /// The current time as an HTTP date, formatted once per second per thread.
