@@ -1,15 +1,18 @@
 //! Fuzzes the client side of the in-task HTTP/1.1 server on bytes a hostile client may send:
 //! the request-head parser, over a stream of pipelined requests. No input may panic it; a
 //! request taken off the buffer shrinks it, a handed-off one leaves it whole; where the bytes
-//! are split never changes what is parsed; and any parsed head's fields, sent back as a
-//! response's, encode into a head that parses again with the framing chosen.
+//! are split never changes what is parsed; any parsed head's fields make a header map; and
+//! they encode, forwarded as a request's or sent back as a response's, into a head that parses
+//! again with the framing chosen.
 #![no_main]
 
 use bytes::BytesMut;
-use http::{HeaderValue, StatusCode};
+use http::{HeaderValue, Method, StatusCode};
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::proxy::h1_server::{
-    Parsed, ResponseFraming, encode_response_head, parse_request_head,
+use mesh_agent::proxy::{
+    h1_client::{HOP_BY_HOP, encode_request},
+    h1_server::{Parsed, ResponseFraming, encode_response_head, parse_request_head},
+    request_headers::{RawHeaders, RequestHeaders},
 };
 
 /// Parses requests off `input` fed in pieces of `step` bytes: each request's method, target,
@@ -40,16 +43,23 @@ fn parse_all(input: &[u8], step: usize) -> (Vec<String>, String) {
             }
             Ok(Some(Parsed::Request(head))) => {
                 assert!(buffer.len() < before);
-                let request = &head.request;
                 seen.push(format!(
                     "{} {} {} {} {}",
-                    request.method(),
-                    request.uri(),
-                    request.headers().len(),
+                    head.method,
+                    head.uri,
+                    head.headers.len(),
                     head.body_len,
                     head.keep_alive
                 ));
-                check_response_encoding(request.headers());
+                // Fields httparse took always make a header map (the proxy builds one
+                // lazily, on the paths that need it).
+                let map = head
+                    .headers
+                    .to_map()
+                    .expect("parsed fields make a header map");
+                assert_eq!(map.len(), head.headers.len());
+                check_response_encoding(&map);
+                check_request_encoding(&head.headers);
                 skip = head.body_len;
             }
             Ok(None) if fed == input.len() => return (seen, "incomplete".into()),
@@ -59,6 +69,39 @@ fn parse_all(input: &[u8], step: usize) -> (Vec<String>, String) {
                 fed = end;
             }
         }
+    }
+}
+
+/// The raw fields forwarded as a request's: the encoded head parses, with one
+/// `Content-Length` and no hop-by-hop field.
+fn check_request_encoding(headers: &RawHeaders) {
+    let mut out = BytesMut::new();
+    encode_request(
+        &Method::POST,
+        "/",
+        &RequestHeaders::Raw(headers.clone()),
+        None,
+        b"{}",
+        &mut out,
+    );
+    let mut slots = [httparse::EMPTY_HEADER; 256];
+    let mut request = httparse::Request::new(&mut slots);
+    let parsed = request.parse(&out);
+    assert!(
+        matches!(parsed, Ok(httparse::Status::Complete(length)) if length + 2 == out.len()),
+        "encoded request does not parse: {parsed:?} {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    let named = |name: &str| {
+        request
+            .headers
+            .iter()
+            .filter(|field| field.name.eq_ignore_ascii_case(name))
+            .count()
+    };
+    assert_eq!(named("content-length"), 1);
+    for hop in HOP_BY_HOP {
+        assert_eq!(named(hop), 0, "{hop} forwarded");
     }
 }
 

@@ -297,6 +297,11 @@ impl Route {
 }
 
 impl TrafficSettings {
+    /// Whether a route matches on request headers (so a request's header map is needed).
+    pub fn routes_read_headers(&self) -> bool {
+        self.routes.iter().any(|route| !route.headers.is_empty())
+    }
+
     /// The backend agent for a request: of the first matching route, one backend drawn by
     /// weight with `draw` (a number in `0..total weight`); `None` when no route matches.
     pub fn route(&self, request: &RouteRequest<'_>, draw: impl FnOnce(u64) -> u64) -> Option<&str> {

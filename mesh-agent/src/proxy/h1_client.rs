@@ -28,6 +28,7 @@ use sync_wrapper::SyncWrapper;
 
 use super::dialer::Upstream;
 use super::read_buffers::UPSTREAM_READS;
+use super::request_headers::{RawHeaders, RequestHeaders};
 
 /// Largest response head (status line and headers) accepted.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -536,10 +537,34 @@ pub fn end_to_end_fields(headers: &HeaderMap) -> impl Iterator<Item = (&str, &He
 
 /// Writes one header field line (`name: value` and CRLF) into `out`.
 pub fn put_field(out: &mut BytesMut, name: &str, value: &[u8]) {
-    out.put_slice(name.as_bytes());
+    put_field_bytes(out, name.as_bytes(), value);
+}
+
+/// [`put_field`] for a name as the client sent it.
+fn put_field_bytes(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
     out.put_slice(b": ");
     out.put_slice(value);
     out.put_slice(b"\r\n");
+}
+
+/// [`end_to_end_fields`] of fields as the HTTP/1.1 server read them (names in any case).
+fn raw_end_to_end_fields(raw: &RawHeaders) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let mut listed: Vec<&[u8]> = Vec::new();
+    for (name, value) in raw.iter() {
+        if name.eq_ignore_ascii_case(b"connection") {
+            listed.extend(list_items(value));
+        }
+    }
+    raw.iter().filter(move |&(name, _)| {
+        !name.eq_ignore_ascii_case(b"content-length")
+            && !HOP_BY_HOP
+                .iter()
+                .any(|hop| hop.as_bytes().eq_ignore_ascii_case(name))
+            && !listed
+                .iter()
+                .any(|listed| listed.eq_ignore_ascii_case(name))
+    })
 }
 
 /// Whether a (lower-case) header name is one of [`HOP_BY_HOP`].
@@ -577,7 +602,7 @@ pub const HOP_BY_HOP: [&str; 8] = [
 pub fn encode_request(
     method: &Method,
     target: &str,
-    headers: &HeaderMap,
+    headers: &RequestHeaders,
     host: Option<&HeaderValue>,
     body: &[u8],
     out: &mut BytesMut,
@@ -592,11 +617,26 @@ pub fn encode_request(
     out.put_u8(b' ');
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    if let Some(host) = host.filter(|_| !headers.contains_key(header::HOST)) {
-        put_field(out, header::HOST.as_str(), host.as_bytes());
-    }
-    for (name, value) in end_to_end_fields(headers) {
-        put_field(out, name, value.as_bytes());
+    match headers {
+        RequestHeaders::Map(map) => {
+            if let Some(host) = host.filter(|_| !map.contains_key(header::HOST)) {
+                put_field(out, header::HOST.as_str(), host.as_bytes());
+            }
+            for (name, value) in end_to_end_fields(map) {
+                put_field(out, name, value.as_bytes());
+            }
+        }
+        RequestHeaders::Raw(raw) => {
+            if let Some(host) = host.filter(|_| {
+                !raw.iter()
+                    .any(|(name, _)| name.eq_ignore_ascii_case(b"host"))
+            }) {
+                put_field(out, header::HOST.as_str(), host.as_bytes());
+            }
+            for (name, value) in raw_end_to_end_fields(raw) {
+                put_field_bytes(out, name, value);
+            }
+        }
     }
     let needs_length =
         !body.is_empty() || matches!(*method, Method::POST | Method::PUT | Method::PATCH);
@@ -1160,7 +1200,7 @@ mod tests {
         encode_request(
             &Method::POST,
             "/rpc?x=1",
-            &headers,
+            &RequestHeaders::Map(headers),
             Some(&other),
             b"{}",
             &mut out,
@@ -1172,14 +1212,51 @@ mod tests {
         out.clear();
         let mut bare = HeaderMap::new();
         bare.insert("x-kept", HeaderValue::from_static("1"));
+        let bare = RequestHeaders::Map(bare);
         encode_request(&Method::GET, "/", &bare, Some(&other), b"", &mut out);
         assert_eq!(
             &out[..],
             b"GET / HTTP/1.1\r\nhost: other\r\nx-kept: 1\r\n\r\n"
         );
         out.clear();
-        encode_request(&Method::POST, "/", &HeaderMap::new(), None, b"", &mut out);
+        let none = RequestHeaders::Map(HeaderMap::new());
+        encode_request(&Method::POST, "/", &none, None, b"", &mut out);
         assert_eq!(&out[..], b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+    }
+
+    #[test]
+    fn raw_requests_are_framed_by_the_proxy_and_keep_their_field_names_case() {
+        let mut buffer = BytesMut::from(
+            &b"POST /rpc HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\
+               Connection: X-Private, keep-alive\r\nx-private: secret\r\n\
+               Keep-Alive: timeout=5\r\nTE: trailers\r\nX-Kept: 1\r\nx-kept: 2\r\n\r\n{}"[..],
+        );
+        let Ok(Some(super::super::h1_server::Parsed::Request(request))) =
+            super::super::h1_server::parse_request_head(&mut buffer)
+        else {
+            panic!("not a request");
+        };
+        let raw = RequestHeaders::Raw(request.headers);
+        let other = HeaderValue::from_static("other");
+        let mut out = BytesMut::new();
+        encode_request(&Method::POST, "/rpc", &raw, Some(&other), b"{}", &mut out);
+        assert_eq!(
+            &out[..],
+            b"POST /rpc HTTP/1.1\r\nHost: svc\r\nX-Kept: 1\r\nx-kept: 2\r\ncontent-length: 2\r\n\r\n{}"
+        );
+        let mut bare = BytesMut::from(&b"GET / HTTP/1.1\r\nx-kept: 1\r\n\r\n"[..]);
+        let Ok(Some(super::super::h1_server::Parsed::Request(request))) =
+            super::super::h1_server::parse_request_head(&mut bare)
+        else {
+            panic!("not a request");
+        };
+        out.clear();
+        let raw = RequestHeaders::Raw(request.headers);
+        encode_request(&Method::GET, "/", &raw, Some(&other), b"", &mut out);
+        assert_eq!(
+            &out[..],
+            b"GET / HTTP/1.1\r\nhost: other\r\nx-kept: 1\r\n\r\n"
+        );
     }
 
     /// An upstream that reads one request head, then writes `reply` and, if `close`, closes.
@@ -1215,7 +1292,8 @@ mod tests {
         let stream = tokio::net::TcpStream::connect(address).await.unwrap();
         let conn = Box::new(RawConnection::new(Upstream::Direct(stream)));
         let mut head = BytesMut::new();
-        encode_request(&method, "/", &HeaderMap::new(), None, b"", &mut head);
+        let none = RequestHeaders::Map(HeaderMap::new());
+        encode_request(&method, "/", &none, None, b"", &mut head);
         let response = match conn.send(&method, &head, &Bytes::new()).await {
             Ok(response) => response,
             Err(SendFailure::NotSent(error) | SendFailure::Failed(error)) => return Err(error),

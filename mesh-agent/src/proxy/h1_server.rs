@@ -24,7 +24,7 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
 use hyper::body::Body;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
@@ -33,6 +33,7 @@ use tokio::{
 
 use super::h1_client::{self, HeadFault, MAX_HEAD_BYTES, MAX_HEADERS, TooManyHeaders, put_field};
 use super::read_buffers::CLIENT_READS;
+use super::request_headers::RawHeaders;
 
 /// Largest request body read whole on this path; a larger one goes to hyper's server.
 pub const MAX_INLINE_REQUEST_BODY: usize = 64 * 1024;
@@ -85,7 +86,11 @@ pub enum ServerError {
 /// A request head this path serves, with what framing the exchange needs.
 #[derive(Debug)]
 pub struct RequestHead {
-    pub request: Request<()>,
+    pub method: Method,
+    /// The request target (origin form, or absolute form through a proxy).
+    pub uri: Uri,
+    /// The fields as the client sent them (a header map is built only where one is needed).
+    pub headers: RawHeaders,
     /// Bytes of body that follow the head.
     pub body_len: usize,
     /// Whether the client lets the connection stay open after the response.
@@ -93,6 +98,15 @@ pub struct RequestHead {
     /// Whether the client takes trailers (`TE: trailers`); without it, a chunked response's
     /// trailers are left out, as hyper's server does.
     pub accepts_trailers: bool,
+}
+
+/// A whole HTTP/1.1 request as the server hands it to its service.
+#[derive(Debug)]
+pub struct ServedRequest {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: RawHeaders,
+    pub body: Bytes,
 }
 
 /// What the bytes at the start of a buffer are.
@@ -188,12 +202,12 @@ fn parse_with<const SLOTS: usize>(
     let (spans, count) = h1_client::header_spans::<SLOTS>(base, parsed.headers);
     let head = buffer.split_to(consumed).freeze();
     let framing = (body_len, keep_alive, accepts_trailers);
-    Ok(finish_request(&head, method, target, &spans[..count], framing).map(Some))
+    Ok(finish_request(head, method, target, &spans[..count], framing).map(Some))
 }
 
 /// Builds the request the parser found in `head`.
 fn finish_request(
-    head: &Bytes,
+    head: Bytes,
     method: Method,
     target: Option<(usize, usize)>,
     spans: &[h1_client::HeaderSpan],
@@ -202,14 +216,10 @@ fn finish_request(
     let (at, len) = target.ok_or(ServerError::Malformed("no request target"))?;
     let uri = Uri::from_maybe_shared(head.slice(at..at + len))
         .map_err(|_| ServerError::Malformed("invalid request target"))?;
-    let headers = h1_client::header_map(head, spans).map_err(ServerError::Malformed)?;
-    let mut request = Request::new(());
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = headers;
     Ok(Parsed::Request(RequestHead {
-        request,
+        method,
+        uri,
+        headers: RawHeaders::new(head, spans),
         body_len,
         keep_alive,
         accepts_trailers,
@@ -357,7 +367,7 @@ struct Connection<S> {
 pub async fn serve<S, F, Fut, B>(io: S, mut service: F) -> Result<Served<S>, ServerError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(Request<Bytes>) -> Fut,
+    F: FnMut(ServedRequest) -> Fut,
     Fut: Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Display,
@@ -406,9 +416,14 @@ where
             }
         };
         let body = connection.read_body(head.body_len).await?;
-        let head_request = head.request.method() == Method::HEAD;
+        let head_request = head.method == Method::HEAD;
         let (keep_alive, trailers) = (head.keep_alive, head.accepts_trailers);
-        let request = head.request.map(|()| body);
+        let request = ServedRequest {
+            method: head.method,
+            uri: head.uri,
+            headers: head.headers,
+            body,
+        };
         let Some(response) = connection.run(service(request)).await? else {
             return Ok(Served::Closed);
         };
@@ -712,8 +727,8 @@ mod tests {
 
     /// What a test service answers: `/sized` a sized body, `/stream` three frames of unknown
     /// total size (one large), `/echo` the request body.
-    fn answer(request: Request<Bytes>) -> Response<BoxBody<Bytes, Infallible>> {
-        let body = match request.uri().path() {
+    fn answer(request: ServedRequest) -> Response<BoxBody<Bytes, Infallible>> {
+        let body = match request.uri.path() {
             "/stream" => {
                 let frames = [
                     Bytes::from_static(b"first"),
@@ -725,7 +740,7 @@ mod tests {
                 ))
                 .boxed()
             }
-            "/echo" => Full::new(request.into_body()).boxed(),
+            "/echo" => Full::new(request.body).boxed(),
             _ => Full::new(Bytes::from_static(b"hello")).boxed(),
         };
         Response::new(body)
@@ -804,12 +819,12 @@ mod tests {
         let (head, rest) = request(
             b"POST /mcp?x=1 HTTP/1.1\r\nHost: tools\r\nContent-Length: 5\r\nX-A: 1\r\nX-A: 2\r\n\r\nhello",
         );
-        assert_eq!(head.request.method(), Method::POST);
-        assert_eq!(head.request.uri().path(), "/mcp");
-        assert_eq!(head.request.uri().query(), Some("x=1"));
-        assert_eq!(head.request.version(), Version::HTTP_11);
-        assert_eq!(head.request.headers()["host"], "tools");
-        assert_eq!(head.request.headers().get_all("x-a").iter().count(), 2);
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.uri.path(), "/mcp");
+        assert_eq!(head.uri.query(), Some("x=1"));
+        let headers = head.headers.to_map().unwrap();
+        assert_eq!(headers["host"], "tools");
+        assert_eq!(headers.get_all("x-a").iter().count(), 2);
         assert_eq!(head.body_len, 5);
         assert!(head.keep_alive);
         assert_eq!(&rest[..], b"hello");
@@ -888,7 +903,7 @@ mod tests {
             fifty.extend_from_slice(format!("x-{index}: v\r\n").as_bytes());
         }
         fifty.extend_from_slice(b"\r\n");
-        assert_eq!(request(&fifty).0.request.headers().len(), 50);
+        assert_eq!(request(&fifty).0.headers.len(), 50);
     }
 
     fn head(

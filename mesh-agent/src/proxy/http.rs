@@ -38,7 +38,7 @@ use super::{
     jsonrpc::{self, JsonRpcRequest, Message},
     prefixed::PrefixedStream,
     priority::{Admission, class_of},
-    request_headers::KnownHeaders,
+    request_headers::{KnownHeaders, RequestHeaders, RequestParts},
     upstream::{Http1Pool, PooledBody, SendError, UpstreamKey},
 };
 use crate::{
@@ -370,12 +370,20 @@ impl HttpProxy {
         let caller = Arc::new(caller);
         if version == HttpVersion::Http1 {
             let (proxy, caller_ref) = (&self, &caller);
-            let served = h1_server::serve(stream, |request: Request<Bytes>| {
+            let served = h1_server::serve(stream, |request: h1_server::ServedRequest| {
+                let parts = RequestParts {
+                    method: request.method,
+                    uri: request.uri,
+                    version: http::Version::HTTP_11,
+                    headers: RequestHeaders::Raw(request.headers),
+                    extensions: http::Extensions::new(),
+                };
                 // Boxed: the connection's future would otherwise keep room for a request's
                 // state (about 3.5 KiB) while it waits idle between requests.
                 Box::pin(proxy.handle(
                     caller_ref,
-                    request.map(RequestBody::Inline),
+                    parts,
+                    RequestBody::Inline(request.body),
                     HttpVersion::Http1,
                 ))
             })
@@ -427,9 +435,10 @@ impl HttpProxy {
             // connection's whole life, so an idle keep-alive connection would hold a
             // request's worth of state (about 3 KiB) it does not use.
             Box::pin(async move {
+                let (parts, body) = request.into_parts();
                 Ok::<_, Infallible>(
                     proxy
-                        .handle(&caller, request.map(RequestBody::Hyper), version)
+                        .handle(&caller, parts.into(), RequestBody::Hyper(body), version)
                         .await,
                 )
             }) as HandlerFuture
@@ -439,13 +448,13 @@ impl HttpProxy {
     async fn handle(
         &self,
         caller: &CallerContext,
-        request: Request<RequestBody>,
+        mut parts: RequestParts,
+        incoming: RequestBody,
         version: HttpVersion,
     ) -> Response<ProxyBody> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let snapshot = self.policy.current();
-        let (mut parts, incoming) = request.into_parts();
-        let headers = KnownHeaders::of(&parts.headers);
+        let headers = parts.headers.known();
         let destination = request_host(&parts.uri, headers.host)
             .and_then(|host| snapshot.agent_by_host(host))
             .or_else(|| snapshot.agent_by_address(caller.original_dst));
@@ -636,7 +645,7 @@ impl HttpProxy {
         snapshot: &PolicySnapshot,
         caller: &CallerContext,
         destination: Option<&str>,
-        parts: &http::request::Parts,
+        parts: &RequestParts,
         facts: &RequestFacts,
     ) -> Option<Response<ProxyBody>> {
         let method = parts.method.as_str();
@@ -741,7 +750,7 @@ impl HttpProxy {
         caller: &CallerContext,
         snapshot: &PolicySnapshot,
         destination: Option<&AgentEntry>,
-        parts: &http::request::Parts,
+        parts: &RequestParts,
         body: Body,
         facts: RequestFacts<'_>,
         traffic: &TrafficSettings,
@@ -755,11 +764,20 @@ impl HttpProxy {
         self.with_budget(budget_key, |budget| budget.record_request(Instant::now()));
         // An L7 route of the destination's traffic policy may send the request elsewhere.
         let message = facts.first();
+        // Header maps are built for routes that match on headers only.
+        let route_headers = if traffic.routes_read_headers() {
+            match parts.headers.to_map() {
+                Ok(map) => map,
+                Err(reason) => return plain_error(StatusCode::BAD_REQUEST, reason),
+            }
+        } else {
+            std::borrow::Cow::Owned(HeaderMap::new())
+        };
         let routed = traffic.route(
             &RouteRequest {
                 method: parts.method.as_str(),
                 path: parts.uri.path(),
-                headers: &parts.headers,
+                headers: &route_headers,
                 mcp_tool: message
                     .filter(|message| message.protocol == jsonrpc::Family::Mcp)
                     .and_then(|message| message.tool.as_deref()),
@@ -791,7 +809,8 @@ impl HttpProxy {
         };
         let timeout = request_timeout(&facts.headers, traffic);
         let mut body = Some(body);
-        let mut tried: Vec<SocketAddr> = Vec::new();
+        // Endpoints tried so far (a few at most, unless the policy allows many retries).
+        let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = smallvec::SmallVec::new();
         let mut attempt: u32 = 0;
         let session = KnownHeaders::text(facts.headers.mcp_session);
         let mut agent = destination;
@@ -969,7 +988,7 @@ impl HttpProxy {
     /// Sends to `target` (endpoint address, its node, the source workload).
     async fn send(
         &self,
-        parts: &http::request::Parts,
+        parts: &RequestParts,
         has_host: bool,
         body: Body,
         target: (SocketAddr, Option<&str>, &Arc<str>),
@@ -1016,7 +1035,13 @@ impl HttpProxy {
                     tokio::time::timeout(timeout, send).await
                 }
                 body => {
-                    let mut headers = forwarded_headers(&parts.headers, false);
+                    let mut headers =
+                        forwarded_headers(&parts.headers, false).map_err(|reason| {
+                            UpstreamError::Failed {
+                                endpoint,
+                                reason: reason.to_owned(),
+                            }
+                        })?;
                     if !headers.contains_key(header::HOST)
                         && let Some(host) = host()
                     {
@@ -1057,7 +1082,7 @@ impl HttpProxy {
     /// through the tunnel (the tunnel's own connection to the peer is pooled).
     async fn send_unpooled(
         &self,
-        parts: &http::request::Parts,
+        parts: &RequestParts,
         body: Body,
         target: (SocketAddr, Option<&str>, &Arc<str>),
         timeout: Duration,
@@ -1135,7 +1160,7 @@ impl HttpProxy {
     /// HTTP/2 (h2c, gRPC) and `CONNECT` go through hyper-util's pooled client.
     async fn send_legacy(
         &self,
-        parts: &http::request::Parts,
+        parts: &RequestParts,
         body: Body,
         endpoint: SocketAddr,
         timeout: Duration,
@@ -1165,7 +1190,7 @@ impl HttpProxy {
         &self,
         caller: &CallerContext,
         destination: Option<&AgentEntry>,
-        parts: http::request::Parts,
+        parts: RequestParts,
         client_upgrade: hyper::upgrade::OnUpgrade,
         body: Body,
         traffic: &TrafficSettings,
@@ -1193,7 +1218,10 @@ impl HttpProxy {
             Err(error) => return plain_error(StatusCode::BAD_REQUEST, &error.to_string()),
         };
         // Keep Connection/Upgrade: they are the point of this request.
-        *upstream_request.headers_mut() = parts.headers.clone();
+        *upstream_request.headers_mut() = match parts.headers.to_map() {
+            Ok(map) => map.into_owned(),
+            Err(reason) => return plain_error(StatusCode::BAD_REQUEST, reason),
+        };
         let node = node_of_endpoint(destination, endpoint);
         let sent = tokio::time::timeout(traffic.timeouts.request, async {
             if self.dialer.is_remote(node.as_deref()) {
@@ -1347,7 +1375,7 @@ async fn request_over(
 /// messages; buffers small bodies of other requests so they can be retried; streams the rest
 /// (gRPC, large or unknown-length bodies) untouched.
 async fn inspect_body<'h>(
-    parts: &http::request::Parts,
+    parts: &RequestParts,
     headers: KnownHeaders<'h>,
     body: RequestBody,
     traffic: &TrafficSettings,
@@ -1514,7 +1542,7 @@ fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
 fn dedup_key(
     caller: &CallerContext,
     destination: &str,
-    parts: &http::request::Parts,
+    parts: &RequestParts,
     body: &Body,
     facts: &RequestFacts,
 ) -> Option<u64> {
@@ -1535,7 +1563,7 @@ fn dedup_key(
             method,
             target,
             b"idempotency",
-            idempotency.as_bytes(),
+            idempotency,
         ]));
     }
     let request = facts.jsonrpc.as_ref()?;
@@ -1551,10 +1579,7 @@ fn dedup_key(
     {
         return None;
     }
-    let session = facts
-        .headers
-        .mcp_session
-        .map_or(&b""[..], |value| value.as_bytes());
+    let session = facts.headers.mcp_session.unwrap_or(b"");
     Some(dedup::key(&[
         source,
         destination,
@@ -1568,7 +1593,7 @@ fn dedup_key(
 
 /// The host a request names, without port: `:authority` for HTTP/2 (and absolute-form
 /// targets), else `Host`.
-fn request_host<'r>(uri: &'r http::Uri, host: Option<&'r HeaderValue>) -> Option<&'r str> {
+fn request_host<'r>(uri: &'r http::Uri, host: Option<&'r [u8]>) -> Option<&'r str> {
     uri.authority()
         .map(http::uri::Authority::host)
         .or_else(|| KnownHeaders::text(host).map(host_without_port))
@@ -1750,7 +1775,7 @@ fn host_of(endpoint: SocketAddr) -> String {
 /// The request sent upstream: the caller's method, `uri`, the forwarded headers, and on
 /// HTTP/1.1 a `Host` taken from the caller's authority when it had none.
 fn upstream_request(
-    parts: &http::request::Parts,
+    parts: &RequestParts,
     uri: String,
     body: Body,
     endpoint: SocketAddr,
@@ -1764,7 +1789,11 @@ fn upstream_request(
             endpoint,
             reason: error.to_string(),
         })?;
-    *request.headers_mut() = forwarded_headers(&parts.headers, http2);
+    *request.headers_mut() =
+        forwarded_headers(&parts.headers, http2).map_err(|reason| UpstreamError::Failed {
+            endpoint,
+            reason: reason.to_owned(),
+        })?;
     if !http2
         && !request.headers().contains_key(header::HOST)
         && let Some(authority) = parts.uri.authority()
@@ -1775,7 +1804,7 @@ fn upstream_request(
     Ok(request)
 }
 
-fn upstream_uri(parts: &http::request::Parts, endpoint: SocketAddr) -> String {
+fn upstream_uri(parts: &RequestParts, endpoint: SocketAddr) -> String {
     let path = parts
         .uri
         .path_and_query()
@@ -1803,12 +1832,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn forwarded_headers(headers: &HeaderMap, http2: bool) -> HeaderMap {
-    let mut forwarded = headers.clone();
+/// The caller's headers less the hop-by-hop ones, for a request hyper's client sends (a
+/// header map of raw fields can only fail to build if httparse let through a field `http`
+/// refuses).
+fn forwarded_headers(headers: &RequestHeaders, http2: bool) -> Result<HeaderMap, &'static str> {
+    let headers = headers.to_map()?;
     let trailers = headers
         .get(header::TE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.contains("trailers"));
+    let mut forwarded = headers.into_owned();
     strip_hop_by_hop(&mut forwarded);
     if http2 {
         // The upstream request carries its authority in the URI.
@@ -1817,7 +1850,7 @@ fn forwarded_headers(headers: &HeaderMap, http2: bool) -> HeaderMap {
             forwarded.insert(header::TE, HeaderValue::from_static("trailers"));
         }
     }
-    forwarded
+    Ok(forwarded)
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -1,105 +1,248 @@
-//! The request headers the L7 path acts on (`Host`, `Content-Type`, `Content-Length`,
-//! `Upgrade`, `grpc-timeout`, the MCP headers, the mesh's priority header, `Idempotency-Key`),
-//! found in one pass over a request's header map instead of one hashed lookup each.
+//! A request's head as the L7 path reads it ([`RequestParts`]), with its header fields either
+//! as hyper gave them (a `HeaderMap`) or as the HTTP/1.1 server read them ([`RawHeaders`]:
+//! slices of the head's bytes, turned into a map only on the paths that need one); and the
+//! fields the proxy acts on (`Host`, `Content-Type`, `Content-Length`, `Upgrade`,
+//! `grpc-timeout`, the MCP headers, the mesh's priority header, `Idempotency-Key`), found in
+//! one pass ([`KnownHeaders`]).
 
-use http::{HeaderMap, HeaderValue, Version};
+use std::borrow::Cow;
 
-use super::priority::PRIORITY_HEADER;
+use bytes::Bytes;
+use http::{Extensions, HeaderMap, Method, Uri, Version};
+use smallvec::SmallVec;
 
-/// The first value of each header the proxy reads, borrowed from the request's header map
-/// (the value `HeaderMap::get` would give).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct KnownHeaders<'h> {
-    pub host: Option<&'h HeaderValue>,
-    pub content_type: Option<&'h HeaderValue>,
-    pub content_length: Option<&'h HeaderValue>,
-    pub upgrade: Option<&'h HeaderValue>,
-    pub grpc_timeout: Option<&'h HeaderValue>,
-    /// `Mcp-Session-Id` (MCP Streamable HTTP, 2025-11-25).
-    pub mcp_session: Option<&'h HeaderValue>,
-    /// `Mcp-Method` and `Mcp-Name` (MCP, 2026-07-28).
-    pub mcp_method: Option<&'h HeaderValue>,
-    pub mcp_name: Option<&'h HeaderValue>,
-    /// `x-mesh-priority`: the priority class a caller asks for, when policy lets it.
-    pub priority: Option<&'h HeaderValue>,
-    pub idempotency_key: Option<&'h HeaderValue>,
+use super::{
+    h1_client::{self, HeaderSpan},
+    priority::PRIORITY_HEADER,
+};
+
+/// The fields of a request head the HTTP/1.1 server parsed: names and values are slices of
+/// `head`, in the order and case the client sent them. httparse has checked them (names are
+/// tokens, values hold no control characters but tab), so they make a valid `HeaderMap`.
+#[derive(Debug, Clone, Default)]
+pub struct RawHeaders {
+    head: Bytes,
+    /// Offset and length of each name and value in `head`. A head is at most
+    /// `h1_client::MAX_HEAD_BYTES` (64 KiB), so they fit `u32`; room for 8 fields inline.
+    spans: SmallVec<[[u32; 4]; 8]>,
 }
 
-impl<'h> KnownHeaders<'h> {
-    /// Walks the header map once; a header that repeats keeps its first value.
-    pub fn of(headers: &'h HeaderMap) -> Self {
-        let mut known = Self::default();
-        for (name, value) in headers {
-            // `HeaderName`s are lower case, so one exact comparison per candidate suffices.
-            let slot = match name.as_str() {
-                "host" => &mut known.host,
-                "content-type" => &mut known.content_type,
-                "content-length" => &mut known.content_length,
-                "upgrade" => &mut known.upgrade,
-                "grpc-timeout" => &mut known.grpc_timeout,
-                "mcp-session-id" => &mut known.mcp_session,
-                "mcp-method" => &mut known.mcp_method,
-                "mcp-name" => &mut known.mcp_name,
-                PRIORITY_HEADER => &mut known.priority,
-                "idempotency-key" => &mut known.idempotency_key,
-                _ => continue,
-            };
-            slot.get_or_insert(value);
+impl RawHeaders {
+    /// The fields at `spans` (offsets into `head`, which is at most `MAX_HEAD_BYTES`).
+    pub fn new(head: Bytes, spans: &[HeaderSpan]) -> Self {
+        debug_assert!(head.len() <= h1_client::MAX_HEAD_BYTES);
+        let spans = spans
+            .iter()
+            .map(|&(name_at, name_len, value_at, value_len)| {
+                [name_at, name_len, value_at, value_len].map(|offset| offset as u32)
+            })
+            .collect();
+        Self { head, spans }
+    }
+
+    /// Each field's name and value, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans
+            .iter()
+            .map(|&[name_at, name_len, value_at, value_len]| {
+                let [name_at, name_len, value_at, value_len] =
+                    [name_at, name_len, value_at, value_len].map(|offset| offset as usize);
+                (
+                    &self.head[name_at..name_at + name_len],
+                    &self.head[value_at..value_at + value_len],
+                )
+            })
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The fields as a header map (values share the head's bytes).
+    pub fn to_map(&self) -> Result<HeaderMap, &'static str> {
+        let spans: SmallVec<[HeaderSpan; 8]> = self
+            .spans
+            .iter()
+            .map(|span| {
+                let [name_at, name_len, value_at, value_len] = span.map(|offset| offset as usize);
+                (name_at, name_len, value_at, value_len)
+            })
+            .collect();
+        h1_client::header_map(&self.head, &spans)
+    }
+}
+
+/// A request's header fields.
+#[derive(Debug, Clone)]
+pub enum RequestHeaders {
+    Map(HeaderMap),
+    Raw(RawHeaders),
+}
+
+impl RequestHeaders {
+    /// The fields the proxy acts on, in one pass.
+    pub fn known(&self) -> KnownHeaders<'_> {
+        let mut known = KnownHeaders::default();
+        match self {
+            Self::Map(map) => {
+                for (name, value) in map {
+                    known.offer(name.as_str().as_bytes(), value.as_bytes());
+                }
+            }
+            Self::Raw(raw) => {
+                for (name, value) in raw.iter() {
+                    known.offer(name, value);
+                }
+            }
         }
         known
     }
 
-    /// A header's value as text, when it is visible ASCII.
-    pub fn text(value: Option<&'h HeaderValue>) -> Option<&'h str> {
-        value.and_then(|value| value.to_str().ok())
+    /// The fields as a header map: borrowed when they are one already.
+    pub fn to_map(&self) -> Result<Cow<'_, HeaderMap>, &'static str> {
+        match self {
+            Self::Map(map) => Ok(Cow::Borrowed(map)),
+            Self::Raw(raw) => raw.to_map().map(Cow::Owned),
+        }
     }
 
-    /// The declared body length, when `Content-Length` is a number.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Map(map) => map.len(),
+            Self::Raw(raw) => raw.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A request's head: what `http::request::Parts` holds, with the fields as
+/// [`RequestHeaders`].
+#[derive(Debug)]
+pub struct RequestParts {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: RequestHeaders,
+    pub extensions: Extensions,
+}
+
+impl From<http::request::Parts> for RequestParts {
+    fn from(parts: http::request::Parts) -> Self {
+        Self {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: RequestHeaders::Map(parts.headers),
+            extensions: parts.extensions,
+        }
+    }
+}
+
+/// The first value of each header the proxy reads (the value `HeaderMap::get` would give),
+/// borrowed from the request's fields.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KnownHeaders<'h> {
+    pub host: Option<&'h [u8]>,
+    pub content_type: Option<&'h [u8]>,
+    pub content_length: Option<&'h [u8]>,
+    pub upgrade: Option<&'h [u8]>,
+    pub grpc_timeout: Option<&'h [u8]>,
+    /// `Mcp-Session-Id` (MCP Streamable HTTP, 2025-11-25).
+    pub mcp_session: Option<&'h [u8]>,
+    /// `Mcp-Method` and `Mcp-Name` (MCP, 2026-07-28).
+    pub mcp_method: Option<&'h [u8]>,
+    pub mcp_name: Option<&'h [u8]>,
+    /// `x-mesh-priority`: the priority class a caller asks for, when policy lets it.
+    pub priority: Option<&'h [u8]>,
+    pub idempotency_key: Option<&'h [u8]>,
+}
+
+impl<'h> KnownHeaders<'h> {
+    /// Takes a field (its name in any case) if it is a known header seen for the first
+    /// time; a header that repeats keeps its first value. Most fields are told apart by
+    /// their length alone.
+    fn offer(&mut self, name: &[u8], value: &'h [u8]) {
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        let slot = match name.len() {
+            4 if is("host") => &mut self.host,
+            7 if is("upgrade") => &mut self.upgrade,
+            8 if is("mcp-name") => &mut self.mcp_name,
+            10 if is("mcp-method") => &mut self.mcp_method,
+            12 if is("content-type") => &mut self.content_type,
+            12 if is("grpc-timeout") => &mut self.grpc_timeout,
+            14 if is("content-length") => &mut self.content_length,
+            14 if is("mcp-session-id") => &mut self.mcp_session,
+            15 if is("idempotency-key") => &mut self.idempotency_key,
+            15 if is(PRIORITY_HEADER) => &mut self.priority,
+            _ => return,
+        };
+        slot.get_or_insert(value);
+    }
+
+    /// A header's value as text, when it is visible ASCII, space or tab (what
+    /// `HeaderValue::to_str` takes).
+    pub fn text(value: Option<&'h [u8]>) -> Option<&'h str> {
+        let value = value?;
+        // No early exit: the check over a short value is a few vector instructions.
+        let visible = value.iter().fold(true, |visible, &byte| {
+            visible & (byte.wrapping_sub(0x20) < 0x5f || byte == b'\t')
+        });
+        if !visible {
+            return None;
+        }
+        std::str::from_utf8(value).ok()
+    }
+
+    /// The declared body length, when `Content-Length` is one number.
     pub fn content_length(&self) -> Option<u64> {
-        Self::text(self.content_length).and_then(|value| value.trim().parse().ok())
+        self.content_length
+            .and_then(|value| h1_client::content_length_items(value, None).ok())
+            .flatten()
     }
 
     /// Whether the body is gRPC (`application/grpc`, `application/grpc+proto`, ...).
     pub fn is_grpc(&self) -> bool {
-        Self::text(self.content_type).is_some_and(|value| value.starts_with("application/grpc"))
+        self.content_type
+            .is_some_and(|value| value.starts_with(b"application/grpc"))
     }
 
     /// Whether this is an HTTP/1.1 request to switch to WebSocket.
     pub fn is_websocket_upgrade(&self, version: Version) -> bool {
         version == Version::HTTP_11
-            && Self::text(self.upgrade).is_some_and(|value| value.eq_ignore_ascii_case("websocket"))
+            && self
+                .upgrade
+                .is_some_and(|value| value.eq_ignore_ascii_case(b"websocket"))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use http::{HeaderName, header};
+    use http::{HeaderName, HeaderValue, header};
 
     use super::*;
 
-    #[test]
-    fn every_known_header_is_found_and_a_repeated_one_keeps_its_first_value() {
-        let mut headers = HeaderMap::new();
-        let names = [
-            "host",
-            "content-type",
-            "content-length",
-            "upgrade",
-            "grpc-timeout",
-            "mcp-session-id",
-            "mcp-method",
-            "mcp-name",
-            PRIORITY_HEADER,
-            "idempotency-key",
-        ];
-        for name in names {
-            let name = HeaderName::from_static(name);
-            headers.append(name.clone(), HeaderValue::from_static("first"));
-            headers.append(name, HeaderValue::from_static("second"));
-        }
-        headers.insert("x-other", HeaderValue::from_static("ignored"));
-        let known = KnownHeaders::of(&headers);
-        let found = [
+    const KNOWN: [&str; 10] = [
+        "host",
+        "content-type",
+        "content-length",
+        "upgrade",
+        "grpc-timeout",
+        "mcp-session-id",
+        "mcp-method",
+        "mcp-name",
+        PRIORITY_HEADER,
+        "idempotency-key",
+    ];
+
+    fn found(known: &KnownHeaders<'_>) -> [Option<Vec<u8>>; 10] {
+        [
             known.host,
             known.content_type,
             known.content_length,
@@ -110,34 +253,76 @@ mod tests {
             known.mcp_name,
             known.priority,
             known.idempotency_key,
-        ];
-        for (name, value) in names.iter().zip(found) {
-            assert_eq!(value, headers.get(*name), "{name}");
-            assert_eq!(KnownHeaders::text(value), Some("first"), "{name}");
+        ]
+        .map(|value| value.map(<[u8]>::to_vec))
+    }
+
+    /// The raw fields of `head` as httparse reads them (the server itself hands requests
+    /// with `Upgrade` or an odd `Content-Length` to hyper).
+    fn raw(head: &str) -> RawHeaders {
+        let head = Bytes::copy_from_slice(head.as_bytes());
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut slots);
+        assert!(request.parse(&head).unwrap().is_complete());
+        let (spans, count) = h1_client::header_spans::<32>(head.as_ptr(), request.headers);
+        RawHeaders::new(head.clone(), &spans[..count])
+    }
+
+    #[test]
+    fn every_known_header_is_found_and_a_repeated_one_keeps_its_first_value() {
+        let mut map = HeaderMap::new();
+        let mut head = String::from("GET / HTTP/1.1\r\n");
+        for name in KNOWN {
+            let header = HeaderName::from_static(name);
+            map.append(header.clone(), HeaderValue::from_static("first"));
+            map.append(header, HeaderValue::from_static("second"));
+            // Sent in upper case: names are matched without regard to case.
+            let shouted = name.to_ascii_uppercase();
+            head.push_str(&format!("{shouted}: first\r\n{name}: second\r\n"));
         }
+        map.insert("x-other", HeaderValue::from_static("ignored"));
+        head.push_str("x-other: ignored\r\nx-a-name-longer-than-any-known-one: x\r\n\r\n");
+        let raw = RequestHeaders::Raw(raw(&head));
+        let map = RequestHeaders::Map(map);
+        for headers in [&map, &raw] {
+            for (name, value) in KNOWN.iter().zip(found(&headers.known())) {
+                assert_eq!(value.as_deref(), Some(&b"first"[..]), "{name}");
+            }
+        }
+        assert_eq!(raw.len(), 22);
+        let rebuilt = raw.to_map().unwrap();
+        assert_eq!(rebuilt.get_all(header::HOST).iter().count(), 2);
+        assert_eq!(rebuilt[PRIORITY_HEADER], "first");
     }
 
     #[test]
     fn absent_headers_are_none_and_derived_facts_follow_the_values() {
-        let mut headers = HeaderMap::new();
-        assert!(KnownHeaders::of(&headers).host.is_none());
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc+proto"),
-        );
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static(" 42 "));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
-        let known = KnownHeaders::of(&headers);
+        let empty = RequestHeaders::Map(HeaderMap::new());
+        assert!(found(&empty.known()).iter().all(Option::is_none));
+        let raw = RequestHeaders::Raw(raw(
+            "GET / HTTP/1.1\r\ncontent-type: application/grpc+proto\r\n\
+             Upgrade: WebSocket\r\nGRPC-Timeout: 5S\r\n\r\n",
+        ));
+        let known = raw.known();
         assert!(known.is_grpc());
-        assert_eq!(known.content_length(), Some(42));
         assert!(known.is_websocket_upgrade(Version::HTTP_11));
         assert!(!known.is_websocket_upgrade(Version::HTTP_2));
+        assert_eq!(KnownHeaders::text(known.grpc_timeout), Some("5S"));
         assert!(known.mcp_session.is_none() && known.priority.is_none());
 
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("4x"));
-        let known = KnownHeaders::of(&headers);
+        let known = KnownHeaders {
+            content_type: Some(b"text/plain"),
+            content_length: Some(b" 42 "),
+            ..KnownHeaders::default()
+        };
         assert!(!known.is_grpc());
+        assert_eq!(known.content_length(), Some(42));
+        let known = KnownHeaders {
+            content_length: Some(b"4x"),
+            ..KnownHeaders::default()
+        };
         assert_eq!(known.content_length(), None);
+        assert_eq!(KnownHeaders::text(Some(b"caf\xc3\xa9")), None);
+        assert_eq!(KnownHeaders::text(Some(b"a\tb c")), Some("a\tb c"));
     }
 }

@@ -22,7 +22,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, Request, Response};
+use http::{HeaderValue, Method, Request, Response};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::http1::SendRequest,
@@ -34,6 +34,7 @@ use super::{
     dialer::{DialError, Dialer, Upstream},
     h1_client::{H1Error, RawBody, RawConnection, SendFailure, encode_request},
     http::{BodyError, ProxyBody},
+    request_headers::RequestHeaders,
     workers::{MAX_WORKERS, current_worker},
 };
 use crate::{
@@ -379,7 +380,7 @@ impl Http1Pool {
         node: Option<&str>,
         method: &Method,
         target: &str,
-        headers: &HeaderMap,
+        headers: &RequestHeaders,
         host: Option<&HeaderValue>,
         body: &Bytes,
     ) -> Result<Response<PooledBody>, SendError> {
@@ -697,11 +698,12 @@ mod tests {
 
     /// A GET with its body in hand, through the raw (in-task) path.
     async fn send_buffered(pool: &Http1Pool, address: SocketAddr) -> Response<PooledBody> {
-        let mut headers = HeaderMap::new();
+        let mut headers = http::HeaderMap::new();
         headers.insert(
             http::header::HOST,
             http::HeaderValue::from_static("upstream"),
         );
+        let headers = RequestHeaders::Map(headers);
         pool.send_buffered_as(
             &Arc::from(""),
             address,
