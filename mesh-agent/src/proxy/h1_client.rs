@@ -98,6 +98,10 @@ impl FramingFields {
         };
         for field in fields {
             let name = field.name;
+            // Told apart by length first: most fields are none of these.
+            if !matches!(name.len(), 10 | 14 | 17) {
+                continue;
+            }
             if name.eq_ignore_ascii_case("connection") {
                 for token in list_items(field.value) {
                     scanned.close |= token.eq_ignore_ascii_case(b"close");

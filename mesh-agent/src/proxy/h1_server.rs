@@ -33,7 +33,7 @@ use tokio::{
 
 use super::h1_client::{self, HeadFault, MAX_HEAD_BYTES, MAX_HEADERS, TooManyHeaders, put_field};
 use super::read_buffers::CLIENT_READS;
-use super::request_headers::RawHeaders;
+use super::request_headers::{FieldSpans, RawHeaders};
 
 /// Largest request body read whole on this path; a larger one goes to hyper's server.
 pub const MAX_INLINE_REQUEST_BODY: usize = 64 * 1024;
@@ -199,10 +199,10 @@ fn parse_with<const SLOTS: usize>(
         let at = path.as_ptr() as usize - base as usize;
         (at, path.len())
     });
-    let (spans, count) = h1_client::header_spans::<SLOTS>(base, parsed.headers);
+    let spans = RawHeaders::spans_of(base, parsed.headers);
     let head = buffer.split_to(consumed).freeze();
     let framing = (body_len, keep_alive, accepts_trailers);
-    Ok(finish_request(head, method, target, &spans[..count], framing).map(Some))
+    Ok(finish_request(head, method, target, spans, framing).map(Some))
 }
 
 /// Builds the request the parser found in `head`.
@@ -210,7 +210,7 @@ fn finish_request(
     head: Bytes,
     method: Method,
     target: Option<(usize, usize)>,
-    spans: &[h1_client::HeaderSpan],
+    spans: FieldSpans,
     (body_len, keep_alive, accepts_trailers): (usize, bool, bool),
 ) -> Result<Parsed, ServerError> {
     let (at, len) = target.ok_or(ServerError::Malformed("no request target"))?;
@@ -219,7 +219,7 @@ fn finish_request(
     Ok(Parsed::Request(RequestHead {
         method,
         uri,
-        headers: RawHeaders::new(head, spans),
+        headers: RawHeaders::from_spans(head, spans),
         body_len,
         keep_alive,
         accepts_trailers,

@@ -22,22 +22,49 @@ use super::{
 #[derive(Debug, Clone, Default)]
 pub struct RawHeaders {
     head: Bytes,
-    /// Offset and length of each name and value in `head`. A head is at most
-    /// `h1_client::MAX_HEAD_BYTES` (64 KiB), so they fit `u32`; room for 8 fields inline.
-    spans: SmallVec<[[u32; 4]; 8]>,
+    spans: FieldSpans,
 }
+
+/// Offset and length of each name and value in a head. A head is at most
+/// `h1_client::MAX_HEAD_BYTES` (64 KiB), so they fit `u32`; room for 12 fields inline (an
+/// MCP SDK client sends about 9).
+pub type FieldSpans = SmallVec<[[u32; 4]; 12]>;
 
 impl RawHeaders {
     /// The fields at `spans` (offsets into `head`, which is at most `MAX_HEAD_BYTES`).
     pub fn new(head: Bytes, spans: &[HeaderSpan]) -> Self {
-        debug_assert!(head.len() <= h1_client::MAX_HEAD_BYTES);
         let spans = spans
             .iter()
             .map(|&(name_at, name_len, value_at, value_len)| {
                 [name_at, name_len, value_at, value_len].map(|offset| offset as u32)
             })
             .collect();
+        Self::from_spans(head, spans)
+    }
+
+    /// The fields at `spans`, as [`Self::spans_of`] found them, in `head`.
+    pub fn from_spans(head: Bytes, spans: FieldSpans) -> Self {
+        debug_assert!(head.len() <= h1_client::MAX_HEAD_BYTES);
         Self { head, spans }
+    }
+
+    /// Where the fields httparse found in a buffer starting at `base` sit in it (the parser's
+    /// borrow of the buffer must end before the head is split off, so they are kept as
+    /// offsets). The buffer's head is at most `MAX_HEAD_BYTES`.
+    pub fn spans_of(base: *const u8, parsed: &[httparse::Header<'_>]) -> FieldSpans {
+        let base = base as usize;
+        parsed
+            .iter()
+            .map(|field| {
+                [
+                    field.name.as_ptr() as usize - base,
+                    field.name.len(),
+                    field.value.as_ptr() as usize - base,
+                    field.value.len(),
+                ]
+                .map(|offset| offset as u32)
+            })
+            .collect()
     }
 
     /// Each field's name and value, in order.
