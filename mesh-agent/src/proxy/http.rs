@@ -475,7 +475,12 @@ impl HttpProxy {
         };
 
         // Read what policy needs to see before a byte goes upstream.
-        let (body, facts) = match inspect_body(&parts, headers, incoming, traffic).await {
+        let mut facts = RequestFacts {
+            headers,
+            grpc: headers.is_grpc(),
+            jsonrpc: None,
+        };
+        let body = match inspect_body(&parts, &mut facts, incoming, traffic).await {
             Ok(inspected) => inspected,
             Err(response) => {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -584,7 +589,7 @@ impl HttpProxy {
                 destination,
                 &parts,
                 body,
-                facts,
+                &facts,
                 traffic,
                 version,
             )
@@ -752,7 +757,7 @@ impl HttpProxy {
         destination: Option<&AgentEntry>,
         parts: &RequestParts,
         body: Body,
-        facts: RequestFacts<'_>,
+        facts: &RequestFacts<'_>,
         traffic: &TrafficSettings,
         version: HttpVersion,
     ) -> Response<ProxyBody> {
@@ -796,7 +801,7 @@ impl HttpProxy {
                 None => {
                     self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                     return error_for(
-                        &facts,
+                        facts,
                         StatusCode::SERVICE_UNAVAILABLE,
                         jsonrpc::UNAVAILABLE,
                         &UpstreamError::NoEndpoint(backend.to_owned()).to_string(),
@@ -845,7 +850,7 @@ impl HttpProxy {
                 );
                 self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 return error_for(
-                    &facts,
+                    facts,
                     StatusCode::SERVICE_UNAVAILABLE,
                     jsonrpc::UNAVAILABLE,
                     &error.to_string(),
@@ -937,7 +942,7 @@ impl HttpProxy {
                     Attempt::Status(response) => {
                         response.map(|incoming| incoming.map_err(BodyError::from).boxed())
                     }
-                    Attempt::Error(error) => self.upstream_failure(caller, &facts, &error),
+                    Attempt::Error(error) => self.upstream_failure(caller, facts, &error),
                 };
             }
             attempt += 1;
@@ -1374,17 +1379,13 @@ async fn request_over(
 /// Buffers a JSON request body (bounded by the traffic policy) and extracts its JSON-RPC
 /// messages; buffers small bodies of other requests so they can be retried; streams the rest
 /// (gRPC, large or unknown-length bodies) untouched.
-async fn inspect_body<'h>(
+async fn inspect_body(
     parts: &RequestParts,
-    headers: KnownHeaders<'h>,
+    facts: &mut RequestFacts<'_>,
     body: RequestBody,
     traffic: &TrafficSettings,
-) -> Result<(Body, RequestFacts<'h>), Response<ProxyBody>> {
-    let mut facts = RequestFacts {
-        headers,
-        grpc: headers.is_grpc(),
-        jsonrpc: None,
-    };
+) -> Result<Body, Response<ProxyBody>> {
+    let headers = &facts.headers;
     let json = KnownHeaders::text(headers.content_type).is_some_and(jsonrpc::is_json_content_type);
     let declared = headers.content_length();
     let limit = if json {
@@ -1401,7 +1402,7 @@ async fn inspect_body<'h>(
     let collected = match body {
         // Read whole by the HTTP/1.1 server already (small, with a Content-Length).
         RequestBody::Inline(bytes) if bytes.is_empty() => {
-            return Ok((Body::Buffered(bytes), facts));
+            return Ok(Body::Buffered(bytes));
         }
         RequestBody::Inline(bytes) if json && bytes.len() as u64 > limit => {
             return Err(too_large());
@@ -1409,11 +1410,11 @@ async fn inspect_body<'h>(
         RequestBody::Inline(bytes) => bytes,
         RequestBody::Hyper(incoming) => {
             if hyper::body::Body::is_end_stream(&incoming) {
-                return Ok((Body::Buffered(Bytes::new()), facts));
+                return Ok(Body::Buffered(Bytes::new()));
             }
             let bufferable = json || declared.is_some_and(|length| length <= limit);
             if !bufferable || facts.grpc {
-                return Ok((Body::Streamed(incoming), facts));
+                return Ok(Body::Streamed(incoming));
             }
             if declared.is_some_and(|length| length > limit) {
                 return Err(too_large());
@@ -1439,7 +1440,7 @@ async fn inspect_body<'h>(
             Err(error) => debug!(%error, "JSON body is not JSON-RPC; forwarded as plain HTTP"),
         }
     }
-    Ok((Body::Buffered(collected), facts))
+    Ok(Body::Buffered(collected))
 }
 
 enum Attempt {
