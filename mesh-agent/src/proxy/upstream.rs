@@ -158,14 +158,16 @@ impl PoolInner {
         freshness: Option<Freshness>,
     ) {
         let now = Instant::now();
-        let mut conn = Idle {
+        // Whether the upstream has closed it since is checked when it is taken (and by the
+        // sweep), not here: it was open a moment ago, when its response ended.
+        if freshness.as_ref().is_some_and(|fresh| !fresh.is_current()) {
+            return;
+        }
+        let conn = Idle {
             conn,
             since: now,
             freshness,
         };
-        if !conn.reusable(now, self.idle_timeout) {
-            return;
-        }
         let mut guard = self
             .idle_of(worker)
             .lock()
