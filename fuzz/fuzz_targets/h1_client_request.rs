@@ -72,6 +72,14 @@ fn parse_all(input: &[u8], step: usize) -> (Vec<String>, String) {
     }
 }
 
+/// How many of `fields` are named `name` (in any case).
+fn count_named(fields: &[httparse::Header<'_>], name: &str) -> usize {
+    fields
+        .iter()
+        .filter(|field| field.name.eq_ignore_ascii_case(name))
+        .count()
+}
+
 /// The raw fields forwarded as a request's: the encoded head parses, with one
 /// `Content-Length` and no hop-by-hop field.
 fn check_request_encoding(headers: &RawHeaders) {
@@ -92,13 +100,7 @@ fn check_request_encoding(headers: &RawHeaders) {
         "encoded request does not parse: {parsed:?} {:?}",
         String::from_utf8_lossy(&out)
     );
-    let named = |name: &str| {
-        request
-            .headers
-            .iter()
-            .filter(|field| field.name.eq_ignore_ascii_case(name))
-            .count()
-    };
+    let named = |name: &str| count_named(request.headers, name);
     assert_eq!(named("content-length"), 1);
     for hop in HOP_BY_HOP {
         assert_eq!(named(hop), 0, "{hop} forwarded");
@@ -126,13 +128,7 @@ fn check_response_encoding(headers: &http::HeaderMap) {
             "encoded head does not parse: {parsed:?} {:?}",
             String::from_utf8_lossy(&out)
         );
-        let named = |name: &str| {
-            response
-                .headers
-                .iter()
-                .filter(|field| field.name.eq_ignore_ascii_case(name))
-                .count()
-        };
+        let named = |name: &str| count_named(response.headers, name);
         match framing {
             ResponseFraming::Chunked => {
                 assert_eq!(named("transfer-encoding"), 1);
