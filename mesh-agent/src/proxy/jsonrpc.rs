@@ -596,7 +596,12 @@ fn error_value(
 /// Whether a `Content-Type` value is JSON: `application/json` or `application/<x>+json`,
 /// case-insensitively, with or without parameters.
 pub fn is_json_content_type(value: &str) -> bool {
-    let essence = value.split(';').next().unwrap_or_default().trim();
+    // A byte scan: a `str` pattern search costs more than the few bytes a media type has.
+    let essence = match value.bytes().position(|byte| byte == b';') {
+        Some(end) => &value[..end],
+        None => value,
+    }
+    .trim_ascii();
     // What nearly every client sends, without the byte-by-byte checks below.
     if essence.eq_ignore_ascii_case("application/json") {
         return true;
