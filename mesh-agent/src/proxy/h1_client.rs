@@ -24,6 +24,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Ver
 use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
+use smallvec::SmallVec;
 use sync_wrapper::SyncWrapper;
 
 use super::dialer::Upstream;
@@ -131,7 +132,7 @@ impl FramingFields {
 }
 
 /// The non-empty items of a comma-separated field value, trimmed.
-fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&byte| byte == b',')
         .map(<[u8]>::trim_ascii)
@@ -139,10 +140,11 @@ fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// Whether a field value is text `HeaderValue::to_str` takes (visible ASCII, space, tab).
-fn is_visible_text(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|&byte| byte == b'\t' || (0x20..0x7f).contains(&byte))
+pub fn is_visible_text(value: &[u8]) -> bool {
+    // No early exit: the check over a short value is a few vector instructions.
+    value.iter().fold(true, |visible, &byte| {
+        visible & (byte.wrapping_sub(0x20) < 0x5f || byte == b'\t')
+    })
 }
 
 /// A message's length after one more `Content-Length` value (`seen`: the length the earlier
@@ -226,13 +228,13 @@ fn parse_response_head_with<const SLOTS: usize>(
         }
     };
     let framing_fields = FramingFields::scan(response.headers);
-    let (spans, count) = header_spans::<SLOTS>(base, response.headers);
+    let spans = field_spans(base, response.headers);
     let (version, code) = (response.version, response.code);
     Ok(finish_head(
         buffer,
         consumed,
         (version, code),
-        &spans[..count],
+        &spans,
         framing_fields,
     ))
 }
@@ -243,7 +245,7 @@ fn finish_head(
     buffer: &mut BytesMut,
     consumed: usize,
     (version, code): (Option<u8>, Option<u16>),
-    spans: &[HeaderSpan],
+    spans: &[[u32; 4]],
     framing_fields: FramingFields,
 ) -> Result<Option<ResponseHead>, H1Error> {
     let version = match version {
@@ -467,38 +469,46 @@ fn split_field(line: &[u8]) -> Result<(HeaderName, HeaderValue), H1Error> {
     Ok((name, value))
 }
 
-/// Where a parsed header's name and value sit in the buffer httparse read: offset and length
-/// of the name, offset and length of the value.
-pub type HeaderSpan = (usize, usize, usize, usize);
+/// Where each parsed field's name and value sit in the buffer httparse read: offset and
+/// length of the name, offset and length of the value. A head is at most [`MAX_HEAD_BYTES`]
+/// (64 KiB), so they fit `u32`; room for 12 fields inline (an MCP SDK client sends about 9).
+pub type FieldSpans = SmallVec<[[u32; 4]; 12]>;
 
-/// The spans of the headers httparse found in a buffer starting at `base` (at most `SLOTS`,
-/// the parser's own bound), and how many there are. The parser's borrow of the buffer must
-/// end before the head is split off it, so the headers are kept as offsets, not slices; on
-/// the stack, as the parser's slots are.
-pub fn header_spans<const SLOTS: usize>(
-    base: *const u8,
-    parsed: &[httparse::Header<'_>],
-) -> ([HeaderSpan; SLOTS], usize) {
+/// The spans of the fields httparse found in a buffer starting at `base`, whose head is at
+/// most [`MAX_HEAD_BYTES`]. The parser's borrow of the buffer must end before the head is
+/// split off it, so the fields are kept as offsets, not slices.
+pub fn field_spans(base: *const u8, parsed: &[httparse::Header<'_>]) -> FieldSpans {
     let base = base as usize;
-    let mut spans = [(0, 0, 0, 0); SLOTS];
-    for (span, header) in spans.iter_mut().zip(parsed) {
-        *span = (
-            header.name.as_ptr() as usize - base,
-            header.name.len(),
-            header.value.as_ptr() as usize - base,
-            header.value.len(),
-        );
-    }
-    (spans, parsed.len().min(SLOTS))
+    parsed
+        .iter()
+        .map(|field| {
+            [
+                field.name.as_ptr() as usize - base,
+                field.name.len(),
+                field.value.as_ptr() as usize - base,
+                field.value.len(),
+            ]
+            .map(|offset| offset as u32)
+        })
+        .collect()
 }
 
-/// A header map of the headers at `spans` in `head`: values are slices of `head`, not copies.
-pub fn header_map(head: &Bytes, spans: &[HeaderSpan]) -> Result<HeaderMap, &'static str> {
+/// The name and value of a field at `span` in `head`.
+pub fn field_at<'h>(head: &'h [u8], span: &[u32; 4]) -> (&'h [u8], &'h [u8]) {
+    let [name_at, name_len, value_at, value_len] = span.map(|offset| offset as usize);
+    (
+        &head[name_at..name_at + name_len],
+        &head[value_at..value_at + value_len],
+    )
+}
+
+/// A header map of the fields at `spans` in `head`: values are slices of `head`, not copies.
+pub fn header_map(head: &Bytes, spans: &[[u32; 4]]) -> Result<HeaderMap, &'static str> {
     let mut headers = HeaderMap::with_capacity(spans.len());
-    for &(name_at, name_len, value_at, value_len) in spans {
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
-            .map_err(|_| "invalid header name")?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+    for span in spans {
+        let (name, value) = field_at(head, span);
+        let name = HeaderName::from_bytes(name).map_err(|_| "invalid header name")?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(value))
             .map_err(|_| "invalid header value")?;
         headers.append(name, value);
     }
@@ -532,7 +542,7 @@ pub fn end_to_end_fields(headers: &HeaderMap) -> impl Iterator<Item = (&str, &He
         .map(|(name, value)| (name.as_str(), value))
         .filter(move |&(name, _)| {
             name != header::CONTENT_LENGTH.as_str()
-                && !is_hop_by_hop(name)
+                && !is_hop_by_hop(name.as_bytes())
                 && !listed
                     .iter()
                     .any(|listed| listed.eq_ignore_ascii_case(name))
@@ -562,28 +572,19 @@ fn raw_end_to_end_fields(raw: &RawHeaders) -> impl Iterator<Item = (&[u8], &[u8]
     }
     raw.iter().filter(move |&(name, _)| {
         !name.eq_ignore_ascii_case(b"content-length")
-            && !HOP_BY_HOP
-                .iter()
-                .any(|hop| hop.as_bytes().eq_ignore_ascii_case(name))
+            && !is_hop_by_hop(name)
             && !listed
                 .iter()
                 .any(|listed| listed.eq_ignore_ascii_case(name))
     })
 }
 
-/// Whether a (lower-case) header name is one of [`HOP_BY_HOP`].
-pub fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// Whether a header name, in any case, is one of [`HOP_BY_HOP`] (most names are told apart
+/// by their length alone).
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|hop| hop.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
@@ -1118,10 +1119,14 @@ mod tests {
     #[test]
     fn the_hop_by_hop_test_names_exactly_the_hop_by_hop_headers() {
         for name in HOP_BY_HOP {
-            assert!(is_hop_by_hop(name), "{name}");
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+            assert!(
+                is_hop_by_hop(name.to_ascii_uppercase().as_bytes()),
+                "{name}"
+            );
         }
         for name in ["content-length", "host", "trailer", "connections", "t", ""] {
-            assert!(!is_hop_by_hop(name), "{name}");
+            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
         }
     }
 

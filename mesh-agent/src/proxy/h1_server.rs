@@ -33,7 +33,7 @@ use tokio::{
 
 use super::h1_client::{self, HeadFault, MAX_HEAD_BYTES, MAX_HEADERS, TooManyHeaders, put_field};
 use super::read_buffers::CLIENT_READS;
-use super::request_headers::{FieldSpans, RawHeaders};
+use super::request_headers::RawHeaders;
 
 /// Largest request body read whole on this path; a larger one goes to hyper's server.
 pub const MAX_INLINE_REQUEST_BODY: usize = 64 * 1024;
@@ -167,9 +167,7 @@ fn parse_with<const SLOTS: usize>(
     let mut keep_alive = true;
     let mut accepts_trailers = false;
     let has_token = |value: &[u8], token: &[u8]| {
-        value
-            .split(|&byte| byte == b',')
-            .any(|listed| listed.trim_ascii().eq_ignore_ascii_case(token))
+        h1_client::list_items(value).any(|listed| listed.eq_ignore_ascii_case(token))
     };
     for field in parsed.headers.iter() {
         let name = field.name;
@@ -199,7 +197,7 @@ fn parse_with<const SLOTS: usize>(
         let at = path.as_ptr() as usize - base as usize;
         (at, path.len())
     });
-    let spans = RawHeaders::spans_of(base, parsed.headers);
+    let spans = h1_client::field_spans(base, parsed.headers);
     let head = buffer.split_to(consumed).freeze();
     let framing = (body_len, keep_alive, accepts_trailers);
     Ok(finish_request(head, method, target, spans, framing).map(Some))
@@ -210,7 +208,7 @@ fn finish_request(
     head: Bytes,
     method: Method,
     target: Option<(usize, usize)>,
-    spans: FieldSpans,
+    spans: h1_client::FieldSpans,
     (body_len, keep_alive, accepts_trailers): (usize, bool, bool),
 ) -> Result<Parsed, ServerError> {
     let (at, len) = target.ok_or(ServerError::Malformed("no request target"))?;
@@ -219,7 +217,7 @@ fn finish_request(
     Ok(Parsed::Request(RequestHead {
         method,
         uri,
-        headers: RawHeaders::from_spans(head, spans),
+        headers: RawHeaders::new(head, spans),
         body_len,
         keep_alive,
         accepts_trailers,

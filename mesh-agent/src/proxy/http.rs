@@ -1818,7 +1818,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Usually there is none: one pass over the names, no lookup by (parsed) name.
     if !headers
         .keys()
-        .any(|name| h1_client::is_hop_by_hop(name.as_str()))
+        .any(|name| h1_client::is_hop_by_hop(name.as_str().as_bytes()))
     {
         return;
     }

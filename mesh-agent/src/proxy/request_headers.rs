@@ -7,14 +7,12 @@
 
 use std::borrow::Cow;
 
-use bytes::Bytes;
-use http::{Extensions, HeaderMap, Method, Uri, Version};
-use smallvec::SmallVec;
-
 use super::{
-    h1_client::{self, HeaderSpan},
+    h1_client::{self, FieldSpans},
     priority::PRIORITY_HEADER,
 };
+use bytes::Bytes;
+use http::{Extensions, HeaderMap, Method, Uri, Version};
 
 /// The fields of a request head the HTTP/1.1 server parsed: names and values are slices of
 /// `head`, in the order and case the client sent them. httparse has checked them (names are
@@ -25,60 +23,19 @@ pub struct RawHeaders {
     spans: FieldSpans,
 }
 
-/// Offset and length of each name and value in a head. A head is at most
-/// `h1_client::MAX_HEAD_BYTES` (64 KiB), so they fit `u32`; room for 12 fields inline (an
-/// MCP SDK client sends about 9).
-pub type FieldSpans = SmallVec<[[u32; 4]; 12]>;
-
 impl RawHeaders {
-    /// The fields at `spans` (offsets into `head`, which is at most `MAX_HEAD_BYTES`).
-    pub fn new(head: Bytes, spans: &[HeaderSpan]) -> Self {
-        let spans = spans
-            .iter()
-            .map(|&(name_at, name_len, value_at, value_len)| {
-                [name_at, name_len, value_at, value_len].map(|offset| offset as u32)
-            })
-            .collect();
-        Self::from_spans(head, spans)
-    }
-
-    /// The fields at `spans`, as [`Self::spans_of`] found them, in `head`.
-    pub fn from_spans(head: Bytes, spans: FieldSpans) -> Self {
+    /// The fields at `spans` ([`h1_client::field_spans`]) in `head`, which is at most
+    /// `MAX_HEAD_BYTES`.
+    pub fn new(head: Bytes, spans: FieldSpans) -> Self {
         debug_assert!(head.len() <= h1_client::MAX_HEAD_BYTES);
         Self { head, spans }
-    }
-
-    /// Where the fields httparse found in a buffer starting at `base` sit in it (the parser's
-    /// borrow of the buffer must end before the head is split off, so they are kept as
-    /// offsets). The buffer's head is at most `MAX_HEAD_BYTES`.
-    pub fn spans_of(base: *const u8, parsed: &[httparse::Header<'_>]) -> FieldSpans {
-        let base = base as usize;
-        parsed
-            .iter()
-            .map(|field| {
-                [
-                    field.name.as_ptr() as usize - base,
-                    field.name.len(),
-                    field.value.as_ptr() as usize - base,
-                    field.value.len(),
-                ]
-                .map(|offset| offset as u32)
-            })
-            .collect()
     }
 
     /// Each field's name and value, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.spans
             .iter()
-            .map(|&[name_at, name_len, value_at, value_len]| {
-                let [name_at, name_len, value_at, value_len] =
-                    [name_at, name_len, value_at, value_len].map(|offset| offset as usize);
-                (
-                    &self.head[name_at..name_at + name_len],
-                    &self.head[value_at..value_at + value_len],
-                )
-            })
+            .map(|span| h1_client::field_at(&self.head, span))
     }
 
     pub fn len(&self) -> usize {
@@ -91,15 +48,7 @@ impl RawHeaders {
 
     /// The fields as a header map (values share the head's bytes).
     pub fn to_map(&self) -> Result<HeaderMap, &'static str> {
-        let spans: SmallVec<[HeaderSpan; 8]> = self
-            .spans
-            .iter()
-            .map(|span| {
-                let [name_at, name_len, value_at, value_len] = span.map(|offset| offset as usize);
-                (name_at, name_len, value_at, value_len)
-            })
-            .collect();
-        h1_client::header_map(&self.head, &spans)
+        h1_client::header_map(&self.head, &self.spans)
     }
 }
 
@@ -217,11 +166,7 @@ impl<'h> KnownHeaders<'h> {
     /// `HeaderValue::to_str` takes).
     pub fn text(value: Option<&'h [u8]>) -> Option<&'h str> {
         let value = value?;
-        // No early exit: the check over a short value is a few vector instructions.
-        let visible = value.iter().fold(true, |visible, &byte| {
-            visible & (byte.wrapping_sub(0x20) < 0x5f || byte == b'\t')
-        });
-        if !visible {
+        if !h1_client::is_visible_text(value) {
             return None;
         }
         std::str::from_utf8(value).ok()
@@ -291,8 +236,8 @@ mod tests {
         let mut slots = [httparse::EMPTY_HEADER; 32];
         let mut request = httparse::Request::new(&mut slots);
         assert!(request.parse(&head).unwrap().is_complete());
-        let (spans, count) = h1_client::header_spans::<32>(head.as_ptr(), request.headers);
-        RawHeaders::new(head.clone(), &spans[..count])
+        let spans = h1_client::field_spans(head.as_ptr(), request.headers);
+        RawHeaders::new(head.clone(), spans)
     }
 
     #[test]
