@@ -7,12 +7,13 @@
 
 use std::borrow::Cow;
 
+use bytes::Bytes;
+use http::{Extensions, HeaderMap, Method, Uri, Version};
+
 use super::{
     h1_client::{self, FieldSpans},
     priority::PRIORITY_HEADER,
 };
-use bytes::Bytes;
-use http::{Extensions, HeaderMap, Method, Uri, Version};
 
 /// The fields of a request head the HTTP/1.1 server parsed: names and values are slices of
 /// `head`, in the order and case the client sent them. httparse has checked them (names are
