@@ -3,17 +3,15 @@
 //! eBPF crate on its own target), `test` runs lint, every test and a short fuzz run, `fuzz`
 //! runs the fuzz targets longer, `demo` shows capture on
 //! this machine, `bench` measures the datapath and the L7 path against reference proxies.
+//!
+//! This binary builds with nothing installed; `demo` and `bench` run `xtask-harness`, built
+//! only after `setup` has installed what the workspace's crates need to build.
 
-mod bench;
-mod bench_control;
-mod bench_l7;
-mod demo;
-mod setup;
-mod util;
+use std::process::{Command, ExitCode};
 
-use std::process::ExitCode;
-
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use xtask::{setup, util};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Agent Mesh project tasks")]
@@ -48,8 +46,30 @@ enum Task {
     /// Run the mesh on this machine: agent, a demo workload in a fresh cgroup, its captured
     /// traffic and counters; then clean up.
     Demo,
-    /// Benchmarks (mesh path as a ratio to the direct path and to a reference proxy).
-    Bench(bench::BenchArgs),
+    /// Benchmarks (mesh path as a ratio to the direct path and to a reference proxy); see
+    /// `cargo xtask bench --help`.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// The suite and its options, passed on to the harness.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Runs `xtask-harness` (built now, when its prerequisites are installed) with `args`, and
+/// fails as it fails.
+fn harness(args: &[String]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["run", "--quiet", "--package", "xtask-harness", "--"])
+        .args(args)
+        .current_dir(util::workspace_root())
+        .status()
+        .context("cannot start cargo to run xtask-harness")?;
+    if status.success() {
+        Ok(())
+    } else {
+        anyhow::bail!("xtask-harness {} failed ({status})", args.join(" "))
+    }
 }
 
 fn main() -> ExitCode {
@@ -59,9 +79,13 @@ fn main() -> ExitCode {
         Task::Build { release } => setup::run().and_then(|()| util::build(release)),
         Task::Lint => setup::run().and_then(|()| util::lint()),
         Task::Test { nextest_args } => setup::run().and_then(|()| util::test(&nextest_args)),
-        Task::Demo => setup::run().and_then(|()| demo::run()),
+        Task::Demo => setup::run().and_then(|()| harness(&["demo".to_owned()])),
         Task::Fuzz { seconds } => setup::run().and_then(|()| util::fuzz(seconds)),
-        Task::Bench(args) => setup::run().and_then(|()| bench::run(&args)),
+        Task::Bench { args } => setup::run().and_then(|()| {
+            let mut harness_args = vec!["bench".to_owned()];
+            harness_args.extend(args);
+            harness(&harness_args)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -26,7 +26,7 @@ use mesh_tests::{
     python_script, register_binary, unique_name,
 };
 
-use crate::util::{build, step};
+use xtask::util::{build, step};
 
 /// A tiny HTTP server that tells each caller which address it connected from.
 struct DemoServer {

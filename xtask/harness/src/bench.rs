@@ -27,7 +27,7 @@ use anyhow::{Context, bail};
 use mesh_tests::{AgentOptions, AgentProcess, CgroupTree, free_port, unique_name};
 use serde_json::{Value, json};
 
-use crate::util::{self, step, workspace_root};
+use xtask::util::{self, step, workspace_root};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {

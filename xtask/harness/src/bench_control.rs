@@ -33,10 +33,9 @@ use mesh_tests::{
 };
 use serde_json::{Value, json};
 
-use crate::{
-    bench::{BenchArgs, LoadRun, Tools, build_release, memory_mib, write_json_report},
-    util::{step, workspace_root},
-};
+use xtask::util::{step, workspace_root};
+
+use crate::bench::{BenchArgs, LoadRun, Tools, build_release, memory_mib, write_json_report};
 
 const HEAD: &str = "apiVersion: mesh.agentmesh.dev/v1alpha1\n";
 const API_VERSION: &str = "mesh.agentmesh.dev/v1alpha1";

@@ -32,13 +32,12 @@ use anyhow::{Context, bail};
 use mesh_tests::{AgentOptions, AgentProcess, CgroupTree, free_port, unique_name};
 use serde_json::{Value, json};
 
-use crate::{
-    bench::{
-        BenchArgs, Column, Guard, Metric, Tools, build_release, cpu_seconds, loadgen, medians,
-        memory_mib, metric, number, round_ratio, spawn_haproxy, start_server, table,
-        wait_listening, write_json_report,
-    },
-    util::step,
+use xtask::util::step;
+
+use crate::bench::{
+    BenchArgs, Column, Guard, Metric, Tools, build_release, cpu_seconds, loadgen, medians,
+    memory_mib, metric, number, round_ratio, spawn_haproxy, start_server, table, wait_listening,
+    write_json_report,
 };
 
 /// The ways the client reaches the upstream, in report order.
