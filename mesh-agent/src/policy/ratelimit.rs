@@ -14,7 +14,7 @@
 
 use std::{
     fmt,
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -61,8 +61,11 @@ struct Bucket {
 pub struct RateLimiter {
     shards: Vec<Mutex<Shard>>,
     max_keys_per_shard: usize,
-    /// Keyed per process: the key parts come from peers (source names, tool names).
-    hasher: RandomState,
+    /// Seeded at random per limiter: the key parts come from peers (source names, tool
+    /// names). foldhash's quality variant: the shard comes from the high bits and the slot
+    /// from the low ones, so both must mix every input byte (SipHash did, at several times
+    /// the cost per request).
+    hasher: foldhash::quality::RandomState,
 }
 
 /// One shard's buckets, found by the hash the limiter computed once per request (it also
@@ -113,7 +116,7 @@ impl RateLimiter {
         RateLimiter {
             shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             max_keys_per_shard: max_keys.div_ceil(SHARDS).max(1),
-            hasher: RandomState::new(),
+            hasher: foldhash::quality::RandomState::default(),
         }
     }
 

@@ -15,6 +15,7 @@ use std::{
 };
 
 use rand::Rng;
+use smallvec::SmallVec;
 
 use crate::{
     fast_map::FastHashMap,
@@ -215,8 +216,10 @@ impl Balancer {
         breaker: &CircuitBreaker,
         now: Instant,
     ) -> Option<Pick> {
-        let mut candidates: Vec<(Arc<EndpointHealth>, u32)> = Vec::new();
-        let mut ejected: Vec<(Arc<EndpointHealth>, u32, Instant)> = Vec::new();
+        // Inline up to a few endpoints: most agents have that many, and a pick happens on
+        // every request.
+        let mut candidates: SmallVec<[(Arc<EndpointHealth>, u32); 8]> = SmallVec::new();
+        let mut ejected: SmallVec<[(Arc<EndpointHealth>, u32, Instant); 4]> = SmallVec::new();
         let mut in_service = 0usize;
         let mut probe: Option<(Arc<EndpointHealth>, u32)> = None;
         let mut serving = 0usize;

@@ -582,10 +582,23 @@ fn raw_end_to_end_fields(raw: &RawHeaders) -> impl Iterator<Item = (&[u8], &[u8]
 /// Whether a header name, in any case, is one of [`HOP_BY_HOP`] (most names are told apart
 /// by their length alone).
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|hop| hop.as_bytes().eq_ignore_ascii_case(name))
+    name.len() < 64
+        && HOP_BY_HOP_LENGTHS & (1 << name.len()) != 0
+        && HOP_BY_HOP
+            .iter()
+            .any(|hop| hop.as_bytes().eq_ignore_ascii_case(name))
 }
+
+/// Bit `n` is set when a name in [`HOP_BY_HOP`] is `n` bytes long.
+const HOP_BY_HOP_LENGTHS: u64 = {
+    let mut lengths = 0u64;
+    let mut index = 0;
+    while index < HOP_BY_HOP.len() {
+        lengths |= 1 << HOP_BY_HOP[index].len();
+        index += 1;
+    }
+    lengths
+};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 pub const HOP_BY_HOP: [&str; 8] = [
@@ -1125,7 +1138,19 @@ mod tests {
                 "{name}"
             );
         }
-        for name in ["content-length", "host", "trailer", "connections", "t", ""] {
+        let long = "x".repeat(70);
+        for name in [
+            "content-length",
+            "host",
+            "trailer",
+            "connections",
+            "connectiom",
+            "keep_alive",
+            "upgradee",
+            "t",
+            "",
+            &long,
+        ] {
             assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
         }
     }

@@ -188,7 +188,8 @@ enum BudgetKey<'a> {
 /// Retry budgets of every destination; looking one up allocates nothing once it exists.
 #[derive(Debug, Default)]
 struct RetryBudgets {
-    agents: FastHashMap<Box<str>, RetryBudget>,
+    /// hashbrown's map: its `entry_ref` finds or makes a budget in one lookup.
+    agents: hashbrown::HashMap<String, RetryBudget, foldhash::fast::RandomState>,
     addresses: FastHashMap<SocketAddr, RetryBudget>,
 }
 
@@ -207,13 +208,12 @@ impl RetryBudgets {
             self.addresses.retain(|_, budget| live(budget));
         }
         match key {
-            BudgetKey::Agent(name) => {
-                // Only a new destination's name is copied.
-                if !self.agents.contains_key(name) {
-                    self.agents.insert(Box::from(name), RetryBudget::new(now));
-                }
-                self.agents.get_mut(name)
-            }
+            // Only a new destination's name is copied.
+            BudgetKey::Agent(name) => Some(
+                self.agents
+                    .entry_ref(name)
+                    .or_insert_with(|| RetryBudget::new(now)),
+            ),
             BudgetKey::Address(address) => Some(
                 self.addresses
                     .entry(address)
