@@ -16,13 +16,16 @@
 
 use std::{
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
 use hyper::body::{Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::{
+    io::{AsyncRead, AsyncWriteExt},
+    time::Instant,
+};
 
 use smallvec::SmallVec;
 use sync_wrapper::SyncWrapper;
@@ -30,6 +33,7 @@ use sync_wrapper::SyncWrapper;
 use super::dialer::Upstream;
 use super::read_buffers::UPSTREAM_READS;
 use super::request_headers::{RawHeaders, RequestHeaders};
+use super::reused_timer::ReusedTimer;
 
 /// Largest response head (status line and headers) accepted.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -62,6 +66,8 @@ pub enum H1Error {
 pub enum SendFailure {
     NotSent(H1Error),
     Failed(H1Error),
+    /// No response head by the deadline (the request may have reached the upstream).
+    TimedOut,
 }
 
 /// A parsed response head.
@@ -675,6 +681,8 @@ pub struct RawConnection {
     /// must be).
     io: SyncWrapper<Upstream>,
     buffer: BytesMut,
+    /// Bounds each exchange (until the response head); kept from request to request.
+    timer: SyncWrapper<ReusedTimer>,
 }
 
 impl std::fmt::Debug for RawConnection {
@@ -691,6 +699,7 @@ impl RawConnection {
         Self {
             io: SyncWrapper::new(io),
             buffer: BytesMut::new(),
+            timer: SyncWrapper::new(ReusedTimer::default()),
         }
     }
 
@@ -716,14 +725,50 @@ impl RawConnection {
     }
 
     /// Sends a request (its head already encoded by [`encode_request`], `body` its whole
-    /// body) and reads the response head. The body of the response is read as the returned
+    /// body) and reads the response head, by `deadline` at the latest
+    /// ([`SendFailure::TimedOut`] after it). The body of the response is read as the returned
     /// [`RawBody`] is polled; it hands the connection back once the body has ended.
     pub async fn send(
         mut self: Box<Self>,
         method: &Method,
         head: &[u8],
         body: &Bytes,
+        deadline: Instant,
     ) -> Result<Response<RawBody>, SendFailure> {
+        let mut timer = std::mem::take(self.timer.get_mut());
+        let exchanged = {
+            let mut exchange = std::pin::pin!(self.exchange(head, body));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = exchange.as_mut().poll(cx) {
+                    return Poll::Ready(result);
+                }
+                ready!(timer.poll_deadline(deadline, cx));
+                Poll::Ready(Err(SendFailure::TimedOut))
+            })
+            .await
+        };
+        *self.timer.get_mut() = timer;
+        let head = exchanged?;
+        let (framing, reusable) = framing(method, &head).map_err(SendFailure::Failed)?;
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => BodyState::Done,
+            Framing::Length(length) => BodyState::Length(length),
+            Framing::Chunked => BodyState::Chunked(Box::default()),
+            Framing::UntilClose => BodyState::UntilClose,
+        };
+        let mut response = Response::new(RawBody {
+            conn: Some(self),
+            state,
+            reusable,
+        });
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        Ok(response)
+    }
+
+    /// Writes the request and reads the response head.
+    async fn exchange(&mut self, head: &[u8], body: &Bytes) -> Result<ResponseHead, SendFailure> {
         // One write for head and small body: an error there means no byte left.
         let first = self
             .io
@@ -743,23 +788,7 @@ impl RawConnection {
         };
         sent.await
             .map_err(|error| SendFailure::Failed(error.into()))?;
-        let head = self.read_head().await.map_err(SendFailure::Failed)?;
-        let (framing, reusable) = framing(method, &head).map_err(SendFailure::Failed)?;
-        let state = match framing {
-            Framing::Empty | Framing::Length(0) => BodyState::Done,
-            Framing::Length(length) => BodyState::Length(length),
-            Framing::Chunked => BodyState::Chunked(Box::default()),
-            Framing::UntilClose => BodyState::UntilClose,
-        };
-        let mut response = Response::new(RawBody {
-            conn: Some(self),
-            state,
-            reusable,
-        });
-        *response.status_mut() = head.status;
-        *response.version_mut() = head.version;
-        *response.headers_mut() = head.headers;
-        Ok(response)
+        self.read_head().await.map_err(SendFailure::Failed)
     }
 
     /// Reads until a final (non-1xx) response head is complete.
@@ -1328,9 +1357,11 @@ mod tests {
         let mut head = BytesMut::new();
         let none = RequestHeaders::Map(HeaderMap::new());
         encode_request(&method, "/", &none, None, b"", &mut head);
-        let response = match conn.send(&method, &head, &Bytes::new()).await {
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let response = match conn.send(&method, &head, &Bytes::new(), deadline).await {
             Ok(response) => response,
             Err(SendFailure::NotSent(error) | SendFailure::Failed(error)) => return Err(error),
+            Err(SendFailure::TimedOut) => panic!("no response in 30 s"),
         };
         let (parts, mut body) = response.into_parts();
         let mut data = Vec::new();
@@ -1344,6 +1375,30 @@ mod tests {
         }
         let reusable = body.finished_connection().is_some();
         Ok((Response::from_parts(parts, ()), data, trailers, reusable))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_that_never_answers_times_out_at_each_requests_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buffer = [0u8; 1024];
+            // Reads the request, answers nothing, holds the connection open.
+            while stream.read(&mut buffer).await.is_ok_and(|read| read > 0) {}
+        });
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let conn = Box::new(RawConnection::new(Upstream::Direct(stream)));
+        let mut head = BytesMut::new();
+        let none = RequestHeaders::Map(HeaderMap::new());
+        encode_request(&Method::GET, "/", &none, None, b"", &mut head);
+        let start = Instant::now();
+        let deadline = start + std::time::Duration::from_secs(7);
+        let sent = conn
+            .send(&Method::GET, &head, &Bytes::new(), deadline)
+            .await;
+        assert!(matches!(sent, Err(SendFailure::TimedOut)), "{sent:?}");
+        assert_eq!(Instant::now(), deadline);
     }
 
     #[tokio::test]

@@ -28,12 +28,13 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
 use hyper::body::Body;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    time::{Instant, Sleep},
+    time::Instant,
 };
 
 use super::h1_client::{self, HeadFault, MAX_HEAD_BYTES, MAX_HEADERS, TooManyHeaders, put_field};
 use super::read_buffers::CLIENT_READS;
 use super::request_headers::RawHeaders;
+use super::reused_timer::ReusedTimer;
 
 /// Largest request body read whole on this path; a larger one goes to hyper's server.
 pub const MAX_INLINE_REQUEST_BODY: usize = 64 * 1024;
@@ -356,7 +357,7 @@ struct Connection<S> {
     read: BytesMut,
     write: BytesMut,
     /// Fires at most every [`HEADER_READ_TIMEOUT`]; `head_deadline` says whether it counts.
-    timer: Option<Pin<Box<Sleep>>>,
+    timer: ReusedTimer,
     head_deadline: Instant,
 }
 
@@ -374,7 +375,7 @@ where
         io,
         read: BytesMut::new(),
         write: BytesMut::new(),
-        timer: None,
+        timer: ReusedTimer::default(),
         head_deadline: Instant::now() + HEADER_READ_TIMEOUT,
     };
     loop {
@@ -453,20 +454,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         polled
     }
 
-    /// Whether the head deadline has passed; re-arms the timer when it fired early.
+    /// Whether the head deadline has passed.
     fn poll_head_timeout(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = self.head_deadline;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        loop {
-            ready!(timer.as_mut().poll(cx));
-            if Instant::now() >= deadline {
-                return Poll::Ready(());
-            }
-            // The timer was set for an earlier request: move it to this one's deadline.
-            timer.as_mut().reset(deadline);
-        }
+        self.timer.poll_deadline(self.head_deadline, cx)
     }
 
     /// Reads more of the request before the head deadline: the bytes read, 0 at end of

@@ -39,6 +39,7 @@ use super::{
     prefixed::PrefixedStream,
     priority::{Admission, class_of},
     request_headers::{KnownHeaders, RequestHeaders, RequestParts},
+    reused_timer,
     upstream::{Http1Pool, PooledBody, SendError, UpstreamKey},
 };
 use crate::{
@@ -1036,8 +1037,10 @@ impl HttpProxy {
                         &parts.headers,
                         host.as_ref(),
                         &bytes,
+                        reused_timer::deadline_after(timeout),
                     );
-                    tokio::time::timeout(timeout, send).await
+                    // The pool bounds the exchange itself, on a timer each connection keeps.
+                    Ok(send.await)
                 }
                 body => {
                     let mut headers =
@@ -1068,6 +1071,9 @@ impl HttpProxy {
                 }
                 Ok(Err(SendError::Refused(reason))) => {
                     return Err(UpstreamError::Refused { endpoint, reason });
+                }
+                Ok(Err(SendError::TimedOut)) => {
+                    return Err(UpstreamError::Timeout { endpoint, timeout });
                 }
                 // Both are transparent: the chain is the underlying error's.
                 Ok(Err(error @ (SendError::Failed(_) | SendError::Exchange(_)))) => {

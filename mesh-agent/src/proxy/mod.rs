@@ -17,6 +17,7 @@ pub mod priority;
 pub mod read_buffers;
 pub mod redirect_window;
 pub mod request_headers;
+pub mod reused_timer;
 pub mod sniff;
 pub mod splice;
 pub mod sse;

@@ -67,6 +67,9 @@ pub enum SendError {
     /// A request sent on a raw connection failed after (or while) it went out.
     #[error(transparent)]
     Exchange(H1Error),
+    /// No response head by the request's deadline.
+    #[error("no response by the deadline")]
+    TimedOut,
 }
 
 /// A pooled connection: driven by hyper's client (its own task), or by the request's task
@@ -373,7 +376,10 @@ impl Http1Pool {
     /// [`Http1Pool::send_as`] for a request whose body is all in hand: sent and answered on
     /// a [`RawConnection`], inside the calling task. `target` is the origin-form request
     /// target, `headers` the caller's (hop-by-hop ones are left out), `host` the `Host` to
-    /// send when they hold none.
+    /// send when they hold none. [`SendError::TimedOut`] when the response head has not come
+    /// by `deadline`: the bound is checked by a timer each connection keeps from request to
+    /// request (see [`ReusedTimer`](super::reused_timer::ReusedTimer)), not one made per
+    /// request.
     #[allow(clippy::too_many_arguments)]
     pub async fn send_buffered_as(
         &self,
@@ -385,6 +391,7 @@ impl Http1Pool {
         headers: &RequestHeaders,
         host: Option<&HeaderValue>,
         body: &Bytes,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<PooledBody>, SendError> {
         let endpoint = UpstreamKey {
             endpoint: address,
@@ -398,7 +405,7 @@ impl Http1Pool {
         while let Some((PooledConn::Raw(conn), freshness)) =
             self.inner.take(worker, &endpoint, true)
         {
-            match conn.send(method, &head, body).await {
+            match conn.send(method, &head, body, deadline).await {
                 Ok(response) => {
                     return Ok(self.pooled(worker, endpoint, freshness, response.map(Inner::Raw)));
                 }
@@ -406,18 +413,22 @@ impl Http1Pool {
                     debug!(endpoint = %address, %error, "pooled upstream connection refused the request; trying another");
                 }
                 Err(SendFailure::Failed(error)) => return Err(SendError::Exchange(error)),
+                Err(SendFailure::TimedOut) => return Err(SendError::TimedOut),
             }
         }
-        let stream = self.dial(source, address, node).await?;
+        let stream = tokio::time::timeout_at(deadline, self.dial(source, address, node))
+            .await
+            .map_err(|_| SendError::TimedOut)??;
         let freshness = stream.freshness();
         match Box::new(RawConnection::new(stream))
-            .send(method, &head, body)
+            .send(method, &head, body, deadline)
             .await
         {
             Ok(response) => Ok(self.pooled(worker, endpoint, freshness, response.map(Inner::Raw))),
             Err(SendFailure::NotSent(error) | SendFailure::Failed(error)) => {
                 Err(SendError::Exchange(error))
             }
+            Err(SendFailure::TimedOut) => Err(SendError::TimedOut),
         }
     }
 
@@ -715,6 +726,7 @@ mod tests {
             &headers,
             None,
             &Bytes::new(),
+            tokio::time::Instant::now() + Duration::from_secs(30),
         )
         .await
         .unwrap()
