@@ -1671,7 +1671,23 @@ const MAX_SESSIONS: usize = 65_536;
 /// so a session's requests go back to the instance that created it.
 #[derive(Debug, Default)]
 struct SessionAffinity {
-    sessions: Mutex<std::collections::HashMap<(String, String), (SocketAddr, Instant)>>,
+    /// Keyed by (agent, session id); SipHash, since a peer chooses session ids. hashbrown's
+    /// map, so a lookup takes the request's strings as they are ([`SessionRef`]).
+    sessions: Mutex<SessionMap>,
+}
+
+/// Where each (agent, session id) was issued, and when.
+type SessionMap =
+    hashbrown::HashMap<(String, String), (SocketAddr, Instant), std::hash::RandomState>;
+
+/// An (agent, session id) key borrowed from a request: hashes as the owned pair does.
+#[derive(Hash)]
+struct SessionRef<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(String, String)> for SessionRef<'_> {
+    fn equivalent(&self, key: &(String, String)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
 }
 
 impl SessionAffinity {
@@ -1681,7 +1697,7 @@ impl SessionAffinity {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         sessions
-            .get(&(agent.to_owned(), session.to_owned()))
+            .get(&SessionRef(agent, session))
             .map(|(address, _)| *address)
     }
 
@@ -1710,7 +1726,7 @@ impl SessionAffinity {
         if let Some(session) = sent_session
             && (*method == Method::DELETE || response.status() == StatusCode::NOT_FOUND)
         {
-            sessions.remove(&(agent.to_owned(), session.to_owned()));
+            sessions.remove(&SessionRef(agent, session));
             return;
         }
         let Some(issued) = issued.filter(|_| response.status().is_success()) else {
@@ -1987,6 +2003,25 @@ fn check_mcp_headers(facts: &RequestFacts<'_>) -> Option<Response<ProxyBody>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessions_are_learnt_found_by_borrowed_keys_and_forgotten() {
+        let affinity = SessionAffinity::default();
+        let endpoint: SocketAddr = "10.0.0.7:8080".parse().unwrap();
+        let mut issued = Response::new(());
+        issued
+            .headers_mut()
+            .insert(&MCP_SESSION_HEADER, HeaderValue::from_static("s-1"));
+        affinity.observe("tools", &Method::POST, None, &issued, endpoint);
+        assert_eq!(affinity.endpoint("tools", "s-1"), Some(endpoint));
+        assert_eq!(affinity.endpoint("tools", "s-2"), None);
+        assert_eq!(affinity.endpoint("other", "s-1"), None);
+        // The pair is the key: moving a character between its parts is another key.
+        assert_eq!(affinity.endpoint("tool", "ss-1"), None);
+        let ended = Response::new(());
+        affinity.observe("tools", &Method::DELETE, Some("s-1"), &ended, endpoint);
+        assert_eq!(affinity.endpoint("tools", "s-1"), None);
+    }
 
     /// A body that never produces a frame.
     struct Silent;
