@@ -9,7 +9,6 @@
 
 use std::process::{Command, ExitCode};
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use xtask::{setup, util};
 
@@ -59,17 +58,11 @@ enum Task {
 /// Runs `xtask-harness` (built now, when its prerequisites are installed) with `args`, and
 /// fails as it fails.
 fn harness(args: &[String]) -> anyhow::Result<()> {
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["run", "--quiet", "--package", "xtask-harness", "--"])
-        .args(args)
-        .current_dir(util::workspace_root())
-        .status()
-        .context("cannot start cargo to run xtask-harness")?;
-    if status.success() {
-        Ok(())
-    } else {
-        anyhow::bail!("xtask-harness {} failed ({status})", args.join(" "))
-    }
+    util::run(
+        Command::new("cargo")
+            .args(["run", "--quiet", "--package", "xtask-harness", "--"])
+            .args(args),
+    )
 }
 
 fn main() -> ExitCode {

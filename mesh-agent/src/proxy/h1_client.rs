@@ -682,7 +682,7 @@ pub struct RawConnection {
     io: SyncWrapper<Upstream>,
     buffer: BytesMut,
     /// Bounds each exchange (until the response head); kept from request to request.
-    timer: SyncWrapper<ReusedTimer>,
+    timer: ReusedTimer,
 }
 
 impl std::fmt::Debug for RawConnection {
@@ -699,7 +699,7 @@ impl RawConnection {
         Self {
             io: SyncWrapper::new(io),
             buffer: BytesMut::new(),
-            timer: SyncWrapper::new(ReusedTimer::default()),
+            timer: ReusedTimer::default(),
         }
     }
 
@@ -735,7 +735,8 @@ impl RawConnection {
         body: &Bytes,
         deadline: Instant,
     ) -> Result<Response<RawBody>, SendFailure> {
-        let mut timer = std::mem::take(self.timer.get_mut());
+        // Taken out while the exchange borrows the connection.
+        let mut timer = std::mem::take(&mut self.timer);
         let exchanged = {
             let mut exchange = std::pin::pin!(self.exchange(head, body));
             std::future::poll_fn(|cx| {
@@ -747,7 +748,7 @@ impl RawConnection {
             })
             .await
         };
-        *self.timer.get_mut() = timer;
+        self.timer = timer;
         let head = exchanged?;
         let (framing, reusable) = framing(method, &head).map_err(SendFailure::Failed)?;
         let state = match framing {
