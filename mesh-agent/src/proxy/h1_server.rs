@@ -70,8 +70,8 @@ pub enum Served<S> {
 pub enum ServerError {
     #[error("client I/O: {0}")]
     Io(#[from] std::io::Error),
-    #[error("no complete request head within {HEADER_READ_TIMEOUT:?}")]
-    HeadTimeout,
+    #[error("no complete request (head and body) within {HEADER_READ_TIMEOUT:?}")]
+    RequestTimeout,
     #[error("client closed the connection in the middle of a request")]
     ClosedEarly,
     #[error("malformed request: {0}")]
@@ -392,29 +392,28 @@ where
                 let status = match error {
                     ServerError::Malformed(_) => Some(StatusCode::BAD_REQUEST),
                     ServerError::HeadTooLarge => Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+                    // A client that began a request and stalled is told; an idle keep-alive
+                    // connection that reached the timeout is closed without a word (a client
+                    // may be about to reuse it, and would read a 408 as its answer).
+                    ServerError::RequestTimeout if !connection.read.is_empty() => {
+                        Some(StatusCode::REQUEST_TIMEOUT)
+                    }
                     _ => None,
                 };
                 if let Some(status) = status {
-                    // An empty answer the server gives itself, then closes.
-                    connection.write.clear();
-                    encode_response_head(
-                        status,
-                        &HeaderMap::new(),
-                        Some(0),
-                        false,
-                        false,
-                        Some(&http_date()),
-                        &mut connection.write,
-                    );
-                    // The client is told why; the connection closes on the error either way.
-                    let _ = connection.io.write_all(&connection.write).await;
-                    let _ = connection.io.shutdown().await;
-                    connection.linger().await;
+                    connection.refuse(status).await;
                 }
                 return Err(error);
             }
         };
-        let body = connection.read_body(head.body_len).await?;
+        let body = match connection.read_body(head.body_len).await {
+            Ok(body) => body,
+            Err(error @ ServerError::RequestTimeout) => {
+                connection.refuse(StatusCode::REQUEST_TIMEOUT).await;
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
         let head_request = head.method == Method::HEAD;
         let (keep_alive, trailers) = (head.keep_alive, head.accepts_trailers);
         let request = ServedRequest {
@@ -470,7 +469,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Poll::Ready(read.map_err(ServerError::from));
             }
             self.poll_head_timeout(cx)
-                .map(|()| Err(ServerError::HeadTimeout))
+                .map(|()| Err(ServerError::RequestTimeout))
         })
         .await
     }
@@ -660,6 +659,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.flush_write().await
     }
 
+    /// Answers with an empty `status` response the server gives itself, then closes the
+    /// connection: the client is told why, and the connection closes on the error either way.
+    async fn refuse(&mut self, status: StatusCode) {
+        self.write.clear();
+        encode_response_head(
+            status,
+            &HeaderMap::new(),
+            Some(0),
+            false,
+            false,
+            Some(&http_date()),
+            &mut self.write,
+        );
+        let _ = self.io.write_all(&self.write).await;
+        let _ = self.io.shutdown().await;
+        self.linger().await;
+    }
+
     /// Reads and drops what the client still sends after a refusal, for a short while:
     /// closing with unread bytes would reset the connection, and the reset can destroy the
     /// refusal before the client reads it.
@@ -787,6 +804,55 @@ mod tests {
         let mut first = vec![0; 256];
         let read = client.read(&mut first).await.unwrap();
         assert!(String::from_utf8_lossy(&first[..read]).ends_with("\r\n\r\nhello"));
+    }
+
+    /// What a client that writes `sent` and then stalls reads back, and how serving ended.
+    async fn stalled_client(
+        sent: &[u8],
+    ) -> (String, Result<Served<tokio::io::DuplexStream>, ServerError>) {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let served = tokio::spawn(serve(server, |request| async move { answer(request) }));
+        client.write_all(sent).await.unwrap();
+        let mut received = Vec::new();
+        client.read_to_end(&mut received).await.unwrap();
+        let text = String::from_utf8(received).unwrap();
+        (text, served.await.unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_head_that_stalls_is_answered_408_at_the_deadline() {
+        let started = Instant::now();
+        let (text, served) = stalled_client(b"GET /sized HTTP/1.1\r\nHost: a\r\n").await;
+        assert!(
+            text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(matches!(served, Err(ServerError::RequestTimeout)));
+        assert!(started.elapsed() >= HEADER_READ_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_that_stalls_is_answered_408() {
+        let (text, served) =
+            stalled_client(b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\npart").await;
+        assert!(
+            text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{text}"
+        );
+        assert!(matches!(served, Err(ServerError::RequestTimeout)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_keep_alive_connection_is_closed_at_the_deadline_without_an_answer() {
+        let started = Instant::now();
+        let (text, served) = stalled_client(b"GET /sized HTTP/1.1\r\n\r\n").await;
+        // The one answer is the request's; the timeout adds nothing.
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nhello"), "{text}");
+        assert!(matches!(served, Err(ServerError::RequestTimeout)));
+        assert!(started.elapsed() >= HEADER_READ_TIMEOUT);
     }
 
     fn parse(bytes: &[u8]) -> (Result<Option<Parsed>, ServerError>, BytesMut) {
