@@ -26,8 +26,8 @@ use super::{
     Fnv64, PolicyError,
     resources::{
         AccessPolicy, Action, Agent, AgentInstance, Capabilities, CircuitBreaker, Dedup, Kind,
-        Pattern, Priority, Protocol, Resource, ResourceKey, Retries, Timeouts, TrafficPolicy,
-        TrafficPolicySpec, normalize_host,
+        Pattern, Priority, PriorityClass, Protocol, Resource, ResourceKey, Retries, Timeouts,
+        TrafficPolicy, TrafficPolicySpec, normalize_host,
     },
 };
 use crate::fast_map::FastHashMap;
@@ -203,6 +203,8 @@ pub struct TrafficSettings {
     /// In declaration order (see [`TrafficSettings::rate_limit_for`] for which one applies).
     pub rate_limits: Vec<RateLimitRule>,
     pub priority: Priority,
+    /// `priority.sources` compiled, in declaration order (first match wins).
+    pub priority_sources: Vec<(Pattern, PriorityClass)>,
     pub circuit_breaker: CircuitBreaker,
     pub dedup: Dedup,
     pub routes: Vec<Route>,
@@ -333,7 +335,7 @@ impl TrafficSettings {
     }
 
     /// Compiles a traffic policy's spec; `policy` names the resource it came from.
-    fn from_spec(spec: &TrafficPolicySpec, policy: Option<String>) -> Self {
+    pub(crate) fn from_spec(spec: &TrafficPolicySpec, policy: Option<String>) -> Self {
         let limits: Vec<RateLimitRule> = spec
             .rate_limits
             .iter()
@@ -353,6 +355,14 @@ impl TrafficSettings {
             retries: spec.retries.clone(),
             rate_limits: limits,
             priority: spec.priority.clone(),
+            priority_sources: spec
+                .priority
+                .sources
+                .iter()
+                // Validated; an invalid pattern can only come from an unvalidated caller,
+                // and then matches no source (the request keeps the default class).
+                .filter_map(|source| Some((Pattern::parse(&source.from).ok()?, source.class)))
+                .collect(),
             circuit_breaker: spec.circuit_breaker,
             dedup: spec.dedup,
             routes: spec.routes.iter().map(Route::compile).collect(),

@@ -542,15 +542,15 @@ impl HttpProxy {
             return response;
         }
         // Priority admission: under saturation, the highest class is served first.
-        let class = class_of(
-            &traffic.priority,
-            &caller.source,
-            KnownHeaders::text(facts.headers.priority),
-        );
         let admitted = if traffic.priority.max_concurrent == 0 {
-            // No limit: admitted at once, no queue to wait in.
+            // No limit: admitted at once, no queue to wait in (and no class to find).
             Ok(Ok(None))
         } else {
+            let class = class_of(
+                traffic,
+                &caller.source,
+                KnownHeaders::text(facts.headers.priority),
+            );
             tokio::time::timeout(
                 traffic.timeouts.request,
                 self.admission

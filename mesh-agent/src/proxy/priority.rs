@@ -12,7 +12,7 @@ use std::{
 
 use tokio::sync::oneshot;
 
-use crate::policy::{Pattern, Priority, PriorityClass};
+use crate::policy::{Priority, PriorityClass, TrafficSettings};
 
 /// Header a caller may set to pick its class, where policy allows it (lower case, as
 /// `HeaderName` holds it).
@@ -27,28 +27,31 @@ pub enum Shed {
     Displaced,
 }
 
-/// The class of a request: a class the caller asked for by header (when allowed), else the
-/// first `sources` entry matching the caller, else the default.
-pub fn class_of(priority: &Priority, source: &str, header: Option<&str>) -> PriorityClass {
-    if priority.header_allowed
+/// The class of a request to an agent with `traffic` settings: a class the caller asked for
+/// by header (when allowed), else the first `sources` entry matching the caller, else the
+/// default.
+pub fn class_of(traffic: &TrafficSettings, source: &str, header: Option<&str>) -> PriorityClass {
+    if traffic.priority.header_allowed
         && let Some(class) = header.and_then(parse_class)
     {
         return class;
     }
-    priority
-        .sources
+    traffic
+        .priority_sources
         .iter()
-        .find(|entry| Pattern::parse(&entry.from).is_ok_and(|pattern| pattern.matches(source)))
-        .map_or(priority.default_class, |entry| entry.class)
+        .find(|(pattern, _)| pattern.matches(source))
+        .map_or(traffic.priority.default_class, |(_, class)| *class)
 }
 
 fn parse_class(text: &str) -> Option<PriorityClass> {
-    match text.trim().to_ascii_lowercase().as_str() {
-        "high" => Some(PriorityClass::High),
-        "normal" => Some(PriorityClass::Normal),
-        "low" => Some(PriorityClass::Low),
-        _ => None,
-    }
+    let text = text.trim();
+    [
+        ("high", PriorityClass::High),
+        ("normal", PriorityClass::Normal),
+        ("low", PriorityClass::Low),
+    ]
+    .into_iter()
+    .find_map(|(name, class)| text.eq_ignore_ascii_case(name).then_some(class))
 }
 
 fn index(class: PriorityClass) -> usize {
@@ -186,7 +189,7 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::PrioritySource;
+    use crate::policy::{PrioritySource, TrafficPolicySpec};
 
     fn limited(max_concurrent: u32, max_queue: u32) -> Priority {
         Priority {
@@ -313,28 +316,61 @@ mod tests {
 
     #[test]
     fn classes_come_from_the_header_when_allowed_then_the_source_then_the_default() {
-        let mut priority = Priority {
-            sources: vec![PrioritySource {
-                from: "planner*".into(),
-                class: PriorityClass::High,
-            }],
-            ..Priority::default()
+        let with = |header_allowed: bool| {
+            let spec = TrafficPolicySpec {
+                priority: Priority {
+                    sources: vec![
+                        PrioritySource {
+                            from: "planner*".into(),
+                            class: PriorityClass::High,
+                        },
+                        PrioritySource {
+                            from: "planner-batch".into(),
+                            class: PriorityClass::Low,
+                        },
+                        PrioritySource {
+                            from: "batch".into(),
+                            class: PriorityClass::Low,
+                        },
+                    ],
+                    header_allowed,
+                    ..Priority::default()
+                },
+                ..TrafficPolicySpec::default()
+            };
+            TrafficSettings::from_spec(&spec, None)
         };
-        assert_eq!(class_of(&priority, "planner-1", None), PriorityClass::High);
-        assert_eq!(class_of(&priority, "batch", None), PriorityClass::Normal);
+        let traffic = with(false);
+        assert_eq!(class_of(&traffic, "planner-1", None), PriorityClass::High);
         assert_eq!(
-            class_of(&priority, "batch", Some("high")),
-            PriorityClass::Normal,
+            class_of(&traffic, "planner-batch", None),
+            PriorityClass::High,
+            "the first matching source decides"
+        );
+        assert_eq!(class_of(&traffic, "batch", None), PriorityClass::Low);
+        assert_eq!(class_of(&traffic, "other", None), PriorityClass::Normal);
+        assert_eq!(
+            class_of(&traffic, "batch", Some("high")),
+            PriorityClass::Low,
             "the header is ignored unless allowed"
         );
-        priority.header_allowed = true;
+        let traffic = with(true);
         assert_eq!(
-            class_of(&priority, "batch", Some("High")),
+            class_of(&traffic, "batch", Some(" High ")),
             PriorityClass::High
         );
         assert_eq!(
-            class_of(&priority, "batch", Some("urgent!")),
+            class_of(&traffic, "planner-1", Some("LOW")),
+            PriorityClass::Low
+        );
+        assert_eq!(
+            class_of(&traffic, "other", Some("urgent!")),
             PriorityClass::Normal
+        );
+        assert_eq!(
+            class_of(&traffic, "batch", Some("highest")),
+            PriorityClass::Low,
+            "a header naming no class leaves the source's"
         );
     }
 }
