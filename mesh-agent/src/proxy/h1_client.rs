@@ -30,8 +30,8 @@ use tokio::{
 use smallvec::SmallVec;
 use sync_wrapper::SyncWrapper;
 
+use super::buffer_stash::UPSTREAM_READS;
 use super::dialer::Upstream;
-use super::read_buffers::UPSTREAM_READS;
 use super::request_headers::{RawHeaders, RequestHeaders};
 use super::reused_timer::ReusedTimer;
 

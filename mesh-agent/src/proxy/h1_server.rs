@@ -5,7 +5,8 @@
 //! and 304), in one write when the body is in hand, with a flush whenever the body has nothing
 //! ready, so SSE passes through unbuffered. Requests are answered one after the other, so
 //! pipelined requests are safe. The read buffer is given back while the connection waits
-//! idle, so an idle keep-alive connection holds no buffer.
+//! idle, and the write buffer once a response is out, so an idle keep-alive connection holds
+//! no buffer.
 //!
 //! While a request is in flight, and while its response body has nothing to send, the
 //! connection keeps reading (up to [`MAX_READ_AHEAD`] bytes), so a client that goes away
@@ -31,8 +32,8 @@ use tokio::{
     time::Instant,
 };
 
+use super::buffer_stash::{self, CLIENT_BUFFERS};
 use super::h1_client::{self, HeadFault, MAX_HEAD_BYTES, MAX_HEADERS, TooManyHeaders, put_field};
-use super::read_buffers::CLIENT_READS;
 use super::request_headers::RawHeaders;
 use super::reused_timer::ReusedTimer;
 
@@ -52,8 +53,9 @@ const MAX_LINGER_BYTES: usize = 256 * 1024;
 const WRITE_BATCH: usize = 64 * 1024;
 /// A body frame at least this large is written as it is, not copied into the write buffer.
 const DIRECT_WRITE: usize = 8 * 1024;
-/// The largest write buffer kept between writes.
-const MAX_KEPT_WRITE_BUFFER: usize = 4 * 1024;
+/// The largest write buffer kept between writes of one response (the largest the buffer
+/// stash keeps, too).
+const MAX_KEPT_WRITE_BUFFER: usize = buffer_stash::MAX_CLIENT_BUFFER;
 
 /// How serving a connection ended.
 #[derive(Debug)]
@@ -429,6 +431,8 @@ where
         // state), and inline it would size the connection's future, which an idle keep-alive
         // connection holds between requests.
         Box::pin(connection.write_response(response, head_request, keep_alive, trailers)).await?;
+        // Written and flushed: the buffer waits in the thread's stash, not in this connection.
+        CLIENT_BUFFERS.with(|stash| stash.release(&mut connection.write));
         if !keep_alive {
             connection.io.shutdown().await?;
             return Ok(Served::Closed);
@@ -445,10 +449,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         cx: &mut Context<'_>,
         release_when_idle: bool,
     ) -> Poll<std::io::Result<usize>> {
-        CLIENT_READS.with(|stash| stash.make_room(&mut self.read));
+        CLIENT_BUFFERS.with(|stash| stash.make_room(&mut self.read));
         let polled = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read);
         if polled.is_pending() && release_when_idle && self.read.is_empty() {
-            CLIENT_READS.with(|stash| stash.release(&mut self.read));
+            CLIENT_BUFFERS.with(|stash| stash.release(&mut self.read));
         }
         polled
     }
@@ -556,6 +560,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             body.size_hint().exact()
         };
         self.write.clear();
+        CLIENT_BUFFERS.with(|stash| stash.make_room(&mut self.write));
         let date = (!parts.headers.contains_key(header::DATE)).then(http_date);
         let framing = encode_response_head(
             parts.status,
@@ -804,6 +809,34 @@ mod tests {
         let mut first = vec![0; 256];
         let read = client.read(&mut first).await.unwrap();
         assert!(String::from_utf8_lossy(&first[..read]).ends_with("\r\n\r\nhello"));
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_gives_both_buffers_back() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        // On this test's thread (the current-thread runtime), like the connection's task.
+        let served = tokio::spawn(serve(server, |request| async move { answer(request) }));
+        let stashed_before = CLIENT_BUFFERS.with(|stash| stash.len());
+        client
+            .write_all(b"GET /sized HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = vec![0; 256];
+        let mut read = 0;
+        while !response[..read].ends_with(b"hello") {
+            read += client.read(&mut response[read..]).await.unwrap();
+        }
+        // Let the connection reach its wait for the next request.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            CLIENT_BUFFERS.with(|stash| stash.len()),
+            stashed_before + 2,
+            "the read and the write buffer wait in the stash"
+        );
+        drop(client);
+        assert!(matches!(served.await.unwrap(), Ok(Served::Closed)));
     }
 
     /// What a client that writes `sent` and then stalls reads back, and how serving ended.

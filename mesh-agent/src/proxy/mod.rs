@@ -4,6 +4,7 @@
 //! the worker threads that serve the connections (`workers`).
 
 pub mod balance;
+pub mod buffer_stash;
 pub mod dedup;
 pub mod dialer;
 pub mod h1_client;
@@ -14,7 +15,6 @@ pub mod jsonrpc;
 pub mod outbound;
 pub mod prefixed;
 pub mod priority;
-pub mod read_buffers;
 pub mod redirect_window;
 pub mod request_headers;
 pub mod reused_timer;

@@ -1,7 +1,8 @@
-//! Per-thread stashes of the read buffers HTTP/1.1 connections give back while they wait.
+//! Per-thread stashes of the buffers HTTP/1.1 connections give back while they wait.
 //!
-//! A keep-alive connection drops its read buffer whenever its socket has nothing to read, so
-//! thousands of idle connections cost no buffer memory. Under load that means giving a
+//! A keep-alive connection drops its read buffer whenever its socket has nothing to read, and
+//! a client connection its write buffer once a response is out, so thousands of idle
+//! connections cost no buffer memory. Under load that means giving a
 //! buffer back and taking one again for every request, twice on the client side (the wait
 //! before the request and the one that reads it); a buffer this size is past the allocator's
 //! per-thread cache, so each round trip through `malloc` and `free` cost several hundred
@@ -14,15 +15,18 @@ use std::cell::RefCell;
 
 use bytes::BytesMut;
 
-/// Bytes asked of the socket per read, on connections from clients.
+/// Bytes asked of the socket per read, on connections from clients (and the room a response
+/// head starts with).
 const CLIENT_READ_CHUNK: usize = 4 * 1024;
+/// The largest buffer a client connection's stash keeps.
+pub const MAX_CLIENT_BUFFER: usize = 4 * CLIENT_READ_CHUNK;
 /// Bytes asked of the socket per read, on pooled connections to upstreams.
 const UPSTREAM_READ_CHUNK: usize = 8 * 1024;
 
 /// Most buffers one stash keeps per thread.
 pub const MAX_STASHED: usize = 32;
 
-/// Empty read buffers of one kind of connection, for reuse on the same thread.
+/// Empty buffers of one kind of connection, for reuse on the same thread.
 #[derive(Debug)]
 pub struct Stash {
     /// The capacity of a new buffer; kept buffers have at least this and at most four times
@@ -32,8 +36,8 @@ pub struct Stash {
 }
 
 thread_local! {
-    /// Read buffers of connections from clients (`h1_server`).
-    pub static CLIENT_READS: Stash = const { Stash::new(CLIENT_READ_CHUNK) };
+    /// Read and write buffers of connections from clients (`h1_server`).
+    pub static CLIENT_BUFFERS: Stash = const { Stash::new(CLIENT_READ_CHUNK) };
     /// Read buffers of pooled connections to upstreams (`h1_client`).
     pub static UPSTREAM_READS: Stash = const { Stash::new(UPSTREAM_READ_CHUNK) };
 }
@@ -54,8 +58,8 @@ impl Stash {
             .unwrap_or_else(|| BytesMut::with_capacity(self.chunk))
     }
 
-    /// Makes room in a connection's read buffer for the next read: a stashed buffer when it
-    /// has none (it was given back), a chunk more when less than half a chunk is free.
+    /// Makes room in a connection's buffer for the next read or response: a stashed buffer
+    /// when it has none (it was given back), a chunk more when less than half a chunk is free.
     pub fn make_room(&self, buffer: &mut BytesMut) {
         if buffer.capacity() == 0 {
             *buffer = self.take();
@@ -64,7 +68,7 @@ impl Stash {
         }
     }
 
-    /// Gives a connection's (empty) read buffer back while it waits, leaving it none.
+    /// Gives a connection's (empty) buffer back while it waits, leaving it none.
     pub fn release(&self, buffer: &mut BytesMut) {
         self.give_back(std::mem::take(buffer));
     }
@@ -89,7 +93,7 @@ impl Stash {
 
     /// How many buffers are stashed on this thread.
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.buffers.borrow().len()
     }
 }
