@@ -403,15 +403,50 @@ where
                     _ => None,
                 };
                 if let Some(status) = status {
-                    connection.refuse(status).await;
+                    Box::pin(connection.refuse(status)).await;
                 }
                 return Err(error);
             }
         };
-        let body = match connection.read_body(head.body_len).await {
+        // Boxed: the rest of an exchange (the body, the handler, the response) is the larger
+        // part of serving a request (about 1 KiB of state), and inline it would size the
+        // connection's future, which an idle keep-alive connection holds between requests.
+        match Box::pin(connection.exchange(head, &mut service)).await? {
+            Exchanged::KeepAlive => {}
+            Exchanged::Closed => return Ok(Served::Closed),
+        }
+        // Written and flushed: the buffer waits in the thread's stash, not in this connection.
+        CLIENT_BUFFERS.with(|stash| stash.release(&mut connection.write));
+        connection.head_deadline = Instant::now() + HEADER_READ_TIMEOUT;
+    }
+}
+
+/// How an exchange left its connection.
+enum Exchanged {
+    /// Open for the client's next request.
+    KeepAlive,
+    /// Closed: the exchange was the last one, or the client went away during it.
+    Closed,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Serves the request whose head was read: its body, the service's response, written
+    /// back; closes the connection when the request or response says so.
+    async fn exchange<F, Fut, B>(
+        &mut self,
+        head: RequestHead,
+        service: &mut F,
+    ) -> Result<Exchanged, ServerError>
+    where
+        F: FnMut(ServedRequest) -> Fut,
+        Fut: Future<Output = Response<B>>,
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let body = match self.read_body(head.body_len).await {
             Ok(body) => body,
             Err(error @ ServerError::RequestTimeout) => {
-                connection.refuse(StatusCode::REQUEST_TIMEOUT).await;
+                self.refuse(StatusCode::REQUEST_TIMEOUT).await;
                 return Err(error);
             }
             Err(error) => return Err(error),
@@ -424,24 +459,18 @@ where
             headers: head.headers,
             body,
         };
-        let Some(response) = connection.run(service(request)).await? else {
-            return Ok(Served::Closed);
+        let Some(response) = self.run(service(request)).await? else {
+            return Ok(Exchanged::Closed);
         };
-        // Boxed: writing a response is the largest step of serving one (about 0.9 KiB of
-        // state), and inline it would size the connection's future, which an idle keep-alive
-        // connection holds between requests.
-        Box::pin(connection.write_response(response, head_request, keep_alive, trailers)).await?;
-        // Written and flushed: the buffer waits in the thread's stash, not in this connection.
-        CLIENT_BUFFERS.with(|stash| stash.release(&mut connection.write));
+        self.write_response(response, head_request, keep_alive, trailers)
+            .await?;
         if !keep_alive {
-            connection.io.shutdown().await?;
-            return Ok(Served::Closed);
+            self.io.shutdown().await?;
+            return Ok(Exchanged::Closed);
         }
-        connection.head_deadline = Instant::now() + HEADER_READ_TIMEOUT;
+        Ok(Exchanged::KeepAlive)
     }
-}
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Reads what the socket has into the read buffer; `Ok(0)` at end of stream. With
     /// `release_when_idle`, an empty buffer is given back while the socket has nothing.
     fn poll_fill(

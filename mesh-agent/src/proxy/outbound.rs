@@ -245,11 +245,15 @@ impl OutboundProxy {
                     Ok((stream, peer)) => {
                         let proxy = Arc::clone(&self);
                         match &self.workers {
-                            Some(workers) => workers.dispatch(stream, peer, move |stream| async move {
-                                proxy.handle(stream, peer).await;
-                            }),
+                            // The connection's future itself, not wrapped in a block that
+                            // would keep the proxy, stream and peer beside it for its life.
+                            Some(workers) => {
+                                workers.dispatch(stream, peer, move |stream| {
+                                    proxy.handle(stream, peer)
+                                });
+                            }
                             None => {
-                                connections.spawn(async move { proxy.handle(stream, peer).await });
+                                connections.spawn(proxy.handle(stream, peer));
                             }
                         }
                     }
@@ -282,7 +286,7 @@ impl OutboundProxy {
     }
 
     /// Serves one accepted connection.
-    pub async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    pub async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         let _active = ActiveGuard(&self.stats.active);
@@ -356,9 +360,9 @@ impl OutboundProxy {
                 });
                 let stream =
                     PrefixedStream::new(prefix_bytes, ReadReporting::new(client, reporter));
-                Arc::clone(&self.http)
-                    .serve_connection(stream, version, caller)
-                    .await
+                // Boxed (once per connection): its stream is the larger, and inline it would
+                // size every connection's task, the plain path's included.
+                Box::pin(Arc::clone(&self.http).serve_connection(stream, version, caller)).await
             } else {
                 Arc::clone(&self.http)
                     .serve_connection(PrefixedStream::new(prefix_bytes, client), version, caller)

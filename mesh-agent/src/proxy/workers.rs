@@ -18,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use futures_util::FutureExt;
 use tokio::{net::TcpStream, sync::mpsc, sync::oneshot, task::JoinSet};
 use tracing::{debug, info, warn};
 
@@ -166,13 +167,10 @@ impl ConnectionWorkers {
             stream,
             peer,
             task: Box::new(move |stream| -> Pin<Box<dyn Future<Output = ()> + Send>> {
-                // The connection's future is made inside the block: an async block that
-                // captured it by value would hold it twice (the capture and the awaited
-                // copy), doubling every connection's task for its whole life.
-                Box::pin(async move {
-                    let _guard = guard;
-                    task(stream).await;
-                })
+                // The guard rides beside the connection's future (`map`), not in an async
+                // block: a block keeps its captures and its awaited future side by side, and
+                // an idle connection's task would carry that for its whole life.
+                Box::pin(task(stream).map(move |()| drop(guard)))
             }),
         };
         if worker.jobs.send(job).is_err() {
