@@ -18,8 +18,10 @@ use bytes::BytesMut;
 /// Bytes asked of the socket per read, on connections from clients (and the room a response
 /// head starts with).
 const CLIENT_READ_CHUNK: usize = 4 * 1024;
+/// The largest buffer a stash keeps, in its chunks.
+const MAX_CHUNKS_KEPT: usize = 4;
 /// The largest buffer a client connection's stash keeps.
-pub const MAX_CLIENT_BUFFER: usize = 4 * CLIENT_READ_CHUNK;
+pub const MAX_CLIENT_BUFFER: usize = MAX_CHUNKS_KEPT * CLIENT_READ_CHUNK;
 /// Bytes asked of the socket per read, on pooled connections to upstreams.
 const UPSTREAM_READ_CHUNK: usize = 8 * 1024;
 
@@ -81,7 +83,7 @@ impl Stash {
         // allocation; it then offers all of it.
         if !buffer.is_empty()
             || !buffer.try_reclaim(self.chunk)
-            || buffer.capacity() > 4 * self.chunk
+            || buffer.capacity() > MAX_CHUNKS_KEPT * self.chunk
         {
             return;
         }
