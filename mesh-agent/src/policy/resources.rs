@@ -167,43 +167,19 @@ impl Resource {
         let mut check = Checker::new(&self.key());
         match self {
             Resource::Agent(r) => {
-                check_header(
-                    &mut check,
-                    &r.api_version,
-                    &r.kind,
-                    Kind::Agent,
-                    &r.metadata,
-                );
+                r.check_header(&mut check, Kind::Agent);
                 r.spec.validate(&mut check);
             }
             Resource::AccessPolicy(r) => {
-                check_header(
-                    &mut check,
-                    &r.api_version,
-                    &r.kind,
-                    Kind::AccessPolicy,
-                    &r.metadata,
-                );
+                r.check_header(&mut check, Kind::AccessPolicy);
                 r.spec.validate(&mut check);
             }
             Resource::TrafficPolicy(r) => {
-                check_header(
-                    &mut check,
-                    &r.api_version,
-                    &r.kind,
-                    Kind::TrafficPolicy,
-                    &r.metadata,
-                );
+                r.check_header(&mut check, Kind::TrafficPolicy);
                 r.spec.validate(&mut check);
             }
             Resource::AgentInstance(r) => {
-                check_header(
-                    &mut check,
-                    &r.api_version,
-                    &r.kind,
-                    Kind::AgentInstance,
-                    &r.metadata,
-                );
+                r.check_header(&mut check, Kind::AgentInstance);
                 r.spec.validate(&mut check, &r.metadata.name);
             }
         }
@@ -1084,34 +1060,33 @@ impl Checker {
     }
 }
 
-fn check_header(
-    check: &mut Checker,
-    api_version: &str,
-    kind: &str,
-    expected: Kind,
-    meta: &Metadata,
-) {
-    if api_version != API_VERSION {
-        check.fail(
-            "apiVersion",
-            format!("`{api_version}` is not supported (expected `{API_VERSION}`)"),
-        );
-    }
-    if kind != expected.as_str() {
-        check.fail(
-            "kind",
-            format!("`{kind}` does not match the {expected} spec"),
-        );
-    }
-    if let Some(problem) = name_problem(&meta.name, 253) {
-        check.fail("metadata.name", problem);
-    }
-    if let Some(problem) = name_problem(&meta.namespace, 63) {
-        check.fail("metadata.namespace", problem);
-    }
-    for key in meta.labels.keys() {
-        if key.is_empty() || key.len() > 317 {
-            check.fail("metadata.labels", format!("invalid label key `{key}`"));
+impl<S> TypedResource<S> {
+    /// Checks what every kind shares: `apiVersion`, `kind` (against the `expected` one) and
+    /// `metadata`.
+    fn check_header(&self, check: &mut Checker, expected: Kind) {
+        let (api_version, kind, meta) = (&self.api_version, &self.kind, &self.metadata);
+        if api_version != API_VERSION {
+            check.fail(
+                "apiVersion",
+                format!("`{api_version}` is not supported (expected `{API_VERSION}`)"),
+            );
+        }
+        if kind != expected.as_str() {
+            check.fail(
+                "kind",
+                format!("`{kind}` does not match the {expected} spec"),
+            );
+        }
+        if let Some(problem) = name_problem(&meta.name, 253) {
+            check.fail("metadata.name", problem);
+        }
+        if let Some(problem) = name_problem(&meta.namespace, 63) {
+            check.fail("metadata.namespace", problem);
+        }
+        for key in meta.labels.keys() {
+            if key.is_empty() || key.len() > 317 {
+                check.fail("metadata.labels", format!("invalid label key `{key}`"));
+            }
         }
     }
 }
