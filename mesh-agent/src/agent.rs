@@ -32,6 +32,7 @@ use crate::{
     policy::{Action, PolicySnapshot, PolicyStore},
     proxy::{OutboundProxy, dialer::Dialer, workers::ConnectionWorkers},
     tunnel::{PeerDirectory, TunnelClient, TunnelServer, TunnelSettings, TunnelStats},
+    workloads::{ConfiguredWorkload, WorkloadKeeper},
 };
 
 /// Why the agent could not run.
@@ -336,13 +337,25 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .with_workers(Arc::new(start_workers(config.spec.proxy.worker_threads)?)),
     );
 
-    // A workload that cannot be enrolled is reported and skipped; the others are served.
-    for workload in &config.spec.workloads {
-        match datapath.enrol_cgroup(&workload.cgroup) {
-            Ok(cgroup) => proxy.name_workload(cgroup.id, &workload.name),
-            Err(error) => error!(workload = %workload.name, %error, "cannot enrol workload"),
-        }
-    }
+    // The configured workloads are enrolled now, and again whenever a workload's cgroup is
+    // created anew (a restarted service) or appears late; one that cannot be enrolled is
+    // reported and tried again, the others are served.
+    let mut workload_keeper = {
+        let proxy = Arc::clone(&proxy);
+        WorkloadKeeper::new(
+            Arc::clone(&datapath),
+            config
+                .spec
+                .workloads
+                .iter()
+                .map(|workload| ConfiguredWorkload {
+                    name: workload.name.clone(),
+                    cgroup: workload.cgroup.clone(),
+                }),
+            move |cgroup_id, name| proxy.name_workload(cgroup_id, name),
+        )
+    };
+    workload_keeper.check_all();
 
     let pod_enroller = match &config.spec.kubernetes {
         Some(spec) => Some(Arc::new(PodEnroller::new(
@@ -395,6 +408,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         None => None,
     };
     let mut servers = source.spawn(&config, Arc::clone(&policy), shutdown_rx.clone());
+    servers.push(tokio::spawn(workload_keeper.run(shutdown_rx.clone())));
     if let Some(enroller) = pod_enroller {
         // etcd mode: the pods' identities are published for the signer, under a node lease.
         if let Some(spec) = &config.spec.etcd {

@@ -17,3 +17,4 @@ pub mod proxy;
 pub mod registry;
 pub mod telemetry;
 pub mod tunnel;
+pub mod workloads;

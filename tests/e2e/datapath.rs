@@ -19,7 +19,8 @@ use std::{
 };
 
 use mesh_tests::{
-    AgentOptions, AgentProcess, CgroupTree, attached_programs, mesh_agent_binary, testpeer_binary,
+    AgentOptions, AgentProcess, CgroupTree, attached_programs, has_line_with, mesh_agent_binary,
+    testpeer_binary,
 };
 use serde_json::Value;
 
@@ -599,6 +600,93 @@ fn an_agent_restarted_after_an_enrolled_cgroup_went_away_drops_its_accounting_li
 }
 
 #[test]
+fn a_configured_workload_is_enrolled_again_when_its_cgroup_is_created_anew_or_appears_late() {
+    let tree = CgroupTree::create("recreated").expect("create cgroup tree");
+    let agent_cgroup = tree.child("agent").expect("agent cgroup");
+    let workload = tree.child("workload").expect("workload cgroup");
+    // Configured, but its cgroup does not exist when the agent starts.
+    let late = tree.relative().join("late");
+    let agent = AgentProcess::start(
+        &tree,
+        options(agent_cgroup, &workload, &[("late", late.clone())], false),
+    )
+    .expect("start agent");
+    let server = EchoServer::start("127.0.0.1:0");
+    // Captured: the server was reached from the agent's socket, not the client's.
+    let captured = |cgroup: &Path| {
+        let report = run_peer(&tree, cgroup, server.address, 64);
+        assert_intact(&report, 64);
+        !server.peers().contains(&addr(&report, "local"))
+    };
+    assert!(captured(&workload), "{}", agent.log());
+
+    // The workload's cgroup is removed and created again, as systemd does when a service
+    // restarts: same path, new id.
+    let dir = tree.absolute(&workload);
+    let old_id = std::fs::metadata(&dir).expect("cgroup").ino();
+    let old_pin = agent
+        .pin_dir
+        .join("accounting")
+        .join(format!("{old_id}_ingress"));
+    assert!(
+        old_pin.exists(),
+        "no accounting link at {}",
+        old_pin.display()
+    );
+    std::fs::remove_dir(&dir).expect("remove the workload's cgroup");
+    std::fs::create_dir(&dir).expect("create the workload's cgroup again");
+    let new_id = std::fs::metadata(&dir).expect("cgroup").ino();
+    assert_ne!(new_id, old_id);
+    assert!(
+        eventually(|| captured(&workload)),
+        "the recreated cgroup was not captured:\n{}",
+        agent.log()
+    );
+    assert!(
+        eventually(|| !old_pin.exists()),
+        "the old id's accounting link {} was kept",
+        old_pin.display()
+    );
+    let new_pin = agent
+        .pin_dir
+        .join("accounting")
+        .join(format!("{new_id}_ingress"));
+    assert!(
+        eventually(|| new_pin.exists()),
+        "no accounting link for the new id"
+    );
+    // Seen as one change ("created again") or as two (gone, then enrolled), as the checks
+    // fall.
+    assert!(
+        has_line_with(
+            &agent.log(),
+            &["configured workload", &format!("cgroup_id={new_id}")]
+        ),
+        "{}",
+        agent.log()
+    );
+
+    // The late workload was reported missing at start, and is captured once its cgroup
+    // appears.
+    assert!(
+        has_line_with(&agent.log(), &["late", "cgroup does not exist yet"]),
+        "{}",
+        agent.log()
+    );
+    std::fs::create_dir(tree.absolute(&late)).expect("create the late cgroup");
+    assert!(
+        eventually(|| captured(&late)),
+        "the late cgroup was not captured:\n{}",
+        agent.log()
+    );
+    assert!(
+        has_line_with(&agent.log(), &["late", "configured workload enrolled"]),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
 fn ipv6_is_captured_and_getpeername_shows_the_dialled_address() {
     let world = World::start("ipv6", true);
     let server = EchoServer::start("[::1]:0");
@@ -677,9 +765,11 @@ fn bad_cgroups_get_clear_errors_and_do_not_stop_the_agent() {
         ),
     )
     .expect("the agent starts despite one bad workload");
+    // A configured workload whose cgroup is missing is reported, and enrolled once it
+    // appears (a_configured_workload_is_enrolled_again_when_its_cgroup_is_created_anew_...).
     let log = agent.log();
     assert!(
-        log.contains("cannot enrol workload") && log.contains("does not exist"),
+        has_line_with(&log, &["ghost", "cgroup does not exist yet"]),
         "{log}"
     );
 
