@@ -393,6 +393,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         cgroup_paths: Default::default(),
         control,
         pods: pod_enroller.as_ref().map(|enroller| enroller.status()),
+        workloads: workload_keeper.status(),
         tunnel: Arc::clone(&tunnel_stats),
         identity: Default::default(),
     });

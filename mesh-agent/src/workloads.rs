@@ -14,7 +14,10 @@ use std::{
     collections::BTreeMap,
     os::fd::{AsFd, AsRawFd, RawFd},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -124,6 +127,43 @@ impl Tracked {
     }
 }
 
+/// The keeper's state and counters, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct WorkloadKeeperStatus {
+    enrolled: AtomicU64,
+    missing: AtomicU64,
+    failing: AtomicU64,
+    enrolments: AtomicU64,
+    removals: AtomicU64,
+}
+
+/// A point-in-time copy of [`WorkloadKeeperStatus`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkloadKeeperSample {
+    /// Configured workloads whose cgroup is enrolled.
+    pub enrolled: u64,
+    /// Configured workloads whose cgroup does not exist.
+    pub missing: u64,
+    /// Configured workloads whose cgroup exists but could not be enrolled.
+    pub failing: u64,
+    /// Enrolments of a configured workload's cgroup (at start, late, or created anew).
+    pub enrolments: u64,
+    /// Ids unenrolled because their cgroup went or was created anew.
+    pub removals: u64,
+}
+
+impl WorkloadKeeperStatus {
+    pub fn sample(&self) -> WorkloadKeeperSample {
+        WorkloadKeeperSample {
+            enrolled: self.enrolled.load(Ordering::Relaxed),
+            missing: self.missing.load(Ordering::Relaxed),
+            failing: self.failing.load(Ordering::Relaxed),
+            enrolments: self.enrolments.load(Ordering::Relaxed),
+            removals: self.removals.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Told each newly enrolled cgroup id with its workload's name.
 type OnEnrolled = Box<dyn Fn(u64, &str) + Send + Sync>;
 
@@ -133,6 +173,7 @@ pub struct WorkloadKeeper<E> {
     enrolment: Arc<E>,
     tracked: Vec<Tracked>,
     on_enrolled: OnEnrolled,
+    status: Arc<WorkloadKeeperStatus>,
 }
 
 impl<E> std::fmt::Debug for WorkloadKeeper<E> {
@@ -162,7 +203,13 @@ impl<E: Enrolment + Send + Sync + 'static> WorkloadKeeper<E> {
                 })
                 .collect(),
             on_enrolled: Box::new(on_enrolled),
+            status: Arc::default(),
         }
+    }
+
+    /// The keeper's state and counters, shared with `/metrics`.
+    pub fn status(&self) -> Arc<WorkloadKeeperStatus> {
+        Arc::clone(&self.status)
     }
 
     /// Checks every workload once: enrols those whose cgroup is there under an id not
@@ -200,6 +247,16 @@ impl<E: Enrolment + Send + Sync + 'static> WorkloadKeeper<E> {
                             warn!(workload = name, %cgroup, cgroup_id = id, "configured workload's cgroup is gone: unenrolled; it is enrolled again when the cgroup comes back");
                         }
                     }
+                    let (enrolments, removals) = match change {
+                        Change::Unchanged => (0, 0),
+                        Change::Enrolled(_) => (1, 0),
+                        Change::Replaced { .. } => (1, 1),
+                        Change::Removed(_) => (0, 1),
+                    };
+                    self.status
+                        .enrolments
+                        .fetch_add(enrolments, Ordering::Relaxed);
+                    self.status.removals.fetch_add(removals, Ordering::Relaxed);
                     changes.push(change);
                 }
                 Err(failure) => {
@@ -212,6 +269,22 @@ impl<E: Enrolment + Send + Sync + 'static> WorkloadKeeper<E> {
                 }
             }
         }
+        let count = |state: fn(&Tracked) -> bool| {
+            self.tracked.iter().filter(|tracked| state(tracked)).count() as u64
+        };
+        let status = &self.status;
+        status.enrolled.store(
+            count(|tracked| tracked.enrolled.is_some()),
+            Ordering::Relaxed,
+        );
+        status.failing.store(
+            count(|tracked| tracked.enrolled.is_none() && tracked.last_failure.is_some()),
+            Ordering::Relaxed,
+        );
+        status.missing.store(
+            count(|tracked| tracked.enrolled.is_none() && tracked.last_failure.is_none()),
+            Ordering::Relaxed,
+        );
         changes
     }
 
@@ -451,6 +524,8 @@ mod tests {
             [Change::Enrolled(10), Change::Unchanged]
         );
         assert_eq!(kernel.enrolled(), [10]);
+        let sample = keeper.status().sample();
+        assert_eq!((sample.enrolled, sample.failing, sample.missing), (1, 0, 1));
         assert_eq!(keeper.check_all(), [Change::Unchanged, Change::Unchanged]);
 
         // The service restarts: its cgroup goes, then comes back under another id.
@@ -479,6 +554,16 @@ mod tests {
         );
         assert_eq!(kernel.enrolled(), [12, 20]);
         assert_eq!(
+            keeper.status().sample(),
+            WorkloadKeeperSample {
+                enrolled: 2,
+                missing: 0,
+                failing: 0,
+                enrolments: 4,
+                removals: 2,
+            }
+        );
+        assert_eq!(
             *names.lock().unwrap(),
             [
                 (10, "planner".to_owned()),
@@ -504,6 +589,8 @@ mod tests {
         );
         assert_eq!(keeper.check_all(), [Change::Unchanged, Change::Unchanged]);
         assert_eq!(kernel.enrolled(), [20]);
+        let sample = keeper.status().sample();
+        assert_eq!((sample.enrolled, sample.failing, sample.missing), (1, 1, 0));
 
         *kernel.refuse.lock().unwrap() = None;
         assert_eq!(

@@ -673,6 +673,15 @@ fn a_configured_workload_is_enrolled_again_when_its_cgroup_is_created_anew_or_ap
         "{}",
         agent.log()
     );
+    let metrics = admin_get(&agent, "/metrics");
+    assert_eq!(
+        metric_value(&metrics, "mesh_configured_workloads_missing"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "mesh_configured_workloads_enrolled"),
+        1.0
+    );
     std::fs::create_dir(tree.absolute(&late)).expect("create the late cgroup");
     assert!(
         eventually(|| captured(&late)),
@@ -683,6 +692,25 @@ fn a_configured_workload_is_enrolled_again_when_its_cgroup_is_created_anew_or_ap
         has_line_with(&agent.log(), &["late", "configured workload enrolled"]),
         "{}",
         agent.log()
+    );
+    // Enrolled: the client at start and again, the late one; the client's old id removed.
+    // (The gauges are stored once a check has gone through every workload.)
+    let expected = [
+        ("mesh_configured_workloads_enrolled", 2.0),
+        ("mesh_configured_workloads_missing", 0.0),
+        ("mesh_configured_workloads_failing", 0.0),
+        ("mesh_configured_workload_enrolments_total", 3.0),
+        ("mesh_configured_workload_removals_total", 1.0),
+    ];
+    assert!(
+        eventually(|| {
+            let metrics = admin_get(&agent, "/metrics");
+            expected
+                .iter()
+                .all(|(name, value)| metric_value(&metrics, name) == *value)
+        }),
+        "{}",
+        admin_get(&agent, "/metrics")
     );
 }
 

@@ -33,6 +33,8 @@ pub struct AdminState {
     pub control: Option<Arc<crate::control::ControlStatus>>,
     /// Pod enrolment's state, on Kubernetes.
     pub pods: Option<Arc<crate::kube::PodEnrolmentStatus>>,
+    /// The configured workloads' enrolment.
+    pub workloads: Arc<crate::workloads::WorkloadKeeperStatus>,
     /// The node-to-node tunnel's counters (`mesh_tunnel_*`).
     pub tunnel: Arc<crate::tunnel::TunnelStats>,
     /// Workload identity, once started (`spec.identity`).
@@ -160,6 +162,9 @@ fn render_metrics(state: &AdminState) -> Result<String, crate::datapath::Datapat
     if let Some(pods) = &state.pods {
         text.push_str(&metrics::render_pods(&pods.sample()));
     }
+    text.push_str(&metrics::render_configured_workloads(
+        &state.workloads.sample(),
+    ));
     text.push_str(&state.tunnel.render());
     if let Some(identity) = state.identity.get() {
         text.push_str(&identity.render_metrics());

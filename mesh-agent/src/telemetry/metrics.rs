@@ -352,6 +352,48 @@ pub fn render_control(control: &crate::control::ControlStatusSample) -> String {
     out
 }
 
+/// The configured workloads' enrolment (`spec.workloads`, kept enrolled as their cgroups come
+/// and go).
+pub fn render_configured_workloads(workloads: &crate::workloads::WorkloadKeeperSample) -> String {
+    let mut out = String::new();
+    write_gauges(
+        &mut out,
+        &[
+            (
+                "mesh_configured_workloads_enrolled",
+                "Configured workloads whose cgroup is enrolled.",
+                workloads.enrolled,
+            ),
+            (
+                "mesh_configured_workloads_missing",
+                "Configured workloads whose cgroup does not exist (enrolled when it appears).",
+                workloads.missing,
+            ),
+            (
+                "mesh_configured_workloads_failing",
+                "Configured workloads whose cgroup exists but could not be enrolled.",
+                workloads.failing,
+            ),
+        ],
+    );
+    write_counters(
+        &mut out,
+        &[
+            (
+                "mesh_configured_workload_enrolments_total",
+                "Enrolments of configured workloads' cgroups (at start, late, or created anew).",
+                workloads.enrolments,
+            ),
+            (
+                "mesh_configured_workload_removals_total",
+                "Cgroup ids of configured workloads unenrolled because the cgroup went or was created anew.",
+                workloads.removals,
+            ),
+        ],
+    );
+    out
+}
+
 /// Pod enrolment's state (Kubernetes only).
 pub fn render_pods(pods: &crate::kube::PodEnrolmentSample) -> String {
     let mut out = String::new();
