@@ -44,7 +44,7 @@ pub trait Enrolment {
     /// Unenrols a cgroup by id (its directory may be gone).
     fn unenrol_id(&self, id: u64) -> Result<(), DatapathError>;
     /// The absolute directory of `path`.
-    fn directory(&self, path: &Path) -> PathBuf;
+    fn directory(&self, path: &Path) -> Result<PathBuf, DatapathError>;
 }
 
 impl Enrolment for Datapath {
@@ -64,9 +64,8 @@ impl Enrolment for Datapath {
         Datapath::unenrol_id(self, id)
     }
 
-    fn directory(&self, path: &Path) -> PathBuf {
-        self.cgroup_mount()
-            .join(path.strip_prefix("/").unwrap_or(path))
+    fn directory(&self, path: &Path) -> Result<PathBuf, DatapathError> {
+        crate::datapath::cgroup::cgroup_dir(self.cgroup_mount(), path)
     }
 }
 
@@ -224,34 +223,32 @@ impl<E: Enrolment + Send + Sync + 'static> WorkloadKeeper<E> {
             match checked {
                 Ok(change) => {
                     tracked.last_failure = None;
-                    match change {
-                        Change::Unchanged if tracked.enrolled.is_some() => {}
+                    let (enrolments, removals) = match change {
+                        Change::Unchanged if tracked.enrolled.is_some() => (0, 0),
                         Change::Unchanged => {
                             if !tracked.absence_logged {
                                 warn!(workload = name, %cgroup, "configured workload's cgroup does not exist yet: enrolled when it appears");
                                 tracked.absence_logged = true;
                             }
+                            (0, 0)
                         }
                         Change::Enrolled(id) => {
                             tracked.absence_logged = false;
                             (self.on_enrolled)(id, name);
                             info!(workload = name, %cgroup, cgroup_id = id, "configured workload enrolled");
+                            (1, 0)
                         }
                         Change::Replaced { old, new } => {
                             tracked.absence_logged = false;
                             (self.on_enrolled)(new, name);
                             info!(workload = name, %cgroup, old_cgroup_id = old, cgroup_id = new, "configured workload's cgroup was created again: enrolled under its new id");
+                            (1, 1)
                         }
                         Change::Removed(id) => {
                             tracked.absence_logged = true;
                             warn!(workload = name, %cgroup, cgroup_id = id, "configured workload's cgroup is gone: unenrolled; it is enrolled again when the cgroup comes back");
+                            (0, 1)
                         }
-                    }
-                    let (enrolments, removals) = match change {
-                        Change::Unchanged => (0, 0),
-                        Change::Enrolled(_) => (1, 0),
-                        Change::Replaced { .. } => (1, 1),
-                        Change::Removed(_) => (0, 1),
                     };
                     self.status
                         .enrolments
@@ -306,10 +303,9 @@ impl<E: Enrolment + Send + Sync + 'static> WorkloadKeeper<E> {
             .tracked
             .iter()
             .filter_map(|tracked| {
-                self.enrolment
-                    .directory(&tracked.workload.cgroup)
-                    .parent()
-                    .map(Path::to_path_buf)
+                // A path that is not a cgroup path is reported by the checks; nothing to watch.
+                let directory = self.enrolment.directory(&tracked.workload.cgroup).ok()?;
+                directory.parent().map(Path::to_path_buf)
             })
             .collect();
         let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
@@ -333,7 +329,7 @@ impl<E: Enrolment + Send + Sync + 'static> WorkloadKeeper<E> {
     }
 }
 
-async fn wait_for_change(watcher: Option<&mut DirectoryWatcher>) -> Result<(), Errno> {
+async fn wait_for_change(watcher: Option<&mut DirectoryWatcher>) -> std::io::Result<()> {
     match watcher {
         Some(watcher) => watcher.changed().await,
         None => std::future::pending().await,
@@ -403,13 +399,9 @@ impl DirectoryWatcher {
     }
 
     /// Waits for events and reads them all; forgets the watches the kernel dropped.
-    async fn changed(&mut self) -> Result<(), Errno> {
+    async fn changed(&mut self) -> std::io::Result<()> {
         loop {
-            let mut ready = self
-                .inotify
-                .readable()
-                .await
-                .map_err(|error| Errno::from_raw(error.raw_os_error().unwrap_or(0)))?;
+            let mut ready = self.inotify.readable().await?;
             match ready.get_inner().0.read_events() {
                 Ok(events) => {
                     for event in events {
@@ -420,7 +412,7 @@ impl DirectoryWatcher {
                     return Ok(());
                 }
                 Err(Errno::EAGAIN) => ready.clear_ready(),
-                Err(error) => return Err(error),
+                Err(error) => return Err(error.into()),
             }
         }
     }
@@ -485,8 +477,8 @@ mod tests {
             Ok(())
         }
 
-        fn directory(&self, path: &Path) -> PathBuf {
-            Path::new("/sys/fs/cgroup").join(path.strip_prefix("/").unwrap_or(path))
+        fn directory(&self, path: &Path) -> Result<PathBuf, DatapathError> {
+            crate::datapath::cgroup::cgroup_dir(Path::new("/sys/fs/cgroup"), path)
         }
     }
 

@@ -122,10 +122,16 @@ pub fn relative_cgroup_path(mount: &Path, given: &Path) -> Result<PathBuf, Datap
     Ok(normalised)
 }
 
+/// The absolute directory of a cgroup path (relative to the mount, or absolute under it).
+pub fn cgroup_dir(mount: &Path, given: &Path) -> Result<PathBuf, DatapathError> {
+    let path = relative_cgroup_path(mount, given)?;
+    Ok(mount.join(path.strip_prefix("/").unwrap_or(&path)))
+}
+
 /// Resolves a cgroup path (relative to the mount, or absolute under it) to its id.
 pub fn resolve(mount: &Path, given: &Path) -> Result<Cgroup, DatapathError> {
     let path = relative_cgroup_path(mount, given)?;
-    let dir = mount.join(path.strip_prefix("/").unwrap_or(&path));
+    let dir = cgroup_dir(mount, &path)?;
     let metadata = fs::metadata(&dir).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => DatapathError::CgroupNotFound { path: dir.clone() },
         _ => DatapathError::Io {
@@ -270,6 +276,14 @@ mod tests {
             Some(PathBuf::from("/"))
         );
         assert!(relative_cgroup_path(mount, Path::new("/a/../../etc")).is_err());
+        // Both forms name the same directory.
+        for given in ["a/b", "/a/b", "/sys/fs/cgroup/a/b"] {
+            assert_eq!(
+                cgroup_dir(mount, Path::new(given)).ok(),
+                Some(PathBuf::from("/sys/fs/cgroup/a/b")),
+                "{given}"
+            );
+        }
     }
 
     #[test]
